@@ -1,1 +1,7 @@
+//! Portcullis: just-in-time network access to Azure VMs, as a Kubernetes operator.
+//!
+//! Layout: `api` (CRD types), `plan` (pure: validate, plan, diff), `azure` (the Azure edge),
+//! `controller` (the reconcile loops).
 
+pub mod api;
+pub mod plan;

@@ -1,0 +1,113 @@
+//! `AccessGrant`: one request for access to one VM, under a `JitPolicy` in the same namespace.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::schema;
+
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "portcullis.dev",
+    version = "v1alpha1",
+    kind = "AccessGrant",
+    shortname = "grant",
+    namespaced,
+    status = "AccessGrantStatus",
+    doc = "A request for just-in-time network access to one Azure VM.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "VM", type_ = "string", json_path = ".spec.virtualMachine"),
+    printcolumn(name = "Ports", type_ = "string", json_path = ".spec.ports"),
+    printcolumn(name = "Source", type_ = "string", json_path = ".spec.sourceAddressPrefix"),
+    printcolumn(name = "Expires", type_ = "string", format = "date-time", json_path = ".status.expiresAt"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessGrantSpec {
+    /// The JitPolicy (same namespace) this grant is made under.
+    pub policy_ref: PolicyRef,
+    /// A VM the policy names: its name (`vm1`) or its full resource ID.
+    #[schemars(regex(pattern = schema::VM_REFERENCE))]
+    pub virtual_machine: String,
+    /// Ports to open; each must be in the policy for this VM.
+    #[schemars(length(min = 1, max = 32), extend("items" = { "type": "integer", "minimum": 1, "maximum": 65535 }))]
+    pub ports: Vec<u16>,
+    /// The one address or CIDR allowed in; must lie inside the policy's allowed prefixes.
+    #[schemars(extend("pattern" = schema::address_prefix_pattern()))]
+    pub source_address_prefix: String,
+    /// How long access lasts from activation (ISO 8601, e.g. PT1H). Exactly one of `duration` and
+    /// `notAfter` must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = schema::ISO8601_DURATION))]
+    pub duration: Option<String>,
+    /// An absolute end of access (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Time>,
+    /// Why access is needed; recorded in status, Events and logs.
+    #[schemars(length(min = 3, max = 256))]
+    pub justification: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct PolicyRef {
+    #[schemars(regex(pattern = schema::OBJECT_NAME), length(min = 1, max = 253))]
+    pub name: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum GrantPhase {
+    Pending,
+    Active,
+    Expired,
+    Revoked,
+    Denied,
+    Failed,
+}
+
+impl GrantPhase {
+    /// A phase the grant never leaves: nothing of it may be open again.
+    pub fn is_final(self) -> bool {
+        matches!(self, GrantPhase::Expired | GrantPhase::Revoked | GrantPhase::Denied)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantPhase::Pending => "Pending",
+            GrantPhase::Active => "Active",
+            GrantPhase::Expired => "Expired",
+            GrantPhase::Revoked => "Revoked",
+            GrantPhase::Denied => "Denied",
+            GrantPhase::Failed => "Failed",
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessGrantStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "GrantPhase")]
+    pub phase: Option<GrantPhase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the grant first became active. Set once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<Time>,
+    /// When access ends. Decided once, at activation; never moved by a re-apply or an edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// The Allow rules this grant opened.
+    #[serde(default)]
+    pub rules: Vec<GrantedRule>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantedRule {
+    pub network_security_group: String,
+    pub name: String,
+    pub priority: u16,
+}

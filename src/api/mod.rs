@@ -1,0 +1,28 @@
+//! The custom resources: `JitPolicy` and `AccessGrant` (group `portcullis.dev`, `v1alpha1`).
+//!
+//! Syntactic rules live in the OpenAPI schema (so the API server refuses malformed objects);
+//! the controller enforces every one of them again, since v1.20-era servers and old clients
+//! may not.
+
+pub mod condition;
+pub mod duration;
+pub mod grant;
+pub mod policy;
+pub mod schema;
+
+pub use grant::{AccessGrant, AccessGrantSpec, AccessGrantStatus, GrantPhase, GrantedRule, PolicyRef};
+pub use policy::{JitPolicy, JitPolicySpec, JitPolicyStatus, PolicyPort, PolicyVirtualMachine, Protocol, ResolvedTarget};
+
+pub const GROUP: &str = "portcullis.dev";
+
+/// The CRDs as one multi-document YAML stream, exactly what `portcullis crd` prints and
+/// `crds/` holds.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    let mut out = String::new();
+    for crd in [JitPolicy::crd(), AccessGrant::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,110 @@
+//! `JitPolicy`: which VMs may be opened, on which ports, from where, for how long. The per-VM,
+//! per-port shape follows Defender for Cloud's `jitNetworkAccessPolicies` (api-version
+//! 2020-01-01), so a Defender policy maps onto it one to one.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::schema;
+
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "portcullis.dev",
+    version = "v1alpha1",
+    kind = "JitPolicy",
+    plural = "jitpolicies",
+    shortname = "jitpol",
+    namespaced,
+    status = "JitPolicyStatus",
+    doc = "Which Azure VMs may be opened just in time, on which ports, from which sources, for how long.",
+    printcolumn(name = "VMs", type_ = "integer", json_path = ".status.virtualMachineCount", description = "VMs resolved in Azure"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct JitPolicySpec {
+    /// The VMs this policy governs, as Defender's `virtualMachines`.
+    #[schemars(length(min = 1, max = 100))]
+    pub virtual_machines: Vec<PolicyVirtualMachine>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyVirtualMachine {
+    /// Full resource ID: /subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>.
+    #[schemars(regex(pattern = schema::VM_RESOURCE_ID), length(max = 512))]
+    pub id: String,
+    /// The ports that may be opened on this VM.
+    #[schemars(length(min = 1, max = 32))]
+    pub ports: Vec<PolicyPort>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "*")]
+    Any,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyPort {
+    #[schemars(range(min = 1, max = 65535))]
+    pub number: u16,
+    pub protocol: Protocol,
+    /// One source prefix (Defender's singular form); mutually exclusive with
+    /// `allowedSourceAddressPrefixes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = schema::address_prefix_pattern()))]
+    pub allowed_source_address_prefix: Option<String>,
+    /// IPv4/IPv6 addresses or CIDRs a grant's source must lie inside. `*` and `Internet` are
+    /// allowed only when listed here explicitly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("items" = { "type": "string", "pattern": schema::address_prefix_pattern() }))]
+    pub allowed_source_address_prefixes: Vec<String>,
+    /// ISO 8601 (as Defender), e.g. PT3H; at most P1D.
+    #[schemars(regex(pattern = schema::ISO8601_DURATION))]
+    pub max_request_access_duration: String,
+}
+
+impl PolicyPort {
+    /// Defender's singular and plural forms, as one list.
+    pub fn allowed_sources(&self) -> Vec<&str> {
+        self.allowed_source_address_prefix
+            .iter()
+            .chain(self.allowed_source_address_prefixes.iter())
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JitPolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// How many of the policy's VMs were resolved in Azure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_machine_count: Option<i64>,
+    /// What each VM resolved to in Azure: its private IPs and the NSGs that govern it.
+    #[serde(default)]
+    pub targets: Vec<ResolvedTarget>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedTarget {
+    pub virtual_machine: String,
+    #[serde(default)]
+    pub private_ip_addresses: Vec<String>,
+    #[serde(default)]
+    pub network_security_groups: Vec<String>,
+}

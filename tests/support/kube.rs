@@ -1,0 +1,85 @@
+//! The real API server the tests run against: started by the test command
+//! (`scripts/test.sh`), found through `KUBECONFIG`. Never skipped: without it the tests fail
+//! and say how to start one.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, Config};
+
+pub async fn client() -> Client {
+    let Ok(path) = std::env::var("KUBECONFIG") else {
+        panic!(
+            "KUBECONFIG is not set: these tests need the local control plane. Run them with \
+             `scripts/test.sh`, or `scripts/local-cluster.sh start` and export the KUBECONFIG it prints"
+        );
+    };
+    let config = Config::from_kubeconfig(&kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("cannot read the kubeconfig at {path}: {e}"));
+    let client = Client::try_from(config).unwrap_or_else(|e| panic!("cannot build a client: {e}"));
+    if let Err(e) = client.apiserver_version().await {
+        panic!("the API server in {path} does not answer ({e}); start it with `scripts/local-cluster.sh start`");
+    }
+    client
+}
+
+/// Applies the generated CRDs (server-side apply, so repeated calls from parallel tests agree)
+/// and waits until both are Established.
+pub async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let pp = PatchParams::apply("portcullis-tests").force();
+    for crd in [
+        <portcullis::api::JitPolicy as kube::CustomResourceExt>::crd(),
+        <portcullis::api::AccessGrant as kube::CustomResourceExt>::crd(),
+    ] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &pp, &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        super::wait_for(&format!("CRD {name} Established"), Duration::from_secs(30), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let crd = crds.get(&name).await.ok()?;
+                let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                established.then_some(())
+            }
+        })
+        .await;
+    }
+    // Discovery lags Established by a moment; wait until the resources can be listed.
+    let grants: Api<portcullis::api::AccessGrant> = Api::all(client.clone());
+    let policies: Api<portcullis::api::JitPolicy> = Api::all(client.clone());
+    super::wait_for("the CRDs to be served", Duration::from_secs(30), || {
+        let (g, p) = (grants.clone(), policies.clone());
+        async move {
+            (g.list(&Default::default()).await.is_ok() && p.list(&Default::default()).await.is_ok()).then_some(())
+        }
+    })
+    .await;
+}
+
+/// A namespace of the test's own, so tests can run in parallel on one API server.
+pub async fn fresh_namespace(client: &Client, prefix: &str) -> String {
+    let suffix: u32 = rand_suffix();
+    let name = format!("{prefix}-{suffix:08x}");
+    let ns: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+    }))
+    .unwrap_or_else(|e| panic!("namespace object: {e}"));
+    ns.create(&PostParams::default(), &obj)
+        .await
+        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+    name
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() as u32
+}
