@@ -4,4 +4,6 @@
 //! `controller` (the reconcile loops).
 
 pub mod api;
+pub mod azure;
+pub mod controller;
 pub mod plan;

@@ -1,6 +1,14 @@
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing::{error, info};
+
+use portcullis::azure::client::{AzureClientOptions, AzureNetworkClient};
+use portcullis::azure::credential::{CredentialConfig, authority_host_from_env, build_credential};
+use portcullis::controller::{self, Settings};
+use portcullis::plan::Bands;
 
 /// Portcullis: just-in-time network access to Azure VMs, as a Kubernetes operator.
 #[derive(Parser)]
@@ -14,6 +22,135 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions (JitPolicy, AccessGrant) as YAML.
     Crd,
+    /// Run the operator (kubeconfig from KUBECONFIG or in-cluster; Azure credential from the
+    /// SDK's usual AZURE_* variables).
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Azure Resource Manager endpoint.
+    #[arg(
+        long,
+        env = "PORTCULLIS_AZURE_ENDPOINT",
+        default_value = "https://management.azure.com"
+    )]
+    azure_endpoint: url::Url,
+    /// Priority band for Allow rules (grants), as FIRST-LAST.
+    #[arg(long, env = "PORTCULLIS_ALLOW_BAND", default_value = "100-199", value_parser = parse_band)]
+    allow_band: (u16, u16),
+    /// Priority band for Deny rules (policies), as FIRST-LAST.
+    #[arg(long, env = "PORTCULLIS_DENY_BAND", default_value = "4000-4096", value_parser = parse_band)]
+    deny_band: (u16, u16),
+    /// Seconds between reconciles of an unchanged object (bounds how long drift can stand).
+    #[arg(long, env = "PORTCULLIS_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+    /// Reconciles in flight per controller.
+    #[arg(long, env = "PORTCULLIS_CONCURRENCY", default_value_t = 4)]
+    concurrency: u16,
+    /// Overall deadline for one Azure write, long-running operation included, in seconds.
+    #[arg(
+        long,
+        env = "PORTCULLIS_AZURE_OPERATION_DEADLINE_SECONDS",
+        default_value_t = 120
+    )]
+    azure_operation_deadline_seconds: u64,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "PORTCULLIS_NAMESPACE")]
+    namespace: Option<String>,
+    #[arg(
+        long,
+        env = "PORTCULLIS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+fn parse_band(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("`{s}` is not FIRST-LAST"))?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("`{a}`: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("`{b}`: {e}"))?;
+    Ok((a, b))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,azure_core=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    info!("shutdown signal received");
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    let bands = Bands {
+        allow: args.allow_band.0..=args.allow_band.1,
+        deny: args.deny_band.0..=args.deny_band.1,
+    };
+    bands
+        .validate()
+        .map_err(|e| format!("priority bands: {e}"))?;
+    let settings = Settings {
+        bands,
+        resync: Duration::from_secs(args.resync_seconds.max(1)),
+        concurrency: args.concurrency.max(1),
+        namespace: args.namespace.clone(),
+    };
+    let credential_config =
+        CredentialConfig::from_env().map_err(|e| format!("Azure credential: {e}"))?;
+    let authority = authority_host_from_env().map_err(|e| e.to_string())?;
+    let credential = build_credential(
+        &credential_config,
+        &authority,
+        azure_core::new_http_client(),
+    )
+    .map_err(|e| format!("Azure credential: {e}"))?;
+    let options = AzureClientOptions {
+        operation_deadline: Duration::from_secs(args.azure_operation_deadline_seconds.max(1)),
+        ..Default::default()
+    };
+    let azure = AzureNetworkClient::new(args.azure_endpoint.clone(), credential, options)
+        .map_err(|e| format!("Azure client: {e}"))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("Kubernetes client: {e}"))?;
+    info!(azure_endpoint = %args.azure_endpoint, credential = ?credential_config, "starting");
+    controller::run(client, Arc::new(azure), settings, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -29,5 +166,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!(error = %e, "portcullis stopped");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

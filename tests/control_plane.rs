@@ -15,7 +15,10 @@ async fn crds_install_and_become_established() {
     let client = client().await;
     install_crds(&client).await;
     let grants: Api<portcullis::api::AccessGrant> = Api::all(client.clone());
-    grants.list(&Default::default()).await.expect("AccessGrants are served");
+    grants
+        .list(&Default::default())
+        .await
+        .expect("AccessGrants are served");
 }
 
 #[tokio::test]
@@ -29,7 +32,10 @@ async fn every_example_is_accepted_by_server_side_dry_run() {
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     manifests.sort();
-    assert!(manifests.len() >= 2, "examples/ holds at least a policy and a grant");
+    assert!(
+        manifests.len() >= 2,
+        "examples/ holds at least a policy and a grant"
+    );
     for path in manifests {
         let out = Command::new("kubectl")
             .args(["apply", "--dry-run=server", "-f"])
@@ -57,7 +63,11 @@ async fn malformed_manifests_are_refused_by_the_api_server_naming_the_field() {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     files.sort();
-    assert!(files.len() >= 12, "at least 12 malformed manifests, found {}", files.len());
+    assert!(
+        files.len() >= 12,
+        "at least 12 malformed manifests, found {}",
+        files.len()
+    );
     for path in files {
         let text = std::fs::read_to_string(&path).expect("readable");
         let field = text
@@ -67,17 +77,28 @@ async fn malformed_manifests_are_refused_by_the_api_server_naming_the_field() {
             .unwrap_or_else(|| panic!("{} must start with `# refused: <field>`", path.display()))
             .trim()
             .to_string();
-        let obj: DynamicObject = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let kind = obj.types.as_ref().map(|t| t.kind.clone()).unwrap_or_default();
+        let obj: DynamicObject =
+            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let kind = obj
+            .types
+            .as_ref()
+            .map(|t| t.kind.clone())
+            .unwrap_or_default();
         let resource = match kind.as_str() {
             "AccessGrant" => ApiResource::erase::<portcullis::api::AccessGrant>(&()),
             "JitPolicy" => ApiResource::erase::<portcullis::api::JitPolicy>(&()),
             other => panic!("{}: unexpected kind {other}", path.display()),
         };
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
-        let pp = PostParams { dry_run: true, ..Default::default() };
+        let pp = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
         match api.create(&pp, &obj).await {
-            Ok(_) => panic!("{}: the API server accepted a malformed {kind}", path.display()),
+            Ok(_) => panic!(
+                "{}: the API server accepted a malformed {kind}",
+                path.display()
+            ),
             Err(kube::Error::Api(status)) => {
                 assert_eq!(status.code, 422, "{}: {status:?}", path.display());
                 assert!(

@@ -3,12 +3,17 @@
 #[test]
 fn committed_crds_match_what_the_binary_generates() {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let committed = std::fs::read_to_string(root.join("crds/portcullis.dev.yaml")).expect("crds/portcullis.dev.yaml exists");
+    let committed = std::fs::read_to_string(root.join("crds/portcullis.dev.yaml"))
+        .expect("crds/portcullis.dev.yaml exists");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .arg("crd")
         .output()
         .expect("the portcullis binary runs");
-    assert!(out.status.success(), "portcullis crd failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "portcullis crd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let generated = String::from_utf8(out.stdout).expect("utf-8");
     assert!(
         committed == generated,

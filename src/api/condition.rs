@@ -31,7 +31,10 @@ pub fn set_condition(
             } else {
                 new.last_transition_time.clone()
             };
-            *existing = Condition { last_transition_time: transition, ..new };
+            *existing = Condition {
+                last_transition_time: transition,
+                ..new
+            };
         }
         None => conditions.push(new),
     }

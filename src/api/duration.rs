@@ -4,20 +4,27 @@
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{input}` is not an ISO 8601 duration of days, hours, minutes and seconds (e.g. PT1H, P1D): {why}")]
+#[error(
+    "`{input}` is not an ISO 8601 duration of days, hours, minutes and seconds (e.g. PT1H, P1D): {why}"
+)]
 pub struct DurationError {
     pub input: String,
     pub why: &'static str,
 }
 
 pub fn parse_iso8601(input: &str) -> Result<Duration, DurationError> {
-    let err = |why| DurationError { input: input.to_string(), why };
-    let rest = input.strip_prefix('P').ok_or_else(|| err("it must start with P"))?;
+    let err = |why| DurationError {
+        input: input.to_string(),
+        why,
+    };
+    let rest = input
+        .strip_prefix('P')
+        .ok_or_else(|| err("it must start with P"))?;
     if rest.is_empty() {
         return Err(err("it has no components"));
     }
     let (date, time) = match rest.split_once('T') {
-        Some((_, t)) if t.is_empty() => return Err(err("T must be followed by a component")),
+        Some((_, "")) => return Err(err("T must be followed by a component")),
         Some((d, t)) => (d, Some(t)),
         None => (rest, None),
     };
@@ -99,14 +106,18 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        for bad in ["", "P", "PT", "P1DT", "1H", "PT1", "PTH", "PT1M1H", "P1H", "PT1H1H", "P1W", "P1Y", "PT-1H"] {
+        for bad in [
+            "", "P", "PT", "P1DT", "1H", "PT1", "PTH", "PT1M1H", "P1H", "PT1H1H", "P1W", "P1Y",
+            "PT-1H",
+        ] {
             assert!(parse_iso8601(bad).is_err(), "{bad} should be refused");
         }
     }
 
     #[test]
     fn schema_pattern_agrees_with_parser() {
-        let re = regex_lite::Regex::new(crate::api::schema::ISO8601_DURATION).expect("valid pattern");
+        let re =
+            regex_lite::Regex::new(crate::api::schema::ISO8601_DURATION).expect("valid pattern");
         for s in ["PT3H", "P1D", "PT30M", "P1DT1H1M1S", "PT90S", "P1DT5S"] {
             assert!(re.is_match(s) && parse_iso8601(s).is_ok(), "{s}");
         }

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::schema;
 
+// kube-derive takes one `printcolumn(..)` per column; clippy reads their repeated keys as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "portcullis.dev",
@@ -19,9 +21,22 @@ use super::schema;
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "VM", type_ = "string", json_path = ".spec.virtualMachine"),
     printcolumn(name = "Ports", type_ = "string", json_path = ".spec.ports"),
-    printcolumn(name = "Source", type_ = "string", json_path = ".spec.sourceAddressPrefix"),
-    printcolumn(name = "Expires", type_ = "string", format = "date-time", json_path = ".status.expiresAt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Source",
+        type_ = "string",
+        json_path = ".spec.sourceAddressPrefix"
+    ),
+    printcolumn(
+        name = "Expires",
+        type_ = "string",
+        format = "date-time",
+        json_path = ".status.expiresAt"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AccessGrantSpec {
@@ -68,7 +83,10 @@ pub enum GrantPhase {
 impl GrantPhase {
     /// A phase the grant never leaves: nothing of it may be open again.
     pub fn is_final(self) -> bool {
-        matches!(self, GrantPhase::Expired | GrantPhase::Revoked | GrantPhase::Denied)
+        matches!(
+            self,
+            GrantPhase::Expired | GrantPhase::Revoked | GrantPhase::Denied
+        )
     }
 
     pub fn as_str(self) -> &'static str {

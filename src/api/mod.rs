@@ -10,8 +10,13 @@ pub mod grant;
 pub mod policy;
 pub mod schema;
 
-pub use grant::{AccessGrant, AccessGrantSpec, AccessGrantStatus, GrantPhase, GrantedRule, PolicyRef};
-pub use policy::{JitPolicy, JitPolicySpec, JitPolicyStatus, PolicyPort, PolicyVirtualMachine, Protocol, ResolvedTarget};
+pub use grant::{
+    AccessGrant, AccessGrantSpec, AccessGrantStatus, GrantPhase, GrantedRule, PolicyRef,
+};
+pub use policy::{
+    JitPolicy, JitPolicySpec, JitPolicyStatus, PolicyPort, PolicyVirtualMachine, Protocol,
+    ResolvedTarget,
+};
 
 pub const GROUP: &str = "portcullis.dev";
 

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::schema;
 
+// kube-derive takes one `printcolumn(..)` per column; clippy reads their repeated keys as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "portcullis.dev",
@@ -19,10 +21,27 @@ use super::schema;
     namespaced,
     status = "JitPolicyStatus",
     doc = "Which Azure VMs may be opened just in time, on which ports, from which sources, for how long.",
-    printcolumn(name = "VMs", type_ = "integer", json_path = ".status.virtualMachineCount", description = "VMs resolved in Azure"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "VMs",
+        type_ = "integer",
+        json_path = ".status.virtualMachineCount",
+        description = "VMs resolved in Azure"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct JitPolicySpec {

@@ -17,8 +17,7 @@ pub fn address_prefix_pattern() -> String {
 }
 
 /// A full Azure VM resource ID.
-pub const VM_RESOURCE_ID: &str =
-    r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Compute/virtualMachines/[^/]+$";
+pub const VM_RESOURCE_ID: &str = r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Compute/virtualMachines/[^/]+$";
 
 /// A VM name (Azure allows 1-64 characters of letters, digits, `_ . -`) or a full VM resource ID.
 pub const VM_REFERENCE: &str = r"^([A-Za-z0-9_.-]{1,64}|/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Compute/virtualMachines/[^/]+)$";

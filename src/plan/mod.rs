@@ -1,3 +1,24 @@
-//! The pure middle: validate -> plan -> diff. Nothing in here performs I/O.
+//! The pure middle: validate -> desired -> diff. Nothing in here performs I/O.
+//!
+//! - [`validate`]: is a policy well formed; may a grant be honoured under its policy?
+//! - [`naming`]: rule names that encode ownership, and their descriptions.
+//! - [`desired`]: the rules one NSG should hold, from every policy and grant in the cluster.
+//! - [`diff`]: the minimal per-rule change that gets an NSG there, never touching others' rules.
 
+pub mod desired;
+pub mod diff;
+pub mod naming;
 pub mod rule;
+pub mod validate;
+
+pub use desired::{
+    LiveGrant, Owner, RuleIntent, desired_rules, live_grant, nsgs_of_grant, nsgs_of_policy,
+    policy_of,
+};
+pub use diff::{Bands, BandsError, NsgPlan, plan_nsg};
+pub use naming::{RULE_PREFIX, is_grant_rule_of, is_owned, is_policy_rule_of};
+pub use rule::{Access, Direction, NsgRule, RuleProtocol};
+pub use validate::{
+    AccessWindow, AddressPrefix, Denial, DenialReason, ValidatedGrant, validate_grant,
+    validate_policy,
+};

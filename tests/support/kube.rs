@@ -21,7 +21,9 @@ pub async fn client() -> Client {
         .unwrap_or_else(|e| panic!("cannot read the kubeconfig at {path}: {e}"));
     let client = Client::try_from(config).unwrap_or_else(|e| panic!("cannot build a client: {e}"));
     if let Err(e) = client.apiserver_version().await {
-        panic!("the API server in {path} does not answer ({e}); start it with `scripts/local-cluster.sh start`");
+        panic!(
+            "the API server in {path} does not answer ({e}); start it with `scripts/local-cluster.sh start`"
+        );
     }
     client
 }
@@ -39,15 +41,23 @@ pub async fn install_crds(client: &Client) {
         crds.patch(&name, &pp, &Patch::Apply(&crd))
             .await
             .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
-        super::wait_for(&format!("CRD {name} Established"), Duration::from_secs(30), || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let crd = crds.get(&name).await.ok()?;
-                let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
-                established.then_some(())
-            }
-        })
+        super::wait_for(
+            &format!("CRD {name} Established"),
+            Duration::from_secs(30),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let crd = crds.get(&name).await.ok()?;
+                    let established = crd
+                        .status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    established.then_some(())
+                }
+            },
+        )
         .await;
     }
     // Discovery lags Established by a moment; wait until the resources can be listed.
@@ -56,7 +66,8 @@ pub async fn install_crds(client: &Client) {
     super::wait_for("the CRDs to be served", Duration::from_secs(30), || {
         let (g, p) = (grants.clone(), policies.clone());
         async move {
-            (g.list(&Default::default()).await.is_ok() && p.list(&Default::default()).await.is_ok()).then_some(())
+            (g.list(&Default::default()).await.is_ok() && p.list(&Default::default()).await.is_ok())
+                .then_some(())
         }
     })
     .await;
@@ -80,6 +91,11 @@ pub async fn fresh_namespace(client: &Client, prefix: &str) -> String {
 fn rand_suffix() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish() as u32
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod kube;
+pub mod operator;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -22,6 +23,17 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Logs of the code under test, shown for failing tests (libtest captures them). `RUST_LOG`
+/// overrides the default level.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,azure_core=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// The repository root (where Cargo.toml, crds/ and examples/ live).

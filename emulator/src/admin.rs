@@ -1,0 +1,291 @@
+//! The admin API under `/_emulator/` (no authentication): stats, request log, faults,
+//! runtime config, direct rule edits ("drift") and a state dump.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::faults::Faults;
+use crate::model::{self, Rule, SUCCEEDED};
+use crate::state::{ConfigUpdate, Stats, parse_rule_props};
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/_emulator/health", get(|| async { "ok" }))
+        .route("/_emulator/stats", get(stats).delete(reset_stats))
+        .route("/_emulator/requests", get(requests).delete(clear_requests))
+        .route(
+            "/_emulator/faults",
+            get(get_faults).post(set_faults).delete(clear_faults),
+        )
+        .route("/_emulator/config", get(get_config).post(set_config))
+        .route(
+            "/_emulator/rule",
+            get(get_rule).put(put_rule).delete(delete_rule),
+        )
+        .route("/_emulator/rules", get(rules))
+        .route("/_emulator/state", get(dump))
+}
+
+fn admin_error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn stats(State(app): State<App>) -> Response {
+    axum::Json(app.inner.lock().stats.clone()).into_response()
+}
+
+async fn reset_stats(State(app): State<App>) -> Response {
+    app.inner.lock().stats = Stats::default();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn requests(State(app): State<App>) -> Response {
+    let g = app.inner.lock();
+    let list: Vec<_> = g.requests.iter().cloned().collect();
+    axum::Json(list).into_response()
+}
+
+async fn clear_requests(State(app): State<App>) -> Response {
+    app.inner.lock().requests.clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn get_faults(State(app): State<App>) -> Response {
+    axum::Json(app.inner.lock().faults.clone()).into_response()
+}
+
+async fn set_faults(State(app): State<App>, body: Bytes) -> Response {
+    let faults: Faults = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid faults: {e}")),
+    };
+    if !(0.0..=1.0).contains(&faults.error_rate) || !(0.0..=1.0).contains(&faults.drop_rate) {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            "error_rate and drop_rate must be within 0..1",
+        );
+    }
+    tracing::info!(?faults, "faults set");
+    app.inner.lock().faults = faults.clone();
+    axum::Json(faults).into_response()
+}
+
+async fn clear_faults(State(app): State<App>) -> Response {
+    app.inner.lock().faults = Faults::default();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn get_config(State(app): State<App>) -> Response {
+    axum::Json(app.inner.lock().config.view()).into_response()
+}
+
+async fn set_config(State(app): State<App>, body: Bytes) -> Response {
+    let update: ConfigUpdate = match serde_json::from_slice(&body) {
+        Ok(u) => u,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid config: {e}")),
+    };
+    let mut g = app.inner.lock();
+    if let Some(ms) = update.async_delay_ms {
+        g.config.async_delay = Duration::from_millis(ms);
+    }
+    if let Some(s) = update.retry_after_secs {
+        g.config.retry_after_secs = s;
+    }
+    if let Some(p) = update.page_size {
+        g.config.page_size = p.max(1);
+    }
+    if update.write_burst.is_some() || update.write_refill_per_sec.is_some() {
+        if let Some(b) = update.write_burst {
+            g.config.write_burst = b;
+        }
+        if let Some(r) = update.write_refill_per_sec {
+            g.config.write_refill_per_sec = r.max(0.0);
+        }
+        g.buckets.clear();
+    }
+    tracing::info!(config = ?g.config, "config changed");
+    axum::Json(g.config.view()).into_response()
+}
+
+#[derive(Deserialize)]
+struct IdQuery {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct NsgQuery {
+    nsg: String,
+}
+
+async fn get_rule(State(app): State<App>, Query(q): Query<IdQuery>) -> Response {
+    let Some(id) = model::parse_rule_id(&q.id) else {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            format!("not a security rule id: {}", q.id),
+        );
+    };
+    let mut g = app.inner.lock();
+    g.settle(Instant::now());
+    let Some(sub) = g.world.sub(&id.subscription) else {
+        return admin_error(StatusCode::NOT_FOUND, "no such subscription");
+    };
+    let Some(rg) = sub.rg(&id.resource_group) else {
+        return admin_error(StatusCode::NOT_FOUND, "no such resource group");
+    };
+    let Some(nsg) = rg.nsg(&id.nsg) else {
+        return admin_error(StatusCode::NOT_FOUND, "no such network security group");
+    };
+    match nsg.rule(&id.rule) {
+        Some(r) => {
+            axum::Json(model::rule_json(&model::nsg_id(sub, rg, &nsg.name), r)).into_response()
+        }
+        None => admin_error(StatusCode::NOT_FOUND, "no such rule"),
+    }
+}
+
+/// Drift: create or replace a rule directly (no validation, async, throttling or counting).
+async fn put_rule(State(app): State<App>, Query(q): Query<IdQuery>, body: Bytes) -> Response {
+    let Some(id) = model::parse_rule_id(&q.id) else {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            format!("not a security rule id: {}", q.id),
+        );
+    };
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    let props = match parse_rule_props(&v) {
+        Ok(p) => p,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid rule: {e}")),
+    };
+    let mut g = app.inner.lock();
+    g.settle(Instant::now());
+    let Some(nsg) = g
+        .world
+        .nsg_mut(&id.subscription, &id.resource_group, &id.nsg)
+    else {
+        return admin_error(
+            StatusCode::NOT_FOUND,
+            format!("no such network security group for {}", q.id),
+        );
+    };
+    let etag = model::new_etag();
+    match nsg.rule_mut(&id.rule) {
+        Some(r) => {
+            r.props = props;
+            r.etag = etag;
+            r.provisioning_state = SUCCEEDED.into();
+        }
+        None => nsg.rules.push(Rule {
+            name: id.rule.clone(),
+            etag,
+            provisioning_state: SUCCEEDED.into(),
+            props,
+        }),
+    }
+    nsg.etag = model::new_etag();
+    g.save_logged();
+    tracing::info!(rule = %q.id, "drift: rule put directly");
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Drift: delete a rule directly. 404 when it does not exist.
+async fn delete_rule(State(app): State<App>, Query(q): Query<IdQuery>) -> Response {
+    let Some(id) = model::parse_rule_id(&q.id) else {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            format!("not a security rule id: {}", q.id),
+        );
+    };
+    let mut g = app.inner.lock();
+    g.settle(Instant::now());
+    let Some(nsg) = g
+        .world
+        .nsg_mut(&id.subscription, &id.resource_group, &id.nsg)
+    else {
+        return admin_error(
+            StatusCode::NOT_FOUND,
+            format!("no such network security group for {}", q.id),
+        );
+    };
+    let before = nsg.rules.len();
+    nsg.rules.retain(|r| !r.name.eq_ignore_ascii_case(&id.rule));
+    if nsg.rules.len() == before {
+        return admin_error(StatusCode::NOT_FOUND, format!("no such rule {}", q.id));
+    }
+    nsg.etag = model::new_etag();
+    g.save_logged();
+    tracing::info!(rule = %q.id, "drift: rule deleted directly");
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// The non-default rules of an NSG as ARM JSON.
+async fn rules(State(app): State<App>, Query(q): Query<NsgQuery>) -> Response {
+    let Some((sub, rg, nsg)) = model::parse_nsg_id(&q.nsg) else {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            format!("not a network security group id: {}", q.nsg),
+        );
+    };
+    let mut g = app.inner.lock();
+    g.settle(Instant::now());
+    let found = g
+        .world
+        .sub(&sub)
+        .and_then(|s| s.rg(&rg).map(|r| (s, r)))
+        .and_then(|(s, r)| r.nsg(&nsg).map(|n| (s, r, n)));
+    let Some((s, r, n)) = found else {
+        return admin_error(
+            StatusCode::NOT_FOUND,
+            format!("no such network security group {}", q.nsg),
+        );
+    };
+    let id = model::nsg_id(s, r, &n.name);
+    let list: Vec<Value> = n.rules.iter().map(|x| model::rule_json(&id, x)).collect();
+    axum::Json(list).into_response()
+}
+
+async fn dump(State(app): State<App>) -> Response {
+    let mut g = app.inner.lock();
+    g.settle(Instant::now());
+    let subs: Vec<Value> = g
+        .world
+        .subscriptions
+        .iter()
+        .map(|s| {
+            let rgs: Vec<Value> = s
+                .resource_groups
+                .iter()
+                .map(|r| {
+                    json!({
+                        "name": r.name,
+                        "location": r.location,
+                        "networkSecurityGroups": r.nsgs.iter().map(|n| model::nsg_json(s, r, n)).collect::<Vec<_>>(),
+                        "networkInterfaces": r.nics.iter().map(|n| model::nic_json(s, r, n)).collect::<Vec<_>>(),
+                        "subnets": r.vnets.iter().flat_map(|v| v.subnets.iter().map(move |x| model::subnet_json(s, r, v, x))).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json!({ "id": s.id, "resourceGroups": rgs })
+        })
+        .collect();
+    let pending = g.ops.values().filter(|o| !o.done).count();
+    axum::Json(json!({
+        "config": g.config.view(),
+        "faults": g.faults,
+        "stats": g.stats,
+        "pending_operations": pending,
+        "subscriptions": subs,
+    }))
+    .into_response()
+}

@@ -1,0 +1,123 @@
+//! [`AdminClient`]: a thin async client over the admin API, so tests need no raw HTTP.
+
+use serde::de::DeserializeOwned;
+
+use crate::error::EmulatorError;
+use crate::faults::Faults;
+use crate::state::{ConfigUpdate, RequestRecord, Stats};
+
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    /// `base_url` is the emulator's root, e.g. `http://127.0.0.1:8480`.
+    pub fn new(base_url: &str) -> Self {
+        Self {
+            base: base_url.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/_emulator/{path}", self.base)
+    }
+
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, EmulatorError> {
+        let status = resp.status();
+        if status.is_success() {
+            Ok(resp)
+        } else {
+            let body = resp.text().await.unwrap_or_default();
+            Err(EmulatorError::Admin {
+                status: status.as_u16(),
+                body,
+            })
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T, EmulatorError> {
+        let resp = self.http.get(self.url(path)).query(query).send().await?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    pub async fn stats(&self) -> Result<Stats, EmulatorError> {
+        self.get_json("stats", &[]).await
+    }
+
+    /// Resets every counter in [`Stats`].
+    pub async fn reset_stats(&self) -> Result<(), EmulatorError> {
+        Self::check(self.http.delete(self.url("stats")).send().await?).await?;
+        Ok(())
+    }
+
+    pub async fn requests(&self) -> Result<Vec<RequestRecord>, EmulatorError> {
+        self.get_json("requests", &[]).await
+    }
+
+    pub async fn clear_requests(&self) -> Result<(), EmulatorError> {
+        Self::check(self.http.delete(self.url("requests")).send().await?).await?;
+        Ok(())
+    }
+
+    pub async fn set_faults(&self, f: &Faults) -> Result<(), EmulatorError> {
+        Self::check(self.http.post(self.url("faults")).json(f).send().await?).await?;
+        Ok(())
+    }
+
+    pub async fn clear_faults(&self) -> Result<(), EmulatorError> {
+        Self::check(self.http.delete(self.url("faults")).send().await?).await?;
+        Ok(())
+    }
+
+    /// Changes runtime knobs; returns the resulting configuration.
+    pub async fn set_config(&self, c: &ConfigUpdate) -> Result<ConfigUpdate, EmulatorError> {
+        let resp = self.http.post(self.url("config")).json(c).send().await?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    /// Drift: creates or replaces a rule directly (`{"properties":{...}}` or bare properties).
+    pub async fn put_rule_directly(
+        &self,
+        rule_id: &str,
+        rule: &serde_json::Value,
+    ) -> Result<(), EmulatorError> {
+        let resp = self
+            .http
+            .put(self.url("rule"))
+            .query(&[("id", rule_id)])
+            .json(rule)
+            .send()
+            .await?;
+        Self::check(resp).await?;
+        Ok(())
+    }
+
+    /// Drift: deletes a rule directly; an error when it does not exist.
+    pub async fn delete_rule_directly(&self, rule_id: &str) -> Result<(), EmulatorError> {
+        let resp = self
+            .http
+            .delete(self.url("rule"))
+            .query(&[("id", rule_id)])
+            .send()
+            .await?;
+        Self::check(resp).await?;
+        Ok(())
+    }
+
+    /// The NSG's non-default security rules as ARM JSON.
+    pub async fn rules(&self, nsg_id: &str) -> Result<Vec<serde_json::Value>, EmulatorError> {
+        self.get_json("rules", &[("nsg", nsg_id)]).await
+    }
+
+    /// The full state dump (`GET /_emulator/state`).
+    pub async fn state(&self) -> Result<serde_json::Value, EmulatorError> {
+        self.get_json("state", &[]).await
+    }
+}

@@ -1,0 +1,839 @@
+//! [`AzureNetworkClient`]: [`NetworkApi`] on `azure_mgmt_network`.
+//!
+//! - Requests go through an azure_core pipeline with retries OFF and our own transport policy
+//!   ([`ArmTransport`]), so a 429 reaches us at once with its `Retry-After`.
+//! - Writes (`put_rule`, `delete_rule`) take a per-NSG async lock for the whole operation,
+//!   including polling, so this process never has two writes in flight on one NSG.
+//! - Writes are sent with `.send()` and their long-running operation is polled here
+//!   (`Azure-AsyncOperation`, else `Location`, else the resource's `provisioningState`),
+//!   honouring `Retry-After` between `poll_floor` and `max_wait`.
+//! - 429s, `RetryableErrorDueToAnotherOperation`, 5xx and transport errors are retried after
+//!   `Retry-After` or an exponential backoff, until the operation deadline. 400/401/403/404/409
+//!   fail at once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use azure_core::auth::TokenCredential;
+use azure_core::headers::{HeaderName, Headers};
+use azure_core::{
+    ClientOptions, Context, HttpClient, Method, Pipeline, Request, RetryOptions, StatusCode,
+    TransportOptions, Url,
+};
+use futures::StreamExt;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::convert::{from_model, to_model};
+use super::error::{AzureError, error_chain};
+use super::transport::{ArmTransport, AzureStats, parse_retry_after, with_operation};
+use super::{NetworkApi, ResourceId, VmTargets};
+use crate::plan::rule::NsgRule;
+
+pub const DEFAULT_ENDPOINT: &str = "https://management.azure.com";
+pub const MANAGEMENT_SCOPE: &str = "https://management.azure.com/.default";
+
+/// Tuning for [`AzureNetworkClient`].
+#[derive(Clone, Debug)]
+pub struct AzureClientOptions {
+    /// Upper bound for one whole operation: lock wait, every attempt, every poll.
+    pub operation_deadline: Duration,
+    /// Upper bound for one HTTP request.
+    pub request_timeout: Duration,
+    /// Shortest wait between polls (used when `Retry-After` is 0 or absent).
+    pub poll_floor: Duration,
+    /// Longest wait we accept from a `Retry-After` header.
+    pub max_wait: Duration,
+    /// First backoff after a retryable error without `Retry-After`.
+    pub backoff_initial: Duration,
+    /// Largest backoff.
+    pub backoff_max: Duration,
+    /// OAuth scopes requested for ARM.
+    pub scopes: Vec<String>,
+    /// The HTTP client (default: azure_core's reqwest client with rustls).
+    pub http_client: Option<Arc<dyn HttpClient>>,
+}
+
+impl Default for AzureClientOptions {
+    fn default() -> Self {
+        Self {
+            operation_deadline: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(30),
+            poll_floor: Duration::from_millis(50),
+            max_wait: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            scopes: vec![MANAGEMENT_SCOPE.to_string()],
+            http_client: None,
+        }
+    }
+}
+
+/// The real [`NetworkApi`].
+pub struct AzureNetworkClient {
+    sdk: azure_mgmt_network::Client,
+    /// Same policies as the SDK client's; used to poll operation URLs.
+    pipeline: Pipeline,
+    credential: Arc<dyn TokenCredential>,
+    endpoint: Url,
+    options: AzureClientOptions,
+    stats: AzureStats,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for AzureNetworkClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureNetworkClient")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a write is, for logs and LRO handling.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum WriteKind {
+    Put,
+    Delete,
+}
+
+/// A collected HTTP response.
+struct Collected {
+    status: StatusCode,
+    headers: Headers,
+    body: Vec<u8>,
+}
+
+impl AzureNetworkClient {
+    /// `endpoint`: ARM (`https://management.azure.com`, or an emulator).
+    pub fn new(
+        endpoint: Url,
+        credential: Arc<dyn TokenCredential>,
+        options: AzureClientOptions,
+    ) -> Result<Self, AzureError> {
+        let stats = AzureStats::new();
+        let http = options
+            .http_client
+            .clone()
+            .unwrap_or_else(azure_core::new_http_client);
+        let transport =
+            TransportOptions::new_custom_policy(Arc::new(ArmTransport::new(http, stats.clone())));
+        let scopes: Vec<&str> = options.scopes.iter().map(String::as_str).collect();
+        let sdk = azure_mgmt_network::Client::builder(credential.clone())
+            .endpoint(endpoint.clone())
+            .scopes(&scopes)
+            .retry(RetryOptions::none())
+            .transport(transport.clone())
+            .build()
+            .map_err(AzureError::from)?;
+        let pipeline = Pipeline::new(
+            Some("portcullis"),
+            Some(env!("CARGO_PKG_VERSION")),
+            ClientOptions::new(transport).retry(RetryOptions::none()),
+            Vec::new(),
+            Vec::new(),
+        );
+        Ok(Self {
+            sdk,
+            pipeline,
+            credential,
+            endpoint,
+            options,
+            stats,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Request counters by (operation, status); shared with every clone of the returned value.
+    pub fn stats(&self) -> AzureStats {
+        self.stats.clone()
+    }
+
+    pub fn options(&self) -> &AzureClientOptions {
+        &self.options
+    }
+
+    fn nsg_lock(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let key = nsg_id.trim_end_matches('/').to_ascii_lowercase();
+        let mut locks = match self.locks.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Forget locks nobody holds or waits for, so the map stays small.
+        if locks.len() > 256 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(key).or_default().clone()
+    }
+
+    fn timeout_error(&self, what: &str) -> AzureError {
+        AzureError::Timeout {
+            what: what.to_string(),
+            after: self.options.operation_deadline,
+        }
+    }
+
+    /// Runs one HTTP exchange with the per-request timeout, capped by the deadline.
+    async fn timed<T, F>(&self, what: &str, deadline: Instant, fut: F) -> Result<T, AzureError>
+    where
+        F: Future<Output = Result<T, AzureError>>,
+    {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(self.timeout_error(what));
+        }
+        let limit = self.options.request_timeout.min(deadline - now);
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r,
+            Err(_) if Instant::now() >= deadline => Err(self.timeout_error(what)),
+            Err(_) => Err(AzureError::Transport(format!(
+                "{what}: request timed out after {limit:?}"
+            ))),
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(16);
+        let base = self
+            .options
+            .backoff_initial
+            .saturating_mul(1u32 << exp)
+            .min(self.options.backoff_max);
+        jitter(base)
+    }
+
+    /// How long to wait before retrying after `err` (the server's wait, clamped; else backoff).
+    fn retry_wait(&self, err: &AzureError, attempt: u32) -> Duration {
+        match err.retry_after() {
+            Some(ra) => ra.clamp(self.options.poll_floor, self.options.max_wait),
+            None => self.backoff(attempt),
+        }
+    }
+
+    /// Calls `f` until it succeeds, fails for good, or the deadline would pass. When retries run
+    /// out, the last error is returned (a `Throttled` keeps its `retry_after` for the caller).
+    async fn with_retries<T, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut f: F,
+    ) -> Result<T, AzureError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, AzureError>>,
+    {
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let err = match f(attempt).await {
+                Ok(v) => return Ok(v),
+                Err(e @ AzureError::Timeout { .. }) => return Err(e),
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => e,
+            };
+            let wait = self.retry_wait(&err, attempt);
+            if Instant::now() + wait >= deadline {
+                warn!(what, attempt, error = %err, category = err.category(), "giving up: deadline reached");
+                return Err(err);
+            }
+            info!(what, attempt, error = %err, category = err.category(), wait_ms = wait.as_millis() as u64, "retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// GET `url` through the pipeline, authenticated, and collect the response.
+    async fn get_url(&self, url: Url, op: &'static str) -> Result<Collected, AzureError> {
+        let scopes: Vec<&str> = self.options.scopes.iter().map(String::as_str).collect();
+        let token = self.credential.get_token(&scopes).await?;
+        let mut req = Request::new(url, Method::Get);
+        req.insert_header(
+            azure_core::headers::AUTHORIZATION,
+            format!("Bearer {}", token.token.secret()),
+        );
+        req.set_body(azure_core::EMPTY_BODY);
+        let rsp = with_operation(op, self.pipeline.send(&Context::new(), &mut req)).await?;
+        collect(rsp).await
+    }
+
+    /// Only follow operation URLs on ARM's own origin: they carry our bearer token.
+    fn check_origin(&self, url: &Url) -> Result<(), AzureError> {
+        if url.origin() == self.endpoint.origin() {
+            Ok(())
+        } else {
+            Err(AzureError::InvalidResponse(format!(
+                "operation URL {url} is not on the ARM endpoint {}",
+                self.endpoint
+            )))
+        }
+    }
+
+    fn rule_url(&self, nsg: &ResourceId, rule_name: &str) -> Result<Url, AzureError> {
+        let mut url = self.endpoint.clone();
+        {
+            let mut segs = url.path_segments_mut().map_err(|_| {
+                AzureError::InvalidInput(format!("invalid ARM endpoint {}", self.endpoint))
+            })?;
+            segs.pop_if_empty().extend([
+                "subscriptions",
+                &nsg.subscription,
+                "resourceGroups",
+                &nsg.resource_group,
+                "providers",
+                "Microsoft.Network",
+                "networkSecurityGroups",
+                nsg.name(),
+                "securityRules",
+                rule_name,
+            ]);
+        }
+        url.query_pairs_mut()
+            .append_pair("api-version", "2024-03-01");
+        Ok(url)
+    }
+
+    /// Drives a write's long-running operation to a terminal state.
+    async fn finish_write(
+        &self,
+        kind: WriteKind,
+        first: Collected,
+        resource_url: Url,
+        ctx: &LogCtx<'_>,
+        deadline: Instant,
+    ) -> Result<(), AzureError> {
+        let async_op = header_url(&first.headers, "azure-asyncoperation")?;
+        let location = header_url(&first.headers, "location")?;
+        let first_wait = parse_retry_after(&first.headers);
+        if let Some(url) = async_op {
+            self.check_origin(&url)?;
+            return self
+                .poll(Poll::AsyncOperation, url, first_wait, ctx, deadline)
+                .await;
+        }
+        if first.status == StatusCode::Accepted
+            && let Some(url) = location
+        {
+            self.check_origin(&url)?;
+            return self
+                .poll(Poll::Location, url, first_wait, ctx, deadline)
+                .await;
+        }
+        match kind {
+            WriteKind::Delete if first.status == StatusCode::Accepted => {
+                // Accepted without a URL: watch the resource until it is gone.
+                self.poll(Poll::ResourceGone, resource_url, first_wait, ctx, deadline)
+                    .await
+            }
+            WriteKind::Delete => Ok(()),
+            WriteKind::Put => match provisioning_state(&first.body).as_deref() {
+                None | Some("Succeeded") => Ok(()),
+                Some(s @ ("Failed" | "Canceled" | "Cancelled")) => {
+                    Err(operation_failed(s, &first.body))
+                }
+                Some(_) => {
+                    self.poll(Poll::ResourceState, resource_url, first_wait, ctx, deadline)
+                        .await
+                }
+            },
+        }
+    }
+
+    async fn poll(
+        &self,
+        mode: Poll,
+        url: Url,
+        first_wait: Option<Duration>,
+        ctx: &LogCtx<'_>,
+        deadline: Instant,
+    ) -> Result<(), AzureError> {
+        let what = ctx.what();
+        let mut wait = self.clamp_wait(first_wait);
+        let mut attempt: u32 = 0;
+        loop {
+            if Instant::now() + wait >= deadline {
+                warn!(
+                    nsg = ctx.nsg,
+                    rule = ctx.rule,
+                    ?mode,
+                    "operation deadline reached while polling"
+                );
+                return Err(self.timeout_error(&what));
+            }
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+            let result = self
+                .timed(&what, deadline, self.get_url(url.clone(), "poll_operation"))
+                .await;
+            let rsp = match (mode, result) {
+                (_, Ok(rsp)) => rsp,
+                (Poll::ResourceGone, Err(AzureError::NotFound { .. })) => return Ok(()),
+                (_, Err(e @ AzureError::Timeout { .. })) => return Err(e),
+                (_, Err(e)) if e.is_retryable() => {
+                    debug!(nsg = ctx.nsg, rule = ctx.rule, attempt, error = %e, "poll failed; retrying");
+                    wait = self.retry_wait(&e, attempt);
+                    continue;
+                }
+                (_, Err(e)) => return Err(e),
+            };
+            let state: Option<String> = match mode {
+                Poll::AsyncOperation => Some(operation_status(&rsp.body).ok_or_else(|| {
+                    AzureError::InvalidResponse(format!(
+                        "operation status without 'status': {}",
+                        String::from_utf8_lossy(&rsp.body)
+                    ))
+                })?),
+                Poll::Location => (rsp.status != StatusCode::Accepted).then(|| "Succeeded".into()),
+                Poll::ResourceState => {
+                    Some(provisioning_state(&rsp.body).unwrap_or_else(|| "Succeeded".into()))
+                }
+                Poll::ResourceGone => None,
+            };
+            debug!(nsg = ctx.nsg, rule = ctx.rule, attempt, status = ?state, "polled operation");
+            match state.as_deref() {
+                Some("Succeeded") => return Ok(()),
+                Some(s @ ("Failed" | "Canceled" | "Cancelled")) => {
+                    return Err(operation_failed(s, &rsp.body));
+                }
+                _ => {}
+            }
+            wait = self.clamp_wait(parse_retry_after(&rsp.headers));
+        }
+    }
+
+    fn clamp_wait(&self, retry_after: Option<Duration>) -> Duration {
+        retry_after.unwrap_or(self.options.poll_floor).clamp(
+            self.options.poll_floor,
+            self.options.max_wait.max(self.options.poll_floor),
+        )
+    }
+
+    async fn put_once(
+        &self,
+        nsg: &ResourceId,
+        rule: &NsgRule,
+        ctx: &LogCtx<'_>,
+        deadline: Instant,
+    ) -> Result<(), AzureError> {
+        let what = ctx.what();
+        let send = self.sdk.security_rules_client().create_or_update(
+            nsg.resource_group.clone(),
+            nsg.name(),
+            rule.name.clone(),
+            to_model(rule),
+            nsg.subscription.clone(),
+        );
+        let first = self
+            .timed(&what, deadline, async {
+                let rsp = with_operation("put_rule", send.send()).await?;
+                collect(rsp.into_raw_response()).await
+            })
+            .await?;
+        debug!(nsg = ctx.nsg, rule = ctx.rule, status = %first.status, "PUT accepted");
+        let url = self.rule_url(nsg, &rule.name)?;
+        self.finish_write(WriteKind::Put, first, url, ctx, deadline)
+            .await
+    }
+
+    async fn delete_once(
+        &self,
+        nsg: &ResourceId,
+        rule_name: &str,
+        ctx: &LogCtx<'_>,
+        deadline: Instant,
+    ) -> Result<(), AzureError> {
+        let what = ctx.what();
+        let send = self.sdk.security_rules_client().delete(
+            nsg.resource_group.clone(),
+            nsg.name(),
+            rule_name,
+            nsg.subscription.clone(),
+        );
+        let first = self
+            .timed(&what, deadline, async {
+                let rsp = with_operation("delete_rule", send.send()).await?;
+                collect(rsp.into_raw_response()).await
+            })
+            .await;
+        let first = match first {
+            Ok(f) => f,
+            Err(AzureError::NotFound { .. }) => {
+                debug!(nsg = ctx.nsg, rule = ctx.rule, "rule already gone");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        debug!(nsg = ctx.nsg, rule = ctx.rule, status = %first.status, "DELETE accepted");
+        if first.status == StatusCode::NoContent {
+            return Ok(());
+        }
+        let url = self.rule_url(nsg, rule_name)?;
+        self.finish_write(WriteKind::Delete, first, url, ctx, deadline)
+            .await
+    }
+
+    /// Runs a write under the NSG's lock, with retries, within the operation deadline.
+    async fn write<F, Fut>(&self, ctx: LogCtx<'_>, once: F) -> Result<(), AzureError>
+    where
+        F: Fn(Instant, u32) -> Fut,
+        Fut: Future<Output = Result<(), AzureError>>,
+    {
+        let started = Instant::now();
+        let deadline = started + self.options.operation_deadline;
+        let what = ctx.what();
+        let lock = self.nsg_lock(ctx.nsg);
+        let _guard = tokio::time::timeout_at(deadline, lock.lock())
+            .await
+            .map_err(|_| self.timeout_error(&what))?;
+        let result = self
+            .with_retries(&what, deadline, |attempt| {
+                debug!(
+                    nsg = ctx.nsg,
+                    rule = ctx.rule,
+                    attempt,
+                    op = ctx.op,
+                    "sending"
+                );
+                once(deadline, attempt)
+            })
+            .await;
+        match &result {
+            Ok(()) => info!(
+                nsg = ctx.nsg,
+                rule = ctx.rule,
+                op = ctx.op,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "write done"
+            ),
+            Err(e) => warn!(
+                nsg = ctx.nsg,
+                rule = ctx.rule,
+                op = ctx.op,
+                error = %e,
+                category = e.category(),
+                "write failed"
+            ),
+        }
+        result
+    }
+
+    async fn list_nics(
+        &self,
+        vm: &ResourceId,
+    ) -> Result<Vec<azure_mgmt_network::models::NetworkInterface>, AzureError> {
+        let mut stream = self
+            .sdk
+            .network_interfaces_client()
+            .list(vm.resource_group.clone(), vm.subscription.clone())
+            .into_stream();
+        let mut out = Vec::new();
+        while let Some(page) = with_operation("list_nics", stream.next()).await {
+            out.extend(page?.value);
+        }
+        Ok(out)
+    }
+
+    async fn subnet_nsg(&self, subnet_id: &str) -> Result<Option<String>, AzureError> {
+        let sn = ResourceId::parse_typed(
+            subnet_id,
+            "Microsoft.Network",
+            &["virtualNetworks", "subnets"],
+        )?;
+        let vnet = sn.name_at(0).unwrap_or_default().to_string();
+        let rsp = with_operation(
+            "get_subnet",
+            self.sdk
+                .subnets_client()
+                .get(
+                    sn.resource_group.clone(),
+                    vnet,
+                    sn.name(),
+                    sn.subscription.clone(),
+                )
+                .send(),
+        )
+        .await?;
+        let subnet = rsp.into_body().await?;
+        Ok(subnet
+            .properties
+            .and_then(|p| p.network_security_group)
+            .and_then(|n| n.resource.id))
+    }
+
+    async fn resolve_once(&self, vm_id: &str, vm: &ResourceId) -> Result<VmTargets, AzureError> {
+        let wanted = vm_id.trim().trim_end_matches('/');
+        let mut nics: Vec<_> = self
+            .list_nics(vm)
+            .await?
+            .into_iter()
+            .filter(|nic| {
+                nic.properties
+                    .as_ref()
+                    .and_then(|p| p.virtual_machine.as_ref())
+                    .and_then(|v| v.id.as_deref())
+                    .is_some_and(|id| id.trim_end_matches('/').eq_ignore_ascii_case(wanted))
+            })
+            .collect();
+        if nics.is_empty() {
+            return Err(AzureError::NotFound {
+                what: format!("no network interface is attached to VM {vm_id}"),
+            });
+        }
+        nics.sort_by_key(|n| {
+            n.resource
+                .id
+                .clone()
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        });
+
+        let mut targets = VmTargets {
+            vm_id: vm_id.to_string(),
+            ..VmTargets::default()
+        };
+        let mut subnet_cache: HashMap<String, Option<String>> = HashMap::new();
+        for nic in &nics {
+            let Some(props) = nic.properties.as_ref() else {
+                continue;
+            };
+            if let Some(id) = props
+                .network_security_group
+                .as_ref()
+                .and_then(|n| n.resource.id.clone())
+            {
+                push_unique(&mut targets.nsg_ids, id);
+            }
+            for ipc in &props.ip_configurations {
+                let Some(ipp) = ipc.properties.as_ref() else {
+                    continue;
+                };
+                if let Some(ip) = ipp.private_ip_address.clone() {
+                    push_unique(&mut targets.private_ips, ip);
+                }
+                let Some(subnet_id) = ipp.subnet.as_ref().and_then(|s| s.sub_resource.id.clone())
+                else {
+                    continue;
+                };
+                let key = subnet_id.to_ascii_lowercase();
+                let nsg = match subnet_cache.get(&key) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n = self.subnet_nsg(&subnet_id).await?;
+                        subnet_cache.insert(key, n.clone());
+                        n
+                    }
+                };
+                if let Some(id) = nsg {
+                    push_unique(&mut targets.nsg_ids, id);
+                }
+            }
+        }
+        Ok(targets)
+    }
+
+    async fn list_once(&self, nsg: &ResourceId) -> Result<Vec<NsgRule>, AzureError> {
+        let mut stream = self
+            .sdk
+            .security_rules_client()
+            .list(
+                nsg.resource_group.clone(),
+                nsg.name(),
+                nsg.subscription.clone(),
+            )
+            .into_stream();
+        let mut out = Vec::new();
+        while let Some(page) = with_operation("list_rules", stream.next()).await {
+            for model in page?.value {
+                let is_default =
+                    model.sub_resource.id.as_deref().is_some_and(|id| {
+                        id.to_ascii_lowercase().contains("/defaultsecurityrules/")
+                    });
+                if !is_default {
+                    out.push(from_model(&model)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl NetworkApi for AzureNetworkClient {
+    async fn resolve_vm(&self, vm_id: &str) -> Result<VmTargets, AzureError> {
+        let vm = ResourceId::parse_typed(vm_id, "Microsoft.Compute", &["virtualMachines"])?;
+        let what = format!("resolve VM {vm_id}");
+        let deadline = Instant::now() + self.options.operation_deadline;
+        let targets = self
+            .with_retries(&what, deadline, |_| {
+                self.timed(&what, deadline, self.resolve_once(vm_id, &vm))
+            })
+            .await?;
+        debug!(vm = vm_id, nsgs = ?targets.nsg_ids, ips = ?targets.private_ips, "resolved VM");
+        Ok(targets)
+    }
+
+    async fn list_rules(&self, nsg_id: &str) -> Result<Vec<NsgRule>, AzureError> {
+        let nsg = ResourceId::parse_typed(nsg_id, "Microsoft.Network", &["networkSecurityGroups"])?;
+        let what = format!("list rules of {nsg_id}");
+        let deadline = Instant::now() + self.options.operation_deadline;
+        self.with_retries(&what, deadline, |_| {
+            self.timed(&what, deadline, self.list_once(&nsg))
+        })
+        .await
+    }
+
+    async fn put_rule(&self, nsg_id: &str, rule: &NsgRule) -> Result<(), AzureError> {
+        let nsg = ResourceId::parse_typed(nsg_id, "Microsoft.Network", &["networkSecurityGroups"])?;
+        let ctx = LogCtx {
+            op: "put_rule",
+            nsg: nsg_id,
+            rule: &rule.name,
+        };
+        self.write(ctx, |deadline, _| self.put_once(&nsg, rule, &ctx, deadline))
+            .await
+    }
+
+    async fn delete_rule(&self, nsg_id: &str, rule_name: &str) -> Result<(), AzureError> {
+        let nsg = ResourceId::parse_typed(nsg_id, "Microsoft.Network", &["networkSecurityGroups"])?;
+        let ctx = LogCtx {
+            op: "delete_rule",
+            nsg: nsg_id,
+            rule: rule_name,
+        };
+        self.write(ctx, |deadline, _| {
+            self.delete_once(&nsg, rule_name, &ctx, deadline)
+        })
+        .await
+    }
+}
+
+#[derive(Clone, Copy)]
+struct LogCtx<'a> {
+    op: &'static str,
+    nsg: &'a str,
+    rule: &'a str,
+}
+
+impl LogCtx<'_> {
+    fn what(&self) -> String {
+        format!("{} {} on {}", self.op, self.rule, self.nsg)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Poll {
+    /// GET the `Azure-AsyncOperation` URL until its `status` is terminal.
+    AsyncOperation,
+    /// GET the `Location` URL until it stops answering 202.
+    Location,
+    /// GET the resource until its `provisioningState` is terminal.
+    ResourceState,
+    /// GET the resource until it answers 404.
+    ResourceGone,
+}
+
+async fn collect(rsp: azure_core::Response) -> Result<Collected, AzureError> {
+    let (status, headers, body) = rsp.deconstruct();
+    let body = body.collect().await.map_err(|e| {
+        AzureError::Transport(format!("reading response body: {}", error_chain(&e)))
+    })?;
+    Ok(Collected {
+        status,
+        headers,
+        body: body.to_vec(),
+    })
+}
+
+fn header_url(headers: &Headers, name: &'static str) -> Result<Option<Url>, AzureError> {
+    match headers.get_optional_str(&HeaderName::from_static(name)) {
+        None => Ok(None),
+        Some(v) if v.trim().is_empty() => Ok(None),
+        Some(v) => Url::parse(v.trim())
+            .map(Some)
+            .map_err(|e| AzureError::InvalidResponse(format!("bad {name} header {v:?}: {e}"))),
+    }
+}
+
+/// `status` of an Azure-AsyncOperation body.
+fn operation_status(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("status")?.as_str().map(str::to_string)
+}
+
+/// `properties.provisioningState` of a resource body.
+fn provisioning_state(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("properties")?
+        .get("provisioningState")?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn operation_failed(status: &str, body: &[u8]) -> AzureError {
+    let parsed = super::error::ArmError::parse(body).unwrap_or_default();
+    let code = parsed.code.unwrap_or_else(|| "OperationFailed".into());
+    let message = parsed.message.unwrap_or_default();
+    AzureError::OperationFailed {
+        status: status.to_string(),
+        code,
+        message,
+    }
+}
+
+fn push_unique(list: &mut Vec<String>, value: String) {
+    if !list.iter().any(|v| v.eq_ignore_ascii_case(&value)) {
+        list.push(value);
+    }
+}
+
+/// +-20% jitter, so that clients backing off together do not retry together.
+fn jitter(d: Duration) -> Duration {
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let factor = 0.8 + (r % 401) as f64 / 1000.0;
+    d.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_operation_bodies() {
+        assert_eq!(
+            operation_status(br#"{"status":"InProgress"}"#).as_deref(),
+            Some("InProgress")
+        );
+        assert_eq!(operation_status(b"{}"), None);
+        assert_eq!(
+            provisioning_state(br#"{"properties":{"provisioningState":"Updating"}}"#).as_deref(),
+            Some("Updating")
+        );
+        let e = operation_failed(
+            "Failed",
+            br#"{"status":"Failed","error":{"code":"InternalServerError","message":"boom"}}"#,
+        );
+        assert!(
+            matches!(&e, AzureError::OperationFailed { code, .. } if code == "InternalServerError")
+        );
+    }
+
+    #[test]
+    fn jitter_stays_in_band() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(800) && d <= Duration::from_millis(1200));
+        }
+    }
+
+    #[test]
+    fn unique_case_insensitive() {
+        let mut v = vec![];
+        push_unique(&mut v, "/A/b".into());
+        push_unique(&mut v, "/a/B".into());
+        push_unique(&mut v, "/c".into());
+        assert_eq!(v, vec!["/A/b", "/c"]);
+    }
+}

@@ -1,0 +1,112 @@
+//! Bringing one NSG in line with the plan: list, plan (pure), then per-rule DELETE/PUT. One sync
+//! per NSG at a time in this process, so two reconcilers never pick the same free priority.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use jiff::Timestamp;
+use tracing::{debug, info, instrument};
+
+use super::Error;
+use super::world::World;
+use crate::azure::NetworkApi;
+use crate::plan::rule::NsgRule;
+use crate::plan::{Bands, RuleIntent, desired_rules, plan_nsg};
+
+/// What a sync did and what now stands in the NSG.
+#[derive(Debug, Default)]
+pub struct NsgOutcome {
+    pub nsg_id: String,
+    /// Every Portcullis rule that stands in the NSG after the sync, with its priority.
+    pub placed: Vec<NsgRule>,
+    /// Rules that could not be given a priority: their band is full.
+    pub unplaced: Vec<RuleIntent>,
+    /// Rules of ours that were changed or deleted by hand and were put back.
+    pub corrected: Vec<String>,
+    /// Rules that did not exist and were created (new, or deleted by hand and restored).
+    pub created: Vec<String>,
+    /// Rules of ours that were deleted: closed grants, removed policies, orphans.
+    pub deleted: Vec<String>,
+    pub writes: usize,
+}
+
+pub struct NsgSyncer {
+    azure: Arc<dyn NetworkApi>,
+    bands: Bands,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl NsgSyncer {
+    pub fn new(azure: Arc<dyn NetworkApi>, bands: Bands) -> Self {
+        NsgSyncer {
+            azure,
+            bands,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn azure(&self) -> &Arc<dyn NetworkApi> {
+        &self.azure
+    }
+
+    fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks
+            .entry(nsg_id.to_ascii_lowercase())
+            .or_default()
+            .clone()
+    }
+
+    /// Makes the NSG match what `world` asks for at `now`. `world` is taken by a closure so the
+    /// snapshot is read after the lock is held, never before.
+    #[instrument(skip(self, world), fields(nsg = %nsg_id))]
+    pub async fn sync(
+        &self,
+        nsg_id: &str,
+        world: impl FnOnce() -> World,
+        now: Timestamp,
+    ) -> Result<NsgOutcome, Error> {
+        let lock = self.lock_for(nsg_id);
+        let _held = lock.lock().await;
+        let world = world();
+        let desired = desired_rules(nsg_id, &world.policies, &world.grants, now);
+        let existing = self.azure.list_rules(nsg_id).await?;
+        let plan = plan_nsg(&existing, &desired, &self.bands);
+        let existing_names: HashSet<String> = existing
+            .iter()
+            .map(|r| r.name.to_ascii_lowercase())
+            .collect();
+        let mut outcome = NsgOutcome {
+            nsg_id: nsg_id.to_string(),
+            placed: plan.placed.clone(),
+            unplaced: plan.unplaced.clone(),
+            ..Default::default()
+        };
+        if plan.is_noop() {
+            debug!(rules = existing.len(), "NSG already matches the plan");
+            return Ok(outcome);
+        }
+        // Deletes first: a rule being replaced never holds a priority another put wants.
+        for name in &plan.deletes {
+            info!(rule = %name, "deleting rule no live grant or policy explains");
+            self.azure.delete_rule(nsg_id, name).await?;
+            outcome.writes += 1;
+            outcome.deleted.push(name.clone());
+        }
+        for rule in &plan.puts {
+            let existed = existing_names.contains(&rule.name.to_ascii_lowercase());
+            info!(rule = %rule.name, priority = rule.priority, existed, "writing rule");
+            self.azure.put_rule(nsg_id, rule).await?;
+            outcome.writes += 1;
+            if existed {
+                outcome.corrected.push(rule.name.clone());
+            } else {
+                outcome.created.push(rule.name.clone());
+            }
+        }
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,229 @@
+//! The JitPolicy reconciler: resolve each VM to its private IPs and governing NSGs, keep a Deny
+//! rule per VM/port in each of them, and on deletion remove those and close every grant under it.
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::Error;
+use super::context::Ctx;
+use super::status::apply_status;
+use crate::api::condition::{READY, set_condition};
+use crate::api::{AccessGrant, GrantPhase, JitPolicy, JitPolicyStatus, ResolvedTarget};
+use crate::azure::AzureError;
+use crate::plan::{naming, nsgs_of_policy, validate_policy};
+
+pub const FINALIZER: &str = "portcullis.dev/remove-rules";
+
+pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Ctx) -> Result<Action, Error> {
+    let ns = policy
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let span = info_span!("policy", namespace = %ns, name = %policy.name_any());
+    async move {
+        ctx.world.wait_ready().await;
+        let api: Api<JitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        finalizer(&api, FINALIZER, policy, |event| async {
+            match event {
+                Finalizer::Apply(p) => apply(&p, &api, &ctx).await,
+                Finalizer::Cleanup(p) => cleanup(&p, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    }
+    .instrument(span)
+    .await
+}
+
+async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Action, Error> {
+    let now = Timestamp::now();
+    let generation = policy.metadata.generation;
+    let mut status = policy.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+
+    if let Err(denial) = validate_policy(&policy.spec) {
+        set_condition(
+            &mut status.conditions,
+            READY,
+            false,
+            "InvalidPolicy",
+            &denial.message,
+            generation,
+            now,
+        );
+        write_status(policy, api, ctx, &status).await?;
+        warn!(message = %denial.message, "policy invalid");
+        ctx.event(policy, true, "InvalidPolicy", "Validate", denial.message)
+            .await;
+        return Ok(Action::await_change());
+    }
+
+    // Resolve every VM in Azure (reads only).
+    let mut targets = Vec::new();
+    let mut missing = Vec::new();
+    let mut without_nsg = Vec::new();
+    for vm in &policy.spec.virtual_machines {
+        match ctx.nsgs.azure().resolve_vm(&vm.id).await {
+            Ok(t) => {
+                if t.nsg_ids.is_empty() {
+                    without_nsg.push(vm.id.clone());
+                }
+                targets.push(ResolvedTarget {
+                    virtual_machine: vm.id.clone(),
+                    private_ip_addresses: t.private_ips,
+                    network_security_groups: t.nsg_ids,
+                });
+            }
+            Err(AzureError::NotFound { .. }) => missing.push(vm.id.clone()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let previous_nsgs = nsgs_of_policy(policy);
+    status.virtual_machine_count = Some(targets.len() as i64);
+    status.targets = targets;
+    let mut policy = policy.clone();
+    if policy.status.as_ref() != Some(&status) {
+        policy = write_status(&policy, api, ctx, &status).await?;
+    }
+
+    let uid = policy.uid().unwrap_or_default();
+    let mut nsgs = nsgs_of_policy(&policy);
+    for old in previous_nsgs {
+        if !nsgs.iter().any(|n| n.eq_ignore_ascii_case(&old)) {
+            nsgs.push(old);
+        }
+    }
+    let mut deny_rules = 0usize;
+    let mut band_full = Vec::new();
+    let mut drift = Vec::new();
+    for nsg in &nsgs {
+        let outcome = ctx.nsgs.sync(nsg, || ctx.world.snapshot(), now).await?;
+        deny_rules += outcome
+            .placed
+            .iter()
+            .filter(|r| naming::is_policy_rule_of(&r.name, &uid))
+            .count();
+        band_full.extend(
+            outcome
+                .unplaced
+                .iter()
+                .filter(|i| naming::is_policy_rule_of(&i.name, &uid))
+                .map(|i| i.name.clone()),
+        );
+        drift.extend(outcome.corrected.iter().cloned());
+    }
+
+    let (ready, reason, message) = if !missing.is_empty() {
+        (
+            false,
+            "VirtualMachineNotFound",
+            format!("no network interface found for {}", missing.join(", ")),
+        )
+    } else if !without_nsg.is_empty() {
+        (
+            false,
+            "NoNetworkSecurityGroup",
+            format!("no NSG governs {}", without_nsg.join(", ")),
+        )
+    } else if !band_full.is_empty() {
+        (
+            false,
+            "PriorityBandFull",
+            format!(
+                "no free priority in the deny band for {}",
+                band_full.join(", ")
+            ),
+        )
+    } else {
+        (
+            true,
+            "Enforced",
+            format!("{deny_rules} deny rule(s) in {} NSG(s)", nsgs.len()),
+        )
+    };
+    set_condition(
+        &mut status.conditions,
+        READY,
+        ready,
+        reason,
+        &message,
+        generation,
+        now,
+    );
+    if policy.status.as_ref() != Some(&status) {
+        write_status(&policy, api, ctx, &status).await?;
+        info!(ready, reason, %message, "policy status");
+    }
+    if !drift.is_empty() {
+        ctx.event(
+            &policy,
+            false,
+            "DriftCorrected",
+            "Heal",
+            format!("put back: {}", drift.join(", ")),
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.resync))
+}
+
+async fn write_status(
+    policy: &JitPolicy,
+    api: &Api<JitPolicy>,
+    ctx: &Ctx,
+    status: &JitPolicyStatus,
+) -> Result<JitPolicy, Error> {
+    let updated = apply_status(api, policy, status).await?;
+    ctx.world.record_policy(&updated);
+    Ok(updated)
+}
+
+async fn cleanup(policy: &JitPolicy, ctx: &Ctx) -> Result<Action, Error> {
+    let now = Timestamp::now();
+    let ns = policy.namespace().unwrap_or_default();
+    let name = policy.name_any();
+    // With the policy marked deleted in the world, its Deny rules and its grants' Allow rules
+    // are no longer desired: syncing its NSGs removes them.
+    ctx.world.record_policy(policy);
+    for nsg in nsgs_of_policy(policy) {
+        ctx.nsgs.sync(&nsg, || ctx.world.snapshot(), now).await?;
+    }
+    let grants_api: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &ns);
+    let world = ctx.world.snapshot();
+    for grant in world.grants.iter().filter(|g| {
+        g.namespace().as_deref() == Some(ns.as_str())
+            && g.spec.policy_ref.name == name
+            && matches!(
+                g.status.as_ref().and_then(|s| s.phase),
+                Some(GrantPhase::Active | GrantPhase::Pending)
+            )
+    }) {
+        let mut status = grant.status.clone().unwrap_or_default();
+        status.phase = Some(GrantPhase::Revoked);
+        status.rules.clear();
+        let msg = format!("JitPolicy {ns}/{name} was deleted");
+        set_condition(
+            &mut status.conditions,
+            READY,
+            false,
+            "PolicyDeleted",
+            &msg,
+            grant.metadata.generation,
+            now,
+        );
+        let updated = apply_status(&grants_api, grant, &status).await?;
+        ctx.world.record_grant(&updated);
+        ctx.event(grant, false, "Revoked", "Close", msg).await;
+    }
+    if let Some(uid) = policy.uid() {
+        ctx.world.forget(&uid);
+    }
+    info!("policy removed: its Deny rules and its grants' Allow rules are gone");
+    Ok(Action::await_change())
+}

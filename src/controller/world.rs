@@ -1,0 +1,153 @@
+//! The controller's view of the cluster: the reflector stores, corrected by what this process
+//! itself wrote a moment ago and the store has not caught up with yet. Every NSG is planned from
+//! this whole view, since one NSG can carry rules of many policies and grants.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+
+use crate::api::{AccessGrant, JitPolicy};
+
+/// A consistent snapshot of policies and grants.
+#[derive(Clone, Default)]
+pub struct World {
+    pub policies: Vec<JitPolicy>,
+    pub grants: Vec<AccessGrant>,
+}
+
+impl World {
+    pub fn policy(&self, namespace: &str, name: &str) -> Option<&JitPolicy> {
+        self.policies
+            .iter()
+            .find(|p| p.namespace().as_deref() == Some(namespace) && p.name_any() == name)
+    }
+}
+
+/// How long a deleted object's tombstone keeps a lagging store from reviving it.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+struct Overlay {
+    policies: HashMap<String, JitPolicy>,
+    grants: HashMap<String, AccessGrant>,
+    tombstones: HashMap<String, Instant>,
+}
+
+/// Stores plus the overlay of our own recent writes.
+pub struct WorldView {
+    policies: Store<JitPolicy>,
+    grants: Store<AccessGrant>,
+    overlay: Mutex<Overlay>,
+}
+
+fn newer<K: ResourceExt>(candidate: &K, than: &K) -> bool {
+    let rv = |k: &K| k.resource_version().and_then(|v| v.parse::<u64>().ok());
+    match (rv(candidate), rv(than)) {
+        (Some(a), Some(b)) => a >= b,
+        _ => true,
+    }
+}
+
+fn merge<K: ResourceExt + Clone>(
+    stored: Vec<Arc<K>>,
+    overlay: &mut HashMap<String, K>,
+    tombstones: &HashMap<String, Instant>,
+) -> Vec<K> {
+    let mut out = Vec::with_capacity(stored.len());
+    let mut seen = std::collections::HashSet::new();
+    for obj in stored {
+        let uid = obj.uid().unwrap_or_default();
+        if tombstones.contains_key(&uid) {
+            continue;
+        }
+        seen.insert(uid.clone());
+        match overlay.get(&uid) {
+            Some(mine) if newer(mine, obj.as_ref()) => out.push(mine.clone()),
+            Some(_) => {
+                // The store caught up: our copy is no longer needed.
+                overlay.remove(&uid);
+                out.push(obj.as_ref().clone());
+            }
+            None => out.push(obj.as_ref().clone()),
+        }
+    }
+    for (uid, mine) in overlay.iter() {
+        if !seen.contains(uid) && !tombstones.contains_key(uid) {
+            out.push(mine.clone());
+        }
+    }
+    out
+}
+
+impl WorldView {
+    pub fn new(policies: Store<JitPolicy>, grants: Store<AccessGrant>) -> Self {
+        WorldView {
+            policies,
+            grants,
+            overlay: Mutex::new(Overlay::default()),
+        }
+    }
+
+    /// Waits until both stores hold their initial listing: planning an NSG from a partial view
+    /// would delete rules of objects not seen yet.
+    pub async fn wait_ready(&self) {
+        // Err means the writer is gone, i.e. the controller is shutting down: nothing to wait for.
+        let _ = self.policies.wait_until_ready().await;
+        let _ = self.grants.wait_until_ready().await;
+    }
+
+    pub fn policies_store(&self) -> &Store<JitPolicy> {
+        &self.policies
+    }
+
+    pub fn grants_store(&self) -> &Store<AccessGrant> {
+        &self.grants
+    }
+
+    fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
+        // A panic while holding this lock leaves plain data behind; keep using it.
+        self.overlay
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn snapshot(&self) -> World {
+        let mut overlay = self.overlay();
+        let now = Instant::now();
+        overlay
+            .tombstones
+            .retain(|_, at| now.duration_since(*at) < TOMBSTONE_TTL);
+        let Overlay {
+            policies,
+            grants,
+            tombstones,
+        } = &mut *overlay;
+        World {
+            policies: merge(self.policies.state(), policies, tombstones),
+            grants: merge(self.grants.state(), grants, tombstones),
+        }
+    }
+
+    pub fn record_policy(&self, policy: &JitPolicy) {
+        if let Some(uid) = policy.uid() {
+            self.overlay().policies.insert(uid, policy.clone());
+        }
+    }
+
+    pub fn record_grant(&self, grant: &AccessGrant) {
+        if let Some(uid) = grant.uid() {
+            self.overlay().grants.insert(uid, grant.clone());
+        }
+    }
+
+    /// The object is gone (its finalizer removed): never let a lagging store bring it back.
+    pub fn forget(&self, uid: &str) {
+        let mut overlay = self.overlay();
+        overlay.policies.remove(uid);
+        overlay.grants.remove(uid);
+        overlay.tombstones.insert(uid.to_string(), Instant::now());
+    }
+}

@@ -1,0 +1,1049 @@
+//! The rules that SHOULD exist in one NSG, computed from the whole cluster's policies and grants:
+//! guarantees 1 (a Deny rule for every policy port), 2 (Allow rules only for live, valid grants)
+//! and 3/4 (a lapsed, deleted or revoked grant, or a deleted policy, simply produces no rule, so
+//! the diff removes it). Pure: the clock is a parameter, the objects come from the caller's cache.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use kube::ResourceExt;
+
+use super::naming;
+use super::rule::{Access, Direction, NsgRule, RuleProtocol};
+use super::validate::{self, AddressPrefix, ValidatedGrant, protocol_rank};
+use crate::api::{AccessGrant, GrantPhase, JitPolicy, Protocol, ResolvedTarget};
+
+/// The Kubernetes object a rule exists for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    Grant {
+        uid: String,
+        namespace: String,
+        name: String,
+    },
+    Policy {
+        uid: String,
+        namespace: String,
+        name: String,
+    },
+}
+
+/// A rule that should exist in an NSG, without its priority (the diff picks that).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleIntent {
+    pub owner: Owner,
+    pub name: String,
+    pub description: String,
+    pub access: Access,
+    /// Always `Inbound`.
+    pub direction: Direction,
+    pub protocol: RuleProtocol,
+    pub source_address_prefixes: Vec<String>,
+    /// Always `["*"]`.
+    pub source_port_ranges: Vec<String>,
+    /// The VM's private IPs, sorted.
+    pub destination_address_prefixes: Vec<String>,
+    /// Sorted numerically, as strings.
+    pub destination_port_ranges: Vec<String>,
+}
+
+impl RuleIntent {
+    /// The NSG rule this intent becomes at `priority`.
+    pub fn with_priority(&self, priority: u16) -> NsgRule {
+        NsgRule {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            priority,
+            direction: self.direction,
+            access: self.access,
+            protocol: self.protocol.clone(),
+            source_address_prefixes: self.source_address_prefixes.clone(),
+            source_port_ranges: self.source_port_ranges.clone(),
+            destination_address_prefixes: self.destination_address_prefixes.clone(),
+            destination_port_ranges: self.destination_port_ranges.clone(),
+        }
+    }
+}
+
+/// A grant that should have its ports open right now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveGrant {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// Validated against the policy at `activated_at`.
+    pub validated: ValidatedGrant,
+    /// The policy's resolved target for the grant's VM.
+    pub target: ResolvedTarget,
+    pub activated_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+fn rule_protocol(p: Protocol) -> RuleProtocol {
+    match p {
+        Protocol::Tcp => RuleProtocol::Tcp,
+        Protocol::Udp => RuleProtocol::Udp,
+        Protocol::Any => RuleProtocol::Any,
+    }
+}
+
+fn contains_ci(list: &[String], id: &str) -> bool {
+    list.iter().any(|x| x.eq_ignore_ascii_case(id))
+}
+
+fn push_unique_ci(out: &mut Vec<String>, id: &str) {
+    if !contains_ci(out, id) {
+        out.push(id.to_string());
+    }
+}
+
+fn target_of<'a>(policy: &'a JitPolicy, vm_id: &str) -> Option<&'a ResolvedTarget> {
+    policy
+        .status
+        .as_ref()?
+        .targets
+        .iter()
+        .find(|t| t.virtual_machine.eq_ignore_ascii_case(vm_id))
+}
+
+fn sorted_ips<'a>(ips: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut v: Vec<String> = ips.cloned().collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Whether `grant` should have its ports open at `now`. It must: not be deleting; be `Active`
+/// with `expiresAt` after `now` and an `activatedAt`; have its policy (same namespace, the name
+/// of `spec.policyRef`, not deleting); pass validation against that policy evaluated at
+/// `activatedAt` (not `now`: a grant stays valid through its window); and its VM must be among
+/// the policy's resolved targets.
+pub fn live_grant(
+    grant: &AccessGrant,
+    policy: Option<&JitPolicy>,
+    now: Timestamp,
+) -> Option<LiveGrant> {
+    if grant.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = grant.status.as_ref()?;
+    if status.phase != Some(GrantPhase::Active) {
+        return None;
+    }
+    let expires_at = status.expires_at.as_ref()?.0;
+    if expires_at <= now {
+        return None;
+    }
+    let activated_at = status.activated_at.as_ref()?.0;
+    let policy = policy?;
+    let namespace = grant.namespace()?;
+    if policy.metadata.deletion_timestamp.is_some()
+        || policy.namespace().as_deref() != Some(namespace.as_str())
+        || policy.name_any() != grant.spec.policy_ref.name
+    {
+        return None;
+    }
+    let uid = grant.uid()?;
+    let validated =
+        validate::validate_grant(&policy.name_any(), &policy.spec, &grant.spec, activated_at)
+            .ok()?;
+    let target = target_of(policy, &validated.vm_id)?.clone();
+    Some(LiveGrant {
+        uid,
+        namespace,
+        name: grant.name_any(),
+        validated,
+        target,
+        activated_at,
+        expires_at,
+    })
+}
+
+/// The Deny intents of one valid, non-deleting policy for `nsg_id`.
+fn policy_intents(nsg_id: &str, policy: &JitPolicy, out: &mut Vec<RuleIntent>) {
+    if policy.metadata.deletion_timestamp.is_some()
+        || validate::validate_policy(&policy.spec).is_err()
+    {
+        return;
+    }
+    let (Some(uid), Some(namespace)) = (policy.uid(), policy.namespace()) else {
+        return;
+    };
+    let name = policy.name_any();
+    for vm in &policy.spec.virtual_machines {
+        let Some(target) = target_of(policy, &vm.id) else {
+            continue;
+        };
+        if !contains_ci(&target.network_security_groups, nsg_id) {
+            continue;
+        }
+        let ips = sorted_ips(target.private_ip_addresses.iter());
+        if ips.is_empty() {
+            continue;
+        }
+        for port in &vm.ports {
+            out.push(RuleIntent {
+                owner: Owner::Policy {
+                    uid: uid.clone(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                },
+                name: naming::policy_rule_name(&uid, &vm.id, port.number, port.protocol),
+                description: naming::policy_description(
+                    &namespace,
+                    &name,
+                    validate::vm_name(&vm.id),
+                    port.number,
+                    port.protocol,
+                ),
+                access: Access::Deny,
+                direction: Direction::Inbound,
+                protocol: rule_protocol(port.protocol),
+                source_address_prefixes: vec!["*".to_string()],
+                source_port_ranges: vec!["*".to_string()],
+                destination_address_prefixes: ips.clone(),
+                destination_port_ranges: vec![port.number.to_string()],
+            });
+        }
+    }
+}
+
+/// The Allow intents of one live grant for `nsg_id`: one per protocol.
+fn grant_intents(nsg_id: &str, live: &LiveGrant, out: &mut Vec<RuleIntent>) {
+    if !contains_ci(&live.target.network_security_groups, nsg_id) {
+        return;
+    }
+    // An NSG rule cannot mix IPv4 and IPv6: a specific source reaches the VM's addresses of its
+    // own family only. `*` and `Internet` reach them all.
+    let family = AddressPrefix::parse(&live.validated.source).and_then(|s| s.is_ipv4());
+    let ips = sorted_ips(
+        live.target
+            .private_ip_addresses
+            .iter()
+            .filter(|ip| match family {
+                None => true,
+                Some(v4) => AddressPrefix::parse(ip).and_then(|a| a.is_ipv4()) == Some(v4),
+            }),
+    );
+    if ips.is_empty() {
+        return;
+    }
+    let mut by_protocol: BTreeMap<u8, (Protocol, Vec<u16>)> = BTreeMap::new();
+    for (port, protocol) in &live.validated.ports {
+        by_protocol
+            .entry(protocol_rank(*protocol))
+            .or_insert((*protocol, Vec::new()))
+            .1
+            .push(*port);
+    }
+    for (protocol, mut ports) in by_protocol.into_values() {
+        ports.sort_unstable();
+        ports.dedup();
+        out.push(RuleIntent {
+            owner: Owner::Grant {
+                uid: live.uid.clone(),
+                namespace: live.namespace.clone(),
+                name: live.name.clone(),
+            },
+            name: naming::grant_rule_name(&live.uid, protocol),
+            description: naming::grant_description(&live.namespace, &live.name, live.expires_at),
+            access: Access::Allow,
+            direction: Direction::Inbound,
+            protocol: rule_protocol(protocol),
+            source_address_prefixes: vec![live.validated.source.clone()],
+            source_port_ranges: vec!["*".to_string()],
+            destination_address_prefixes: ips.clone(),
+            destination_port_ranges: ports.iter().map(u16::to_string).collect(),
+        });
+    }
+}
+
+/// The policy a grant refers to, among `policies` (same namespace, `spec.policyRef.name`).
+pub fn policy_of<'a>(grant: &AccessGrant, policies: &'a [JitPolicy]) -> Option<&'a JitPolicy> {
+    let ns = grant.namespace();
+    policies
+        .iter()
+        .find(|p| p.namespace() == ns && p.name_any() == grant.spec.policy_ref.name)
+}
+
+/// Every rule that should exist in NSG `nsg_id`, sorted by name: a Deny rule per (port,
+/// protocol) of every VM of every valid policy that this NSG governs, and an Allow rule per
+/// protocol of every live grant whose VM this NSG governs. VMs without a private IP get no rule
+/// (an NSG rule needs a destination).
+///
+/// Rule names are hashes; if two intents ever share a name (a hash collision), two Deny rules
+/// for the same port are merged into one covering both VMs' addresses (the same meaning), and
+/// otherwise the first one (by sort order) wins.
+pub fn desired_rules(
+    nsg_id: &str,
+    policies: &[JitPolicy],
+    grants: &[AccessGrant],
+    now: Timestamp,
+) -> Vec<RuleIntent> {
+    let mut out = Vec::new();
+    for policy in policies {
+        policy_intents(nsg_id, policy, &mut out);
+    }
+    for grant in grants {
+        if let Some(live) = live_grant(grant, policy_of(grant, policies), now) {
+            grant_intents(nsg_id, &live, &mut out);
+        }
+    }
+    out.sort_by(|a, b| {
+        (
+            a.name.to_ascii_lowercase(),
+            &a.owner,
+            &a.description,
+            &a.destination_address_prefixes,
+        )
+            .cmp(&(
+                b.name.to_ascii_lowercase(),
+                &b.owner,
+                &b.description,
+                &b.destination_address_prefixes,
+            ))
+    });
+    let mut merged: Vec<RuleIntent> = Vec::with_capacity(out.len());
+    for intent in out {
+        match merged.last_mut() {
+            Some(prev) if prev.name.eq_ignore_ascii_case(&intent.name) => {
+                if prev.access == Access::Deny
+                    && intent.access == Access::Deny
+                    && prev.protocol == intent.protocol
+                    && prev.destination_port_ranges == intent.destination_port_ranges
+                    && prev.source_address_prefixes == intent.source_address_prefixes
+                {
+                    prev.destination_address_prefixes
+                        .extend(intent.destination_address_prefixes);
+                    prev.destination_address_prefixes.sort();
+                    prev.destination_address_prefixes.dedup();
+                }
+            }
+            _ => merged.push(intent),
+        }
+    }
+    merged
+}
+
+/// The NSGs a policy's Deny rules live in (from its resolved targets), deduplicated
+/// case-insensitively.
+pub fn nsgs_of_policy(policy: &JitPolicy) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in policy.status.iter().flat_map(|s| s.targets.iter()) {
+        for nsg in &t.network_security_groups {
+            push_unique_ci(&mut out, nsg);
+        }
+    }
+    out
+}
+
+/// The NSGs a grant's Allow rules live in or lived in: the policy's targets for the grant's VM
+/// (matched by full ID or by name), plus every NSG recorded in `status.rules`, so old rules are
+/// found even after the policy changed. Deduplicated case-insensitively.
+pub fn nsgs_of_grant(grant: &AccessGrant, policy: Option<&JitPolicy>) -> Vec<String> {
+    let mut out = Vec::new();
+    let wanted = grant.spec.virtual_machine.as_str();
+    let same_vm = |t: &&ResolvedTarget| {
+        if wanted.contains('/') {
+            t.virtual_machine.eq_ignore_ascii_case(wanted)
+        } else {
+            validate::vm_name(&t.virtual_machine).eq_ignore_ascii_case(wanted)
+        }
+    };
+    let targets = policy
+        .and_then(|p| p.status.as_ref())
+        .map(|s| s.targets.as_slice())
+        .unwrap_or_default();
+    for t in targets.iter().filter(same_vm) {
+        for nsg in &t.network_security_groups {
+            push_unique_ci(&mut out, nsg);
+        }
+    }
+    for r in grant.status.iter().flat_map(|s| s.rules.iter()) {
+        push_unique_ci(&mut out, &r.network_security_group);
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::api::{
+        AccessGrantSpec, AccessGrantStatus, GrantedRule, JitPolicySpec, JitPolicyStatus,
+    };
+    use crate::plan::validate::tests::{grant as grant_spec, now, policy as policy_spec, vm_id};
+    use jiff::SignedDuration;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    pub(crate) const NSG_A: &str = "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.Network/networkSecurityGroups/nsg-a";
+    pub(crate) const NSG_B: &str = "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.Network/networkSecurityGroups/nsg-b";
+
+    pub(crate) fn mk_policy(
+        ns: &str,
+        name: &str,
+        uid: &str,
+        spec: JitPolicySpec,
+        targets: Vec<ResolvedTarget>,
+    ) -> JitPolicy {
+        let mut p = JitPolicy::new(name, spec);
+        p.metadata.namespace = Some(ns.to_string());
+        p.metadata.uid = Some(uid.to_string());
+        p.status = Some(JitPolicyStatus {
+            targets,
+            ..Default::default()
+        });
+        p
+    }
+
+    pub(crate) fn target(vm: &str, ips: &[&str], nsgs: &[&str]) -> ResolvedTarget {
+        ResolvedTarget {
+            virtual_machine: vm.to_string(),
+            private_ip_addresses: ips.iter().map(|s| s.to_string()).collect(),
+            network_security_groups: nsgs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub(crate) fn mk_grant(
+        ns: &str,
+        name: &str,
+        uid: &str,
+        spec: AccessGrantSpec,
+        active_for: Option<i64>,
+    ) -> AccessGrant {
+        let mut g = AccessGrant::new(name, spec);
+        g.metadata.namespace = Some(ns.to_string());
+        g.metadata.uid = Some(uid.to_string());
+        if let Some(secs) = active_for {
+            let activated = now()
+                .checked_sub(SignedDuration::from_mins(10))
+                .expect("ok");
+            g.status = Some(AccessGrantStatus {
+                phase: Some(GrantPhase::Active),
+                activated_at: Some(Time(activated)),
+                expires_at: Some(Time(
+                    now()
+                        .checked_add(SignedDuration::from_secs(secs))
+                        .expect("ok"),
+                )),
+                ..Default::default()
+            });
+        }
+        g
+    }
+
+    fn example_policy() -> JitPolicy {
+        mk_policy(
+            "team-a",
+            "prod-ssh",
+            "policy-uid-1",
+            policy_spec(),
+            vec![
+                target(
+                    &vm_id("rg1", "vm1"),
+                    &["10.0.1.5", "10.0.1.4", "fd00::4"],
+                    &[NSG_A, NSG_B],
+                ),
+                target(&vm_id("rg1", "vm2"), &["10.0.2.4"], &[NSG_B]),
+            ],
+        )
+    }
+
+    #[test]
+    fn deny_rules_for_every_policy_port_in_the_nsg() {
+        let p = example_policy();
+        let a = desired_rules(NSG_A, std::slice::from_ref(&p), &[], now());
+        assert_eq!(a.len(), 4, "vm1's four ports");
+        assert!(
+            a.iter()
+                .all(|i| i.access == Access::Deny && i.direction == Direction::Inbound)
+        );
+        assert!(
+            a.iter()
+                .all(|i| i.source_address_prefixes == ["*"] && i.source_port_ranges == ["*"])
+        );
+        assert!(
+            a.iter()
+                .all(|i| i.destination_address_prefixes == ["10.0.1.4", "10.0.1.5", "fd00::4"])
+        );
+        let mut names: Vec<_> = a.iter().map(|i| i.name.clone()).collect();
+        let sorted = {
+            let mut s = names.clone();
+            s.sort();
+            s
+        };
+        assert_eq!(names, sorted);
+        names.dedup();
+        assert_eq!(names.len(), 4);
+        let ssh = a
+            .iter()
+            .find(|i| i.destination_port_ranges == ["22"])
+            .expect("22");
+        assert_eq!(
+            ssh.name,
+            naming::policy_rule_name("policy-uid-1", &vm_id("rg1", "vm1"), 22, Protocol::Tcp)
+        );
+        assert_eq!(
+            ssh.description,
+            "portcullis policy team-a/prod-ssh deny vm1:22/tcp"
+        );
+        // Upper-case NSG id matches.
+        let b = desired_rules(&NSG_B.to_uppercase(), std::slice::from_ref(&p), &[], now());
+        assert_eq!(b.len(), 5, "vm1's four ports and vm2's one");
+    }
+
+    #[test]
+    fn invalid_or_deleting_policies_produce_nothing() {
+        let mut p = example_policy();
+        p.spec.virtual_machines[0].ports[0].max_request_access_duration = "P2D".to_string();
+        assert!(desired_rules(NSG_A, &[p], &[], now()).is_empty());
+        let mut p = example_policy();
+        p.metadata.deletion_timestamp = Some(Time(now()));
+        assert!(desired_rules(NSG_A, &[p], &[], now()).is_empty());
+        let mut p = example_policy();
+        p.status = None;
+        assert!(
+            desired_rules(NSG_A, &[p], &[], now()).is_empty(),
+            "unresolved targets: nothing to place"
+        );
+    }
+
+    #[test]
+    fn allow_rule_for_a_live_grant() {
+        let p = example_policy();
+        let g = mk_grant(
+            "team-a",
+            "fix-disk",
+            "grant-uid-1",
+            grant_spec("vm1", &[53, 22, 443], "10.1.2.3/32", "PT1H"),
+            Some(600),
+        );
+        // 22 and 443 do not allow 10.1.2.3: denied, nothing open.
+        assert!(live_grant(&g, Some(&p), now()).is_none());
+        let g = mk_grant(
+            "team-a",
+            "fix-disk",
+            "grant-uid-1",
+            grant_spec("vm1", &[53], "10.1.2.3/32", "PT1H"),
+            Some(600),
+        );
+        let live = live_grant(&g, Some(&p), now()).expect("live");
+        assert_eq!(live.target.virtual_machine, vm_id("rg1", "vm1"));
+        let rules = desired_rules(
+            NSG_A,
+            std::slice::from_ref(&p),
+            std::slice::from_ref(&g),
+            now(),
+        );
+        let allows: Vec<_> = rules.iter().filter(|r| r.access == Access::Allow).collect();
+        assert_eq!(allows.len(), 2, "one per protocol");
+        for a in &allows {
+            assert_eq!(a.source_address_prefixes, ["10.1.2.3/32"]);
+            assert_eq!(
+                a.destination_address_prefixes,
+                ["10.0.1.4", "10.0.1.5"],
+                "IPv4 only for an IPv4 source"
+            );
+            assert_eq!(a.destination_port_ranges, ["53"]);
+            assert!(
+                a.description
+                    .starts_with("portcullis grant team-a/fix-disk until ")
+            );
+        }
+        let tcp = allows
+            .iter()
+            .find(|a| a.protocol == RuleProtocol::Tcp)
+            .expect("tcp");
+        assert_eq!(
+            tcp.name,
+            naming::grant_rule_name("grant-uid-1", Protocol::Tcp)
+        );
+        assert!(matches!(&tcp.owner, Owner::Grant { uid, .. } if uid == "grant-uid-1"));
+        // Not in an NSG that does not govern the VM.
+        let other = "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.Network/networkSecurityGroups/nsg-c";
+        assert!(desired_rules(other, &[p], &[g], now()).is_empty());
+    }
+
+    #[test]
+    fn ports_of_one_protocol_share_a_rule_sorted_numerically() {
+        let mut spec = policy_spec();
+        spec.virtual_machines[1]
+            .ports
+            .push(crate::plan::validate::tests::port(
+                1000,
+                Protocol::Tcp,
+                &["198.51.100.0/24"],
+                "PT1H",
+            ));
+        spec.virtual_machines[1]
+            .ports
+            .push(crate::plan::validate::tests::port(
+                22,
+                Protocol::Tcp,
+                &["198.51.100.0/24"],
+                "PT1H",
+            ));
+        let p = mk_policy(
+            "team-a",
+            "prod-ssh",
+            "policy-uid-1",
+            spec,
+            vec![target(&vm_id("rg1", "vm2"), &["10.0.2.4"], &[NSG_B])],
+        );
+        let g = mk_grant(
+            "team-a",
+            "g",
+            "grant-uid-2",
+            grant_spec("vm2", &[3389, 1000, 22], "198.51.100.7", "PT1H"),
+            Some(60),
+        );
+        let rules = desired_rules(NSG_B, &[p], &[g], now());
+        let allows: Vec<_> = rules.iter().filter(|r| r.access == Access::Allow).collect();
+        assert_eq!(allows.len(), 1);
+        assert_eq!(allows[0].destination_port_ranges, ["22", "1000", "3389"]);
+    }
+
+    #[test]
+    fn ipv6_grant_reaches_ipv6_addresses_only() {
+        let p = example_policy();
+        let g = mk_grant(
+            "team-a",
+            "v6",
+            "grant-uid-3",
+            grant_spec("vm1", &[443], "2001:db8::1", "PT1H"),
+            Some(60),
+        );
+        let rules = desired_rules(NSG_A, std::slice::from_ref(&p), &[g], now());
+        let allow = rules
+            .iter()
+            .find(|r| r.access == Access::Allow)
+            .expect("allow");
+        assert_eq!(allow.destination_address_prefixes, ["fd00::4"]);
+        // A VM with no IPv6 address: nothing to open.
+        let g = mk_grant(
+            "team-a",
+            "v6",
+            "grant-uid-3",
+            grant_spec("vm1", &[443], "2001:db8::1", "PT1H"),
+            Some(60),
+        );
+        let mut p = example_policy();
+        p.status.as_mut().expect("status").targets[0].private_ip_addresses =
+            vec!["10.0.1.4".to_string()];
+        assert!(
+            desired_rules(NSG_A, &[p], &[g], now())
+                .iter()
+                .all(|r| r.access == Access::Deny)
+        );
+    }
+
+    #[test]
+    fn grants_that_are_not_live() {
+        let p = example_policy();
+        let spec = || grant_spec("vm1", &[22], "203.0.113.7", "PT1H");
+        // Expired (expiresAt == now counts as expired).
+        let g = mk_grant("team-a", "g", "u", spec(), Some(0));
+        assert!(live_grant(&g, Some(&p), now()).is_none());
+        // Never activated.
+        let g = mk_grant("team-a", "g", "u", spec(), None);
+        assert!(live_grant(&g, Some(&p), now()).is_none());
+        // Other phases.
+        for phase in [
+            GrantPhase::Pending,
+            GrantPhase::Expired,
+            GrantPhase::Revoked,
+            GrantPhase::Denied,
+            GrantPhase::Failed,
+        ] {
+            let mut g = mk_grant("team-a", "g", "u", spec(), Some(60));
+            g.status.as_mut().expect("status").phase = Some(phase);
+            assert!(live_grant(&g, Some(&p), now()).is_none(), "{phase:?}");
+        }
+        // Deleting.
+        let mut g = mk_grant("team-a", "g", "u", spec(), Some(60));
+        g.metadata.deletion_timestamp = Some(Time(now()));
+        assert!(live_grant(&g, Some(&p), now()).is_none());
+        // No policy, policy deleting, policy in another namespace, another policy's name.
+        let g = mk_grant("team-a", "g", "u", spec(), Some(60));
+        assert!(live_grant(&g, None, now()).is_none());
+        let mut deleting = example_policy();
+        deleting.metadata.deletion_timestamp = Some(Time(now()));
+        assert!(live_grant(&g, Some(&deleting), now()).is_none());
+        let mut elsewhere = example_policy();
+        elsewhere.metadata.namespace = Some("team-b".to_string());
+        assert!(live_grant(&g, Some(&elsewhere), now()).is_none());
+        assert!(
+            desired_rules(NSG_A, &[elsewhere], std::slice::from_ref(&g), now())
+                .iter()
+                .all(|r| r.access == Access::Deny)
+        );
+        let renamed = mk_policy(
+            "team-a",
+            "other",
+            "policy-uid-1",
+            policy_spec(),
+            p.status.clone().expect("s").targets,
+        );
+        assert!(live_grant(&g, Some(&renamed), now()).is_none());
+        // VM not among the resolved targets.
+        let mut unresolved = example_policy();
+        unresolved
+            .status
+            .as_mut()
+            .expect("status")
+            .targets
+            .remove(0);
+        assert!(live_grant(&g, Some(&unresolved), now()).is_none());
+        // The baseline is live.
+        assert!(live_grant(&g, Some(&p), now()).is_some());
+    }
+
+    #[test]
+    fn validity_is_judged_at_activation() {
+        let p = example_policy();
+        let with_not_after = |mins_from_now: i64| {
+            let mut spec = grant_spec("vm1", &[22], "203.0.113.7", "PT1H");
+            spec.duration = None;
+            spec.not_after = Some(Time(
+                now()
+                    .checked_add(SignedDuration::from_mins(mins_from_now))
+                    .expect("ok"),
+            ));
+            let mut g = mk_grant("team-a", "g", "u", spec, Some(300));
+            let activated = now()
+                .checked_sub(SignedDuration::from_hours(2))
+                .expect("ok");
+            g.status.as_mut().expect("status").activated_at = Some(Time(activated));
+            g
+        };
+        // notAfter - activatedAt = 2h05m <= PT3H: valid at activation, live now.
+        assert!(live_grant(&with_not_after(5), Some(&p), now()).is_some());
+        // notAfter - activatedAt = 4h > PT3H (notAfter moved later after activation): not live,
+        // although notAfter - now = 2h would pass if judged now.
+        assert!(live_grant(&with_not_after(120), Some(&p), now()).is_none());
+        // A grant with a duration whose policy maximum was lowered afterwards is no longer live.
+        let mut lowered = example_policy();
+        lowered.spec.virtual_machines[0].ports[0].max_request_access_duration = "PT30M".to_string();
+        let g = mk_grant(
+            "team-a",
+            "g",
+            "u",
+            grant_spec("vm1", &[22], "203.0.113.7", "PT1H"),
+            Some(60),
+        );
+        assert!(live_grant(&g, Some(&lowered), now()).is_none());
+    }
+
+    #[test]
+    fn nsgs_of_policy_and_grant() {
+        let p = example_policy();
+        assert_eq!(
+            nsgs_of_policy(&p),
+            vec![NSG_A.to_string(), NSG_B.to_string()]
+        );
+        let mut g = mk_grant(
+            "team-a",
+            "g",
+            "u",
+            grant_spec("VM2", &[3389], "198.51.100.1", "PT1H"),
+            Some(60),
+        );
+        assert_eq!(nsgs_of_grant(&g, Some(&p)), vec![NSG_B.to_string()]);
+        let old = "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.Network/networkSecurityGroups/old";
+        g.status.as_mut().expect("status").rules = vec![
+            GrantedRule {
+                network_security_group: NSG_B.to_uppercase(),
+                name: "x".into(),
+                priority: 100,
+            },
+            GrantedRule {
+                network_security_group: old.to_string(),
+                name: "x".into(),
+                priority: 100,
+            },
+        ];
+        assert_eq!(
+            nsgs_of_grant(&g, Some(&p)),
+            vec![NSG_B.to_string(), old.to_string()]
+        );
+        assert_eq!(
+            nsgs_of_grant(&g, None),
+            vec![NSG_B.to_uppercase(), old.to_string()]
+        );
+        let g = mk_grant(
+            "team-a",
+            "g",
+            "u",
+            grant_spec(&vm_id("rg1", "vm1"), &[22], "203.0.113.7", "PT1H"),
+            None,
+        );
+        assert_eq!(
+            nsgs_of_grant(&g, Some(&p)),
+            vec![NSG_A.to_string(), NSG_B.to_string()]
+        );
+    }
+
+    #[test]
+    fn colliding_deny_names_merge_destinations() {
+        // A second policy with the same uid yields the same names (as a hash collision would),
+        // for the same ports but another VM address: one rule each, covering both.
+        let mut p2 = example_policy();
+        p2.metadata.name = Some("prod-ssh-copy".to_string());
+        p2.status.as_mut().expect("s").targets[0].private_ip_addresses =
+            vec!["10.9.9.9".to_string()];
+        let merged = desired_rules(NSG_A, &[example_policy(), p2], &[], now());
+        assert_eq!(merged.len(), 4);
+        assert!(merged.iter().all(|r| {
+            r.destination_address_prefixes
+                .contains(&"10.9.9.9".to_string())
+                && r.destination_address_prefixes
+                    .contains(&"10.0.1.4".to_string())
+        }));
+    }
+
+    // ---- property: desired Allow rules never exceed what the policy allows -------------
+
+    mod props {
+        use super::*;
+        use crate::api::{PolicyPort, PolicyVirtualMachine};
+        use proptest::prelude::*;
+
+        const ALLOWED: &[&str] = &[
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "203.0.113.0/24",
+            "2001:db8::/32",
+            "*",
+            "0.0.0.0/0",
+        ];
+        const SOURCES: &[&str] = &[
+            "10.1.2.3",
+            "10.2.0.0/16",
+            "10.0.0.0/7",
+            "203.0.113.9/32",
+            "2001:db8::7",
+            "2001:db9::1",
+            "*",
+            "0.0.0.0/0",
+            "192.0.2.1",
+            "Internet",
+        ];
+        const PORTS: &[u16] = &[22, 53, 443, 3389];
+        const IPS: &[&str] = &["10.0.1.4", "10.0.1.5", "fd00::4", "10.0.2.4"];
+        const DURATIONS: &[&str] = &["PT30M", "PT1H", "PT3H", "P1D"];
+
+        fn arb_port() -> impl Strategy<Value = PolicyPort> {
+            (
+                proptest::sample::select(PORTS),
+                prop_oneof![
+                    Just(Protocol::Tcp),
+                    Just(Protocol::Udp),
+                    Just(Protocol::Any)
+                ],
+                proptest::sample::subsequence(ALLOWED, 1..3),
+                proptest::sample::select(DURATIONS),
+            )
+                .prop_map(|(number, protocol, allowed, max)| PolicyPort {
+                    number,
+                    protocol,
+                    allowed_source_address_prefix: None,
+                    allowed_source_address_prefixes: allowed
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                    max_request_access_duration: max.to_string(),
+                })
+        }
+
+        fn arb_policy() -> impl Strategy<Value = JitPolicy> {
+            let vm = |i: usize| {
+                (
+                    proptest::collection::vec(arb_port(), 1..4),
+                    proptest::sample::subsequence(IPS, 0..4),
+                    proptest::sample::subsequence(vec![NSG_A, NSG_B], 1..3),
+                )
+                    .prop_map(move |(mut ports, ips, nsgs)| {
+                        let mut seen = Vec::new();
+                        ports.retain(|p| {
+                            let k = (p.number, p.protocol);
+                            let fresh = !seen.contains(&k);
+                            seen.push(k);
+                            fresh
+                        });
+                        let id = vm_id("rg1", &format!("vm{i}"));
+                        (
+                            PolicyVirtualMachine {
+                                id: id.clone(),
+                                ports,
+                            },
+                            target(&id, &ips, &nsgs),
+                        )
+                    })
+            };
+            (vm(1), vm(2)).prop_map(|(a, b)| {
+                mk_policy(
+                    "team-a",
+                    "prod",
+                    "policy-uid",
+                    JitPolicySpec {
+                        virtual_machines: vec![a.0, b.0],
+                    },
+                    vec![a.1, b.1],
+                )
+            })
+        }
+
+        /// A grant drawn with the policy in view, so that many are valid: the VM by index (2 is
+        /// not in the policy), ports by bit mask over the VM's ports (or over all ports), the
+        /// source either one of the first chosen port's allowed prefixes or a random one.
+        #[derive(Clone, Debug)]
+        struct GrantSeed {
+            vm: usize,
+            mask: u8,
+            own_ports: bool,
+            source_pick: Option<usize>,
+            source: &'static str,
+            duration: &'static str,
+            left: i64,
+        }
+
+        fn arb_grant_seed() -> impl Strategy<Value = GrantSeed> {
+            (
+                prop_oneof![4 => 0usize..2, 1 => Just(2usize)],
+                1u8..16,
+                proptest::bool::weighted(0.8),
+                proptest::option::weighted(0.6, 0usize..3),
+                proptest::sample::select(SOURCES),
+                proptest::sample::select(vec!["PT30M", "PT30M", "PT1H", "P1D"]),
+                -100i64..10_000,
+            )
+                .prop_map(
+                    |(vm, mask, own_ports, source_pick, source, duration, left)| GrantSeed {
+                        vm,
+                        mask,
+                        own_ports,
+                        source_pick,
+                        source,
+                        duration,
+                        left,
+                    },
+                )
+        }
+
+        fn build_grant(i: usize, seed: &GrantSeed, policy: &JitPolicy) -> AccessGrant {
+            let vm = policy.spec.virtual_machines.get(seed.vm);
+            let candidates: Vec<u16> = match vm {
+                Some(vm) if seed.own_ports => vm.ports.iter().map(|p| p.number).collect(),
+                _ => PORTS.to_vec(),
+            };
+            let mut ports: Vec<u16> = candidates
+                .iter()
+                .enumerate()
+                .filter(|(b, _)| seed.mask & (1 << (b % 4)) != 0)
+                .map(|(_, p)| *p)
+                .collect();
+            if ports.is_empty() {
+                ports.push(candidates[0]);
+            }
+            let source = match (seed.source_pick, vm) {
+                (Some(k), Some(vm)) => vm
+                    .ports
+                    .iter()
+                    .find(|p| p.number == ports[0])
+                    .map(|p| {
+                        p.allowed_source_address_prefixes
+                            [k % p.allowed_source_address_prefixes.len()]
+                        .clone()
+                    })
+                    .unwrap_or_else(|| seed.source.to_string()),
+                _ => seed.source.to_string(),
+            };
+            let mut spec = grant_spec(
+                &format!("vm{}", seed.vm + 1),
+                &ports,
+                &source,
+                seed.duration,
+            );
+            spec.policy_ref.name = "prod".to_string();
+            mk_grant(
+                "team-a",
+                &format!("g{i}"),
+                &format!("grant-uid-{i}"),
+                spec,
+                Some(seed.left),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn allow_rules_stay_inside_the_policy(
+                policy in arb_policy(),
+                seeds in proptest::collection::vec(arb_grant_seed(), 0..5),
+            ) {
+                let grants: Vec<AccessGrant> = seeds.iter().enumerate().map(|(i, s)| build_grant(i, s, &policy)).collect();
+                let policies = [policy.clone()];
+                for nsg in [NSG_A, NSG_B] {
+                    let intents = desired_rules(nsg, &policies, &grants, now());
+                    for intent in &intents {
+                        prop_assert!(naming::is_owned(&intent.name));
+                        prop_assert!(naming::is_valid_rule_name(&intent.name));
+                        prop_assert!(intent.description.chars().count() <= naming::MAX_DESCRIPTION_CHARS);
+                        prop_assert_eq!(intent.direction, Direction::Inbound);
+                        prop_assert!(!intent.destination_address_prefixes.is_empty());
+                        match &intent.owner {
+                            Owner::Policy { .. } => {
+                                prop_assert_eq!(intent.access, Access::Deny);
+                                prop_assert_eq!(&intent.source_address_prefixes, &vec!["*".to_string()]);
+                            }
+                            Owner::Grant { uid, .. } => {
+                                prop_assert_eq!(intent.access, Access::Allow);
+                                let grant = grants.iter().find(|g| g.uid().as_deref() == Some(uid.as_str())).expect("owner");
+                                prop_assert!(grant.status.as_ref().and_then(|s| s.expires_at.as_ref()).is_some_and(|t| t.0 > now()));
+                                let vm = policy.spec.virtual_machines.iter()
+                                    .find(|v| validate::vm_name(&v.id).eq_ignore_ascii_case(&grant.spec.virtual_machine))
+                                    .expect("the grant's VM is in the policy");
+                                let tgt = target_of(&policy, &vm.id).expect("resolved");
+                                prop_assert!(contains_ci(&tgt.network_security_groups, nsg));
+                                for ip in &intent.destination_address_prefixes {
+                                    prop_assert!(tgt.private_ip_addresses.contains(ip), "{} not an IP of {}", ip, vm.id);
+                                }
+                                prop_assert_eq!(intent.source_address_prefixes.len(), 1);
+                                let source = AddressPrefix::parse(&intent.source_address_prefixes[0]).expect("parses");
+                                if let Some(v4) = source.is_ipv4() {
+                                    for ip in &intent.destination_address_prefixes {
+                                        prop_assert_eq!(AddressPrefix::parse(ip).and_then(|a| a.is_ipv4()), Some(v4));
+                                    }
+                                }
+                                for port in &intent.destination_port_ranges {
+                                    let n: u16 = port.parse().expect("a number");
+                                    prop_assert!(grant.spec.ports.contains(&n));
+                                    let entry = vm.ports.iter()
+                                        .find(|p| p.number == n && rule_protocol(p.protocol) == intent.protocol);
+                                    prop_assert!(entry.is_some(), "port {} {:?} not in the policy", n, intent.protocol);
+                                    let allowed: Vec<AddressPrefix> = entry.expect("checked").allowed_sources()
+                                        .into_iter().filter_map(AddressPrefix::parse).collect();
+                                    if source.is_open_to_world() {
+                                        prop_assert!(allowed.iter().any(|a| a.same_set(&source)));
+                                    } else {
+                                        prop_assert!(allowed.iter().any(|a| a.contains(&source)));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // Every policy port of a VM in this NSG (with an IP) has its Deny rule.
+                    for vm in &policy.spec.virtual_machines {
+                        let tgt = target_of(&policy, &vm.id).expect("resolved");
+                        if contains_ci(&tgt.network_security_groups, nsg) && !tgt.private_ip_addresses.is_empty() {
+                            for p in &vm.ports {
+                                let name = naming::policy_rule_name("policy-uid", &vm.id, p.number, p.protocol);
+                                prop_assert!(intents.iter().any(|i| i.name == name && i.access == Access::Deny));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

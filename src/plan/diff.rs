@@ -1,0 +1,789 @@
+//! The minimal change that makes one NSG hold exactly the desired rules: guarantees 5 ("own only
+//! its rules"), 6 ("heal drift") and 7 ("write nothing when Azure already matches").
+//!
+//! Rules whose names lack the Portcullis prefix are never written or deleted; they are read only
+//! so that their priorities are avoided. Priorities are picked inside configurable bands (Allow
+//! rules must win over the Deny rules, so the Allow band sits below the Deny band), an existing
+//! rule keeps its priority when it can, and an intent that finds no free priority is reported as
+//! unplaced rather than squeezed in. Pure: the caller applies the plan rule by rule.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::RangeInclusive;
+
+use super::desired::RuleIntent;
+use super::naming::{is_owned, is_valid_rule_name};
+use super::rule::{Access, Direction, NsgRule};
+
+/// Azure's priority range for security rules.
+pub const PRIORITY_RANGE: RangeInclusive<u16> = 100..=4096;
+/// Azure's limit on the security rules of one NSG.
+pub const MAX_RULES_PER_NSG: usize = 1000;
+
+/// The priority bands Portcullis may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bands {
+    /// Where grants' Allow rules go. Default 100..=199.
+    pub allow: RangeInclusive<u16>,
+    /// Where policies' Deny rules go. Default 4000..=4096.
+    pub deny: RangeInclusive<u16>,
+}
+
+impl Default for Bands {
+    fn default() -> Self {
+        Bands {
+            allow: 100..=199,
+            deny: 4000..=4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BandsError {
+    #[error("the {band} band {start}-{end} is empty")]
+    Empty {
+        band: &'static str,
+        start: u16,
+        end: u16,
+    },
+    #[error("the {band} band {start}-{end} is outside Azure's priority range 100-4096")]
+    OutOfRange {
+        band: &'static str,
+        start: u16,
+        end: u16,
+    },
+    #[error(
+        "the allow band {allow_start}-{allow_end} must lie entirely below the deny band {deny_start}-{deny_end} (lower numbers win, and grants must win over the policy's Deny rules)"
+    )]
+    AllowNotBelowDeny {
+        allow_start: u16,
+        allow_end: u16,
+        deny_start: u16,
+        deny_end: u16,
+    },
+}
+
+impl Bands {
+    /// Each band non-empty and inside 100..=4096, and the Allow band entirely below the Deny band
+    /// (so they cannot overlap and a grant's Allow rule takes precedence over the Deny rule).
+    pub fn validate(&self) -> Result<(), BandsError> {
+        for (band, r) in [("allow", &self.allow), ("deny", &self.deny)] {
+            let (start, end) = (*r.start(), *r.end());
+            if start > end {
+                return Err(BandsError::Empty { band, start, end });
+            }
+            if !PRIORITY_RANGE.contains(&start) || !PRIORITY_RANGE.contains(&end) {
+                return Err(BandsError::OutOfRange { band, start, end });
+            }
+        }
+        if self.allow.end() >= self.deny.start() {
+            return Err(BandsError::AllowNotBelowDeny {
+                allow_start: *self.allow.start(),
+                allow_end: *self.allow.end(),
+                deny_start: *self.deny.start(),
+                deny_end: *self.deny.end(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The band for rules of this access.
+    pub fn for_access(&self, access: Access) -> &RangeInclusive<u16> {
+        match access {
+            Access::Allow => &self.allow,
+            Access::Deny => &self.deny,
+        }
+    }
+}
+
+/// What to do to one NSG.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NsgPlan {
+    /// Names of owned rules to delete (orphans, and rules of ours that lost their place), sorted.
+    pub deletes: Vec<String>,
+    /// Rules to create or correct (per-rule PUT), sorted by name.
+    pub puts: Vec<NsgRule>,
+    /// Every desired rule that will exist once the plan is applied, with its priority, sorted by
+    /// name. This is what status reports.
+    pub placed: Vec<NsgRule>,
+    /// Desired rules that found no free priority in their band (or no room in the NSG, or an
+    /// unusable name): report them, e.g. as `BandFull`.
+    pub unplaced: Vec<RuleIntent>,
+}
+
+impl NsgPlan {
+    /// Nothing to write.
+    pub fn is_noop(&self) -> bool {
+        self.deletes.is_empty() && self.puts.is_empty()
+    }
+}
+
+/// The minimal change for one NSG. See the module documentation; in short:
+/// - a rule without the Portcullis prefix is never put or deleted;
+/// - an owned rule no intent names is deleted;
+/// - an intent whose rule exists keeps that rule's priority when it is inside the intent's band
+///   and no other rule in the same direction holds it; it is put back only if its content drifted;
+/// - any other intent gets the lowest priority of its band that no existing rule in that
+///   direction holds (including rules deleted by this same plan, since a delete may fail) and
+///   that this plan has not handed out; none free -> `unplaced` (and an out-of-place rule of
+///   ours for it is deleted: an Allow rule in the wrong place must not stay open);
+/// - applying the plan and planning again gives a no-op, except that intents unplaced the first
+///   time may be placed into priorities the first plan's deletes freed.
+pub fn plan_nsg(existing: &[NsgRule], desired: &[RuleIntent], bands: &Bands) -> NsgPlan {
+    let key = |s: &str| s.to_ascii_lowercase();
+    let mut plan = NsgPlan::default();
+
+    // Intents, by name, first of each name wins; unusable names are refused outright.
+    let mut intents: Vec<&RuleIntent> = desired.iter().collect();
+    intents.sort_by_key(|i| key(&i.name));
+    intents.dedup_by(|b, a| a.name.eq_ignore_ascii_case(&b.name));
+    intents.retain(|i| {
+        let usable = is_owned(&i.name) && is_valid_rule_name(&i.name);
+        if !usable {
+            plan.unplaced.push((*i).clone());
+        }
+        usable
+    });
+    let wanted: HashSet<String> = intents.iter().map(|i| key(&i.name)).collect();
+
+    // Existing rules: ours by name, and who holds each (direction, priority).
+    let mut ours: HashMap<String, &NsgRule> = HashMap::new();
+    let mut holders: HashMap<(Direction, u16), Vec<String>> = HashMap::new();
+    for r in existing {
+        holders
+            .entry((r.direction, r.priority))
+            .or_default()
+            .push(key(&r.name));
+        if is_owned(&r.name) {
+            ours.entry(key(&r.name)).or_insert(r);
+        }
+    }
+    let mut deletes: Vec<String> = Vec::new();
+    let mut deleted: HashSet<String> = HashSet::new();
+    for r in existing {
+        let k = key(&r.name);
+        if is_owned(&r.name) && !wanted.contains(&k) && deleted.insert(k) {
+            deletes.push(r.name.clone());
+        }
+    }
+
+    // Pass 1: existing rules keep their priority where they can.
+    let mut assigned: HashSet<(Direction, u16)> = HashSet::new();
+    let mut priority_of: HashMap<String, u16> = HashMap::new();
+    for i in &intents {
+        let k = key(&i.name);
+        let Some(r) = ours.get(&k) else { continue };
+        let slot = (i.direction, r.priority);
+        let only_itself = holders.get(&slot).is_none_or(|h| h.iter().all(|n| *n == k));
+        if bands.for_access(i.access).contains(&r.priority)
+            && only_itself
+            && !assigned.contains(&slot)
+        {
+            assigned.insert(slot);
+            priority_of.insert(k, r.priority);
+        }
+    }
+
+    // Pass 2: everything else takes the lowest free priority of its band.
+    let mut rule_count = existing.len();
+    for i in &intents {
+        let k = key(&i.name);
+        if priority_of.contains_key(&k) {
+            continue;
+        }
+        let exists = ours.contains_key(&k);
+        let free = if !exists && rule_count >= MAX_RULES_PER_NSG {
+            None
+        } else {
+            bands.for_access(i.access).clone().find(|p| {
+                !holders.contains_key(&(i.direction, *p)) && !assigned.contains(&(i.direction, *p))
+            })
+        };
+        match free {
+            Some(p) => {
+                assigned.insert((i.direction, p));
+                priority_of.insert(k, p);
+                if !exists {
+                    rule_count += 1;
+                }
+            }
+            None => {
+                if let Some(r) = ours.get(&k)
+                    && deleted.insert(k)
+                {
+                    deletes.push(r.name.clone());
+                }
+                plan.unplaced.push((*i).clone());
+            }
+        }
+    }
+
+    // Puts: new rules, moved rules, drifted rules.
+    for i in &intents {
+        let k = key(&i.name);
+        let Some(p) = priority_of.get(&k) else {
+            continue;
+        };
+        let rule = i.with_priority(*p);
+        if !ours.get(&k).is_some_and(|r| r.same_content(&rule)) {
+            plan.puts.push(rule.clone());
+        }
+        plan.placed.push(rule);
+    }
+
+    deletes.sort_by_key(|n| key(n));
+    plan.deletes = deletes;
+    plan.unplaced.sort_by_key(|i| key(&i.name));
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::desired::Owner;
+    use crate::plan::rule::RuleProtocol;
+
+    fn intent(name: &str, access: Access, port: u16) -> RuleIntent {
+        RuleIntent {
+            owner: Owner::Grant {
+                uid: "u".into(),
+                namespace: "ns".into(),
+                name: "g".into(),
+            },
+            name: name.to_string(),
+            description: format!("portcullis test {name}"),
+            access,
+            direction: Direction::Inbound,
+            protocol: RuleProtocol::Tcp,
+            source_address_prefixes: vec![if access == Access::Allow {
+                "203.0.113.7".into()
+            } else {
+                "*".into()
+            }],
+            source_port_ranges: vec!["*".into()],
+            destination_address_prefixes: vec!["10.0.1.4".into()],
+            destination_port_ranges: vec![port.to_string()],
+        }
+    }
+
+    fn foreign(name: &str, priority: u16, direction: Direction) -> NsgRule {
+        NsgRule {
+            name: name.to_string(),
+            description: String::new(),
+            priority,
+            direction,
+            access: Access::Allow,
+            protocol: RuleProtocol::Tcp,
+            source_address_prefixes: vec!["*".into()],
+            source_port_ranges: vec!["*".into()],
+            destination_address_prefixes: vec!["*".into()],
+            destination_port_ranges: vec!["443".into()],
+        }
+    }
+
+    fn apply(existing: &[NsgRule], plan: &NsgPlan) -> Vec<NsgRule> {
+        let mut out: Vec<NsgRule> = existing
+            .iter()
+            .filter(|r| !plan.deletes.iter().any(|d| d.eq_ignore_ascii_case(&r.name)))
+            .cloned()
+            .collect();
+        for p in &plan.puts {
+            match out
+                .iter_mut()
+                .find(|r| r.name.eq_ignore_ascii_case(&p.name))
+            {
+                Some(r) => *r = p.clone(),
+                None => out.push(p.clone()),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn default_bands_are_valid_and_validation_refuses_bad_ones() {
+        assert_eq!(Bands::default().validate(), Ok(()));
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = Bands {
+            allow: 150..=149,
+            deny: 4000..=4096,
+        };
+        assert!(matches!(
+            empty.validate(),
+            Err(BandsError::Empty { band: "allow", .. })
+        ));
+        let low = Bands {
+            allow: 99..=199,
+            deny: 4000..=4096,
+        };
+        assert!(matches!(
+            low.validate(),
+            Err(BandsError::OutOfRange { band: "allow", .. })
+        ));
+        let high = Bands {
+            allow: 100..=199,
+            deny: 4000..=4097,
+        };
+        assert!(matches!(
+            high.validate(),
+            Err(BandsError::OutOfRange { band: "deny", .. })
+        ));
+        let overlap = Bands {
+            allow: 100..=4000,
+            deny: 4000..=4096,
+        };
+        assert!(matches!(
+            overlap.validate(),
+            Err(BandsError::AllowNotBelowDeny { .. })
+        ));
+        let inverted = Bands {
+            allow: 4000..=4096,
+            deny: 100..=199,
+        };
+        assert!(inverted.validate().is_err());
+        assert_eq!(
+            Bands {
+                allow: 100..=100,
+                deny: 101..=101
+            }
+            .validate(),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn empty_nsg_gets_lowest_priorities_in_each_band() {
+        let desired = [
+            intent("portcullis-a-1-tcp", Access::Allow, 22),
+            intent("portcullis-a-2-tcp", Access::Allow, 22),
+            intent("portcullis-d-1-22-tcp", Access::Deny, 22),
+        ];
+        let plan = plan_nsg(&[], &desired, &Bands::default());
+        assert!(plan.deletes.is_empty() && plan.unplaced.is_empty());
+        let prios: Vec<(String, u16)> = plan
+            .puts
+            .iter()
+            .map(|r| (r.name.clone(), r.priority))
+            .collect();
+        assert_eq!(
+            prios,
+            vec![
+                ("portcullis-a-1-tcp".to_string(), 100),
+                ("portcullis-a-2-tcp".to_string(), 101),
+                ("portcullis-d-1-22-tcp".to_string(), 4000)
+            ]
+        );
+        assert_eq!(plan.placed, plan.puts);
+        let after = apply(&[], &plan);
+        assert!(plan_nsg(&after, &desired, &Bands::default()).is_noop());
+    }
+
+    #[test]
+    fn foreign_rules_are_avoided_and_never_touched() {
+        let existing = [
+            foreign("AllowSSH", 100, Direction::Inbound),
+            foreign("AllowWeb", 101, Direction::Outbound),
+            foreign("DenyAll", 4000, Direction::Inbound),
+            // A look-alike that is not ours.
+            foreign("my-portcullis-a-1-tcp", 102, Direction::Inbound),
+        ];
+        let desired = [
+            intent("portcullis-a-1-tcp", Access::Allow, 22),
+            intent("portcullis-a-2-tcp", Access::Allow, 22),
+            intent("portcullis-d-1-22-tcp", Access::Deny, 22),
+        ];
+        let plan = plan_nsg(&existing, &desired, &Bands::default());
+        assert!(plan.deletes.is_empty());
+        let prios: Vec<u16> = plan.puts.iter().map(|r| r.priority).collect();
+        assert_eq!(prios, vec![101, 103, 4001], "101 is taken only Outbound");
+    }
+
+    #[test]
+    fn in_sync_nsg_is_a_noop() {
+        let desired = [
+            intent("portcullis-a-1-tcp", Access::Allow, 22),
+            intent("portcullis-d-1-22-tcp", Access::Deny, 22),
+        ];
+        let existing = [
+            desired[0].with_priority(150),
+            desired[1].with_priority(4050),
+            foreign("x", 100, Direction::Inbound),
+        ];
+        let plan = plan_nsg(&existing, &desired, &Bands::default());
+        assert!(plan.is_noop(), "{plan:?}");
+        assert_eq!(
+            plan.placed.iter().map(|r| r.priority).collect::<Vec<_>>(),
+            vec![150, 4050]
+        );
+    }
+
+    #[test]
+    fn list_order_and_name_case_do_not_count_as_drift() {
+        let mut i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        i.destination_address_prefixes = vec!["10.0.1.4".into(), "10.0.1.5".into()];
+        let mut r = i.with_priority(120);
+        r.destination_address_prefixes.reverse();
+        r.name = "PORTCULLIS-A-1-TCP".into();
+        assert!(plan_nsg(&[r], &[i], &Bands::default()).is_noop());
+    }
+
+    #[test]
+    fn drift_is_put_back_at_the_same_priority() {
+        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let mut hacked = i.with_priority(130);
+        hacked.source_address_prefixes = vec!["*".into()];
+        let plan = plan_nsg(&[hacked], std::slice::from_ref(&i), &Bands::default());
+        assert!(plan.deletes.is_empty());
+        assert_eq!(plan.puts, vec![i.with_priority(130)]);
+    }
+
+    #[test]
+    fn deleted_by_hand_is_recreated() {
+        let i = intent("portcullis-d-1-22-tcp", Access::Deny, 22);
+        let plan = plan_nsg(&[], std::slice::from_ref(&i), &Bands::default());
+        assert_eq!(plan.puts, vec![i.with_priority(4000)]);
+    }
+
+    #[test]
+    fn orphans_are_deleted_and_their_priority_not_reused() {
+        let orphan = intent("portcullis-a-old-tcp", Access::Allow, 22).with_priority(100);
+        let i = intent("portcullis-a-new-tcp", Access::Allow, 22);
+        let plan = plan_nsg(&[orphan], std::slice::from_ref(&i), &Bands::default());
+        assert_eq!(plan.deletes, vec!["portcullis-a-old-tcp".to_string()]);
+        assert_eq!(plan.puts, vec![i.with_priority(101)]);
+    }
+
+    #[test]
+    fn a_rule_moved_out_of_its_band_is_moved_back() {
+        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let moved = i.with_priority(300);
+        let plan = plan_nsg(
+            &[moved, foreign("x", 100, Direction::Inbound)],
+            std::slice::from_ref(&i),
+            &Bands::default(),
+        );
+        assert!(plan.deletes.is_empty());
+        assert_eq!(plan.puts, vec![i.with_priority(101)]);
+        // A deny rule moved into the allow band goes back to the deny band.
+        let d = intent("portcullis-d-1-22-tcp", Access::Deny, 22);
+        let plan = plan_nsg(
+            &[d.with_priority(150)],
+            std::slice::from_ref(&d),
+            &Bands::default(),
+        );
+        assert_eq!(plan.puts, vec![d.with_priority(4000)]);
+    }
+
+    #[test]
+    fn a_rule_whose_direction_was_flipped_by_hand_keeps_a_free_priority() {
+        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let mut flipped = i.with_priority(120);
+        flipped.direction = Direction::Outbound;
+        // Priority 120 is free inbound: keep it, put the rule back Inbound.
+        let plan = plan_nsg(
+            std::slice::from_ref(&flipped),
+            std::slice::from_ref(&i),
+            &Bands::default(),
+        );
+        assert_eq!(plan.puts, vec![i.with_priority(120)]);
+        // But not if a foreign inbound rule holds 120.
+        let plan = plan_nsg(
+            &[flipped, foreign("x", 120, Direction::Inbound)],
+            std::slice::from_ref(&i),
+            &Bands::default(),
+        );
+        assert_eq!(plan.puts, vec![i.with_priority(100)]);
+    }
+
+    #[test]
+    fn band_full_is_reported_not_squeezed() {
+        let bands = Bands {
+            allow: 100..=101,
+            deny: 4000..=4000,
+        };
+        let existing = [
+            foreign("x", 100, Direction::Inbound),
+            foreign("y", 4000, Direction::Inbound),
+        ];
+        let desired = [
+            intent("portcullis-a-1-tcp", Access::Allow, 22),
+            intent("portcullis-a-2-tcp", Access::Allow, 22),
+            intent("portcullis-d-1-22-tcp", Access::Deny, 22),
+        ];
+        let plan = plan_nsg(&existing, &desired, &bands);
+        assert_eq!(plan.puts, vec![desired[0].with_priority(101)]);
+        let unplaced: Vec<&str> = plan.unplaced.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(
+            unplaced,
+            vec!["portcullis-a-2-tcp", "portcullis-d-1-22-tcp"]
+        );
+    }
+
+    #[test]
+    fn an_unplaceable_rule_of_ours_out_of_band_is_removed() {
+        let bands = Bands {
+            allow: 100..=100,
+            deny: 4000..=4096,
+        };
+        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let existing = [foreign("x", 100, Direction::Inbound), i.with_priority(300)];
+        let plan = plan_nsg(&existing, std::slice::from_ref(&i), &bands);
+        assert_eq!(plan.deletes, vec!["portcullis-a-1-tcp".to_string()]);
+        assert!(plan.puts.is_empty() && plan.placed.is_empty());
+        assert_eq!(plan.unplaced, vec![i]);
+    }
+
+    #[test]
+    fn nsg_rule_limit_is_respected() {
+        let existing: Vec<NsgRule> = (0..MAX_RULES_PER_NSG)
+            .map(|n| foreign(&format!("r{n}"), 1000 + n as u16, Direction::Outbound))
+            .collect();
+        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let plan = plan_nsg(&existing, std::slice::from_ref(&i), &Bands::default());
+        assert!(plan.puts.is_empty());
+        assert_eq!(plan.unplaced.len(), 1);
+    }
+
+    #[test]
+    fn foreign_names_in_intents_are_refused() {
+        let bad = intent("AllowSSH", Access::Allow, 22);
+        let existing = [foreign("AllowSSH", 100, Direction::Inbound)];
+        let plan = plan_nsg(&existing, std::slice::from_ref(&bad), &Bands::default());
+        assert!(plan.is_noop());
+        assert_eq!(plan.unplaced, vec![bad]);
+        let invalid = intent("portcullis-a-", Access::Allow, 22);
+        assert_eq!(
+            plan_nsg(&[], std::slice::from_ref(&invalid), &Bands::default()).unplaced,
+            vec![invalid]
+        );
+    }
+
+    #[test]
+    fn duplicate_intent_names_are_planned_once() {
+        let a = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let b = intent("PORTCULLIS-A-1-TCP", Access::Allow, 80);
+        let plan = plan_nsg(&[], &[a, b], &Bands::default());
+        assert_eq!(plan.puts.len(), 1);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Seed {
+            Foreign {
+                dir: Direction,
+                prio: u16,
+            },
+            Ours {
+                idx: usize,
+                dir: Direction,
+                prio: u16,
+                drift: u8,
+            },
+        }
+
+        fn pool_intent(idx: usize) -> RuleIntent {
+            // Even: Allow, odd: Deny. Indices 0..12; intents draw from 0..8, existing from 0..12
+            // (so 8..12 are orphans).
+            if idx.is_multiple_of(2) {
+                intent(&format!("portcullis-a-{idx:010}-tcp"), Access::Allow, 22)
+            } else {
+                intent(
+                    &format!("portcullis-d-{idx:010}-ab12cd-22-tcp"),
+                    Access::Deny,
+                    22,
+                )
+            }
+        }
+
+        fn arb_priority() -> impl Strategy<Value = u16> {
+            prop_oneof![95u16..=115, 190u16..=210, 3990u16..=4096, 100u16..=4096]
+        }
+
+        fn arb_dir() -> impl Strategy<Value = Direction> {
+            prop_oneof![3 => Just(Direction::Inbound), 1 => Just(Direction::Outbound)]
+        }
+
+        fn arb_seed() -> impl Strategy<Value = Seed> {
+            prop_oneof![
+                (arb_dir(), arb_priority()).prop_map(|(dir, prio)| Seed::Foreign { dir, prio }),
+                (0usize..12, arb_dir(), arb_priority(), 0u8..4).prop_map(
+                    |(idx, dir, prio, drift)| Seed::Ours {
+                        idx,
+                        dir,
+                        prio,
+                        drift
+                    }
+                ),
+            ]
+        }
+
+        /// An NSG as Azure would hold it: unique names, unique (direction, priority).
+        fn build_existing(seeds: &[Seed]) -> Vec<NsgRule> {
+            let mut out: Vec<NsgRule> = Vec::new();
+            for (n, s) in seeds.iter().enumerate() {
+                let rule = match s {
+                    Seed::Foreign { dir, prio } => foreign(&format!("user-rule-{n}"), *prio, *dir),
+                    Seed::Ours {
+                        idx,
+                        dir,
+                        prio,
+                        drift,
+                    } => {
+                        let mut r = pool_intent(*idx).with_priority(*prio);
+                        r.direction = *dir;
+                        match drift {
+                            1 => r.source_address_prefixes = vec!["*".into()],
+                            2 => {
+                                r.access = if r.access == Access::Allow {
+                                    Access::Deny
+                                } else {
+                                    Access::Allow
+                                }
+                            }
+                            3 => r.description = "edited by hand".into(),
+                            _ => {}
+                        }
+                        r
+                    }
+                };
+                let clash = out.iter().any(|o| {
+                    o.name.eq_ignore_ascii_case(&rule.name)
+                        || (o.direction == rule.direction && o.priority == rule.priority)
+                });
+                if !clash {
+                    out.push(rule);
+                }
+            }
+            out
+        }
+
+        fn arb_bands() -> impl Strategy<Value = Bands> {
+            prop_oneof![
+                Just(Bands::default()),
+                Just(Bands {
+                    allow: 100..=104,
+                    deny: 4094..=4096
+                }),
+                Just(Bands {
+                    allow: 200..=202,
+                    deny: 203..=205
+                }),
+            ]
+        }
+
+        fn check_invariants(
+            existing: &[NsgRule],
+            plan: &NsgPlan,
+            bands: &Bands,
+        ) -> Result<(), TestCaseError> {
+            // (a) only owned names are written or deleted.
+            for p in &plan.puts {
+                prop_assert!(is_owned(&p.name), "put of foreign {}", p.name);
+            }
+            for d in &plan.deletes {
+                prop_assert!(is_owned(d), "delete of foreign {}", d);
+            }
+            // (b) put priorities never collide with each other, nor with an existing rule of
+            // the same direction other than the same-named rule.
+            let mut seen = HashSet::new();
+            for p in &plan.puts {
+                prop_assert!(
+                    seen.insert((p.direction, p.priority)),
+                    "two puts at {}",
+                    p.priority
+                );
+                for e in existing {
+                    if e.direction == p.direction && e.priority == p.priority {
+                        prop_assert!(
+                            e.name.eq_ignore_ascii_case(&p.name),
+                            "{} collides with {}",
+                            p.name,
+                            e.name
+                        );
+                    }
+                }
+            }
+            // (c) every put priority is in its band.
+            for p in &plan.puts {
+                prop_assert!(
+                    bands.for_access(p.access).contains(&p.priority),
+                    "{} at {}",
+                    p.name,
+                    p.priority
+                );
+            }
+            // Placed rules are unique per slot and in band; the NSG after applying keeps
+            // priorities unique per direction, and foreign rules are exactly as before.
+            let mut slots = HashSet::new();
+            for p in &plan.placed {
+                prop_assert!(slots.insert((p.direction, p.priority)));
+                prop_assert!(bands.for_access(p.access).contains(&p.priority));
+            }
+            let after = apply(existing, plan);
+            let mut slots = HashSet::new();
+            for r in &after {
+                prop_assert!(
+                    slots.insert((r.direction, r.priority)),
+                    "duplicate priority {} after apply",
+                    r.priority
+                );
+            }
+            let foreign_before: Vec<&NsgRule> =
+                existing.iter().filter(|r| !is_owned(&r.name)).collect();
+            let foreign_after: Vec<&NsgRule> =
+                after.iter().filter(|r| !is_owned(&r.name)).collect();
+            prop_assert_eq!(foreign_before, foreign_after);
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn plans_are_safe_and_idempotent(
+                seeds in proptest::collection::vec(arb_seed(), 0..24),
+                wanted in proptest::sample::subsequence((0usize..8).collect::<Vec<_>>(), 0..8),
+                bands in arb_bands(),
+            ) {
+                let existing = build_existing(&seeds);
+                let desired: Vec<RuleIntent> = wanted.iter().map(|i| pool_intent(*i)).collect();
+                let plan1 = plan_nsg(&existing, &desired, &bands);
+                check_invariants(&existing, &plan1, &bands)?;
+
+                // Every intent is placed or unplaced, exactly once; every placed intent's rule
+                // matches the intent; orphans are deleted.
+                prop_assert_eq!(plan1.placed.len() + plan1.unplaced.len(), desired.len());
+                for i in &desired {
+                    let placed = plan1.placed.iter().find(|r| r.name == i.name);
+                    let unplaced = plan1.unplaced.iter().any(|u| u.name == i.name);
+                    prop_assert!(placed.is_some() != unplaced);
+                    if let Some(r) = placed {
+                        prop_assert_eq!(r, &i.with_priority(r.priority));
+                    }
+                }
+                for e in existing.iter().filter(|r| is_owned(&r.name)) {
+                    if !desired.iter().any(|i| i.name.eq_ignore_ascii_case(&e.name)) {
+                        prop_assert!(plan1.deletes.contains(&e.name), "orphan {} kept", e.name);
+                    }
+                }
+
+                // (d) applying and planning again: nothing left, except placing what the first
+                // plan could not place; a third round is always a no-op.
+                let after1 = apply(&existing, &plan1);
+                let plan2 = plan_nsg(&after1, &desired, &bands);
+                check_invariants(&after1, &plan2, &bands)?;
+                prop_assert!(plan2.deletes.is_empty(), "second plan deletes {:?}", plan2.deletes);
+                for p in &plan2.puts {
+                    prop_assert!(plan1.unplaced.iter().any(|u| u.name == p.name), "second plan re-puts {}", p.name);
+                }
+                if plan1.unplaced.is_empty() {
+                    prop_assert!(plan2.is_noop());
+                }
+                let after2 = apply(&after1, &plan2);
+                let plan3 = plan_nsg(&after2, &desired, &bands);
+                prop_assert!(plan3.is_noop(), "third plan {:?}", plan3);
+            }
+        }
+    }
+}

@@ -1,0 +1,841 @@
+//! The Azure edge against the emulator: the real `azure_mgmt_network` client over HTTP.
+//!
+//! Every test starts its own emulator on an ephemeral port, drives `AzureNetworkClient`
+//! through the `NetworkApi` trait and checks the emulator's resulting state through its admin
+//! API. No test sleeps to wait for something: each awaited call returns only when done.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_core::auth::{AccessToken, TokenCredential};
+use portcullis::azure::{
+    AzureClientOptions, AzureError, AzureNetworkClient, CredentialConfig,
+    FederatedTokenFileCredential, ImdsCredential, NetworkApi, build_credential,
+};
+use portcullis::plan::rule::{Access, Direction, NsgRule, RuleProtocol};
+use portcullis_azure_emulator::{
+    AdminClient, EmulatorConfig, Faults, Fixture, RunningEmulator, spawn,
+};
+use url::Url;
+
+const SUB: &str = "00000000-0000-0000-0000-000000000001";
+const TENANT: &str = "72f988bf-0000-0000-0000-000000000000";
+const CLIENT_ID: &str = "portcullis-test";
+const SECRET: &str = "s3cret";
+
+const FIXTURE: &str = r#"
+subscriptions:
+  - id: 00000000-0000-0000-0000-000000000001
+    resourceGroups:
+      - name: rg1
+        location: westeurope
+        networkSecurityGroups:
+          - name: nsg-nic
+            securityRules:
+              - name: user-allow-https
+                properties:
+                  protocol: Tcp
+                  sourceAddressPrefix: "*"
+                  sourcePortRange: "*"
+                  destinationAddressPrefix: "*"
+                  destinationPortRange: "443"
+                  access: Allow
+                  priority: 300
+                  direction: Inbound
+          - name: nsg-subnet
+          - name: nsg-empty
+        virtualNetworks:
+          - name: vnet1
+            subnets:
+              - name: app
+                addressPrefix: 10.0.1.0/24
+                networkSecurityGroup: nsg-subnet
+              - name: plain
+                addressPrefix: 10.0.2.0/24
+        networkInterfaces:
+          - name: vm1-nic
+            virtualMachine: vm1
+            networkSecurityGroup: nsg-nic
+            ipConfigurations:
+              - name: ipconfig1
+                privateIPAddress: 10.0.1.4
+                subnet: vnet1/app
+              - name: ipconfig2
+                privateIPAddress: 10.0.1.14
+                subnet: vnet1/app
+          - name: vm1-nic2
+            virtualMachine: vm1
+            ipConfigurations:
+              - name: ipconfig1
+                privateIPAddress: 10.0.2.4
+                subnet: vnet1/plain
+          - name: vm2-nic
+            virtualMachine: vm2
+            ipConfigurations:
+              - name: ipconfig1
+                privateIPAddress: 10.0.2.5
+                subnet: vnet1/plain
+          - name: orphan-nic
+            ipConfigurations:
+              - name: ipconfig1
+                privateIPAddress: 10.0.2.9
+                subnet: vnet1/plain
+"#;
+
+fn rg_id() -> String {
+    format!("/subscriptions/{SUB}/resourceGroups/rg1")
+}
+
+fn nsg_id(name: &str) -> String {
+    format!(
+        "{}/providers/Microsoft.Network/networkSecurityGroups/{name}",
+        rg_id()
+    )
+}
+
+fn vm_id(name: &str) -> String {
+    format!(
+        "{}/providers/Microsoft.Compute/virtualMachines/{name}",
+        rg_id()
+    )
+}
+
+fn rule(name: &str, priority: u16, port: &str) -> NsgRule {
+    NsgRule {
+        name: name.to_string(),
+        description: format!("portcullis test rule {name}"),
+        priority,
+        direction: Direction::Inbound,
+        access: Access::Allow,
+        protocol: RuleProtocol::Tcp,
+        source_address_prefixes: vec!["203.0.113.7/32".into()],
+        source_port_ranges: vec!["*".into()],
+        destination_address_prefixes: vec!["10.0.1.4".into(), "10.0.1.14".into()],
+        destination_port_ranges: vec![port.to_string()],
+    }
+}
+
+fn config() -> EmulatorConfig {
+    EmulatorConfig {
+        fixture: Fixture::from_yaml_str(FIXTURE).expect("fixture parses"),
+        async_delay: Duration::from_millis(20),
+        ..EmulatorConfig::default()
+    }
+}
+
+async fn start(config: EmulatorConfig) -> RunningEmulator {
+    spawn(config, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("emulator starts")
+}
+
+fn options() -> AzureClientOptions {
+    AzureClientOptions {
+        operation_deadline: Duration::from_secs(30),
+        ..AzureClientOptions::default()
+    }
+}
+
+fn secret_credential(emu: &RunningEmulator, secret: &str) -> Arc<dyn TokenCredential> {
+    let cfg = CredentialConfig::ClientSecret {
+        tenant_id: TENANT.into(),
+        client_id: CLIENT_ID.into(),
+        client_secret: secret.into(),
+    };
+    let authority = Url::parse(&emu.base_url()).expect("base url");
+    build_credential(&cfg, &authority, azure_core::new_http_client()).expect("credential")
+}
+
+fn client_with(
+    emu: &RunningEmulator,
+    credential: Arc<dyn TokenCredential>,
+    options: AzureClientOptions,
+) -> AzureNetworkClient {
+    let endpoint = Url::parse(&emu.base_url()).expect("base url");
+    AzureNetworkClient::new(endpoint, credential, options).expect("client")
+}
+
+fn client(emu: &RunningEmulator) -> AzureNetworkClient {
+    client_with(emu, secret_credential(emu, SECRET), options())
+}
+
+/// The emulator's rules of an NSG, by lower-cased name.
+async fn admin_rules(
+    admin: &AdminClient,
+    nsg: &str,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    admin
+        .rules(&nsg_id(nsg))
+        .await
+        .expect("admin rules")
+        .into_iter()
+        .map(|r| {
+            let name = r["name"].as_str().unwrap_or_default().to_ascii_lowercase();
+            (name, r)
+        })
+        .collect()
+}
+
+fn same_ids(got: &[String], want: &[String]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).all(|(a, b)| a.eq_ignore_ascii_case(b))
+}
+
+#[tokio::test]
+async fn resolve_vm_finds_nic_and_subnet_nsgs() {
+    let emu = start(config()).await;
+    let api: Box<dyn NetworkApi> = Box::new(client(&emu));
+
+    let t = api.resolve_vm(&vm_id("vm1")).await.expect("vm1 resolves");
+    assert_eq!(t.vm_id, vm_id("vm1"));
+    assert_eq!(t.private_ips, vec!["10.0.1.4", "10.0.1.14", "10.0.2.4"]);
+    assert!(
+        same_ids(&t.nsg_ids, &[nsg_id("nsg-nic"), nsg_id("nsg-subnet")]),
+        "{:?}",
+        t.nsg_ids
+    );
+
+    // The VM name is matched case-insensitively, as ARM ids are.
+    let t2 = api.resolve_vm(&vm_id("VM1")).await.expect("VM1 resolves");
+    assert!(same_ids(&t2.nsg_ids, &t.nsg_ids));
+
+    // A VM whose NIC and subnet have no NSG: IPs, but no NSGs.
+    let t = api.resolve_vm(&vm_id("vm2")).await.expect("vm2 resolves");
+    assert_eq!(t.private_ips, vec!["10.0.2.5"]);
+    assert!(t.nsg_ids.is_empty());
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn resolve_unknown_vm_is_not_found() {
+    let emu = start(config()).await;
+    let api = client(&emu);
+    let err = api.resolve_vm(&vm_id("nope")).await.unwrap_err();
+    assert!(matches!(err, AzureError::NotFound { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+
+    // An unknown resource group is a 404 from ARM: also NotFound.
+    let other_rg = format!(
+        "/subscriptions/{SUB}/resourceGroups/rg-missing/providers/Microsoft.Compute/virtualMachines/vm1"
+    );
+    let err = api.resolve_vm(&other_rg).await.unwrap_err();
+    assert!(matches!(err, AzureError::NotFound { .. }), "{err:?}");
+
+    // Not a VM id at all: refused before any request.
+    let err = api.resolve_vm(&nsg_id("nsg-nic")).await.unwrap_err();
+    assert_eq!(err.category(), "invalid_input");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn create_update_delete_rule() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-nic");
+
+    let mut r = rule("portcullis-ssh", 110, "22");
+    api.put_rule(&nsg, &r).await.expect("create");
+    let rules = admin_rules(&admin, "nsg-nic").await;
+    let stored = &rules["portcullis-ssh"]["properties"];
+    assert_eq!(stored["priority"], 110);
+    assert_eq!(stored["destinationPortRange"], "22");
+    assert_eq!(stored["sourceAddressPrefix"], "203.0.113.7/32");
+    assert_eq!(stored["destinationAddressPrefixes"][1], "10.0.1.14");
+    assert_eq!(stored["provisioningState"], "Succeeded");
+    assert!(
+        rules.contains_key("user-allow-https"),
+        "others' rules are untouched"
+    );
+
+    let listed = api.list_rules(&nsg).await.expect("list");
+    let mine = listed
+        .iter()
+        .find(|x| x.name == "portcullis-ssh")
+        .expect("listed");
+    assert!(mine.same_content(&r), "{mine:?} vs {r:?}");
+    assert_eq!(listed.len(), 2);
+
+    // Update: new ports (plural), new description.
+    r.destination_port_ranges = vec!["22".into(), "2222".into()];
+    r.description = "updated".into();
+    api.put_rule(&nsg, &r).await.expect("update");
+    let rules = admin_rules(&admin, "nsg-nic").await;
+    let stored = &rules["portcullis-ssh"]["properties"];
+    assert_eq!(stored["description"], "updated");
+    assert_eq!(
+        stored["destinationPortRanges"],
+        serde_json::json!(["22", "2222"])
+    );
+    let listed = api.list_rules(&nsg).await.expect("list");
+    assert!(listed.iter().any(|x| x.same_content(&r)));
+
+    api.delete_rule(&nsg, "portcullis-ssh")
+        .await
+        .expect("delete");
+    let rules = admin_rules(&admin, "nsg-nic").await;
+    assert!(!rules.contains_key("portcullis-ssh"));
+    assert!(rules.contains_key("user-allow-https"));
+
+    // Deleting what is already gone is fine.
+    api.delete_rule(&nsg, "portcullis-ssh")
+        .await
+        .expect("delete again");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_rules_follows_paging() {
+    let emu = start(EmulatorConfig {
+        page_size: 2,
+        async_delay: Duration::from_millis(0),
+        ..config()
+    })
+    .await;
+    let admin = emu.admin();
+    let nsg = nsg_id("nsg-empty");
+    for i in 0..5u16 {
+        let body = serde_json::json!({"properties": {
+            "protocol": "Udp", "access": "Deny", "direction": "Outbound", "priority": 1000 + i,
+            "sourceAddressPrefix": "*", "sourcePortRange": "*",
+            "destinationAddressPrefix": "10.0.0.0/8", "destinationPortRanges": ["53", "5353"],
+        }});
+        admin
+            .put_rule_directly(&format!("{nsg}/securityRules/other-{i}"), &body)
+            .await
+            .expect("seed rule");
+    }
+    admin.clear_requests().await.expect("clear log");
+
+    let api = client(&emu);
+    let mut rules = api.list_rules(&nsg).await.expect("list");
+    rules.sort_by_key(|r| r.priority);
+    assert_eq!(rules.len(), 5);
+    assert_eq!(
+        rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        vec!["other-0", "other-1", "other-2", "other-3", "other-4"]
+    );
+    assert_eq!(rules[0].protocol, RuleProtocol::Udp);
+    assert_eq!(rules[0].direction, Direction::Outbound);
+    assert_eq!(rules[0].destination_port_ranges, vec!["53", "5353"]);
+
+    let pages = admin
+        .requests()
+        .await
+        .expect("requests")
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.to_ascii_lowercase().contains("/securityrules"))
+        .count();
+    assert_eq!(pages, 3, "5 rules at 2 per page");
+    assert_eq!(api.stats().count("list_rules", "200"), 3);
+
+    // An NSG that does not exist.
+    let err = api.list_rules(&nsg_id("nsg-missing")).await.unwrap_err();
+    assert!(matches!(err, AzureError::NotFound { .. }), "{err:?}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn writes_return_only_after_the_async_operation_succeeded() {
+    let emu = start(EmulatorConfig {
+        async_delay: Duration::from_millis(300),
+        retry_after_secs: 0,
+        ..config()
+    })
+    .await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-subnet");
+
+    let started = std::time::Instant::now();
+    api.put_rule(&nsg, &rule("portcullis-async", 120, "3389"))
+        .await
+        .expect("put");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let rules = admin_rules(&admin, "nsg-subnet").await;
+    assert_eq!(
+        rules["portcullis-async"]["properties"]["provisioningState"],
+        "Succeeded"
+    );
+    let stats = admin.stats().await.expect("stats");
+    assert!(stats.operation_polls >= 2, "polled until done: {stats:?}");
+    assert!(api.stats().count("poll_operation", "200") >= 2);
+
+    let started = std::time::Instant::now();
+    api.delete_rule(&nsg, "portcullis-async")
+        .await
+        .expect("delete");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(admin_rules(&admin, "nsg-subnet").await.is_empty());
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn validation_errors_are_bad_requests_and_change_nothing() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-nic");
+    let before = admin_rules(&admin, "nsg-nic").await;
+
+    let base = rule("portcullis-bad", 150, "22");
+    let cases: Vec<(&str, NsgRule)> = vec![
+        (
+            "SecurityRuleInvalidPriority",
+            NsgRule {
+                priority: 99,
+                ..base.clone()
+            },
+        ),
+        (
+            "SecurityRuleInvalidPriority",
+            NsgRule {
+                priority: 4097,
+                ..base.clone()
+            },
+        ),
+        (
+            "SecurityRuleInvalidAddressPrefix",
+            NsgRule {
+                source_address_prefixes: vec!["300.1.2.3/32".into()],
+                ..base.clone()
+            },
+        ),
+        (
+            "SecurityRuleInvalidPortRange",
+            NsgRule {
+                destination_port_ranges: vec!["70000".into()],
+                ..base.clone()
+            },
+        ),
+        (
+            "SecurityRuleDescriptionTooLong",
+            NsgRule {
+                description: "x".repeat(141),
+                ..base.clone()
+            },
+        ),
+        (
+            "SecurityRuleInvalidProtocol",
+            NsgRule {
+                protocol: RuleProtocol::Other("Gre".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "InvalidResourceName",
+            NsgRule {
+                name: "bad name!".into(),
+                ..base.clone()
+            },
+        ),
+        // Same priority and direction as the user's rule at 300.
+        (
+            "SecurityRuleConflict",
+            NsgRule {
+                priority: 300,
+                ..base.clone()
+            },
+        ),
+    ];
+    let n = cases.len() as u64;
+    for (code, bad) in cases {
+        let err = api.put_rule(&nsg, &bad).await.unwrap_err();
+        match &err {
+            AzureError::BadRequest { code: got, message } => {
+                assert_eq!(got, code, "{message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("expected BadRequest {code}, got {other:?}"),
+        }
+        assert!(!err.is_retryable());
+        assert_eq!(err.category(), "bad_request");
+    }
+    assert_eq!(
+        admin_rules(&admin, "nsg-nic").await,
+        before,
+        "nothing changed"
+    );
+    // One request per case: a 400 is never retried.
+    let stats = api.stats();
+    assert_eq!(stats.count("put_rule", "400"), n, "{:?}", stats.snapshot());
+    assert_eq!(
+        stats
+            .snapshot()
+            .keys()
+            .filter(|(op, _)| op == "put_rule")
+            .count(),
+        1
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_secret_is_refused() {
+    let emu = start(EmulatorConfig {
+        credentials: Some((CLIENT_ID.into(), SECRET.into())),
+        ..config()
+    })
+    .await;
+    let admin = emu.admin();
+    let nsg = nsg_id("nsg-nic");
+    let before = admin_rules(&admin, "nsg-nic").await;
+
+    let bad = client_with(&emu, secret_credential(&emu, "wrong"), options());
+    let err = bad
+        .put_rule(&nsg, &rule("portcullis-x", 150, "22"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AzureError::Credential(_) | AzureError::Unauthorized { .. }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    let err = bad.list_rules(&nsg).await.unwrap_err();
+    assert!(matches!(err, AzureError::Credential(_)), "{err:?}");
+    assert_eq!(admin_rules(&admin, "nsg-nic").await, before);
+    let stats = admin.stats().await.expect("stats");
+    assert!(stats.token_failures >= 1);
+    assert_eq!(stats.writes, 0);
+
+    // A token ARM does not know: 401 from ARM itself -> Unauthorized.
+    let forged = client_with(&emu, Arc::new(StaticToken("forged".into())), options());
+    let err = forged.list_rules(&nsg).await.unwrap_err();
+    assert!(matches!(err, AzureError::Unauthorized { .. }), "{err:?}");
+    assert_eq!(err.category(), "unauthorized");
+    assert_eq!(forged.stats().count("list_rules", "401"), 1);
+
+    // The right secret works.
+    let good = client_with(&emu, secret_credential(&emu, SECRET), options());
+    good.put_rule(&nsg, &rule("portcullis-x", 150, "22"))
+        .await
+        .expect("put");
+    assert!(
+        admin_rules(&admin, "nsg-nic")
+            .await
+            .contains_key("portcullis-x")
+    );
+    emu.shutdown().await;
+}
+
+#[derive(Debug)]
+struct StaticToken(String);
+
+#[async_trait::async_trait]
+impl TokenCredential for StaticToken {
+    async fn get_token(&self, _scopes: &[&str]) -> azure_core::Result<AccessToken> {
+        Ok(AccessToken::new(
+            self.0.clone(),
+            time::OffsetDateTime::now_utc() + Duration::from_secs(3600),
+        ))
+    }
+    async fn clear_cache(&self) -> azure_core::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_one_nsg_retry_another_operation_429() {
+    let emu = start(EmulatorConfig {
+        async_delay: Duration::from_millis(300),
+        retry_after_secs: 0,
+        ..config()
+    })
+    .await;
+    let admin = emu.admin();
+    // Two separate adapters (as two operator replicas would be): no shared lock.
+    let a = client(&emu);
+    let b = client(&emu);
+    let nsg = nsg_id("nsg-subnet");
+    let (rule_a, rule_b) = (
+        rule("portcullis-a", 130, "22"),
+        rule("portcullis-b", 131, "22"),
+    );
+    let (ra, rb) = tokio::join!(a.put_rule(&nsg, &rule_a), b.put_rule(&nsg, &rule_b));
+    ra.expect("a succeeds");
+    rb.expect("b succeeds");
+    let rules = admin_rules(&admin, "nsg-subnet").await;
+    assert!(rules.contains_key("portcullis-a") && rules.contains_key("portcullis-b"));
+
+    let throttled = a.stats().count("put_rule", "429") + b.stats().count("put_rule", "429");
+    assert!(throttled >= 1, "one writer met the other's operation");
+    let stats = admin.stats().await.expect("stats");
+    assert!(stats.conflicts >= 1, "{stats:?}");
+    // The 429'd PUT was sent again and accepted.
+    let log = admin.requests().await.expect("requests");
+    let puts: Vec<_> = log.iter().filter(|r| r.method == "PUT").collect();
+    let refused = puts
+        .iter()
+        .find(|r| r.status == 429)
+        .expect("a 429 in the log");
+    assert!(
+        puts.iter()
+            .any(|r| r.path == refused.path && (200..300).contains(&r.status)),
+        "{puts:?}"
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_never_overlaps_writes_on_one_nsg() {
+    let emu = start(EmulatorConfig {
+        async_delay: Duration::from_millis(150),
+        retry_after_secs: 0,
+        ..config()
+    })
+    .await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-subnet");
+    let r1 = rule("portcullis-1", 140, "22");
+    let r2 = rule("portcullis-2", 141, "22");
+    let r3 = rule("portcullis-3", 142, "22");
+    let (x, y, z) = tokio::join!(
+        api.put_rule(&nsg, &r1),
+        api.put_rule(&nsg, &r2),
+        api.put_rule(&nsg, &r3),
+    );
+    x.and(y).and(z).expect("all succeed");
+    assert_eq!(admin_rules(&admin, "nsg-subnet").await.len(), 3);
+    assert_eq!(api.stats().count_status("429"), 0, "serialised locally");
+    assert_eq!(admin.stats().await.expect("stats").conflicts, 0);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscription_throttling_is_waited_out() {
+    let emu = start(EmulatorConfig {
+        write_burst: 2,
+        write_refill_per_sec: 4.0,
+        async_delay: Duration::from_millis(0),
+        ..config()
+    })
+    .await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    for (i, nsg) in ["nsg-nic", "nsg-subnet", "nsg-empty", "nsg-nic"]
+        .iter()
+        .enumerate()
+    {
+        let r = rule(&format!("portcullis-t{i}"), 160 + i as u16, "22");
+        api.put_rule(&nsg_id(nsg), &r)
+            .await
+            .expect("write succeeds");
+    }
+    assert_eq!(admin_rules(&admin, "nsg-nic").await.len(), 3);
+    let stats = admin.stats().await.expect("stats");
+    assert!(stats.throttled >= 1, "{stats:?}");
+    assert!(
+        api.stats().count("put_rule", "429") >= 1,
+        "{:?}",
+        api.stats().snapshot()
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn throttling_that_outlasts_the_deadline_surfaces_with_retry_after() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    admin
+        .set_faults(&Faults {
+            throttle_count: 100,
+            throttle_retry_after_secs: 30,
+            writes_only: true,
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    let api = client_with(
+        &emu,
+        secret_credential(&emu, SECRET),
+        AzureClientOptions {
+            operation_deadline: Duration::from_secs(2),
+            max_wait: Duration::from_millis(500),
+            ..AzureClientOptions::default()
+        },
+    );
+    let err = api
+        .put_rule(&nsg_id("nsg-nic"), &rule("portcullis-z", 170, "22"))
+        .await
+        .unwrap_err();
+    match &err {
+        AzureError::Throttled { retry_after, code } => {
+            assert_eq!(*retry_after, Duration::from_secs(30));
+            assert_eq!(code, "SubscriptionRequestsThrottled");
+        }
+        other => panic!("expected Throttled, got {other:?}"),
+    }
+    assert!(err.is_retryable());
+    // Retried (Retry-After capped at max_wait) until the deadline, not once and not forever.
+    let n = api.stats().count("put_rule", "429");
+    assert!((2..=5).contains(&n), "{n}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_errors_drops_and_latency_are_retried() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-nic");
+    admin
+        .set_faults(&Faults {
+            error_count: 2,
+            error_status: 500,
+            drop_count: 1,
+            latency_ms: 100,
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    api.put_rule(&nsg, &rule("portcullis-f", 180, "22"))
+        .await
+        .expect("put");
+    assert!(
+        admin_rules(&admin, "nsg-nic")
+            .await
+            .contains_key("portcullis-f")
+    );
+    let s = api.stats();
+    assert_eq!(s.count_status("transport_error"), 1, "{:?}", s.snapshot());
+    assert_eq!(s.count_status("500"), 2, "{:?}", s.snapshot());
+
+    admin
+        .set_faults(&Faults {
+            error_count: 1,
+            error_status: 503,
+            latency_ms: 50,
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    api.delete_rule(&nsg, "portcullis-f").await.expect("delete");
+    assert!(
+        !admin_rules(&admin, "nsg-nic")
+            .await
+            .contains_key("portcullis-f")
+    );
+    assert_eq!(api.stats().count_status("503"), 1);
+
+    // Reads are retried too.
+    admin
+        .set_faults(&Faults {
+            error_count: 1,
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    let t = api.resolve_vm(&vm_id("vm1")).await.expect("resolve");
+    assert_eq!(t.nsg_ids.len(), 2);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn operation_deadline_times_out() {
+    let emu = start(EmulatorConfig {
+        async_delay: Duration::from_secs(5),
+        retry_after_secs: 0,
+        ..config()
+    })
+    .await;
+    let api = client_with(
+        &emu,
+        secret_credential(&emu, SECRET),
+        AzureClientOptions {
+            operation_deadline: Duration::from_millis(800),
+            ..AzureClientOptions::default()
+        },
+    );
+    let started = std::time::Instant::now();
+    let err = api
+        .put_rule(&nsg_id("nsg-nic"), &rule("portcullis-slow", 190, "22"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AzureError::Timeout { .. }), "{err:?}");
+    assert_eq!(err.category(), "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn workload_identity_rereads_the_rotated_token_file() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("azure-identity-token");
+    std::fs::write(&token_file, "sa-token-1\n").expect("write token");
+
+    let cred = Arc::new(
+        FederatedTokenFileCredential::new(
+            azure_core::new_http_client(),
+            Url::parse(&emu.base_url()).expect("url"),
+            TENANT.into(),
+            CLIENT_ID.into(),
+            token_file.clone(),
+        )
+        .expect("credential"),
+    );
+    let api = client_with(&emu, cred.clone(), options());
+    let nsg = nsg_id("nsg-nic");
+
+    api.list_rules(&nsg).await.expect("list 1");
+    let s = admin.stats().await.expect("stats");
+    assert_eq!(s.last_client_assertion.as_deref(), Some("sa-token-1"));
+    assert_eq!(s.last_client_id.as_deref(), Some(CLIENT_ID));
+
+    // Cached: a second call does not ask for a new token.
+    api.list_rules(&nsg).await.expect("list 2");
+    let s = admin.stats().await.expect("stats");
+    assert_eq!(s.tokens_by_assertion.get("sa-token-1"), Some(&1));
+
+    // AKS rotates the file; the next token request presents the new assertion.
+    std::fs::write(&token_file, "sa-token-2").expect("rotate token");
+    cred.clear_cache().await.expect("clear cache");
+    api.put_rule(&nsg, &rule("portcullis-wi", 200, "22"))
+        .await
+        .expect("put");
+    let s = admin.stats().await.expect("stats");
+    assert_eq!(s.last_client_assertion.as_deref(), Some("sa-token-2"));
+    assert_eq!(s.tokens_by_grant.get("client_assertion"), Some(&2));
+    assert!(
+        admin_rules(&admin, "nsg-nic")
+            .await
+            .contains_key("portcullis-wi")
+    );
+
+    // A missing token file is a credential error, not a panic.
+    std::fs::remove_file(&token_file).expect("remove");
+    cred.clear_cache().await.expect("clear cache");
+    let err = api.list_rules(&nsg).await.unwrap_err();
+    assert!(matches!(err, AzureError::Credential(_)), "{err:?}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn managed_identity_via_imds() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let endpoint = Url::parse(&format!(
+        "{}/metadata/identity/oauth2/token",
+        emu.base_url()
+    ))
+    .expect("url");
+    let cred = Arc::new(ImdsCredential::new(
+        azure_core::new_http_client(),
+        endpoint,
+        Some("user-assigned-id".into()),
+    ));
+    let api = client_with(&emu, cred, options());
+    let rules = api.list_rules(&nsg_id("nsg-nic")).await.expect("list");
+    assert_eq!(rules.len(), 1);
+    let s = admin.stats().await.expect("stats");
+    assert_eq!(s.tokens_by_grant.get("managed_identity"), Some(&1));
+    emu.shutdown().await;
+}

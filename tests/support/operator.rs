@@ -1,0 +1,305 @@
+//! One test's world: its own namespace on the real API server, its own Azure emulator (seeded
+//! with the demo fixture), and the operator running in-process against both, over HTTP with the
+//! real SDK client and a real client-secret credential.
+
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use portcullis::api::{AccessGrant, GrantPhase, JitPolicy};
+use portcullis::azure::client::{AzureClientOptions, AzureNetworkClient};
+use portcullis::azure::credential::{CredentialConfig, build_credential};
+use portcullis::controller::{self, Settings};
+use portcullis_azure_emulator::{AdminClient, EmulatorConfig, Fixture, RunningEmulator, spawn};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::wait_for;
+
+pub const SUB: &str = "00000000-0000-0000-0000-000000000001";
+
+pub fn vm_id(name: &str) -> String {
+    format!(
+        "/subscriptions/{SUB}/resourceGroups/rg-demo/providers/Microsoft.Compute/virtualMachines/{name}"
+    )
+}
+
+pub fn nsg_id(name: &str) -> String {
+    format!(
+        "/subscriptions/{SUB}/resourceGroups/rg-demo/providers/Microsoft.Network/networkSecurityGroups/{name}"
+    )
+}
+
+pub fn demo_fixture() -> Fixture {
+    let path = super::repo_root().join("emulator/fixtures/demo.yaml");
+    Fixture::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The shutdown trigger and the task of an operator running in-process.
+type RunningOperator = (
+    oneshot::Sender<()>,
+    JoinHandle<Result<(), controller::Error>>,
+);
+
+pub struct Env {
+    pub client: Client,
+    pub ns: String,
+    pub emu: RunningEmulator,
+    pub admin: AdminClient,
+    pub settings: Settings,
+    operator: Option<RunningOperator>,
+}
+
+impl Env {
+    /// Demo fixture, 20 ms async operations, a 2 s resync.
+    pub async fn new(prefix: &str) -> Env {
+        let settings = Settings {
+            resync: Duration::from_secs(2),
+            ..Default::default()
+        };
+        Env::with(
+            prefix,
+            EmulatorConfig {
+                fixture: demo_fixture(),
+                ..Default::default()
+            },
+            settings,
+        )
+        .await
+    }
+
+    pub async fn with(prefix: &str, emulator: EmulatorConfig, mut settings: Settings) -> Env {
+        super::init_tracing();
+        let client = super::kube::client().await;
+        super::kube::install_crds(&client).await;
+        let ns = super::kube::fresh_namespace(&client, prefix).await;
+        settings.namespace = Some(ns.clone());
+        let emu = spawn(emulator, "127.0.0.1:0".parse().expect("literal address"))
+            .await
+            .unwrap_or_else(|e| panic!("emulator: {e}"));
+        let admin = emu.admin();
+        Env {
+            client,
+            ns,
+            emu,
+            admin,
+            settings,
+            operator: None,
+        }
+    }
+
+    pub fn azure_client(&self) -> AzureNetworkClient {
+        let base = self.emu.base_url();
+        let authority = url::Url::parse(&format!("{base}/")).expect("emulator URL");
+        let cfg = CredentialConfig::ClientSecret {
+            tenant_id: "test-tenant".into(),
+            client_id: "portcullis-test".into(),
+            client_secret: "test-secret".into(),
+        };
+        let credential =
+            build_credential(&cfg, &authority, azure_core::new_http_client()).expect("credential");
+        let options = AzureClientOptions {
+            operation_deadline: Duration::from_secs(30),
+            ..Default::default()
+        };
+        AzureNetworkClient::new(
+            url::Url::parse(&base).expect("emulator URL"),
+            credential,
+            options,
+        )
+        .expect("client")
+    }
+
+    pub fn start_operator(&mut self) {
+        assert!(self.operator.is_none(), "operator already running");
+        let (tx, rx) = oneshot::channel::<()>();
+        let azure = std::sync::Arc::new(self.azure_client());
+        let handle = tokio::spawn(controller::run(
+            self.client.clone(),
+            azure,
+            self.settings.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        self.operator = Some((tx, handle));
+    }
+
+    pub async fn stop_operator(&mut self) {
+        let (tx, handle) = self.operator.take().expect("operator running");
+        let _ = tx.send(());
+        match tokio::time::timeout(Duration::from_secs(20), handle).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("operator failed: {e}"),
+            Ok(Err(e)) => panic!("operator task panicked: {e}"),
+            Err(_) => panic!("operator did not stop within 20 s of shutdown"),
+        }
+    }
+
+    pub fn policies(&self) -> Api<JitPolicy> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn grants(&self) -> Api<AccessGrant> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub async fn create_policy(&self, name: &str, spec: Value) -> JitPolicy {
+        let obj: JitPolicy = serde_json::from_value(json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "JitPolicy",
+            "metadata": {"name": name, "namespace": self.ns}, "spec": spec
+        }))
+        .unwrap_or_else(|e| panic!("policy {name}: {e}"));
+        self.policies()
+            .create(&PostParams::default(), &obj)
+            .await
+            .unwrap_or_else(|e| panic!("create policy {name}: {e}"))
+    }
+
+    pub async fn create_grant(&self, name: &str, spec: Value) -> AccessGrant {
+        let obj: AccessGrant = serde_json::from_value(json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGrant",
+            "metadata": {"name": name, "namespace": self.ns}, "spec": spec
+        }))
+        .unwrap_or_else(|e| panic!("grant {name}: {e}"));
+        self.grants()
+            .create(&PostParams::default(), &obj)
+            .await
+            .unwrap_or_else(|e| panic!("create grant {name}: {e}"))
+    }
+
+    pub async fn delete_grant(&self, name: &str) {
+        self.grants()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete grant {name}: {e}"));
+    }
+
+    pub async fn wait_grant_phase(
+        &self,
+        name: &str,
+        phase: GrantPhase,
+        timeout: Duration,
+    ) -> AccessGrant {
+        let api = self.grants();
+        wait_for(
+            &format!("grant {name} to be {}", phase.as_str()),
+            timeout,
+            || {
+                let api = api.clone();
+                async move {
+                    let g = api.get(name).await.ok()?;
+                    (g.status.as_ref()?.phase? == phase).then_some(g)
+                }
+            },
+        )
+        .await
+    }
+
+    pub async fn wait_policy_ready(&self, name: &str, timeout: Duration) -> JitPolicy {
+        let api = self.policies();
+        wait_for(&format!("policy {name} Ready"), timeout, || {
+            let api = api.clone();
+            async move {
+                let p = api.get(name).await.ok()?;
+                let ready = p
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                ready.then_some(p)
+            }
+        })
+        .await
+    }
+
+    pub async fn wait_gone_grant(&self, name: &str, timeout: Duration) {
+        let api = self.grants();
+        wait_for(&format!("grant {name} to be gone"), timeout, || {
+            let api = api.clone();
+            async move { matches!(api.get_opt(name).await, Ok(None)).then_some(()) }
+        })
+        .await
+    }
+
+    /// The NSG's non-default rules, as ARM JSON, straight from the emulator.
+    pub async fn rules(&self, nsg: &str) -> Vec<Value> {
+        self.admin
+            .rules(&nsg_id(nsg))
+            .await
+            .unwrap_or_else(|e| panic!("emulator rules of {nsg}: {e}"))
+    }
+
+    pub async fn owned_rules(&self, nsg: &str) -> Vec<Value> {
+        self.rules(nsg)
+            .await
+            .into_iter()
+            .filter(|r| rule_name(r).starts_with("portcullis-"))
+            .collect()
+    }
+
+    /// Rules that are not Portcullis's, for byte-for-byte comparison.
+    pub async fn foreign_rules(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for nsg in ["nsg-vm1", "nsg-subnet"] {
+            out.extend(
+                self.rules(nsg)
+                    .await
+                    .into_iter()
+                    .filter(|r| !rule_name(r).starts_with("portcullis-")),
+            );
+        }
+        out
+    }
+
+    pub async fn writes(&self) -> u64 {
+        self.admin.stats().await.expect("emulator stats").writes
+    }
+
+    pub async fn grant_names_in_nsg(&self, nsg: &str, grant: &AccessGrant) -> Vec<Value> {
+        let uid = grant.uid().expect("uid");
+        let prefix = portcullis::plan::naming::grant_rule_prefix(&uid);
+        self.rules(nsg)
+            .await
+            .into_iter()
+            .filter(|r| rule_name(r).starts_with(&prefix))
+            .collect()
+    }
+}
+
+pub fn rule_name(rule: &Value) -> &str {
+    rule["name"].as_str().unwrap_or_default()
+}
+
+pub fn prop<'a>(rule: &'a Value, field: &str) -> &'a Value {
+    &rule["properties"][field]
+}
+
+/// The standard policy of these tests: vm1 (22/TCP, 3389/TCP, 53/UDP) and vm2 (22/TCP).
+pub fn standard_policy() -> Value {
+    json!({
+        "virtualMachines": [
+            {"id": vm_id("vm1"), "ports": [
+                {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefixes": ["203.0.113.0/24"], "maxRequestAccessDuration": "PT1H"},
+                {"number": 3389, "protocol": "TCP", "allowedSourceAddressPrefix": "203.0.113.0/24", "maxRequestAccessDuration": "PT10M"},
+                {"number": 53, "protocol": "UDP", "allowedSourceAddressPrefixes": ["198.51.100.0/24"], "maxRequestAccessDuration": "PT1H"}
+            ]},
+            {"id": vm_id("vm2"), "ports": [
+                {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefixes": ["198.51.100.0/24"], "maxRequestAccessDuration": "PT1H"}
+            ]}
+        ]
+    })
+}
+
+pub fn grant_spec(vm: &str, ports: &[u16], source: &str, duration: &str) -> Value {
+    json!({
+        "policyRef": {"name": "prod"},
+        "virtualMachine": vm,
+        "ports": ports,
+        "sourceAddressPrefix": source,
+        "duration": duration,
+        "justification": "INC-42: integration test",
+    })
+}
