@@ -94,9 +94,22 @@ impl WorldView {
     /// Waits until both stores hold their initial listing: planning an NSG from a partial view
     /// would delete rules of objects not seen yet.
     pub async fn wait_ready(&self) {
-        // Err means the writer is gone, i.e. the controller is shutting down: nothing to wait for.
-        let _ = self.policies.wait_until_ready().await;
-        let _ = self.grants.wait_until_ready().await;
+        // Re-poll with fresh futures: a waiter registered while the other store's readiness is
+        // being signalled was seen to miss the wake-up (kube-runtime 5's DelayedInit), which
+        // stalled the first reconcile forever.
+        loop {
+            let both = async {
+                // Err means the writer is gone, i.e. the controller is shutting down.
+                let _ = self.policies.wait_until_ready().await;
+                let _ = self.grants.wait_until_ready().await;
+            };
+            if tokio::time::timeout(Duration::from_millis(200), both)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
     }
 
     pub fn policies_store(&self) -> &Store<JitPolicy> {
