@@ -5,9 +5,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
 
+use futures::FutureExt;
 use portcullis::azure::client::{AzureClientOptions, AzureNetworkClient};
 use portcullis::azure::credential::{CredentialConfig, authority_host_from_env, build_credential};
-use portcullis::controller::{self, Settings};
+use portcullis::controller::leader::LeaseConfig;
+use portcullis::controller::telemetry::Telemetry;
+use portcullis::controller::{self, Settings, http};
 use portcullis::plan::Bands;
 
 /// Portcullis: just-in-time network access to Azure VMs, as a Kubernetes operator.
@@ -24,7 +27,7 @@ enum Command {
     Crd,
     /// Run the operator (kubeconfig from KUBECONFIG or in-cluster; Azure credential from the
     /// SDK's usual AZURE_* variables).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,6 +64,24 @@ struct RunArgs {
         default_value_t = 120
     )]
     azure_operation_deadline_seconds: u64,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "PORTCULLIS_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    http_listen: std::net::SocketAddr,
+    /// Run only while holding a coordination.k8s.io Lease (for more than one replica).
+    #[arg(long, env = "PORTCULLIS_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    #[arg(
+        long,
+        env = "PORTCULLIS_LEASE_NAME",
+        default_value = "portcullis-leader"
+    )]
+    lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, from POD_NAMESPACE).
+    #[arg(long, env = "PORTCULLIS_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Seconds a Lease holder may go without renewing before a standby takes over.
+    #[arg(long, env = "PORTCULLIS_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "PORTCULLIS_NAMESPACE")]
     namespace: Option<String>,
@@ -115,6 +136,29 @@ async fn shutdown_signal() {
     info!("shutdown signal received");
 }
 
+fn leader_election(args: &RunArgs) -> Result<Option<LeaseConfig>, String> {
+    if !args.leader_election {
+        return Ok(None);
+    }
+    let namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .filter(|n| !n.is_empty())
+        .ok_or("leader election needs --lease-namespace or POD_NAMESPACE")?;
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .ok_or("leader election needs POD_NAME (the downward API) as this replica's identity")?;
+    let duration = Duration::from_secs(args.lease_duration_seconds.max(3));
+    Ok(Some(LeaseConfig {
+        lease_duration: duration,
+        renew_deadline: duration * 2 / 3,
+        retry_interval: duration / 7,
+        ..LeaseConfig::new(namespace, args.lease_name.clone(), identity)
+    }))
+}
+
 async fn run(args: RunArgs) -> Result<(), String> {
     let bands = Bands {
         allow: args.allow_band.0..=args.allow_band.1,
@@ -127,7 +171,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
         bands,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         concurrency: args.concurrency.max(1),
-        namespace: args.namespace.clone(),
+        namespace: args.namespace.clone().filter(|n| !n.is_empty()),
+        leader_election: leader_election(&args)?,
     };
     let credential_config =
         CredentialConfig::from_env().map_err(|e| format!("Azure credential: {e}"))?;
@@ -144,13 +189,22 @@ async fn run(args: RunArgs) -> Result<(), String> {
     };
     let azure = AzureNetworkClient::new(args.azure_endpoint.clone(), credential, options)
         .map_err(|e| format!("Azure client: {e}"))?;
+    let telemetry = Telemetry::new(Some(azure.stats()));
+    let shutdown = shutdown_signal().shared();
+    let (addr, http) = http::serve(args.http_listen, telemetry.clone(), shutdown.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(%addr, "health and metrics endpoint");
+    let http = tokio::spawn(http);
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("Kubernetes client: {e}"))?;
     info!(azure_endpoint = %args.azure_endpoint, credential = ?credential_config, "starting");
-    controller::run(client, Arc::new(azure), settings, shutdown_signal())
+    let result = controller::run(client, Arc::new(azure), settings, telemetry, shutdown)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    http.abort();
+    result
 }
 
 fn main() -> ExitCode {
@@ -167,6 +221,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
+            let args = *args;
             init_logging(args.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

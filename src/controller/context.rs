@@ -9,6 +9,7 @@ use kube::{Client, Resource};
 use tracing::warn;
 
 use super::nsg::NsgSyncer;
+use super::telemetry::Telemetry;
 use super::world::WorldView;
 
 pub const FIELD_MANAGER: &str = "portcullis";
@@ -18,11 +19,18 @@ pub struct Context {
     pub nsgs: NsgSyncer,
     pub world: WorldView,
     pub resync: Duration,
+    pub telemetry: Arc<Telemetry>,
     recorder: Recorder,
 }
 
 impl Context {
-    pub fn new(client: Client, nsgs: NsgSyncer, world: WorldView, resync: Duration) -> Self {
+    pub fn new(
+        client: Client,
+        nsgs: NsgSyncer,
+        world: WorldView,
+        resync: Duration,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "portcullis".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -33,6 +41,7 @@ impl Context {
             nsgs,
             world,
             resync,
+            telemetry,
             recorder,
         }
     }

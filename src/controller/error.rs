@@ -21,6 +21,12 @@ pub enum Error {
 
     #[error("serialisation: {0}")]
     Serialisation(#[from] serde_json::Error),
+
+    #[error("leadership lost: {0}")]
+    LeadershipLost(String),
+
+    #[error("not the leader: Azure writes are stopped")]
+    NotLeader,
 }
 
 impl Error {
@@ -36,6 +42,7 @@ impl Error {
             Error::MissingField(_) => "InvalidObject",
             Error::Config(_) => "ConfigError",
             Error::Serialisation(_) => "SerialisationError",
+            Error::LeadershipLost(_) | Error::NotLeader => "NotLeader",
         }
     }
 }

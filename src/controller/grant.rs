@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Error;
 use super::context::Ctx;
@@ -27,7 +27,9 @@ pub async fn reconcile(grant: std::sync::Arc<AccessGrant>, ctx: Ctx) -> Result<A
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let span = info_span!("grant", namespace = %ns, name = %grant.name_any());
     async move {
+        debug!("reconcile started");
         ctx.world.wait_ready().await;
+        debug!("world ready");
         let api: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &ns);
         finalizer(&api, FINALIZER, grant, |event| async {
             match event {
@@ -119,6 +121,9 @@ async fn close(
     }
     if was != Some(phase) {
         let lag = ts(&status.expires_at).map(|e| now.duration_since(e).as_secs_f64());
+        if let (GrantPhase::Expired, Some(lag)) = (phase, lag) {
+            ctx.telemetry.grant_closed_at_expiry(lag);
+        }
         info!(
             phase = phase.as_str(),
             reason,

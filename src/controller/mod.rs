@@ -4,10 +4,13 @@
 pub mod context;
 pub mod error;
 pub mod grant;
+pub mod http;
+pub mod leader;
 pub mod nsg;
 pub mod policy;
 pub mod startup;
 pub mod status;
+pub mod telemetry;
 pub mod world;
 
 use std::future::Future;
@@ -28,7 +31,9 @@ use crate::api::{AccessGrant, JitPolicy};
 use crate::azure::NetworkApi;
 use crate::plan::Bands;
 use context::{Context, Ctx};
+use leader::{LeaderElector, LeaseConfig};
 use nsg::NsgSyncer;
+use telemetry::Telemetry;
 use world::WorldView;
 
 #[derive(Clone, Debug)]
@@ -41,6 +46,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// Watch one namespace only; `None` watches all.
     pub namespace: Option<String>,
+    /// Run only while holding this Lease; `None` runs unconditionally (a single replica).
+    pub leader_election: Option<LeaseConfig>,
 }
 
 impl Default for Settings {
@@ -50,13 +57,32 @@ impl Default for Settings {
             resync: Duration::from_secs(300),
             concurrency: 4,
             namespace: None,
+            leader_election: None,
         }
     }
 }
 
 /// How long to wait after a failed reconcile: Azure's `Retry-After` when it gave one, else a
 /// short fixed delay (a grant past its expiry must close soon after Azure answers again).
-fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Ctx) -> Action {
+fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Ctx) -> Action {
+    let azure = match error {
+        Error::Azure(e) => Some(e),
+        Error::Finalizer(inner) => match inner.as_ref() {
+            kube::runtime::finalizer::Error::ApplyFailed(Error::Azure(e))
+            | kube::runtime::finalizer::Error::CleanupFailed(Error::Azure(e)) => Some(e),
+            _ => None,
+        },
+        _ => None,
+    };
+    if let Some(e) = azure {
+        use crate::azure::AzureError as A;
+        if matches!(
+            e,
+            A::Transport(_) | A::Unauthorized { .. } | A::Credential(_) | A::Timeout { .. }
+        ) {
+            ctx.telemetry.set_azure_reachable(false);
+        }
+    }
     let delay = match error {
         Error::Azure(e) => e.retry_after().unwrap_or(Duration::from_millis(500)),
         Error::Finalizer(inner) => match inner.as_ref() {
@@ -72,15 +98,77 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Ctx) -> Action {
     Action::requeue(delay.min(Duration::from_secs(30)))
 }
 
-/// Runs the operator until `shutdown` resolves: first closes lapsed grants, then runs both
-/// controllers.
+fn result_label(r: &Result<Action, Error>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(e) => e.category(),
+    }
+}
+
+/// Runs the operator until `shutdown` resolves: waits for leadership when configured, closes
+/// lapsed grants, then runs both controllers. Returns `Error::LeadershipLost` if the Lease is
+/// lost; the process should then exit and start over as a standby.
 pub async fn run(
     client: Client,
     azure: Arc<dyn NetworkApi>,
     settings: Settings,
+    telemetry: Arc<Telemetry>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let shutdown = shutdown.shared();
+    let elector = settings
+        .leader_election
+        .clone()
+        .map(|cfg| LeaderElector::new(client.clone(), cfg));
+    if let Some(elector) = &elector {
+        telemetry.set_leader(false);
+        tokio::select! {
+            acquired = elector.acquire() => acquired?,
+            _ = shutdown.clone() => return Ok(()),
+        }
+    }
+    telemetry.set_leader(true);
     let nsgs = NsgSyncer::new(azure, settings.bands.clone());
+    let controllers = run_controllers(client, nsgs, settings, telemetry.clone(), shutdown.clone());
+    let Some(elector) = elector else {
+        return controllers.await;
+    };
+    // Lose the lease -> stop everything. `run_controllers` stops writing first (see below).
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let lost = async move {
+        let why = elector.hold().await;
+        let _ = lost_tx.send(());
+        why
+    };
+    tokio::pin!(lost);
+    let controllers = run_controllers_until(controllers, lost_rx);
+    tokio::select! {
+        result = controllers => result,
+        why = &mut lost => {
+            telemetry.set_leader(false);
+            warn!(error = %why, "leadership lost: Azure writes stopped");
+            Err(why)
+        }
+    }
+}
+
+async fn run_controllers_until(
+    controllers: impl Future<Output = Result<(), Error>>,
+    lost: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), Error> {
+    tokio::select! {
+        r = controllers => r,
+        _ = lost => std::future::pending().await,
+    }
+}
+
+async fn run_controllers(
+    client: Client,
+    nsgs: NsgSyncer,
+    settings: Settings,
+    telemetry: Arc<Telemetry>,
+    shutdown: futures::future::Shared<impl Future<Output = ()> + Send + 'static>,
+) -> Result<(), Error> {
     let (policies_api, grants_api): (Api<JitPolicy>, Api<AccessGrant>) = match &settings.namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
@@ -88,7 +176,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    startup::close_lapsed_grants(&client, &policies_api, &grants_api, &nsgs).await?;
+    startup::close_lapsed_grants(&client, &policies_api, &grants_api, &nsgs, &telemetry).await?;
 
     let wc = watcher::Config::default().any_semantic();
     let policy_ctl = Controller::new(policies_api.clone(), wc.clone());
@@ -107,21 +195,80 @@ pub async fn run(
             .collect::<Vec<_>>()
     });
 
-    let ctx: Ctx = Arc::new(Context::new(client, nsgs, world, settings.resync));
-    let shutdown = shutdown.shared();
+    let ctx: Ctx = Arc::new(Context::new(
+        client,
+        nsgs,
+        world,
+        settings.resync,
+        telemetry,
+    ));
     let config = kube::runtime::controller::Config::default().concurrency(settings.concurrency);
     let policies = policy_ctl
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown.clone())
-        .run(policy::reconcile, error_policy, ctx.clone())
-        .for_each(|_| async {});
+        .run(
+            |obj, ctx: Ctx| async move {
+                let started = std::time::Instant::now();
+                let result = policy::reconcile(obj, ctx.clone()).await;
+                ctx.telemetry.reconciled(
+                    "jitpolicy",
+                    result_label(&result),
+                    started.elapsed().as_secs_f64(),
+                );
+                result
+            },
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "controller stream error");
+            }
+        });
     let grants = grant_ctl
         .with_config(config)
         .graceful_shutdown_on(shutdown)
-        .run(grant::reconcile, error_policy, ctx)
-        .for_each(|_| async {});
+        .run(
+            |obj, ctx: Ctx| async move {
+                let started = std::time::Instant::now();
+                let result = grant::reconcile(obj, ctx.clone()).await;
+                ctx.telemetry.reconciled(
+                    "accessgrant",
+                    result_label(&result),
+                    started.elapsed().as_secs_f64(),
+                );
+                if result.is_ok() {
+                    ctx.telemetry.set_azure_reachable(true);
+                }
+                ctx.telemetry.observe_world(&ctx.world.snapshot());
+                result
+            },
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "controller stream error");
+            }
+        });
+    let synced = async {
+        ctx.world.wait_ready().await;
+        ctx.telemetry.set_caches_synced(true);
+    };
     info!("controllers running");
-    futures::join!(policies, grants);
+    let stop_writes_on_drop = StopWrites(&ctx);
+    futures::join!(policies, grants, synced);
+    drop(stop_writes_on_drop);
     info!("controllers stopped");
     Ok(())
+}
+
+/// Clears the write permission when the controllers stop for any reason, including being
+/// dropped mid-flight because the Lease was lost: no Azure write may start after that.
+struct StopWrites<'a>(&'a Ctx);
+
+impl Drop for StopWrites<'_> {
+    fn drop(&mut self) {
+        self.0.nsgs.allow_writes(false);
+    }
 }

@@ -2,6 +2,7 @@
 //! per NSG at a time in this process, so two reconcilers never pick the same free priority.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
@@ -34,6 +35,8 @@ pub struct NsgSyncer {
     azure: Arc<dyn NetworkApi>,
     bands: Bands,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Cleared the moment leadership is lost: no write starts after that.
+    writes_allowed: AtomicBool,
 }
 
 impl NsgSyncer {
@@ -42,6 +45,19 @@ impl NsgSyncer {
             azure,
             bands,
             locks: Mutex::new(HashMap::new()),
+            writes_allowed: AtomicBool::new(true),
+        }
+    }
+
+    pub fn allow_writes(&self, allowed: bool) {
+        self.writes_allowed.store(allowed, Ordering::SeqCst);
+    }
+
+    fn check_writes_allowed(&self) -> Result<(), Error> {
+        if self.writes_allowed.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(Error::NotLeader)
         }
     }
 
@@ -92,6 +108,7 @@ impl NsgSyncer {
         // Deletes first: a rule being replaced never holds a priority another put wants.
         for name in &plan.deletes {
             info!(rule = %name, "deleting rule no live grant or policy explains");
+            self.check_writes_allowed()?;
             self.azure.delete_rule(nsg_id, name).await?;
             outcome.writes += 1;
             outcome.deleted.push(name.clone());
@@ -99,6 +116,7 @@ impl NsgSyncer {
         for rule in &plan.puts {
             let existed = existing_names.contains(&rule.name.to_ascii_lowercase());
             info!(rule = %rule.name, priority = rule.priority, existed, "writing rule");
+            self.check_writes_allowed()?;
             self.azure.put_rule(nsg_id, rule).await?;
             outcome.writes += 1;
             if existed {

@@ -8,7 +8,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Error;
 use super::context::Ctx;
@@ -26,7 +26,9 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Ctx) -> Result<Action, Error
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let span = info_span!("policy", namespace = %ns, name = %policy.name_any());
     async move {
+        debug!("reconcile started");
         ctx.world.wait_ready().await;
+        debug!("world ready");
         let api: Api<JitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
         finalizer(&api, FINALIZER, policy, |event| async {
             match event {

@@ -11,6 +11,7 @@ use tracing::info;
 use super::Error;
 use super::nsg::NsgSyncer;
 use super::status::apply_status;
+use super::telemetry::Telemetry;
 use super::world::World;
 use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, GrantPhase, JitPolicy};
@@ -22,6 +23,7 @@ pub async fn close_lapsed_grants(
     policies: &Api<JitPolicy>,
     grants: &Api<AccessGrant>,
     nsgs: &NsgSyncer,
+    telemetry: &Telemetry,
 ) -> Result<usize, Error> {
     let started = Instant::now();
     let now = Timestamp::now();
@@ -73,6 +75,9 @@ pub async fn close_lapsed_grants(
             now,
         );
         apply_status(&api, *grant, &status).await?;
+        if let Some(expired) = &status.expires_at {
+            telemetry.grant_closed_at_expiry(now.duration_since(expired.0).as_secs_f64());
+        }
     }
     info!(
         closed = lapsed.len(),

@@ -9,6 +9,7 @@ use kube::{Client, ResourceExt};
 use portcullis::api::{AccessGrant, GrantPhase, JitPolicy};
 use portcullis::azure::client::{AzureClientOptions, AzureNetworkClient};
 use portcullis::azure::credential::{CredentialConfig, build_credential};
+use portcullis::controller::telemetry::Telemetry;
 use portcullis::controller::{self, Settings};
 use portcullis_azure_emulator::{AdminClient, EmulatorConfig, Fixture, RunningEmulator, spawn};
 use serde_json::{Value, json};
@@ -111,19 +112,23 @@ impl Env {
         .expect("client")
     }
 
-    pub fn start_operator(&mut self) {
+    /// Starts the operator in-process; returns its telemetry (metrics and health).
+    pub fn start_operator(&mut self) -> std::sync::Arc<Telemetry> {
         assert!(self.operator.is_none(), "operator already running");
         let (tx, rx) = oneshot::channel::<()>();
-        let azure = std::sync::Arc::new(self.azure_client());
+        let azure = self.azure_client();
+        let telemetry = Telemetry::new(Some(azure.stats()));
         let handle = tokio::spawn(controller::run(
             self.client.clone(),
-            azure,
+            std::sync::Arc::new(azure),
             self.settings.clone(),
+            telemetry.clone(),
             async move {
                 let _ = rx.await;
             },
         ));
         self.operator = Some((tx, handle));
+        telemetry
     }
 
     pub async fn stop_operator(&mut self) {

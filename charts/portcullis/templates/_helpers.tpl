@@ -1,0 +1,125 @@
+{{/* Chart name. */}}
+{{- define "portcullis.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: the release name, with the chart name appended unless the release name contains it.
+Used for every object, cluster-scoped ones included, so two releases never collide.
+*/}}
+{{- define "portcullis.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name for cluster-scoped objects: always carries the release name and namespace. */}}
+{{- define "portcullis.clusterName" -}}
+{{- printf "%s-%s" (include "portcullis.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "portcullis.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "portcullis.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "portcullis.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "portcullis.labels" -}}
+helm.sh/chart: {{ include "portcullis.chart" . }}
+{{ include "portcullis.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "portcullis.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "portcullis.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create=false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "portcullis.image" -}}
+{{- $repo := required "image.repository is required: build the image from the Dockerfile and push it to a registry the cluster can pull from (e.g. --set image.repository=myregistry.azurecr.io/portcullis)" .Values.image.repository }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" $repo .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when leader election is on: asked for, or forced by more than one replica. */}}
+{{- define "portcullis.leaderElection" -}}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) }}true{{ else }}false{{ end }}
+{{- end }}
+
+{{/*
+Checks that a schema cannot express: what each credential mode requires, and the priority
+bands' bounds and order. Included by the Deployment; renders nothing.
+*/}}
+{{- define "portcullis.validate" -}}
+{{- $az := .Values.azure }}
+{{- if eq $az.credentialMode "workloadIdentity" }}
+{{- $_ := required "azure.tenantId is required when azure.credentialMode=workloadIdentity (the Entra ID tenant of the managed identity)" $az.tenantId }}
+{{- $_ := required "azure.clientId is required when azure.credentialMode=workloadIdentity (the client ID of the user-assigned managed identity with the federated credential)" $az.clientId }}
+{{- if $az.existingSecret }}
+{{- fail "azure.existingSecret is only used with azure.credentialMode=clientSecret; unset it for workloadIdentity" }}
+{{- end }}
+{{- else if eq $az.credentialMode "clientSecret" }}
+{{- $_ := required "azure.tenantId is required when azure.credentialMode=clientSecret" $az.tenantId }}
+{{- $_ := required "azure.clientId is required when azure.credentialMode=clientSecret (the app registration's client ID)" $az.clientId }}
+{{- $_ := required "azure.existingSecret is required when azure.credentialMode=clientSecret (name of a Secret in the release namespace holding the client secret under azure.secretKey)" $az.existingSecret }}
+{{- else if eq $az.credentialMode "managedIdentity" }}
+{{- if $az.existingSecret }}
+{{- fail "azure.existingSecret is only used with azure.credentialMode=clientSecret; unset it for managedIdentity" }}
+{{- end }}
+{{- else }}
+{{- fail (printf "azure.credentialMode must be one of workloadIdentity, clientSecret, managedIdentity (got %q)" (toString $az.credentialMode)) }}
+{{- end }}
+{{- $bands := dict }}
+{{- range $key := list "allow" "deny" }}
+{{- $raw := toString (get $.Values.priorityBands $key) }}
+{{- if not (regexMatch "^[0-9]{3,4}-[0-9]{3,4}$" $raw) }}
+{{- fail (printf "priorityBands.%s must be FIRST-LAST, e.g. 100-199 (got %q)" $key $raw) }}
+{{- end }}
+{{- $parts := splitList "-" $raw }}
+{{- $first := atoi (index $parts 0) }}
+{{- $last := atoi (index $parts 1) }}
+{{- if or (lt $first 100) (gt $last 4096) (gt $first $last) }}
+{{- fail (printf "priorityBands.%s %q must satisfy 100 <= FIRST <= LAST <= 4096 (NSG priorities)" $key $raw) }}
+{{- end }}
+{{- $_ := set $bands $key (list $first $last) }}
+{{- end }}
+{{- $a := $bands.allow }}
+{{- $d := $bands.deny }}
+{{- if ge (index $a 1) (index $d 0) }}
+{{- fail (printf "priorityBands.allow %q must end below priorityBands.deny %q (Allow rules need the lower priority numbers to win over the Deny rules)" .Values.priorityBands.allow .Values.priorityBands.deny) }}
+{{- end }}
+{{- if and .Values.watchNamespace (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .Values.watchNamespace)) }}
+{{- fail (printf "watchNamespace %q is not a namespace name" .Values.watchNamespace) }}
+{{- end }}
+{{- end }}
+
+{{/* The operator's rules on its own resources and Events (Role or ClusterRole). */}}
+{{- define "portcullis.rbacRules" -}}
+- apiGroups: ["portcullis.dev"]
+  resources: ["jitpolicies", "accessgrants"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["portcullis.dev"]
+  resources: ["jitpolicies/status", "accessgrants/status"]
+  verbs: ["patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

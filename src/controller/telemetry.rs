@@ -1,0 +1,208 @@
+//! Metrics (Prometheus text format) and health state, shared by the controllers and the HTTP
+//! server that exposes them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::world::World;
+use crate::api::GrantPhase;
+use crate::azure::AzureStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReconcileLabels {
+    controller: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabels {
+    controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+const PHASES: [GrantPhase; 6] = [
+    GrantPhase::Pending,
+    GrantPhase::Active,
+    GrantPhase::Expired,
+    GrantPhase::Revoked,
+    GrantPhase::Denied,
+    GrantPhase::Failed,
+];
+
+/// Azure request counters, read from the adapter's own counts at scrape time.
+#[derive(Debug)]
+struct AzureRequests(AzureStats);
+
+impl prometheus_client::collector::Collector for AzureRequests {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = self.0.snapshot();
+        let mut family = encoder.encode_descriptor(
+            "portcullis_azure_requests",
+            "Azure Resource Manager requests by operation and HTTP status (429 = throttled)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for ((operation, status), count) in snapshot {
+            let labels = [("operation", operation), ("status", status)];
+            let metric = family.encode_family(&labels)?;
+            ConstCounter::new(count).encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Telemetry {
+    registry: Registry,
+    reconciles: Family<ReconcileLabels, Counter>,
+    reconcile_duration: Family<ControllerLabels, Histogram>,
+    grants: Family<PhaseLabels, Gauge>,
+    open_rules: Gauge,
+    expiry_lag: Histogram,
+    leader: Gauge,
+    caches_synced: AtomicBool,
+    azure_reachable: AtomicBool,
+    standby: AtomicBool,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    pub fn new(azure: Option<AzureStats>) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("portcullis");
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles by controller and result",
+            reconciles.clone(),
+        );
+        let reconcile_duration =
+            Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+            });
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            reconcile_duration.clone(),
+        );
+        let grants = Family::<PhaseLabels, Gauge>::default();
+        registry.register("grants", "AccessGrants by phase", grants.clone());
+        let open_rules = Gauge::default();
+        registry.register(
+            "open_rules",
+            "Allow rules standing for active grants",
+            open_rules.clone(),
+        );
+        let expiry_lag = Histogram::new([0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]);
+        registry.register(
+            "expiry_lag_seconds",
+            "Time from a grant's expiresAt to its rules being closed",
+            expiry_lag.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            leader.clone(),
+        );
+        if let Some(stats) = azure {
+            registry.register_collector(Box::new(AzureRequests(stats)));
+        }
+        Arc::new(Telemetry {
+            registry,
+            reconciles,
+            reconcile_duration,
+            grants,
+            open_rules,
+            expiry_lag,
+            leader,
+            caches_synced: AtomicBool::new(false),
+            azure_reachable: AtomicBool::new(true),
+            standby: AtomicBool::new(false),
+        })
+    }
+
+    pub fn reconciled(&self, controller: &'static str, result: &'static str, seconds: f64) {
+        self.reconciles
+            .get_or_create(&ReconcileLabels { controller, result })
+            .inc();
+        self.reconcile_duration
+            .get_or_create(&ControllerLabels { controller })
+            .observe(seconds);
+    }
+
+    pub fn grant_closed_at_expiry(&self, lag_seconds: f64) {
+        self.expiry_lag.observe(lag_seconds.max(0.0));
+    }
+
+    pub fn observe_world(&self, world: &World) {
+        for phase in PHASES {
+            let n = world
+                .grants
+                .iter()
+                .filter(|g| g.status.as_ref().and_then(|s| s.phase) == Some(phase))
+                .count();
+            self.grants
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str(),
+                })
+                .set(n as i64);
+        }
+        let open: usize = world
+            .grants
+            .iter()
+            .filter_map(|g| g.status.as_ref())
+            .filter(|s| s.phase == Some(GrantPhase::Active))
+            .map(|s| s.rules.len())
+            .sum();
+        self.open_rules.set(open as i64);
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+        self.standby.store(!leader, Ordering::Relaxed);
+    }
+
+    pub fn set_caches_synced(&self, synced: bool) {
+        self.caches_synced.store(synced, Ordering::Relaxed);
+    }
+
+    pub fn set_azure_reachable(&self, reachable: bool) {
+        self.azure_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    /// Ready: a standby is ready to take over; the leader once its caches are synced and Azure
+    /// answered its last call.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if self.standby.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if !self.caches_synced.load(Ordering::Relaxed) {
+            return Err("caches not synced yet");
+        }
+        if !self.azure_reachable.load(Ordering::Relaxed) {
+            return Err("Azure is not reachable");
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,688 @@
+//! The Helm chart (`charts/portcullis`) against Helm itself and the real API server: it lints
+//! strictly, renders every credential mode into manifests the API server accepts, refuses wrong
+//! values naming them, installs the objects it promises and removes them on uninstall. Helm
+//! comes from `scripts/helm.sh` (installed on first use); if it cannot be had, these tests fail.
+
+mod support;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use support::kube::{client, fresh_namespace, install_crds};
+
+const TENANT_ID: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+const IMAGE: &str = "registry.example/portcullis";
+const MODES: [&str; 3] = ["workloadIdentity", "clientSecret", "managedIdentity"];
+
+fn chart_dir() -> PathBuf {
+    support::repo_root().join("charts/portcullis")
+}
+
+/// The cached Helm binary, installed by `scripts/helm.sh` once per test binary.
+fn helm_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = support::repo_root().join("scripts/helm.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "scripts/helm.sh could not install Helm (the chart tests need it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(
+            path.is_file(),
+            "scripts/helm.sh printed {path:?}, which is not a file"
+        );
+        path
+    })
+}
+
+/// Helm with its cache/config/data homes in a private temporary directory.
+struct Helm {
+    home: tempfile::TempDir,
+}
+
+impl Helm {
+    fn new() -> Self {
+        Helm {
+            home: tempfile::tempdir().expect("a temporary directory for Helm"),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(helm_bin());
+        for (var, sub) in [
+            ("HELM_CACHE_HOME", "cache"),
+            ("HELM_CONFIG_HOME", "config"),
+            ("HELM_DATA_HOME", "data"),
+        ] {
+            cmd.env(var, self.home.path().join(sub));
+        }
+        cmd
+    }
+
+    fn run(&self, args: &[String]) -> Output {
+        self.command()
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("helm {args:?} does not run: {e}"))
+    }
+
+    /// Runs helm and fails the test unless it succeeds; returns stdout.
+    fn ok(&self, args: &[String]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "helm {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("helm prints UTF-8")
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// `--set` arguments supplying what a credential mode requires.
+fn mode_values(mode: &str) -> Vec<String> {
+    let mut sets = vec![
+        format!("image.repository={IMAGE}"),
+        format!("azure.credentialMode={mode}"),
+    ];
+    match mode {
+        "workloadIdentity" => {
+            sets.push(format!("azure.tenantId={TENANT_ID}"));
+            sets.push(format!("azure.clientId={CLIENT_ID}"));
+        }
+        "clientSecret" => {
+            sets.push(format!("azure.tenantId={TENANT_ID}"));
+            sets.push(format!("azure.clientId={CLIENT_ID}"));
+            sets.push("azure.existingSecret=portcullis-azure".into());
+        }
+        "managedIdentity" => {}
+        other => panic!("unknown mode {other}"),
+    }
+    sets.into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+}
+
+/// The documents of a rendered multi-document YAML stream, as JSON values.
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|doc| {
+            let v = serde_yaml::Value::deserialize(doc).expect("helm renders valid YAML");
+            (!v.is_null()).then(|| serde_json::to_value(v).expect("YAML maps onto JSON"))
+        })
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found = find(docs, kind);
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one {kind} rendered, found {found:?}"
+    );
+    found[0]
+}
+
+fn env_var<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == name))
+}
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("kubectl {args:?} does not run: {e}"));
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin piped")
+            .write_all(input.as_bytes())
+            .expect("writing to kubectl");
+    }
+    child.wait_with_output().expect("kubectl finishes")
+}
+
+/// `kubectl get -o json`: `Some(object)`, or `None` when it does not exist.
+fn kubectl_get(kind: &str, name: &str, namespace: Option<&str>) -> Option<Value> {
+    let mut args = vec!["get", kind, name, "-o", "json"];
+    if let Some(ns) = namespace {
+        args.extend(["-n", ns]);
+    }
+    let out = kubectl(&args, None);
+    if out.status.success() {
+        return Some(serde_json::from_slice(&out.stdout).expect("kubectl prints JSON"));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "kubectl {args:?} failed: {err}"
+    );
+    None
+}
+
+fn must_get(kind: &str, name: &str, namespace: Option<&str>) -> Value {
+    kubectl_get(kind, name, namespace)
+        .unwrap_or_else(|| panic!("{kind} {name} (namespace {namespace:?}) was not created"))
+}
+
+#[test]
+fn chart_crds_are_byte_identical_copies_of_crds_dir() {
+    let root = support::repo_root();
+    let source = std::fs::read(root.join("crds/portcullis.dev.yaml")).expect("crds/ exists");
+    let chart_crds = chart_dir().join("crds");
+    let mut files: Vec<_> = std::fs::read_dir(&chart_crds)
+        .expect("charts/portcullis/crds exists")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["portcullis.dev.yaml"],
+        "charts/portcullis/crds holds exactly a copy of crds/portcullis.dev.yaml"
+    );
+    let copy = std::fs::read(chart_crds.join("portcullis.dev.yaml")).expect("readable");
+    assert!(
+        copy == source,
+        "charts/portcullis/crds/portcullis.dev.yaml differs from crds/portcullis.dev.yaml: \
+         `cp crds/portcullis.dev.yaml charts/portcullis/crds/`"
+    );
+}
+
+#[test]
+fn chart_lints_strictly_with_defaults_and_every_credential_mode() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let out = helm.ok(&strings(&["lint", "--strict", &chart]));
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+    for mode in MODES {
+        let mut args = strings(&["lint", "--strict", &chart]);
+        args.extend(mode_values(mode));
+        let out = helm.ok(&args);
+        assert!(out.contains("0 chart(s) failed"), "{mode}: {out}");
+    }
+}
+
+#[test]
+fn every_credential_mode_renders_its_identity_wiring() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    for mode in MODES {
+        let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+        args.extend(mode_values(mode));
+        let docs = documents(&helm.ok(&args));
+        let sa = one(&docs, "ServiceAccount");
+        let deploy = one(&docs, "Deployment");
+        let pod = &deploy["spec"]["template"];
+        let container = &pod["spec"]["containers"][0];
+        let wi_label = &pod["metadata"]["labels"]["azure.workload.identity/use"];
+        let sa_annotations = &sa["metadata"]["annotations"];
+        assert_eq!(pod["spec"]["serviceAccountName"], sa["metadata"]["name"]);
+        assert_eq!(container["image"], format!("{IMAGE}:0.1.0"), "{mode}");
+        match mode {
+            "workloadIdentity" => {
+                assert_eq!(*wi_label, "true", "{mode}: pod label");
+                assert_eq!(
+                    sa_annotations["azure.workload.identity/client-id"],
+                    CLIENT_ID
+                );
+                assert_eq!(
+                    sa_annotations["azure.workload.identity/tenant-id"],
+                    TENANT_ID
+                );
+                assert!(env_var(container, "AZURE_CLIENT_SECRET").is_none());
+            }
+            "clientSecret" => {
+                assert!(wi_label.is_null(), "{mode}: no workload-identity label");
+                let secret = env_var(container, "AZURE_CLIENT_SECRET")
+                    .expect("AZURE_CLIENT_SECRET from the Secret");
+                let key_ref = &secret["valueFrom"]["secretKeyRef"];
+                assert_eq!(key_ref["name"], "portcullis-azure");
+                assert_eq!(key_ref["key"], "client-secret");
+                assert_eq!(
+                    env_var(container, "AZURE_TENANT_ID").unwrap()["value"],
+                    TENANT_ID
+                );
+                assert_eq!(
+                    env_var(container, "AZURE_CLIENT_ID").unwrap()["value"],
+                    CLIENT_ID
+                );
+            }
+            "managedIdentity" => {
+                assert!(wi_label.is_null(), "{mode}: no workload-identity label");
+                assert!(sa_annotations.is_null(), "{mode}: no SA annotations");
+                for var in ["AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "AZURE_CLIENT_ID"] {
+                    assert!(env_var(container, var).is_none(), "{mode}: no {var}");
+                }
+            }
+            _ => unreachable!(),
+        }
+        // Operator settings and identity of the pod.
+        for (var, value) in [
+            ("PORTCULLIS_ALLOW_BAND", "100-199"),
+            ("PORTCULLIS_DENY_BAND", "4000-4096"),
+            ("PORTCULLIS_LEADER_ELECTION", "true"),
+            ("PORTCULLIS_LEASE_NAME", "portcullis-leader"),
+            ("PORTCULLIS_HTTP_LISTEN", "0.0.0.0:8080"),
+        ] {
+            assert_eq!(
+                env_var(container, var).map(|e| &e["value"]),
+                Some(&Value::from(value)),
+                "{mode}: {var}"
+            );
+        }
+        for (var, path) in [
+            ("POD_NAME", "metadata.name"),
+            ("POD_NAMESPACE", "metadata.namespace"),
+        ] {
+            assert_eq!(
+                env_var(container, var).unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+                path
+            );
+        }
+        assert!(
+            env_var(container, "PORTCULLIS_NAMESPACE").is_none(),
+            "all namespaces by default"
+        );
+        assert!(find(&docs, "ServiceMonitor").is_empty(), "off by default");
+        assert!(find(&docs, "NetworkPolicy").is_empty(), "off by default");
+    }
+}
+
+#[test]
+fn optional_service_monitor_and_network_policy_render_when_enabled() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+    args.extend(mode_values("workloadIdentity"));
+    args.extend(strings(&[
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.interval=15s",
+        "--set",
+        "networkPolicy.enabled=true",
+    ]));
+    let docs = documents(&helm.ok(&args));
+    let sm = one(&docs, "ServiceMonitor");
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    let endpoint = &sm["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"], "http-metrics");
+    assert_eq!(endpoint["path"], "/metrics");
+    assert_eq!(endpoint["interval"], "15s");
+    let np = one(&docs, "NetworkPolicy");
+    let ingress = np["spec"]["ingress"].as_array().expect("ingress rules");
+    assert_eq!(ingress.len(), 1, "ingress only to the metrics port");
+    assert_eq!(ingress[0]["ports"][0]["port"], "http-metrics");
+    let egress_ports: Vec<Value> = np["spec"]["egress"]
+        .as_array()
+        .expect("egress rules")
+        .iter()
+        .flat_map(|r| r["ports"].as_array().cloned().unwrap_or_default())
+        .map(|p| p["port"].clone())
+        .collect();
+    for port in [53, 443] {
+        assert!(
+            egress_ports.contains(&Value::from(port)),
+            "egress to {port}: {egress_ports:?}"
+        );
+    }
+}
+
+#[test]
+fn wrong_values_fail_naming_the_value() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let wi = mode_values("workloadIdentity");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            strings(&["--set", "azure.credentialMode=bogus"]),
+            "azure.credentialMode",
+        ),
+        (
+            strings(&["--set-string", "replicaCount=two"]),
+            "replicaCount",
+        ),
+        (strings(&["--set", "replicaCount=0"]), "replicaCount"),
+        (
+            strings(&["--set", "priorityBands.allow=abc"]),
+            "priorityBands.allow",
+        ),
+        (
+            strings(&["--set", "priorityBands.deny=4000-5000"]),
+            "priorityBands.deny",
+        ),
+        (
+            strings(&["--set", "priorityBands.allow=100-4000"]),
+            "priorityBands.allow",
+        ),
+        (strings(&["--set", "logFormat=xml"]), "logFormat"),
+        (strings(&["--set", "resyncSeconds=1"]), "resyncSeconds"),
+        (
+            strings(&["--set", "azure.clientId=not-a-guid"]),
+            "azure.clientId",
+        ),
+        (strings(&["--set", "notAValue=1"]), "notAValue"),
+        (strings(&["--set", "azure.tenantId="]), "azure.tenantId"),
+        (strings(&["--set", "azure.clientId="]), "azure.clientId"),
+        (strings(&["--set", "image.repository="]), "image.repository"),
+        (
+            strings(&["--set", "azure.credentialMode=clientSecret"]),
+            "azure.existingSecret",
+        ),
+    ];
+    for (extra, named) in cases {
+        let mut args = strings(&["template", "rel", &chart]);
+        args.extend(wi.iter().cloned());
+        args.extend(extra.iter().cloned());
+        let out = helm.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "helm template with {extra:?} should fail"
+        );
+        let error = stderr
+            .lines()
+            .filter(|l| !l.starts_with("engine.go"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            error.contains(named),
+            "the error for {extra:?} should name {named}: {error}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_credential_mode_passes_server_side_dry_run() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "chart-dry").await;
+    let watched = fresh_namespace(&client, "chart-dry-watched").await;
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let variants: Vec<(&str, Vec<String>)> = vec![
+        ("workloadIdentity", vec![]),
+        ("clientSecret", vec![]),
+        ("managedIdentity", vec![]),
+        (
+            "workloadIdentity",
+            strings(&[
+                "--set",
+                &format!("watchNamespace={watched}"),
+                "--set",
+                "networkPolicy.enabled=true",
+                "--set",
+                "replicaCount=1",
+            ]),
+        ),
+    ];
+    for (i, (mode, extra)) in variants.into_iter().enumerate() {
+        let release = format!("dry{i}");
+        // --validate: rendered with the API server's capabilities (policy/v1beta1 PDB on 1.20).
+        let mut args = strings(&[
+            "template",
+            &release,
+            &chart,
+            "--validate",
+            "--namespace",
+            &ns,
+        ]);
+        args.extend(mode_values(mode));
+        args.extend(extra.iter().cloned());
+        let rendered = helm.ok(&args);
+        let kinds: Vec<String> = documents(&rendered)
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert!(kinds.iter().any(|k| k == "Deployment"), "{kinds:?}");
+        let out = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode} {extra:?}: the API server refused the rendered chart: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            stdout.matches("(server dry run)").count(),
+            kinds.len(),
+            "every object went through server dry run: {stdout}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn install_creates_the_operator_objects_and_uninstall_removes_them() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "chart-install").await;
+    let release = format!("pc-{}", ns.rsplit('-').next().unwrap());
+    let full = format!("{release}-portcullis");
+    let cluster_name = format!("{full}-{ns}");
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+
+    // A wrong value fails the install too, and leaves no release behind.
+    let mut bad = strings(&["install", &release, &chart, "--namespace", &ns]);
+    bad.extend(mode_values("workloadIdentity"));
+    bad.extend(strings(&["--set", "azure.credentialMode=bogus"]));
+    let out = helm.run(&bad);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("azure.credentialMode"));
+    let list = helm.ok(&strings(&["list", "--namespace", &ns, "-q"]));
+    assert!(
+        list.trim().is_empty(),
+        "no release after a failed install: {list}"
+    );
+
+    let mut args = strings(&["install", &release, &chart, "--namespace", &ns]);
+    args.extend(mode_values("workloadIdentity"));
+    helm.ok(&args);
+
+    let deploy = must_get("deployment", &full, Some(&ns));
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let pod = &deploy["spec"]["template"]["spec"];
+    let psc = &pod["securityContext"];
+    assert_eq!(psc["runAsNonRoot"], true);
+    assert_eq!(psc["runAsUser"], 65532);
+    assert_eq!(psc["seccompProfile"]["type"], "RuntimeDefault");
+    let container = &pod["containers"][0];
+    let csc = &container["securityContext"];
+    assert_eq!(csc["runAsNonRoot"], true);
+    assert_eq!(csc["runAsUser"], 65532);
+    assert_eq!(csc["readOnlyRootFilesystem"], true);
+    assert_eq!(csc["allowPrivilegeEscalation"], false);
+    assert_eq!(csc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(csc["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(
+        container["livenessProbe"]["httpGet"]["port"],
+        "http-metrics"
+    );
+    assert!(container["resources"]["limits"]["memory"].is_string());
+    assert!(container["resources"]["requests"]["cpu"].is_string());
+    assert_eq!(
+        deploy["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"],
+        "true"
+    );
+
+    let sa = must_get("serviceaccount", &full, Some(&ns));
+    assert_eq!(
+        sa["metadata"]["annotations"]["azure.workload.identity/client-id"],
+        CLIENT_ID
+    );
+    assert_eq!(pod["serviceAccountName"], full);
+
+    let role = must_get("clusterrole", &cluster_name, None);
+    let rules = role["rules"].as_array().expect("rules");
+    let verbs_for = |resource: &str| -> Vec<String> {
+        rules
+            .iter()
+            .filter(|r| {
+                r["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x == resource)
+            })
+            .flat_map(|r| r["verbs"].as_array().unwrap().iter())
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        verbs_for("accessgrants"),
+        ["get", "list", "watch", "patch", "update"]
+    );
+    assert_eq!(verbs_for("jitpolicies/status"), ["patch"]);
+    assert_eq!(verbs_for("events"), ["create", "patch"]);
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r["verbs"].as_array().unwrap().iter().any(|v| v == "*")
+                || r["resources"].as_array().unwrap().iter().any(|v| v == "*")),
+        "no wildcards: {rules:?}"
+    );
+    let binding = must_get("clusterrolebinding", &cluster_name, None);
+    assert_eq!(binding["roleRef"]["name"], cluster_name);
+    assert_eq!(binding["subjects"][0]["name"], full);
+    assert_eq!(binding["subjects"][0]["namespace"], ns);
+
+    let lease_role_name = format!("{full}-leader-election");
+    let lease_role = must_get("role", &lease_role_name, Some(&ns));
+    assert!(
+        lease_role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["apiGroups"] == serde_json::json!(["coordination.k8s.io"])),
+        "the namespaced Role is for Leases only: {lease_role}"
+    );
+    must_get("rolebinding", &lease_role_name, Some(&ns));
+
+    let svc_name = format!("{full}-metrics");
+    let svc = must_get("service", &svc_name, Some(&ns));
+    assert_eq!(svc["spec"]["ports"][0]["name"], "http-metrics");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
+    let pdb = must_get("poddisruptionbudget", &full, Some(&ns));
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+
+    helm.ok(&strings(&[
+        "uninstall",
+        &release,
+        "--namespace",
+        &ns,
+        "--wait",
+    ]));
+    for (kind, name, namespace) in [
+        ("deployment", full.as_str(), Some(ns.as_str())),
+        ("serviceaccount", &full, Some(&ns)),
+        ("clusterrole", &cluster_name, None),
+        ("clusterrolebinding", &cluster_name, None),
+        ("role", &lease_role_name, Some(&ns)),
+        ("rolebinding", &lease_role_name, Some(&ns)),
+        ("service", &svc_name, Some(&ns)),
+        ("poddisruptionbudget", &full, Some(&ns)),
+    ] {
+        assert!(
+            kubectl_get(kind, name, namespace).is_none(),
+            "{kind} {name} is left after helm uninstall"
+        );
+    }
+    // CRDs are kept (crds/ is never deleted by Helm).
+    must_get("crd", "accessgrants.portcullis.dev", None);
+    must_get("crd", "jitpolicies.portcullis.dev", None);
+}
+
+#[tokio::test]
+async fn watch_namespace_install_uses_a_role_there_and_no_cluster_role() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "chart-ns").await;
+    let watched = fresh_namespace(&client, "chart-ns-watched").await;
+    let release = format!("pn-{}", ns.rsplit('-').next().unwrap());
+    let full = format!("{release}-portcullis");
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let mut args = strings(&["install", &release, &chart, "--namespace", &ns]);
+    args.extend(mode_values("managedIdentity"));
+    args.extend(strings(&[
+        "--set",
+        &format!("watchNamespace={watched}"),
+        "--set",
+        "replicaCount=1",
+    ]));
+    helm.ok(&args);
+
+    let deploy = must_get("deployment", &full, Some(&ns));
+    assert_eq!(deploy["spec"]["replicas"], 1);
+    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_var(container, "PORTCULLIS_NAMESPACE").unwrap()["value"],
+        watched
+    );
+    assert_eq!(
+        env_var(container, "PORTCULLIS_LEADER_ELECTION").unwrap()["value"],
+        "false"
+    );
+    let role = must_get("role", &full, Some(&watched));
+    assert!(
+        role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == "accessgrants")),
+        "{role}"
+    );
+    let binding = must_get("rolebinding", &full, Some(&watched));
+    assert_eq!(binding["subjects"][0]["namespace"], ns);
+    assert!(kubectl_get("clusterrole", &format!("{full}-{ns}"), None).is_none());
+    assert!(
+        kubectl_get("poddisruptionbudget", &full, Some(&ns)).is_none(),
+        "no PDB with a single replica"
+    );
+
+    helm.ok(&strings(&[
+        "uninstall",
+        &release,
+        "--namespace",
+        &ns,
+        "--wait",
+    ]));
+    assert!(kubectl_get("role", &full, Some(&watched)).is_none());
+    assert!(kubectl_get("rolebinding", &full, Some(&watched)).is_none());
+    assert!(kubectl_get("deployment", &full, Some(&ns)).is_none());
+}
