@@ -48,7 +48,7 @@ impl prometheus_client::collector::Collector for AzureRequests {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = self.0.snapshot();
         let mut family = encoder.encode_descriptor(
-            "portcullis_azure_requests",
+            "azure_requests",
             "Azure Resource Manager requests by operation and HTTP status (429 = throttled)",
             None,
             prometheus_client::metrics::MetricType::Counter,
@@ -175,6 +175,10 @@ impl Telemetry {
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
         self.standby.store(!leader, Ordering::Relaxed);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.get() == 1
     }
 
     pub fn set_caches_synced(&self, synced: bool) {

@@ -2,11 +2,13 @@
 //! with the demo fixture), and the operator running in-process against both, over HTTP with the
 //! real SDK client and a real client-secret credential.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use portcullis::api::{AccessGrant, GrantPhase, JitPolicy};
+use portcullis::azure::AzureStats;
 use portcullis::azure::client::{AzureClientOptions, AzureNetworkClient};
 use portcullis::azure::credential::{CredentialConfig, build_credential};
 use portcullis::controller::telemetry::Telemetry;
@@ -35,6 +37,26 @@ pub fn nsg_id(name: &str) -> String {
 pub fn demo_fixture() -> Fixture {
     let path = super::repo_root().join("emulator/fixtures/demo.yaml");
     Fixture::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// An operator running in-process.
+pub struct Replica {
+    pub shutdown: oneshot::Sender<()>,
+    pub task: JoinHandle<Result<(), controller::Error>>,
+    pub telemetry: Arc<Telemetry>,
+    pub stats: AzureStats,
+}
+
+impl Replica {
+    /// Azure writes this replica made (accepted or not).
+    pub fn writes(&self) -> u64 {
+        self.stats
+            .snapshot()
+            .iter()
+            .filter(|((op, _), _)| op == "put_rule" || op == "delete_rule")
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 /// The shutdown trigger and the task of an operator running in-process.
@@ -113,22 +135,35 @@ impl Env {
     }
 
     /// Starts the operator in-process; returns its telemetry (metrics and health).
-    pub fn start_operator(&mut self) -> std::sync::Arc<Telemetry> {
+    pub fn start_operator(&mut self) -> Arc<Telemetry> {
         assert!(self.operator.is_none(), "operator already running");
+        let replica = self.spawn_replica(self.settings.clone());
+        let telemetry = replica.telemetry.clone();
+        self.operator = Some((replica.shutdown, replica.task));
+        telemetry
+    }
+
+    /// Starts one more operator process (in-process) with its own Azure client and telemetry.
+    pub fn spawn_replica(&self, settings: Settings) -> Replica {
         let (tx, rx) = oneshot::channel::<()>();
         let azure = self.azure_client();
-        let telemetry = Telemetry::new(Some(azure.stats()));
-        let handle = tokio::spawn(controller::run(
+        let stats = azure.stats();
+        let telemetry = Telemetry::new(Some(stats.clone()));
+        let task = tokio::spawn(controller::run(
             self.client.clone(),
-            std::sync::Arc::new(azure),
-            self.settings.clone(),
+            Arc::new(azure),
+            settings,
             telemetry.clone(),
             async move {
                 let _ = rx.await;
             },
         ));
-        self.operator = Some((tx, handle));
-        telemetry
+        Replica {
+            shutdown: tx,
+            task,
+            telemetry,
+            stats,
+        }
     }
 
     pub async fn stop_operator(&mut self) {
