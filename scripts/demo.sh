@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEMO="$PWD/.demo"
-export PORTCULLIS_CLUSTER_DIR="$PWD/.local-cluster"
+# A control plane of the demo's own, so test runs and the demo never share objects.
+export PORTCULLIS_CLUSTER_DIR="$DEMO/cluster"
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
 stop_pid() { [ -f "$1" ] && kill "$(cat "$1")" 2>/dev/null || true; rm -f "$1"; }
@@ -37,7 +38,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 AZ="http://127.0.0.1:$port"
 rm -f "$DEMO/emulator-state.json"
 target/debug/portcullis-azure-emulator --listen "127.0.0.1:$port" --fixture emulator/fixtures/demo.yaml \
-  --state-file "$DEMO/emulator-state.json" --async-delay-ms 300 >"$DEMO/emulator.log" 2>&1 &
+  --state-file "$DEMO/emulator-state.json" --async-delay-ms 300 --retry-after-secs 0 >"$DEMO/emulator.log" 2>&1 &
 echo $! >"$DEMO/emulator.pid"
 for _ in $(seq 1 100); do curl -fsS "$AZ/_emulator/health" >/dev/null 2>&1 && break; sleep 0.1; done
 curl -fsS "$AZ/_emulator/health" >/dev/null || { cat "$DEMO/emulator.log"; exit 1; }
@@ -49,8 +50,8 @@ AZURE_AUTHORITY_HOST="$AZ/" PORTCULLIS_AZURE_ENDPOINT="$AZ" PORTCULLIS_RESYNC_SE
   target/debug/portcullis run >"$DEMO/operator.log" 2>&1 &
 echo $! >"$DEMO/operator.pid"
 
-say "applying examples/"
-kubectl apply -f examples/
+say "applying examples/ (the Kubernetes manifests)"
+for manifest in examples/*.yaml; do kubectl apply -f "$manifest"; done
 
 nsg=/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-demo/providers/Microsoft.Network/networkSecurityGroups/nsg-vm1
 show_rules() {
@@ -60,7 +61,7 @@ for r in json.load(sys.stdin):
     p = r["properties"]
     ports = p.get("destinationPortRange") or ",".join(p.get("destinationPortRanges", []))
     src = p.get("sourceAddressPrefix") or ",".join(p.get("sourceAddressPrefixes", []))
-    print(f"  {p[\"priority\"]:>5}  {p[\"access\"]:<5} {p[\"direction\"]:<8} {r[\"name\"]:<45} port {ports:<6} from {src}")'
+    print("  %5s  %-5s %-8s %-40s port %-6s from %s" % (p["priority"], p["access"], p["direction"], r["name"], ports, src))'
 }
 wait_phase() {
   for _ in $(seq 1 ${2:-120}); do
@@ -70,8 +71,12 @@ wait_phase() {
   echo "grant did not reach $1; operator log:" >&2; tail -n 30 "$DEMO/operator.log" >&2; return 1
 }
 
-say "waiting for the grant to become Active"
+say "waiting for the grant to become Active with its rules open"
 wait_phase Active
+for _ in $(seq 1 60); do
+  [ "$(kubectl get accessgrant alice-ssh-vm1 -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ] && break
+  sleep 0.5
+done
 kubectl get jitpolicies,accessgrants
 echo; echo "rules in nsg-vm1 (user rules untouched, Portcullis rules named portcullis-*):"; show_rules
 
