@@ -98,10 +98,30 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Ctx) -> Action {
     Action::requeue(delay.min(Duration::from_secs(30)))
 }
 
-fn result_label(r: &Result<Action, Error>) -> &'static str {
-    match r {
+/// Runs one reconcile, counting it and its duration by controller and result. A success
+/// means Azure (if it was called) answered.
+async fn measured(
+    controller: &'static str,
+    ctx: Ctx,
+    reconcile: impl Future<Output = Result<Action, Error>>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile.await;
+    let label = match &result {
         Ok(_) => "ok",
         Err(e) => e.category(),
+    };
+    ctx.telemetry
+        .reconciled(controller, label, started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.telemetry.set_azure_reachable(true);
+    }
+    result
+}
+
+async fn log_stream_error<T, E: std::fmt::Display>(item: Result<T, E>) {
+    if let Err(e) = item {
+        warn!(error = %e, "controller stream error");
     }
 }
 
@@ -207,50 +227,29 @@ async fn run_controllers(
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown.clone())
         .run(
-            |obj, ctx: Ctx| async move {
-                let started = std::time::Instant::now();
-                let result = policy::reconcile(obj, ctx.clone()).await;
-                ctx.telemetry.reconciled(
-                    "jitpolicy",
-                    result_label(&result),
-                    started.elapsed().as_secs_f64(),
-                );
-                result
-            },
+            |obj, ctx: Ctx| measured("jitpolicy", ctx.clone(), policy::reconcile(obj, ctx)),
             error_policy,
             ctx.clone(),
         )
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "controller stream error");
-            }
-        });
+        .for_each(log_stream_error);
     let grants = grant_ctl
         .with_config(config)
         .graceful_shutdown_on(shutdown)
         .run(
             |obj, ctx: Ctx| async move {
-                let started = std::time::Instant::now();
-                let result = grant::reconcile(obj, ctx.clone()).await;
-                ctx.telemetry.reconciled(
+                let result = measured(
                     "accessgrant",
-                    result_label(&result),
-                    started.elapsed().as_secs_f64(),
-                );
-                if result.is_ok() {
-                    ctx.telemetry.set_azure_reachable(true);
-                }
+                    ctx.clone(),
+                    grant::reconcile(obj, ctx.clone()),
+                )
+                .await;
                 ctx.telemetry.observe_world(&ctx.world.snapshot());
                 result
             },
             error_policy,
             ctx.clone(),
         )
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "controller stream error");
-            }
-        });
+        .for_each(log_stream_error);
     let synced = async {
         ctx.world.wait_ready().await;
         ctx.telemetry.set_caches_synced(true);
