@@ -508,6 +508,13 @@ async fn throttling_and_server_errors_delay_but_never_leave_a_grant_open() {
         (Timestamp::now() > expires_at + jiff::SignedDuration::from_millis(500)).then_some(())
     })
     .await;
+    // While Azure fails, the grant says so.
+    wait_for("the grant to report the Azure failure", T, || async {
+        let g = env.grants().get("frank").await.ok()?;
+        let ready = g.status?.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.reason == "AzureError" && ready.message.contains("retrying")).then_some(())
+    })
+    .await;
     env.admin.clear_faults().await.expect("clear");
     let recovered = Timestamp::now();
     let closed = wait_closed(&env, &frank, T).await;

@@ -30,15 +30,32 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short stable label, used as a metric label and an Event reason.
+    /// The Azure error underneath, if any (also through the finalizer's wrapper).
+    pub fn azure(&self) -> Option<&AzureError> {
+        match self {
+            Error::Azure(e) => Some(e),
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.azure(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// A short stable label, used as a metric label, a condition reason and an Event reason.
     pub fn category(&self) -> &'static str {
         match self {
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                _ => "FinalizerError",
+            },
             Error::Kube(_) => "KubernetesError",
             Error::Azure(e) => match e {
                 AzureError::Throttled { .. } => "AzureThrottled",
                 _ => "AzureError",
             },
-            Error::Finalizer(_) => "FinalizerError",
             Error::MissingField(_) => "InvalidObject",
             Error::Config(_) => "ConfigError",
             Error::Serialisation(_) => "SerialisationError",

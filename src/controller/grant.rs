@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::Error;
 use super::context::Ctx;
 use super::nsg::NsgOutcome;
-use super::status::apply_status;
+use super::status::{apply_status, report_azure_failure};
 use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, AccessGrantStatus, GrantPhase, GrantedRule, JitPolicy};
 use crate::plan::{live_grant, naming, nsgs_of_grant, validate_grant};
@@ -31,14 +31,19 @@ pub async fn reconcile(grant: std::sync::Arc<AccessGrant>, ctx: Ctx) -> Result<A
         ctx.world.wait_ready().await;
         debug!("world ready");
         let api: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &ns);
-        finalizer(&api, FINALIZER, grant, |event| async {
+        let name = grant.name_any();
+        let result = finalizer(&api, FINALIZER, grant, |event| async {
             match event {
                 Finalizer::Apply(g) => apply(&g, &api, &ctx).await,
                 Finalizer::Cleanup(g) => cleanup(&g, &api, &ctx).await,
             }
         })
         .await
-        .map_err(|e| Error::Finalizer(Box::new(e)))
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        if let Err(e) = &result {
+            report_azure_failure(&api, &name, e).await;
+        }
+        result
     }
     .instrument(span)
     .await

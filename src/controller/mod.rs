@@ -65,34 +65,19 @@ impl Default for Settings {
 /// How long to wait after a failed reconcile: Azure's `Retry-After` when it gave one, else a
 /// short fixed delay (a grant past its expiry must close soon after Azure answers again).
 fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Ctx) -> Action {
-    let azure = match error {
-        Error::Azure(e) => Some(e),
-        Error::Finalizer(inner) => match inner.as_ref() {
-            kube::runtime::finalizer::Error::ApplyFailed(Error::Azure(e))
-            | kube::runtime::finalizer::Error::CleanupFailed(Error::Azure(e)) => Some(e),
-            _ => None,
-        },
-        _ => None,
-    };
-    if let Some(e) = azure {
-        use crate::azure::AzureError as A;
-        if matches!(
+    use crate::azure::AzureError as A;
+    let azure = error.azure();
+    if azure.is_some_and(|e| {
+        matches!(
             e,
             A::Transport(_) | A::Unauthorized { .. } | A::Credential(_) | A::Timeout { .. }
-        ) {
-            ctx.telemetry.set_azure_reachable(false);
-        }
+        )
+    }) {
+        ctx.telemetry.set_azure_reachable(false);
     }
-    let delay = match error {
-        Error::Azure(e) => e.retry_after().unwrap_or(Duration::from_millis(500)),
-        Error::Finalizer(inner) => match inner.as_ref() {
-            kube::runtime::finalizer::Error::ApplyFailed(Error::Azure(e))
-            | kube::runtime::finalizer::Error::CleanupFailed(Error::Azure(e)) => {
-                e.retry_after().unwrap_or(Duration::from_millis(500))
-            }
-            _ => Duration::from_secs(1),
-        },
-        _ => Duration::from_secs(1),
+    let delay = match azure {
+        Some(e) => e.retry_after().unwrap_or(Duration::from_millis(500)),
+        None => Duration::from_secs(1),
     };
     warn!(error = %error, category = error.category(), retry_in_ms = delay.as_millis() as u64, "reconcile failed");
     Action::requeue(delay.min(Duration::from_secs(30)))

@@ -12,7 +12,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Error;
 use super::context::Ctx;
-use super::status::apply_status;
+use super::status::{apply_status, report_azure_failure};
 use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, GrantPhase, JitPolicy, JitPolicyStatus, ResolvedTarget};
 use crate::azure::AzureError;
@@ -30,14 +30,19 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Ctx) -> Result<Action, Error
         ctx.world.wait_ready().await;
         debug!("world ready");
         let api: Api<JitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        finalizer(&api, FINALIZER, policy, |event| async {
+        let name = policy.name_any();
+        let result = finalizer(&api, FINALIZER, policy, |event| async {
             match event {
                 Finalizer::Apply(p) => apply(&p, &api, &ctx).await,
                 Finalizer::Cleanup(p) => cleanup(&p, &ctx).await,
             }
         })
         .await
-        .map_err(|e| Error::Finalizer(Box::new(e)))
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        if let Err(e) = &result {
+            report_azure_failure(&api, &name, e).await;
+        }
+        result
     }
     .instrument(span)
     .await

@@ -5,8 +5,12 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
 use super::Error;
 use super::context::FIELD_MANAGER;
+use crate::api::condition::{READY, set_condition};
+use crate::api::{AccessGrant, AccessGrantStatus, JitPolicy, JitPolicyStatus};
 
 pub async fn apply_status<K>(api: &Api<K>, obj: &K, status: &impl Serialize) -> Result<K, Error>
 where
@@ -21,4 +25,70 @@ where
     Ok(api
         .patch_status(&obj.name_any(), &pp, &Patch::Apply(&patch))
         .await?)
+}
+
+/// Objects whose status carries `metav1.Condition`s.
+pub trait WithConditions:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug
+{
+    type Status: Serialize + Default + Clone + PartialEq;
+    fn status_mut(&mut self) -> &mut Option<Self::Status>;
+    fn conditions_mut(status: &mut Self::Status) -> &mut Vec<Condition>;
+}
+
+impl WithConditions for AccessGrant {
+    type Status = AccessGrantStatus;
+    fn status_mut(&mut self) -> &mut Option<AccessGrantStatus> {
+        &mut self.status
+    }
+    fn conditions_mut(status: &mut AccessGrantStatus) -> &mut Vec<Condition> {
+        &mut status.conditions
+    }
+}
+
+impl WithConditions for JitPolicy {
+    type Status = JitPolicyStatus;
+    fn status_mut(&mut self) -> &mut Option<JitPolicyStatus> {
+        &mut self.status
+    }
+    fn conditions_mut(status: &mut JitPolicyStatus) -> &mut Vec<Condition> {
+        &mut status.conditions
+    }
+}
+
+/// Says in the Ready condition that Azure failed, so `kubectl get` shows why nothing moves while
+/// the reconcile is retried. Best effort: a failure to write it is only logged. The message is
+/// stable across retries (category and ARM code), so repeated failures write nothing more.
+pub async fn report_azure_failure<K: WithConditions>(api: &Api<K>, name: &str, error: &Error) {
+    let Some(azure) = error.azure() else { return };
+    let mut latest = match api.get_opt(name).await {
+        Ok(Some(obj)) => obj,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the object to report an Azure failure");
+            return;
+        }
+    };
+    let before = latest.status_mut().clone();
+    let mut status = before.clone().unwrap_or_default();
+    let message = format!(
+        "Azure: {} (retrying)",
+        azure.code().unwrap_or(azure.category())
+    );
+    let generation = latest.meta().generation;
+    set_condition(
+        K::conditions_mut(&mut status),
+        READY,
+        false,
+        error.category(),
+        &message,
+        generation,
+        jiff::Timestamp::now(),
+    );
+    if before.as_ref() == Some(&status) {
+        return;
+    }
+    if let Err(e) = apply_status(api, &latest, &status).await {
+        tracing::warn!(error = %e, "could not report an Azure failure in status");
+    }
 }
