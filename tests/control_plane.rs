@@ -22,6 +22,40 @@ async fn crds_install_and_become_established() {
 }
 
 #[tokio::test]
+async fn kubectl_explain_describes_the_grant_fields() {
+    let client = client().await;
+    install_crds(&client).await;
+    let out = Command::new("kubectl")
+        .args(["explain", "accessgrant.spec"])
+        .output()
+        .expect("kubectl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubectl explain failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for field in [
+        "policyRef",
+        "virtualMachine",
+        "ports",
+        "sourceAddressPrefix",
+        "duration",
+        "notAfter",
+        "justification",
+    ] {
+        assert!(
+            text.contains(field),
+            "`kubectl explain accessgrant.spec` lacks {field}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("Why access is needed"),
+        "field descriptions come from the Rust doc comments"
+    );
+}
+
+#[tokio::test]
 async fn every_example_is_accepted_by_server_side_dry_run() {
     let client = client().await;
     install_crds(&client).await;

@@ -109,12 +109,12 @@ async fn policy_writes_deny_rules_in_every_governing_nsg() {
         vec!["10.0.1.4".to_string()]
     );
     assert_eq!(vm1_target.network_security_groups.len(), 2);
+    env.assert_user_rules_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_grant_opens_exactly_its_rules_and_closes_them_on_time() {
     let env = ready_env("open").await;
-    let foreign_before = env.foreign_rules().await;
     env.create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT6S"))
         .await;
     env.wait_grant_phase("alice", GrantPhase::Active, T).await;
@@ -169,11 +169,7 @@ async fn valid_grant_opens_exactly_its_rules_and_closes_them_on_time() {
     let lag = closed_at.duration_since(expires_at);
     assert!(lag.as_secs_f64() <= 2.0, "closed {lag:?} after expiresAt");
     env.wait_grant_phase("alice", GrantPhase::Expired, T).await;
-    assert_eq!(
-        env.foreign_rules().await,
-        foreign_before,
-        "user rules must be untouched"
-    );
+    env.assert_user_rules_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,12 +283,12 @@ async fn out_of_policy_grants_are_denied_with_zero_writes() {
         writes_before,
         "a denied grant must not write to Azure"
     );
+    env.assert_user_rules_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_grant_closes_it_and_deleting_the_policy_removes_everything() {
     let env = ready_env("revoke").await;
-    let foreign_before = env.foreign_rules().await;
     env.create_grant("bob", grant_spec("vm1", &[22], "203.0.113.8/32", "PT1H"))
         .await;
     env.create_grant("carol", grant_spec("vm1", &[53], "198.51.100.7/32", "PT1H"))
@@ -333,7 +329,7 @@ async fn deleting_a_grant_closes_it_and_deleting_the_policy_removes_everything()
     );
     assert!(env.owned_rules("nsg-subnet").await.is_empty());
     env.wait_grant_phase("carol", GrantPhase::Revoked, T).await;
-    assert_eq!(env.foreign_rules().await, foreign_before);
+    env.assert_user_rules_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,6 +362,7 @@ async fn a_grant_that_lapsed_while_the_operator_was_down_is_closed_at_start_up()
     env.start_operator();
     wait_closed(&env, &dave, T).await;
     env.wait_grant_phase("dave", GrantPhase::Expired, T).await;
+    env.assert_user_rules_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,7 +508,11 @@ async fn throttling_and_server_errors_delay_but_never_leave_a_grant_open() {
     // While Azure fails, the grant says so.
     wait_for("the grant to report the Azure failure", T, || async {
         let g = env.grants().get("frank").await.ok()?;
-        let ready = g.status?.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        let ready = g
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")?;
         (ready.reason == "AzureError" && ready.message.contains("retrying")).then_some(())
     })
     .await;
@@ -529,6 +530,7 @@ async fn throttling_and_server_errors_delay_but_never_leave_a_grant_open() {
         stats.faults_injected >= 12,
         "faults were injected: {stats:?}"
     );
+    env.assert_user_rules_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,6 +580,7 @@ async fn an_unchanged_world_makes_zero_writes_over_several_resyncs() {
         .collect();
     assert!(written.is_empty(), "steady state wrote: {written:#?}");
     assert_eq!(env.writes().await, writes);
+    env.assert_user_rules_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -622,6 +625,7 @@ async fn reapplying_an_expired_grant_does_not_reopen_it() {
     assert_eq!(status.expires_at, Some(expires_at));
     assert!(env.grant_names_in_nsg("nsg-vm1", &hank).await.is_empty());
     assert_eq!(env.writes().await, writes);
+    env.assert_user_rules_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -651,4 +655,5 @@ async fn a_grant_waits_for_its_policy_and_proceeds_when_it_appears() {
     // Well within the 60 s resync: the policy watch wakes the grant.
     env.wait_grant_phase("ivy", GrantPhase::Active, Duration::from_secs(20))
         .await;
+    env.assert_user_rules_untouched().await;
 }

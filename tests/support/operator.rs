@@ -71,6 +71,8 @@ pub struct Env {
     pub emu: RunningEmulator,
     pub admin: AdminClient,
     pub settings: Settings,
+    /// The fixture's user rules as the emulator served them before the operator ran.
+    pub user_rules_at_start: Vec<Value>,
     operator: Option<RunningOperator>,
 }
 
@@ -102,14 +104,21 @@ impl Env {
             .await
             .unwrap_or_else(|e| panic!("emulator: {e}"));
         let admin = emu.admin();
-        Env {
+        let mut env = Env {
             client,
             ns,
             emu,
             admin,
             settings,
+            user_rules_at_start: Vec::new(),
             operator: None,
-        }
+        };
+        env.user_rules_at_start = env.foreign_rules().await;
+        assert!(
+            !env.user_rules_at_start.is_empty(),
+            "the fixture has user rules"
+        );
+        env
     }
 
     pub fn azure_client(&self) -> AzureNetworkClient {
@@ -292,6 +301,15 @@ impl Env {
             );
         }
         out
+    }
+
+    /// Rules that are not Portcullis's are exactly as they were, etags included.
+    pub async fn assert_user_rules_untouched(&self) {
+        assert_eq!(
+            self.foreign_rules().await,
+            self.user_rules_at_start,
+            "user rules must be byte-for-byte unchanged"
+        );
     }
 
     pub async fn writes(&self) -> u64 {
