@@ -82,9 +82,9 @@ struct RunArgs {
     /// Seconds a Lease holder may go without renewing before a standby takes over.
     #[arg(long, env = "PORTCULLIS_LEASE_DURATION_SECONDS", default_value_t = 15)]
     lease_duration_seconds: u64,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "PORTCULLIS_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated (default: all namespaces).
+    #[arg(long, env = "PORTCULLIS_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
     #[arg(
         long,
         env = "PORTCULLIS_LOG_FORMAT",
@@ -171,7 +171,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
         bands,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         concurrency: args.concurrency.max(1),
-        namespace: args.namespace.clone().filter(|n| !n.is_empty()),
+        namespaces: args
+            .namespaces
+            .iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect(),
         leader_election: leader_election(&args)?,
     };
     let credential_config =

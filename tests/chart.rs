@@ -310,7 +310,7 @@ fn every_credential_mode_renders_its_identity_wiring() {
             );
         }
         assert!(
-            env_var(container, "PORTCULLIS_NAMESPACE").is_none(),
+            env_var(container, "PORTCULLIS_NAMESPACES").is_none(),
             "all namespaces by default"
         );
         assert!(find(&docs, "ServiceMonitor").is_empty(), "off by default");
@@ -392,6 +392,25 @@ fn wrong_values_fail_naming_the_value() {
             "azure.clientId",
         ),
         (strings(&["--set", "notAValue=1"]), "notAValue"),
+        // The removed single-namespace key: refused by the schema, and by the templates when
+        // schema validation is skipped (there the message points to the list).
+        (strings(&["--set", "watchNamespace=foo"]), "watchNamespace"),
+        (
+            strings(&["--skip-schema-validation", "--set", "watchNamespace=foo"]),
+            "watchNamespaces",
+        ),
+        (
+            strings(&["--set", "watchNamespaces=team-a"]),
+            "watchNamespaces",
+        ),
+        (
+            strings(&["--set", "watchNamespaces={team-a,Team_B}"]),
+            "watchNamespaces",
+        ),
+        (
+            strings(&["--set", "watchNamespaces={team-a,team-a}"]),
+            "watchNamespaces",
+        ),
         (strings(&["--set", "azure.tenantId="]), "azure.tenantId"),
         (strings(&["--set", "azure.clientId="]), "azure.clientId"),
         (strings(&["--set", "image.repository="]), "image.repository"),
@@ -428,6 +447,7 @@ async fn every_credential_mode_passes_server_side_dry_run() {
     install_crds(&client).await;
     let ns = fresh_namespace(&client, "chart-dry").await;
     let watched = fresh_namespace(&client, "chart-dry-watched").await;
+    let watched2 = fresh_namespace(&client, "chart-dry-watched").await;
     let helm = Helm::new();
     let chart = chart_dir().display().to_string();
     let variants: Vec<(&str, Vec<String>)> = vec![
@@ -438,7 +458,7 @@ async fn every_credential_mode_passes_server_side_dry_run() {
             "workloadIdentity",
             strings(&[
                 "--set",
-                &format!("watchNamespace={watched}"),
+                &format!("watchNamespaces={{{watched},{watched2}}}"),
                 "--set",
                 "networkPolicy.enabled=true",
                 "--set",
@@ -624,11 +644,15 @@ async fn install_creates_the_operator_objects_and_uninstall_removes_them() {
 }
 
 #[tokio::test]
-async fn watch_namespace_install_uses_a_role_there_and_no_cluster_role() {
+async fn watch_namespaces_install_uses_a_role_in_each_and_no_cluster_role() {
     let client = client().await;
     install_crds(&client).await;
     let ns = fresh_namespace(&client, "chart-ns").await;
-    let watched = fresh_namespace(&client, "chart-ns-watched").await;
+    let watched = [
+        fresh_namespace(&client, "chart-ns-watched").await,
+        fresh_namespace(&client, "chart-ns-watched").await,
+    ];
+    assert_ne!(watched[0], watched[1], "two distinct namespaces");
     let release = format!("pn-{}", ns.rsplit('-').next().unwrap());
     let full = format!("{release}-portcullis");
     let helm = Helm::new();
@@ -637,39 +661,56 @@ async fn watch_namespace_install_uses_a_role_there_and_no_cluster_role() {
     args.extend(mode_values("managedIdentity"));
     args.extend(strings(&[
         "--set",
-        &format!("watchNamespace={watched}"),
+        &format!("watchNamespaces={{{},{}}}", watched[0], watched[1]),
         "--set",
         "replicaCount=1",
     ]));
-    helm.ok(&args);
+    let notes = helm.ok(&args);
+    assert!(
+        notes.contains(&format!("namespaces {},{}", watched[0], watched[1])),
+        "NOTES name the watched namespaces: {notes}"
+    );
 
     let deploy = must_get("deployment", &full, Some(&ns));
     assert_eq!(deploy["spec"]["replicas"], 1);
     let container = &deploy["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
-        env_var(container, "PORTCULLIS_NAMESPACE").unwrap()["value"],
-        watched
+        env_var(container, "PORTCULLIS_NAMESPACES").unwrap()["value"],
+        format!("{},{}", watched[0], watched[1])
+    );
+    assert!(
+        env_var(container, "PORTCULLIS_NAMESPACE").is_none(),
+        "the single-namespace variable is gone"
     );
     assert_eq!(
         env_var(container, "PORTCULLIS_LEADER_ELECTION").unwrap()["value"],
         "false"
     );
-    let role = must_get("role", &full, Some(&watched));
-    assert!(
-        role["rules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["resources"]
+    for watched in &watched {
+        let role = must_get("role", &full, Some(watched));
+        assert!(
+            role["rules"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|x| x == "accessgrants")),
-        "{role}"
-    );
-    let binding = must_get("rolebinding", &full, Some(&watched));
-    assert_eq!(binding["subjects"][0]["namespace"], ns);
+                .any(|r| r["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x == "accessgrants")),
+            "{role}"
+        );
+        let binding = must_get("rolebinding", &full, Some(watched));
+        assert_eq!(binding["roleRef"]["kind"], "Role");
+        assert_eq!(binding["roleRef"]["name"], full);
+        assert_eq!(binding["subjects"][0]["name"], full);
+        assert_eq!(binding["subjects"][0]["namespace"], ns);
+    }
+    // The operator's own rules are not in the release namespace; only the Lease Role is.
+    assert!(kubectl_get("role", &full, Some(&ns)).is_none());
+    must_get("role", &format!("{full}-leader-election"), Some(&ns));
     assert!(kubectl_get("clusterrole", &format!("{full}-{ns}"), None).is_none());
+    assert!(kubectl_get("clusterrolebinding", &format!("{full}-{ns}"), None).is_none());
     assert!(
         kubectl_get("poddisruptionbudget", &full, Some(&ns)).is_none(),
         "no PDB with a single replica"
@@ -682,7 +723,9 @@ async fn watch_namespace_install_uses_a_role_there_and_no_cluster_role() {
         &ns,
         "--wait",
     ]));
-    assert!(kubectl_get("role", &full, Some(&watched)).is_none());
-    assert!(kubectl_get("rolebinding", &full, Some(&watched)).is_none());
+    for watched in &watched {
+        assert!(kubectl_get("role", &full, Some(watched)).is_none());
+        assert!(kubectl_get("rolebinding", &full, Some(watched)).is_none());
+    }
     assert!(kubectl_get("deployment", &full, Some(&ns)).is_none());
 }

@@ -657,3 +657,82 @@ async fn a_grant_waits_for_its_policy_and_proceeds_when_it_appears() {
         .await;
     env.assert_user_rules_untouched().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_operator_watching_two_namespaces_keeps_both_namespaces_rules_in_a_shared_nsg() {
+    let mut env = Env::new("multi-a").await;
+    let other = support::kube::fresh_namespace(&env.client, "multi-b").await;
+    env.settings.namespaces.push(other.clone());
+    env.start_operator();
+    let policies_b: kube::Api<portcullis::api::JitPolicy> =
+        kube::Api::namespaced(env.client.clone(), &other);
+    let grants_b: kube::Api<portcullis::api::AccessGrant> =
+        kube::Api::namespaced(env.client.clone(), &other);
+    env.create_policy("prod", standard_policy()).await;
+    let policy_b: portcullis::api::JitPolicy = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "JitPolicy",
+        "metadata": {"name": "prod", "namespace": other}, "spec": standard_policy()
+    }))
+    .expect("policy");
+    policies_b
+        .create(&Default::default(), &policy_b)
+        .await
+        .expect("policy in b");
+    env.create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT1H"))
+        .await;
+    let grant_b: portcullis::api::AccessGrant = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGrant",
+        "metadata": {"name": "bob", "namespace": other},
+        "spec": grant_spec("vm1", &[22], "203.0.113.8/32", "PT1H")
+    }))
+    .expect("grant");
+    grants_b
+        .create(&Default::default(), &grant_b)
+        .await
+        .expect("grant in b");
+    let alice = env.wait_grant_phase("alice", GrantPhase::Active, T).await;
+    let bob = wait_for("bob Active", T, || async {
+        let g = grants_b.get("bob").await.ok()?;
+        (g.status.as_ref()?.phase? == GrantPhase::Active).then_some(g)
+    })
+    .await;
+    let both_open = || async {
+        let a = env.grant_names_in_nsg("nsg-subnet", &alice).await.len();
+        let b = env.grant_names_in_nsg("nsg-subnet", &bob).await.len();
+        (a == 1 && b == 1).then_some(())
+    };
+    wait_for("both grants' rules in the shared subnet NSG", T, both_open).await;
+    // Two policies, one per namespace, each keep their own Deny rules too: 2 x 4 in nsg-subnet.
+    wait_for("both policies' Deny rules in nsg-subnet", T, || async {
+        let deny = env
+            .owned_rules("nsg-subnet")
+            .await
+            .into_iter()
+            .filter(|r| prop(r, "access") == "Deny")
+            .count();
+        (deny == 8).then_some(())
+    })
+    .await;
+    // Several resyncs later, neither namespace's reconciles removed the other's rules.
+    env.admin.clear_requests().await.expect("clear");
+    wait_for("three more syncs of nsg-subnet", T, || async {
+        let log = env.admin.requests().await.ok()?;
+        (log.iter()
+            .filter(|r| r.method == "GET" && r.path.contains("nsg-subnet/securityRules?"))
+            .count()
+            >= 3)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        both_open().await.is_some(),
+        "a namespace's rules were removed by the other's reconciles"
+    );
+    let log = env.admin.requests().await.expect("log");
+    assert!(
+        log.iter()
+            .all(|r| r.method == "GET" || r.path.contains("oauth2")),
+        "steady state wrote: {log:#?}"
+    );
+    env.assert_user_rules_untouched().await;
+}

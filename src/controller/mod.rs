@@ -44,8 +44,8 @@ pub struct Settings {
     pub resync: Duration,
     /// Reconciles in flight per controller.
     pub concurrency: u16,
-    /// Watch one namespace only; `None` watches all.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces; empty watches all.
+    pub namespaces: Vec<String>,
     /// Run only while holding this Lease; `None` runs unconditionally (a single replica).
     pub leader_election: Option<LeaseConfig>,
 }
@@ -56,7 +56,7 @@ impl Default for Settings {
             bands: Bands::default(),
             resync: Duration::from_secs(300),
             concurrency: 4,
-            namespace: None,
+            namespaces: Vec::new(),
             leader_election: None,
         }
     }
@@ -174,31 +174,50 @@ async fn run_controllers(
     telemetry: Arc<Telemetry>,
     shutdown: futures::future::Shared<impl Future<Output = ()> + Send + 'static>,
 ) -> Result<(), Error> {
-    let (policies_api, grants_api): (Api<JitPolicy>, Api<AccessGrant>) = match &settings.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    // One API scope per watched namespace (or one cluster-wide scope).
+    let scopes: Vec<(Api<JitPolicy>, Api<AccessGrant>)> = if settings.namespaces.is_empty() {
+        vec![(Api::all(client.clone()), Api::all(client.clone()))]
+    } else {
+        settings
+            .namespaces
+            .iter()
+            .map(|ns| {
+                (
+                    Api::namespaced(client.clone(), ns),
+                    Api::namespaced(client.clone(), ns),
+                )
+            })
+            .collect()
     };
-    startup::close_lapsed_grants(&client, &policies_api, &grants_api, &nsgs, &telemetry).await?;
+    startup::close_lapsed_grants(&client, &scopes, &nsgs, &telemetry).await?;
 
+    // A pair of controllers per scope; one world view over all their stores, since an NSG can
+    // carry rules of objects from several namespaces.
     let wc = watcher::Config::default().any_semantic();
-    let policy_ctl = Controller::new(policies_api.clone(), wc.clone());
-    let grant_ctl = Controller::new(grants_api, wc.clone());
-    let grants_store = grant_ctl.store();
-    let world = WorldView::new(policy_ctl.store(), grant_ctl.store());
-    // A policy change re-plans every grant made under it.
-    let grant_ctl = grant_ctl.watches(policies_api, wc, move |policy: JitPolicy| {
-        let ns = policy.namespace();
-        let name = policy.name_any();
-        grants_store
-            .state()
-            .into_iter()
-            .filter(|g| g.namespace() == ns && g.spec.policy_ref.name == name)
-            .map(|g| ObjectRef::from_obj(g.as_ref()))
-            .collect::<Vec<_>>()
-    });
+    let mut policy_ctls = Vec::new();
+    let mut grant_ctls = Vec::new();
+    let (mut policy_stores, mut grant_stores) = (Vec::new(), Vec::new());
+    for (policies_api, grants_api) in scopes {
+        let policy_ctl = Controller::new(policies_api.clone(), wc.clone());
+        let grant_ctl = Controller::new(grants_api, wc.clone());
+        let grants_store = grant_ctl.store();
+        policy_stores.push(policy_ctl.store());
+        grant_stores.push(grant_ctl.store());
+        // A policy change re-plans every grant made under it.
+        let grant_ctl = grant_ctl.watches(policies_api, wc.clone(), move |policy: JitPolicy| {
+            let ns = policy.namespace();
+            let name = policy.name_any();
+            grants_store
+                .state()
+                .into_iter()
+                .filter(|g| g.namespace() == ns && g.spec.policy_ref.name == name)
+                .map(|g| ObjectRef::from_obj(g.as_ref()))
+                .collect::<Vec<_>>()
+        });
+        policy_ctls.push(policy_ctl);
+        grant_ctls.push(grant_ctl);
+    }
+    let world = WorldView::new(policy_stores, grant_stores);
 
     let ctx: Ctx = Arc::new(Context::new(
         client,
@@ -208,40 +227,45 @@ async fn run_controllers(
         telemetry,
     ));
     let config = kube::runtime::controller::Config::default().concurrency(settings.concurrency);
-    let policies = policy_ctl
-        .with_config(config.clone())
-        .graceful_shutdown_on(shutdown.clone())
-        .run(
-            |obj, ctx: Ctx| measured("jitpolicy", ctx.clone(), policy::reconcile(obj, ctx)),
-            error_policy,
-            ctx.clone(),
-        )
-        .for_each(log_stream_error);
-    let grants = grant_ctl
-        .with_config(config)
-        .graceful_shutdown_on(shutdown)
-        .run(
-            |obj, ctx: Ctx| async move {
-                let result = measured(
-                    "accessgrant",
-                    ctx.clone(),
-                    grant::reconcile(obj, ctx.clone()),
-                )
-                .await;
-                ctx.telemetry.observe_world(&ctx.world.snapshot());
-                result
-            },
-            error_policy,
-            ctx.clone(),
-        )
-        .for_each(log_stream_error);
+    let policies = policy_ctls.into_iter().map(|ctl| {
+        ctl.with_config(config.clone())
+            .graceful_shutdown_on(shutdown.clone())
+            .run(
+                |obj, ctx: Ctx| measured("jitpolicy", ctx.clone(), policy::reconcile(obj, ctx)),
+                error_policy,
+                ctx.clone(),
+            )
+            .for_each(log_stream_error)
+            .boxed()
+    });
+    let grants = grant_ctls.into_iter().map(|ctl| {
+        ctl.with_config(config.clone())
+            .graceful_shutdown_on(shutdown.clone())
+            .run(
+                |obj, ctx: Ctx| async move {
+                    let result = measured(
+                        "accessgrant",
+                        ctx.clone(),
+                        grant::reconcile(obj, ctx.clone()),
+                    )
+                    .await;
+                    ctx.telemetry.observe_world(&ctx.world.snapshot());
+                    result
+                },
+                error_policy,
+                ctx.clone(),
+            )
+            .for_each(log_stream_error)
+            .boxed()
+    });
+    let controllers = futures::future::join_all(policies.chain(grants));
     let synced = async {
         ctx.world.wait_ready().await;
         ctx.telemetry.set_caches_synced(true);
     };
     info!("controllers running");
     let stop_writes_on_drop = StopWrites(&ctx);
-    futures::join!(policies, grants, synced);
+    futures::join!(controllers, synced);
     drop(stop_writes_on_drop);
     info!("controllers stopped");
     Ok(())

@@ -18,19 +18,25 @@ use crate::api::{AccessGrant, GrantPhase, JitPolicy};
 use crate::plan::nsgs_of_grant;
 
 /// Returns how many grants it closed.
+/// `scopes`: the watched namespaces' APIs (or one cluster-wide pair). The world is read from all
+/// of them, so that an NSG synced here keeps the rules of every live grant it carries.
 pub async fn close_lapsed_grants(
     client: &Client,
-    policies: &Api<JitPolicy>,
-    grants: &Api<AccessGrant>,
+    scopes: &[(Api<JitPolicy>, Api<AccessGrant>)],
     nsgs: &NsgSyncer,
     telemetry: &Telemetry,
 ) -> Result<usize, Error> {
     let started = Instant::now();
     let now = Timestamp::now();
-    let world = World {
-        policies: policies.list(&ListParams::default()).await?.items,
-        grants: grants.list(&ListParams::default()).await?.items,
-    };
+    let mut world = World::default();
+    for (policies, grants) in scopes {
+        world
+            .policies
+            .extend(policies.list(&ListParams::default()).await?.items);
+        world
+            .grants
+            .extend(grants.list(&ListParams::default()).await?.items);
+    }
     let lapsed: Vec<&AccessGrant> = world
         .grants
         .iter()

@@ -38,8 +38,9 @@ struct Overlay {
 
 /// Stores plus the overlay of our own recent writes.
 pub struct WorldView {
-    policies: Store<JitPolicy>,
-    grants: Store<AccessGrant>,
+    /// One store per watched scope (namespace, or the whole cluster).
+    policies: Vec<Store<JitPolicy>>,
+    grants: Vec<Store<AccessGrant>>,
     overlay: Mutex<Overlay>,
 }
 
@@ -83,7 +84,7 @@ fn merge<K: ResourceExt + Clone>(
 }
 
 impl WorldView {
-    pub fn new(policies: Store<JitPolicy>, grants: Store<AccessGrant>) -> Self {
+    pub fn new(policies: Vec<Store<JitPolicy>>, grants: Vec<Store<AccessGrant>>) -> Self {
         WorldView {
             policies,
             grants,
@@ -100,8 +101,12 @@ impl WorldView {
         loop {
             let both = async {
                 // Err means the writer is gone, i.e. the controller is shutting down.
-                let _ = self.policies.wait_until_ready().await;
-                let _ = self.grants.wait_until_ready().await;
+                for store in &self.policies {
+                    let _ = store.wait_until_ready().await;
+                }
+                for store in &self.grants {
+                    let _ = store.wait_until_ready().await;
+                }
             };
             if tokio::time::timeout(Duration::from_millis(200), both)
                 .await
@@ -110,14 +115,6 @@ impl WorldView {
                 return;
             }
         }
-    }
-
-    pub fn policies_store(&self) -> &Store<JitPolicy> {
-        &self.policies
-    }
-
-    pub fn grants_store(&self) -> &Store<AccessGrant> {
-        &self.grants
     }
 
     fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
@@ -139,8 +136,16 @@ impl WorldView {
             tombstones,
         } = &mut *overlay;
         World {
-            policies: merge(self.policies.state(), policies, tombstones),
-            grants: merge(self.grants.state(), grants, tombstones),
+            policies: merge(
+                self.policies.iter().flat_map(Store::state).collect(),
+                policies,
+                tombstones,
+            ),
+            grants: merge(
+                self.grants.iter().flat_map(Store::state).collect(),
+                grants,
+                tombstones,
+            ),
         }
     }
 

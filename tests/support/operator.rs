@@ -99,7 +99,7 @@ impl Env {
         let client = super::kube::client().await;
         super::kube::install_crds(&client).await;
         let ns = super::kube::fresh_namespace(&client, prefix).await;
-        settings.namespace = Some(ns.clone());
+        settings.namespaces = vec![ns.clone()];
         let emu = spawn(emulator, "127.0.0.1:0".parse().expect("literal address"))
             .await
             .unwrap_or_else(|e| panic!("emulator: {e}"));

@@ -106,9 +106,31 @@ bands' bounds and order. Included by the Deployment; renders nothing.
 {{- if ge (index $a 1) (index $d 0) }}
 {{- fail (printf "priorityBands.allow %q must end below priorityBands.deny %q (Allow rules need the lower priority numbers to win over the Deny rules)" .Values.priorityBands.allow .Values.priorityBands.deny) }}
 {{- end }}
-{{- if and .Values.watchNamespace (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .Values.watchNamespace)) }}
-{{- fail (printf "watchNamespace %q is not a namespace name" .Values.watchNamespace) }}
+{{- $_ := include "portcullis.watchNamespaces" . }}
 {{- end }}
+
+{{/*
+The watched namespaces as a comma-separated list (PORTCULLIS_NAMESPACES); empty = all
+namespaces. Fails on the removed single-namespace key and on anything but a list of unique
+namespace names (the schema says the same; this also holds under --skip-schema-validation).
+*/}}
+{{- define "portcullis.watchNamespaces" -}}
+{{- if hasKey .Values "watchNamespace" }}
+{{- fail (printf "watchNamespace was replaced by watchNamespaces, a list (e.g. --set watchNamespaces={%s}); unset watchNamespace" (toString .Values.watchNamespace)) }}
+{{- end }}
+{{- $list := .Values.watchNamespaces | default list }}
+{{- if not (kindIs "slice" $list) }}
+{{- fail (printf "watchNamespaces must be a list of namespace names, e.g. --set watchNamespaces={team-a,team-b} (got %q)" (toString $list)) }}
+{{- end }}
+{{- range $list }}
+{{- if not (and (kindIs "string" .) (le (len .) 63) (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .)) }}
+{{- fail (printf "watchNamespaces: %q is not a namespace name" (toString .)) }}
+{{- end }}
+{{- end }}
+{{- if ne (len $list) (len (uniq $list)) }}
+{{- fail (printf "watchNamespaces lists a namespace twice: %s" (join "," $list)) }}
+{{- end }}
+{{- join "," $list }}
 {{- end }}
 
 {{/* The operator's rules on its own resources and Events (Role or ClusterRole). */}}
