@@ -174,8 +174,10 @@ async fn metrics_count_reconciles_429s_and_expiry_lag_and_health_reports_ready()
 
     let body = wait_for("metrics to show the closed grant", T, || async {
         let body = get(&http, &format!("{base}/metrics")).await?;
-        body.contains("portcullis_expiry_lag_seconds_count 1")
-            .then_some(body)
+        (body.contains("portcullis_expiry_lag_seconds_count 1")
+            // The phase gauges are refreshed when the closing reconcile returns, a moment later.
+            && body.contains("portcullis_grants{phase=\"Expired\"} 1"))
+        .then_some(body)
     })
     .await;
     let metric = |name: &str| -> f64 {

@@ -87,6 +87,30 @@ async fn sync_grant_nsgs(
     Ok(outcomes)
 }
 
+/// The status of a grant whose rules are gone: its final phase, no rules, and why.
+pub fn closed_status(
+    grant: &AccessGrant,
+    phase: GrantPhase,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> AccessGrantStatus {
+    let mut status = grant.status.clone().unwrap_or_default();
+    status.phase = Some(phase);
+    status.rules.clear();
+    status.observed_generation = grant.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        READY,
+        false,
+        reason,
+        message,
+        grant.metadata.generation,
+        now,
+    );
+    status
+}
+
 async fn close(
     grant: &AccessGrant,
     api: &Api<AccessGrant>,
@@ -102,24 +126,13 @@ async fn close(
         &grant.namespace().unwrap_or_default(),
         &grant.spec.policy_ref.name,
     );
-    let mut status = grant.status.clone().unwrap_or_default();
+    let status = grant.status.clone().unwrap_or_default();
     // A grant that never opened anything (denied, pending) has nothing to close in Azure.
     if status.activated_at.is_some() || !status.rules.is_empty() {
         sync_grant_nsgs(grant, policy, ctx, now).await?;
     }
     let was = status.phase;
-    status.phase = Some(phase);
-    status.rules.clear();
-    set_condition(
-        &mut status.conditions,
-        READY,
-        false,
-        reason,
-        &message,
-        grant.metadata.generation,
-        now,
-    );
-    status.observed_generation = grant.metadata.generation;
+    let status = closed_status(grant, phase, reason, &message, now);
     if grant.status.as_ref() != Some(&status) {
         let updated = apply_status(api, grant, &status).await?;
         ctx.world.record_grant(&updated);

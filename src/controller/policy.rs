@@ -12,6 +12,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Error;
 use super::context::Ctx;
+use super::grant::closed_status;
 use super::status::{apply_status, report_azure_failure};
 use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, GrantPhase, JitPolicy, JitPolicyStatus, ResolvedTarget};
@@ -211,19 +212,8 @@ async fn cleanup(policy: &JitPolicy, ctx: &Ctx) -> Result<Action, Error> {
                 Some(GrantPhase::Active | GrantPhase::Pending)
             )
     }) {
-        let mut status = grant.status.clone().unwrap_or_default();
-        status.phase = Some(GrantPhase::Revoked);
-        status.rules.clear();
         let msg = format!("JitPolicy {ns}/{name} was deleted");
-        set_condition(
-            &mut status.conditions,
-            READY,
-            false,
-            "PolicyDeleted",
-            &msg,
-            grant.metadata.generation,
-            now,
-        );
+        let status = closed_status(grant, GrantPhase::Revoked, "PolicyDeleted", &msg, now);
         let updated = apply_status(&grants_api, grant, &status).await?;
         ctx.world.record_grant(&updated);
         ctx.event(grant, false, "Revoked", "Close", msg).await;

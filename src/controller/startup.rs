@@ -9,11 +9,11 @@ use kube::{Client, ResourceExt};
 use tracing::info;
 
 use super::Error;
+use super::grant::closed_status;
 use super::nsg::NsgSyncer;
 use super::status::apply_status;
 use super::telemetry::Telemetry;
 use super::world::World;
-use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, GrantPhase, JitPolicy};
 use crate::plan::nsgs_of_grant;
 
@@ -67,19 +67,8 @@ pub async fn close_lapsed_grants(
     for grant in &lapsed {
         let api: Api<AccessGrant> =
             Api::namespaced(client.clone(), &grant.namespace().unwrap_or_default());
-        let mut status = grant.status.clone().unwrap_or_default();
-        status.phase = Some(GrantPhase::Expired);
-        status.rules.clear();
-        let msg = "access ended while the operator was down; closed at start-up".to_string();
-        set_condition(
-            &mut status.conditions,
-            READY,
-            false,
-            "Expired",
-            &msg,
-            grant.metadata.generation,
-            now,
-        );
+        let msg = "access ended while the operator was down; closed at start-up";
+        let status = closed_status(grant, GrantPhase::Expired, "Expired", msg, now);
         apply_status(&api, *grant, &status).await?;
         if let Some(expired) = &status.expires_at {
             telemetry.grant_closed_at_expiry(now.duration_since(expired.0).as_secs_f64());
