@@ -25,16 +25,21 @@ async fn crds_install_and_become_established() {
 async fn kubectl_explain_describes_the_grant_fields() {
     let client = client().await;
     install_crds(&client).await;
-    let out = Command::new("kubectl")
-        .args(["explain", "accessgrant.spec"])
-        .output()
-        .expect("kubectl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "kubectl explain failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The API server publishes a new CRD's OpenAPI a moment after it is Established.
+    let text = support::wait_for(
+        "kubectl explain accessgrant.spec to succeed",
+        std::time::Duration::from_secs(30),
+        || async {
+            let out = Command::new("kubectl")
+                .args(["explain", "accessgrant.spec"])
+                .output()
+                .expect("kubectl runs");
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+    )
+    .await;
     for field in [
         "policyRef",
         "virtualMachine",
