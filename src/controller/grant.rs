@@ -1,6 +1,7 @@
 //! The AccessGrant reconciler: validate against the policy, decide the expiry once, open the
 //! Allow rules, close them at expiry or on deletion.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -8,44 +9,32 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use tracing::{Instrument, debug, info, info_span, warn};
+use kube::runtime::finalizer::Event as Finalizer;
+use tracing::{info, warn};
 
 use super::Error;
 use super::context::Ctx;
 use super::nsg::NsgOutcome;
-use super::status::{apply_status, report_azure_failure};
+use super::status::apply_status;
 use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, AccessGrantStatus, GrantPhase, GrantedRule, JitPolicy};
 use crate::plan::{live_grant, naming, nsgs_of_grant, validate_grant};
 
 pub const FINALIZER: &str = "portcullis.dev/close-rules";
 
-pub async fn reconcile(grant: std::sync::Arc<AccessGrant>, ctx: Ctx) -> Result<Action, Error> {
-    let ns = grant
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let span = info_span!("grant", namespace = %ns, name = %grant.name_any());
-    async move {
-        debug!("reconcile started");
-        ctx.world.wait_ready().await;
-        debug!("world ready");
-        let api: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &ns);
-        let name = grant.name_any();
-        let result = finalizer(&api, FINALIZER, grant, |event| async {
+pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Ctx) -> Result<Action, Error> {
+    super::reconcile_with_finalizer(
+        "grant",
+        FINALIZER,
+        grant,
+        ctx,
+        |event, api, ctx| async move {
             match event {
                 Finalizer::Apply(g) => apply(&g, &api, &ctx).await,
                 Finalizer::Cleanup(g) => cleanup(&g, &api, &ctx).await,
             }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)));
-        if let Err(e) = &result {
-            report_azure_failure(&api, &name, e).await;
-        }
-        result
-    }
-    .instrument(span)
+        },
+    )
     .await
 }
 

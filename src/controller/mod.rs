@@ -23,7 +23,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 pub use error::Error;
 
@@ -81,6 +81,47 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Ctx) -> Action {
     };
     warn!(error = %error, category = error.category(), retry_in_ms = delay.as_millis() as u64, "reconcile failed");
     Action::requeue(delay.min(Duration::from_secs(30)))
+}
+
+/// The shape both reconcilers share: a span naming the object, a wait for the caches, the
+/// finalizer (`handle` gets Apply or Cleanup), and an Azure failure reported in the object's
+/// Ready condition.
+async fn reconcile_with_finalizer<K, F, Fut>(
+    kind: &'static str,
+    finalizer_name: &'static str,
+    obj: Arc<K>,
+    ctx: Ctx,
+    handle: F,
+) -> Result<Action, Error>
+where
+    K: status::WithConditions
+        + serde::Serialize
+        + kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    F: FnOnce(kube::runtime::finalizer::Event<K>, Api<K>, Ctx) -> Fut,
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    let ns = obj
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = obj.name_any();
+    let span = tracing::info_span!("reconcile", kind, namespace = %ns, name = %name);
+    async move {
+        tracing::debug!("reconcile started");
+        ctx.world.wait_ready().await;
+        tracing::debug!("world ready");
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+        let result = kube::runtime::finalizer::finalizer(&api, finalizer_name, obj, |event| {
+            handle(event, api.clone(), ctx.clone())
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        if let Err(e) = &result {
+            status::report_azure_failure(&api, &name, e).await;
+        }
+        result
+    }
+    .instrument(span)
+    .await
 }
 
 /// Runs one reconcile, counting it and its duration by controller and result. A success

@@ -7,13 +7,13 @@ use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use tracing::{Instrument, debug, info, info_span, warn};
+use kube::runtime::finalizer::Event as Finalizer;
+use tracing::{info, warn};
 
 use super::Error;
 use super::context::Ctx;
 use super::grant::closed_status;
-use super::status::{apply_status, report_azure_failure};
+use super::status::apply_status;
 use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, GrantPhase, JitPolicy, JitPolicyStatus, ResolvedTarget};
 use crate::azure::AzureError;
@@ -22,30 +22,18 @@ use crate::plan::{naming, nsgs_of_policy, validate_policy};
 pub const FINALIZER: &str = "portcullis.dev/remove-rules";
 
 pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Ctx) -> Result<Action, Error> {
-    let ns = policy
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let span = info_span!("policy", namespace = %ns, name = %policy.name_any());
-    async move {
-        debug!("reconcile started");
-        ctx.world.wait_ready().await;
-        debug!("world ready");
-        let api: Api<JitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        let name = policy.name_any();
-        let result = finalizer(&api, FINALIZER, policy, |event| async {
+    super::reconcile_with_finalizer(
+        "policy",
+        FINALIZER,
+        policy,
+        ctx,
+        |event, api, ctx| async move {
             match event {
                 Finalizer::Apply(p) => apply(&p, &api, &ctx).await,
                 Finalizer::Cleanup(p) => cleanup(&p, &ctx).await,
             }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)));
-        if let Err(e) = &result {
-            report_azure_failure(&api, &name, e).await;
-        }
-        result
-    }
-    .instrument(span)
+        },
+    )
     .await
 }
 
