@@ -167,15 +167,20 @@ struct Field<'a> {
     plural: &'a [String],
 }
 
+/// Azure refuses a rule that sets both the singular and the plural form of a field.
+fn both_forms_set(rule_id: &str, f: &Field<'_>) -> Violation {
+    violation(
+        UNSUPPORTED_VALUE,
+        format!(
+            "Security rule {rule_id} specifies both {} and {}. Only one of them may be set.",
+            f.singular_name, f.plural_name
+        ),
+    )
+}
+
 fn check_address_field(rule_id: &str, f: Field<'_>) -> Result<(), Violation> {
     match (f.singular, f.plural.is_empty()) {
-        (Some(_), false) => Err(violation(
-            UNSUPPORTED_VALUE,
-            format!(
-                "Security rule {rule_id} specifies both {} and {}. Only one of them may be set.",
-                f.singular_name, f.plural_name
-            ),
-        )),
+        (Some(_), false) => Err(both_forms_set(rule_id, &f)),
         (None, true) => Err(violation(
             INVALID_ADDRESS_PREFIX,
             format!(
@@ -231,13 +236,7 @@ fn port_error(rule_id: &str, v: &str) -> Violation {
 
 fn check_port_field(rule_id: &str, f: Field<'_>) -> Result<(), Violation> {
     match (f.singular, f.plural.is_empty()) {
-        (Some(_), false) => Err(violation(
-            UNSUPPORTED_VALUE,
-            format!(
-                "Security rule {rule_id} specifies both {} and {}. Only one of them may be set.",
-                f.singular_name, f.plural_name
-            ),
-        )),
+        (Some(_), false) => Err(both_forms_set(rule_id, &f)),
         (None, true) => Err(violation(
             INVALID_PORT_RANGE,
             format!(
