@@ -64,6 +64,21 @@ pub struct AccessGrantSpec {
     pub justification: String,
 }
 
+impl AccessGrant {
+    /// The record of what was activated, if the grant is active or was.
+    pub fn granted(&self) -> Option<&GrantedAccess> {
+        self.status.as_ref()?.granted.as_ref()
+    }
+
+    /// The policy this grant is under: the one it was activated against, else the one its spec
+    /// names. An edit of `spec.policyRef` after activation moves nothing.
+    pub fn policy_name(&self) -> &str {
+        self.granted()
+            .map(|g| g.policy.as_str())
+            .unwrap_or(&self.spec.policy_ref.name)
+    }
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct PolicyRef {
     #[schemars(regex(pattern = schema::OBJECT_NAME), length(min = 1, max = 253))]
@@ -115,11 +130,38 @@ pub struct AccessGrantStatus {
     /// When access ends. Decided once, at activation; never moved by a re-apply or an edit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+    /// What the grant opens, frozen when it activated. Rules are derived from this record alone:
+    /// a later edit of the spec never widens (or moves) what is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<GrantedAccess>,
     /// The Allow rules this grant opened.
     #[serde(default)]
     pub rules: Vec<GrantedRule>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// The validated request, as it stood at activation.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantedAccess {
+    /// The generation of the spec that was validated and activated.
+    pub generation: i64,
+    /// The policy it was validated against (same namespace).
+    pub policy: String,
+    /// The policy's full resource ID of the VM.
+    pub virtual_machine: String,
+    /// The (port, protocol) pairs opened.
+    pub ports: Vec<GrantedPort>,
+    /// The source, in canonical form.
+    pub source_address_prefix: String,
+    pub justification: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct GrantedPort {
+    pub number: u16,
+    pub protocol: crate::api::Protocol,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

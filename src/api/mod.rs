@@ -11,7 +11,8 @@ pub mod policy;
 pub mod schema;
 
 pub use grant::{
-    AccessGrant, AccessGrantSpec, AccessGrantStatus, GrantPhase, GrantedRule, PolicyRef,
+    AccessGrant, AccessGrantSpec, AccessGrantStatus, GrantPhase, GrantedAccess, GrantedPort,
+    GrantedRule, PolicyRef,
 };
 pub use policy::{
     JitPolicy, JitPolicySpec, JitPolicyStatus, PolicyPort, PolicyVirtualMachine, Protocol,

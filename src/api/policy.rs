@@ -116,6 +116,10 @@ pub struct JitPolicyStatus {
     /// What each VM resolved to in Azure: its private IPs and the NSGs that govern it.
     #[serde(default)]
     pub targets: Vec<ResolvedTarget>,
+    /// The last spec the controller found valid. While the current spec is invalid, its Deny
+    /// rules (and the grants active under it) stay as this spec says: an invalid edit never opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforced_spec: Option<JitPolicySpec>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

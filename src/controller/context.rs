@@ -1,6 +1,7 @@
 //! What every reconcile shares: the Kubernetes client, the Azure edge, the world view, Events.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -21,6 +22,8 @@ pub struct Context {
     pub resync: Duration,
     pub telemetry: Arc<Telemetry>,
     recorder: Recorder,
+    /// Consecutive failed reconciles per object (uid), for its backoff.
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
@@ -43,7 +46,27 @@ impl Context {
             resync,
             telemetry,
             recorder,
+            failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        // Plain counters: a panic elsewhere while holding the lock leaves them usable.
+        self.failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Counts one more failure of the object; returns how many in a row.
+    pub fn failed(&self, key: &str) -> u32 {
+        let mut failures = self.failures();
+        let n = failures.entry(key.to_string()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    pub fn succeeded(&self, key: &str) {
+        self.failures().remove(key);
     }
 
     /// Publishes an Event; a failure to publish is logged, never fails the reconcile.
@@ -55,7 +78,19 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let reference: ObjectReference = obj.object_ref(&());
+        self.event_for(&obj.object_ref(&()), warning, reason, action, note)
+            .await;
+    }
+
+    /// Publishes an Event about an object known only by reference (one that does not decode).
+    pub async fn event_for(
+        &self,
+        reference: &ObjectReference,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let event = Event {
             type_: if warning {
                 EventType::Warning
@@ -67,7 +102,7 @@ impl Context {
             action: action.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        if let Err(e) = self.recorder.publish(&event, reference).await {
             warn!(error = %e, reason, "could not publish an Event");
         }
     }

@@ -1,5 +1,7 @@
-//! The AccessGrant reconciler: validate against the policy, decide the expiry once, open the
-//! Allow rules, close them at expiry or on deletion.
+//! The AccessGrant reconciler. A grant's life is a set of small phases over one record:
+//! validate -> activate (decide the window once, freeze what it opens) -> open and heal -> close
+//! (at expiry, on revocation, on deletion). Decisions are made by the pure planner; this module
+//! only reads the world, calls it, writes Azure through the NSG syncer and reports.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +20,15 @@ use super::nsg::NsgOutcome;
 use super::status::apply_status;
 use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, AccessGrantStatus, GrantPhase, GrantedRule, JitPolicy};
-use crate::plan::{live_grant, naming, nsgs_of_grant, validate_grant};
+use crate::azure::AzureError;
+use crate::plan::{
+    DenialReason, check_address_family, granted_access, live_grant, naming, nsgs_of_grant,
+    validate_grant,
+};
 
 pub const FINALIZER: &str = "portcullis.dev/close-rules";
+/// The condition that says a spec edit after activation was not applied.
+pub const SPEC_FROZEN: &str = "SpecFrozen";
 
 pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Ctx) -> Result<Action, Error> {
     super::reconcile_with_finalizer(
@@ -42,8 +50,10 @@ fn ts(t: &Option<Time>) -> Option<Timestamp> {
     t.as_ref().map(|t| t.0)
 }
 
-fn until(t: Timestamp, now: Timestamp) -> Duration {
-    Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO)
+/// How long until `t`, counted from the moment this is called: kube-runtime starts a requeue's
+/// timer when the reconcile returns, so the delay must be taken after the reconcile's writes.
+fn until(t: Timestamp) -> Duration {
+    Duration::try_from(t.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO)
 }
 
 /// The rule names of this grant in an NSG outcome.
@@ -61,19 +71,57 @@ fn rules_of(grant: &AccessGrant, outcome: &NsgOutcome) -> Vec<GrantedRule> {
         .collect()
 }
 
-/// Syncs every NSG the grant has or had rules in. With the grant no longer live in the world,
-/// this closes it.
+/// One NSG that could not be brought in line, and why.
+struct NsgFailure {
+    nsg_id: String,
+    error: Error,
+}
+
+/// Syncs every NSG the grant has or had rules in, each independently: one failing NSG never
+/// keeps the others from being written. With the grant no longer live in the world, this
+/// closes it; an NSG that no longer exists holds nothing, so it counts as closed.
 async fn sync_grant_nsgs(
     grant: &AccessGrant,
     policy: Option<&JitPolicy>,
     ctx: &Ctx,
     now: Timestamp,
-) -> Result<Vec<NsgOutcome>, Error> {
+) -> (Vec<NsgOutcome>, Vec<NsgFailure>) {
+    let syncs = nsgs_of_grant(grant, policy)
+        .into_iter()
+        .map(|nsg| async move {
+            let result = ctx.nsgs.sync(&nsg, || ctx.world.snapshot(), now).await;
+            (nsg, result)
+        });
     let mut outcomes = Vec::new();
-    for nsg in nsgs_of_grant(grant, policy) {
-        outcomes.push(ctx.nsgs.sync(&nsg, || ctx.world.snapshot(), now).await?);
+    let mut failures = Vec::new();
+    for (nsg_id, result) in futures::future::join_all(syncs).await {
+        match result {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(Error::Azure(AzureError::NotFound { .. })) => outcomes.push(NsgOutcome {
+                nsg_id,
+                ..Default::default()
+            }),
+            Err(error) => failures.push(NsgFailure { nsg_id, error }),
+        }
     }
-    Ok(outcomes)
+    (outcomes, failures)
+}
+
+fn describe(failures: &[NsgFailure]) -> String {
+    failures
+        .iter()
+        .map(|f| format!("{}: {}", f.nsg_id, f.error))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The error a reconcile returns for failed NSGs, so it is retried (with backoff): the first
+/// failure, which carries the Azure error that decides the delay.
+fn first_error(failures: Vec<NsgFailure>) -> Result<(), Error> {
+    match failures.into_iter().next() {
+        Some(f) => Err(f.error),
+        None => Ok(()),
+    }
 }
 
 /// The status of a grant whose rules are gone: its final phase, no rules, and why.
@@ -100,6 +148,9 @@ pub fn closed_status(
     status
 }
 
+/// Closes the grant: removes its Allow rules from every NSG (each on its own), then records the
+/// final phase. Rules an NSG refused to give up stay listed in status with the NSG and the
+/// error, a Warning Event says so, and the reconcile fails so that it is retried with backoff.
 async fn close(
     grant: &AccessGrant,
     api: &Api<AccessGrant>,
@@ -111,23 +162,55 @@ async fn close(
     let now = Timestamp::now();
     ctx.world.record_grant(grant);
     let world = ctx.world.snapshot();
-    let policy = world.policy(
-        &grant.namespace().unwrap_or_default(),
-        &grant.spec.policy_ref.name,
-    );
-    let status = grant.status.clone().unwrap_or_default();
+    let policy = world.policy(&grant.namespace().unwrap_or_default(), grant.policy_name());
+    let before = grant.status.clone().unwrap_or_default();
     // A grant that never opened anything (denied, pending) has nothing to close in Azure.
-    if status.activated_at.is_some() || !status.rules.is_empty() {
-        sync_grant_nsgs(grant, policy, ctx, now).await?;
+    let failures = if before.activated_at.is_some() || !before.rules.is_empty() {
+        sync_grant_nsgs(grant, policy, ctx, now).await.1
+    } else {
+        Vec::new()
+    };
+    let mut status = closed_status(grant, phase, reason, &message, now);
+    if !failures.is_empty() {
+        status.rules = before
+            .rules
+            .iter()
+            .filter(|r| {
+                failures
+                    .iter()
+                    .any(|f| f.nsg_id.eq_ignore_ascii_case(&r.network_security_group))
+            })
+            .cloned()
+            .collect();
+        let msg = format!(
+            "{message}; rules still standing, retrying: {}",
+            describe(&failures)
+        );
+        let g = grant.metadata.generation;
+        set_condition(
+            &mut status.conditions,
+            READY,
+            false,
+            "CloseFailed",
+            &msg,
+            g,
+            now,
+        );
     }
-    let was = status.phase;
-    let status = closed_status(grant, phase, reason, &message, now);
     if grant.status.as_ref() != Some(&status) {
         let updated = apply_status(api, grant, &status).await?;
         ctx.world.record_grant(&updated);
     }
-    if was != Some(phase) {
-        let lag = ts(&status.expires_at).map(|e| now.duration_since(e).as_secs_f64());
+    if !failures.is_empty() {
+        warn!(failed = %describe(&failures), "grant not fully closed");
+        if before.rules != status.rules || before.phase != Some(phase) {
+            let note = format!("could not close in {}", describe(&failures));
+            ctx.event(grant, true, "CloseFailed", "Close", note).await;
+        }
+        return first_error(failures);
+    }
+    if before.phase != Some(phase) || !before.rules.is_empty() {
+        let lag = ts(&status.expires_at).map(|e| Timestamp::now().duration_since(e).as_secs_f64());
         if let (GrantPhase::Expired, Some(lag)) = (phase, lag) {
             ctx.telemetry.grant_closed_at_expiry(lag);
         }
@@ -143,164 +226,227 @@ async fn close(
     Ok(())
 }
 
-async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result<Action, Error> {
-    let now = Timestamp::now();
-    let ns = grant.namespace().unwrap_or_default();
-    let policy_name = &grant.spec.policy_ref.name;
-    let mut status = grant.status.clone().unwrap_or_default();
-    let generation = grant.metadata.generation;
+/// What activation decided: go on with the activated grant, or stop here with this action.
+enum Activation {
+    Activated(Box<AccessGrant>),
+    Stop(Action),
+}
 
+async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result<Action, Error> {
+    let status = grant.status.clone().unwrap_or_default();
     match status.phase {
-        Some(GrantPhase::Expired | GrantPhase::Revoked) => {
+        Some(phase @ (GrantPhase::Expired | GrantPhase::Revoked)) => {
             if !status.rules.is_empty() {
-                let phase = status.phase.unwrap_or(GrantPhase::Expired);
-                close(
-                    grant,
-                    api,
-                    ctx,
-                    phase,
-                    phase.as_str(),
-                    "closing rules left behind".into(),
-                )
-                .await?;
+                let msg = "closing rules left behind".to_string();
+                close(grant, api, ctx, phase, phase.as_str(), msg).await?;
             }
             return Ok(Action::await_change());
         }
-        Some(GrantPhase::Denied) if status.observed_generation == generation => {
+        Some(GrantPhase::Denied) if status.observed_generation == grant.metadata.generation => {
             return Ok(Action::await_change());
         }
         _ => {}
     }
-
-    let world = ctx.world.snapshot();
-    let policy = world
-        .policy(&ns, policy_name)
-        .filter(|p| p.metadata.deletion_timestamp.is_none());
-
-    let mut grant = grant.clone();
-    let expires_at = match ts(&status.expires_at) {
-        Some(expires_at) => expires_at,
-        None => {
-            // Not activated yet: validate, then decide the window once.
-            let Some(policy) = policy else {
-                return pending(
-                    &grant,
-                    api,
-                    ctx,
-                    &mut status,
-                    "PolicyNotFound",
-                    format!("JitPolicy {ns}/{policy_name} does not exist (yet)"),
-                )
-                .await;
-            };
-            let valid = match validate_grant(policy_name, &policy.spec, &grant.spec, now) {
-                Ok(v) => v,
-                Err(denial) => {
-                    status.phase = Some(GrantPhase::Denied);
-                    status.observed_generation = generation;
-                    set_condition(
-                        &mut status.conditions,
-                        READY,
-                        false,
-                        denial.reason.as_str(),
-                        &denial.message,
-                        generation,
-                        now,
-                    );
-                    let updated = apply_status(api, &grant, &status).await?;
-                    ctx.world.record_grant(&updated);
-                    warn!(reason = denial.reason.as_str(), message = %denial.message, "grant denied");
-                    ctx.event(&grant, true, "Denied", "Validate", denial.message)
-                        .await;
-                    return Ok(Action::await_change());
-                }
-            };
-            let resolved = policy.status.as_ref().is_some_and(|s| {
-                s.targets.iter().any(|t| {
-                    t.virtual_machine.eq_ignore_ascii_case(&valid.vm_id)
-                        && !t.network_security_groups.is_empty()
-                })
-            });
-            if !resolved {
-                return pending(
-                    &grant,
-                    api,
-                    ctx,
-                    &mut status,
-                    "WaitingForPolicy",
-                    format!(
-                        "JitPolicy {ns}/{policy_name} has not resolved {} to its NSGs yet",
-                        valid.vm_id
-                    ),
-                )
-                .await;
-            }
-            let expires_at = valid.expires_at(now);
-            status.phase = Some(GrantPhase::Active);
-            status.activated_at = Some(Time(now));
-            status.expires_at = Some(Time(expires_at));
-            status.observed_generation = generation;
-            set_condition(
-                &mut status.conditions,
-                READY,
-                false,
-                "Opening",
-                "writing the Allow rules",
-                generation,
-                now,
-            );
-            grant = apply_status(api, &grant, &status).await?;
-            ctx.world.record_grant(&grant);
-            info!(expires_at = %expires_at, "grant activated");
-            expires_at
-        }
+    let grant = match status.expires_at {
+        Some(_) => grant.clone(),
+        None => match activate(grant, api, ctx).await? {
+            Activation::Activated(g) => *g,
+            Activation::Stop(action) => return Ok(action),
+        },
     };
-
+    let grant = record_legacy_activation(grant, api, ctx).await?;
+    let Some(expires_at) = grant.status.as_ref().and_then(|s| ts(&s.expires_at)) else {
+        return Err(Error::MissingField("status.expiresAt"));
+    };
+    let now = Timestamp::now();
     if expires_at <= now {
         let message = format!("access ended at {expires_at}");
         close(&grant, api, ctx, GrantPhase::Expired, "Expired", message).await?;
         return Ok(Action::await_change());
     }
+    let world = ctx.world.snapshot();
+    let ns = grant.namespace().unwrap_or_default();
+    let policy = world
+        .policy(&ns, grant.policy_name())
+        .filter(|p| p.metadata.deletion_timestamp.is_none());
     if live_grant(&grant, policy, now).is_none() {
         let message = match policy {
-            None => format!("JitPolicy {ns}/{policy_name} was deleted"),
-            Some(p) => match validate_grant(
-                policy_name,
-                &p.spec,
-                &grant.spec,
-                ts(&status.activated_at).unwrap_or(now),
-            ) {
-                Err(denial) => {
-                    format!("the policy no longer allows this grant: {}", denial.message)
-                }
-                Ok(_) => "the policy no longer resolves this VM".to_string(),
-            },
+            None => format!("JitPolicy {ns}/{} was deleted", grant.policy_name()),
+            Some(_) => "the policy no longer allows what this grant opened (or its status was \
+                        edited to ask for more)"
+                .to_string(),
         };
-        close(
-            &grant,
-            api,
-            ctx,
-            GrantPhase::Revoked,
-            "NoLongerAllowed",
-            message,
-        )
-        .await?;
+        let reason = "NoLongerAllowed";
+        close(&grant, api, ctx, GrantPhase::Revoked, reason, message).await?;
         return Ok(Action::await_change());
     }
+    open_and_heal(&grant, policy, api, ctx, expires_at).await?;
+    Ok(Action::requeue(until(expires_at).min(ctx.resync)))
+}
 
-    // Open, or keep open and heal.
-    let recorded: Vec<String> = status
+/// Validates a grant that has not activated yet against its policy, and activates it: the
+/// window is decided once, and what it opens is frozen in `status.granted`.
+async fn activate(
+    grant: &AccessGrant,
+    api: &Api<AccessGrant>,
+    ctx: &Ctx,
+) -> Result<Activation, Error> {
+    let now = Timestamp::now();
+    let ns = grant.namespace().unwrap_or_default();
+    let policy_name = &grant.spec.policy_ref.name;
+    let world = ctx.world.snapshot();
+    let Some(policy) = world
+        .policy(&ns, policy_name)
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    else {
+        let msg = format!("JitPolicy {ns}/{policy_name} does not exist (yet)");
+        return pending(grant, api, ctx, "PolicyNotFound", msg).await;
+    };
+    let valid = match validate_grant(policy_name, &policy.spec, &grant.spec, now) {
+        // Not the grant's fault: it waits until the policy is fixed.
+        Err(d) if d.reason == DenialReason::PolicyInvalid => {
+            return pending(grant, api, ctx, "PolicyInvalid", d.message).await;
+        }
+        Err(denial) => return deny(grant, api, ctx, denial).await,
+        Ok(v) => v,
+    };
+    let target = policy.status.as_ref().and_then(|s| {
+        s.targets.iter().find(|t| {
+            t.virtual_machine.eq_ignore_ascii_case(&valid.vm_id)
+                && !t.network_security_groups.is_empty()
+        })
+    });
+    let Some(target) = target else {
+        let msg = format!(
+            "JitPolicy {ns}/{policy_name} has not resolved {} to its NSGs yet",
+            valid.vm_id
+        );
+        return pending(grant, api, ctx, "WaitingForPolicy", msg).await;
+    };
+    if let Err(denial) = check_address_family(&valid, target) {
+        return deny(grant, api, ctx, denial).await;
+    }
+    let generation = grant.metadata.generation;
+    let expires_at = valid.expires_at(now);
+    let mut status = grant.status.clone().unwrap_or_default();
+    status.phase = Some(GrantPhase::Active);
+    status.activated_at = Some(Time(now));
+    status.expires_at = Some(Time(expires_at));
+    status.granted = Some(granted_access(
+        policy_name,
+        &valid,
+        &grant.spec,
+        generation.unwrap_or_default(),
+    ));
+    status.observed_generation = generation;
+    let msg = "writing the Allow rules";
+    set_condition(
+        &mut status.conditions,
+        READY,
+        false,
+        "Opening",
+        msg,
+        generation,
+        now,
+    );
+    let activated = apply_status(api, grant, &status).await?;
+    ctx.world.record_grant(&activated);
+    info!(expires_at = %expires_at, "grant activated");
+    Ok(Activation::Activated(Box::new(activated)))
+}
+
+/// A grant activated by a version that kept no record of what it opened gets one, from its
+/// spec as validated at its activation, so that later spec edits are frozen out from now on.
+async fn record_legacy_activation(
+    grant: AccessGrant,
+    api: &Api<AccessGrant>,
+    ctx: &Ctx,
+) -> Result<AccessGrant, Error> {
+    let Some(status) = grant.status.as_ref() else {
+        return Ok(grant);
+    };
+    let (None, Some(activated_at), Some(GrantPhase::Active)) =
+        (&status.granted, ts(&status.activated_at), status.phase)
+    else {
+        return Ok(grant);
+    };
+    let ns = grant.namespace().unwrap_or_default();
+    let policy_name = grant.spec.policy_ref.name.clone();
+    let world = ctx.world.snapshot();
+    let Some(policy) = world.policy(&ns, &policy_name) else {
+        return Ok(grant);
+    };
+    let Ok(valid) = validate_grant(&policy_name, &policy.spec, &grant.spec, activated_at) else {
+        // Not valid any more: the liveness check revokes it.
+        return Ok(grant);
+    };
+    let mut status = status.clone();
+    let generation = status.observed_generation.unwrap_or_default();
+    status.granted = Some(granted_access(
+        &policy_name,
+        &valid,
+        &grant.spec,
+        generation,
+    ));
+    let updated = apply_status(api, &grant, &status).await?;
+    ctx.world.record_grant(&updated);
+    Ok(updated)
+}
+
+/// Refuses the grant for good (until its spec changes): nothing was written to Azure.
+async fn deny(
+    grant: &AccessGrant,
+    api: &Api<AccessGrant>,
+    ctx: &Ctx,
+    denial: crate::plan::Denial,
+) -> Result<Activation, Error> {
+    let generation = grant.metadata.generation;
+    let mut status = grant.status.clone().unwrap_or_default();
+    status.phase = Some(GrantPhase::Denied);
+    status.observed_generation = generation;
+    let reason = denial.reason.as_str();
+    let now = Timestamp::now();
+    set_condition(
+        &mut status.conditions,
+        READY,
+        false,
+        reason,
+        &denial.message,
+        generation,
+        now,
+    );
+    let updated = apply_status(api, grant, &status).await?;
+    ctx.world.record_grant(&updated);
+    warn!(reason, message = %denial.message, "grant denied");
+    ctx.event(grant, true, "Denied", "Validate", denial.message)
+        .await;
+    Ok(Activation::Stop(Action::await_change()))
+}
+
+/// Opens the frozen grant's rules, or keeps them open and heals drift; reports in status what
+/// stands, where the band is full, and a spec edit that was not applied.
+async fn open_and_heal(
+    grant: &AccessGrant,
+    policy: Option<&JitPolicy>,
+    api: &Api<AccessGrant>,
+    ctx: &Ctx,
+    expires_at: Timestamp,
+) -> Result<(), Error> {
+    let now = Timestamp::now();
+    let generation = grant.metadata.generation;
+    let before = grant.status.clone().unwrap_or_default();
+    let recorded: Vec<String> = before
         .rules
         .iter()
         .map(|r| r.name.to_ascii_lowercase())
         .collect();
-    let outcomes = sync_grant_nsgs(&grant, policy, ctx, now).await?;
+    let (outcomes, failures) = sync_grant_nsgs(grant, policy, ctx, now).await;
     let uid = grant.uid().unwrap_or_default();
     let mut rules = Vec::new();
     let mut band_full = Vec::new();
     let mut drift = Vec::new();
     for outcome in &outcomes {
-        rules.extend(rules_of(&grant, outcome));
+        rules.extend(rules_of(grant, outcome));
         band_full.extend(
             outcome
                 .unplaced
@@ -324,76 +470,130 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
                 .cloned(),
         );
     }
-    let mut status = grant.status.clone().unwrap_or_default();
+    // Rules in NSGs that failed this time are still what they were.
+    rules.extend(
+        before
+            .rules
+            .iter()
+            .filter(|r| {
+                failures
+                    .iter()
+                    .any(|f| f.nsg_id.eq_ignore_ascii_case(&r.network_security_group))
+            })
+            .cloned(),
+    );
+    let mut status = before.clone();
     let was_ready =
         crate::api::condition::find(&status.conditions, READY).is_some_and(|c| c.status == "True");
     status.rules = rules;
     status.observed_generation = generation;
-    if band_full.is_empty() {
-        let msg = format!("{} rule(s) open until {expires_at}", status.rules.len());
-        set_condition(
-            &mut status.conditions,
-            READY,
-            true,
-            "Opened",
-            &msg,
-            generation,
-            now,
-        );
-    } else {
+    let (ready, reason, msg) = if !failures.is_empty() {
+        let msg = format!("Azure failed, retrying: {}", describe(&failures));
+        (false, "AzureError", msg)
+    } else if !band_full.is_empty() {
         let msg = format!(
             "no free priority in the allow band for {}",
             band_full.join(", ")
         );
-        set_condition(
-            &mut status.conditions,
-            READY,
-            false,
-            "PriorityBandFull",
-            &msg,
-            generation,
-            now,
-        );
-    }
+        (false, "PriorityBandFull", msg)
+    } else {
+        let msg = format!("{} rule(s) open until {expires_at}", status.rules.len());
+        (true, "Opened", msg)
+    };
+    set_condition(
+        &mut status.conditions,
+        READY,
+        ready,
+        reason,
+        &msg,
+        generation,
+        now,
+    );
+    let edited = report_frozen_spec(grant, &mut status, now);
     if grant.status.as_ref() != Some(&status) {
-        let updated = apply_status(api, &grant, &status).await?;
+        let updated = apply_status(api, grant, &status).await?;
         ctx.world.record_grant(&updated);
     }
-    if band_full.is_empty() && !was_ready {
-        let ports: Vec<String> = grant.spec.ports.iter().map(u16::to_string).collect();
-        let note = format!(
-            "opened port(s) {} on {} from {} until {expires_at}: {}",
-            ports.join(","),
-            grant.spec.virtual_machine,
-            grant.spec.source_address_prefix,
-            grant.spec.justification
-        );
-        ctx.event(&grant, false, "Activated", "Open", note).await;
-    }
-    if !drift.is_empty() {
+    if ready && !was_ready {
         ctx.event(
-            &grant,
+            grant,
             false,
-            "DriftCorrected",
-            "Heal",
-            format!("put back or removed: {}", drift.join(", ")),
+            "Activated",
+            "Open",
+            activated_note(grant, expires_at),
         )
         .await;
     }
-    Ok(Action::requeue(until(expires_at, now).min(ctx.resync)))
+    if let Some(note) = edited {
+        ctx.event(grant, true, "SpecIgnored", "Validate", note)
+            .await;
+    }
+    if !drift.is_empty() {
+        let note = format!("put back or removed: {}", drift.join(", "));
+        ctx.event(grant, false, "DriftCorrected", "Heal", note)
+            .await;
+    }
+    first_error(failures)
+}
+
+fn activated_note(grant: &AccessGrant, expires_at: Timestamp) -> String {
+    let Some(g) = grant.granted() else {
+        return format!("opened until {expires_at}");
+    };
+    let ports: Vec<String> = g.ports.iter().map(|p| p.number.to_string()).collect();
+    format!(
+        "opened port(s) {} on {} from {} until {expires_at}: {}",
+        ports.join(","),
+        crate::plan::validate::vm_name(&g.virtual_machine),
+        g.source_address_prefix,
+        g.justification
+    )
+}
+
+/// An active grant's spec is frozen at activation: an edit changes nothing in Azure. Says so
+/// in the `SpecFrozen` condition; returns the Event note the first time a generation is seen.
+fn report_frozen_spec(
+    grant: &AccessGrant,
+    status: &mut AccessGrantStatus,
+    now: Timestamp,
+) -> Option<String> {
+    let record = grant.granted()?;
+    let generation = grant.metadata.generation;
+    if generation.is_none_or(|g| g == record.generation) {
+        return None;
+    }
+    let seen_before = crate::api::condition::find(&status.conditions, SPEC_FROZEN)
+        .is_some_and(|c| c.observed_generation == generation);
+    let msg = format!(
+        "the spec was edited after activation (generation {} -> {}); what stays open is what was \
+         activated, until its expiry. To change access, create a new grant.",
+        record.generation,
+        generation.unwrap_or_default()
+    );
+    set_condition(
+        &mut status.conditions,
+        SPEC_FROZEN,
+        true,
+        "EditIgnored",
+        &msg,
+        generation,
+        now,
+    );
+    (!seen_before).then_some(msg)
 }
 
 async fn pending(
     grant: &AccessGrant,
     api: &Api<AccessGrant>,
     ctx: &Ctx,
-    status: &mut AccessGrantStatus,
     reason: &str,
     message: String,
-) -> Result<Action, Error> {
+) -> Result<Activation, Error> {
     let generation = grant.metadata.generation;
+    let mut status = grant.status.clone().unwrap_or_default();
     status.phase = Some(GrantPhase::Pending);
     status.observed_generation = generation;
+    let now = Timestamp::now();
     set_condition(
         &mut status.conditions,
         READY,
@@ -401,15 +601,15 @@ async fn pending(
         reason,
         &message,
         generation,
-        Timestamp::now(),
+        now,
     );
-    if grant.status.as_ref() != Some(status) {
-        let updated = apply_status(api, grant, status).await?;
+    if grant.status.as_ref() != Some(&status) {
+        let updated = apply_status(api, grant, &status).await?;
         ctx.world.record_grant(&updated);
         info!(reason, %message, "grant pending");
     }
     // The policy watch wakes the grant when its policy appears or changes; this is the backstop.
-    Ok(Action::requeue(ctx.resync))
+    Ok(Activation::Stop(Action::requeue(ctx.resync)))
 }
 
 async fn cleanup(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result<Action, Error> {
@@ -417,15 +617,8 @@ async fn cleanup(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Resu
         Some(p @ (GrantPhase::Expired | GrantPhase::Denied)) => p,
         _ => GrantPhase::Revoked,
     };
-    close(
-        grant,
-        api,
-        ctx,
-        phase,
-        "Deleted",
-        "the grant was deleted; its rules are closed".into(),
-    )
-    .await?;
+    let msg = "the grant was deleted; its rules are closed".to_string();
+    close(grant, api, ctx, phase, "Deleted", msg).await?;
     if let Some(uid) = grant.uid() {
         ctx.world.forget(&uid);
     }

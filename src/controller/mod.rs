@@ -2,12 +2,14 @@
 //! (JitPolicy, AccessGrant) share one view of the cluster and one NSG syncer.
 
 pub mod context;
+pub mod decode;
 pub mod error;
 pub mod grant;
 pub mod http;
 pub mod leader;
 pub mod nsg;
 pub mod policy;
+pub mod quarantine;
 pub mod startup;
 pub mod status;
 pub mod telemetry;
@@ -20,8 +22,8 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{Instrument, info, warn};
 
@@ -31,6 +33,7 @@ use crate::api::{AccessGrant, JitPolicy};
 use crate::azure::NetworkApi;
 use crate::plan::Bands;
 use context::{Context, Ctx};
+use decode::OnUndecodable;
 use leader::{LeaderElector, LeaseConfig};
 use nsg::NsgSyncer;
 use telemetry::Telemetry;
@@ -62,9 +65,27 @@ impl Default for Settings {
     }
 }
 
-/// How long to wait after a failed reconcile: Azure's `Retry-After` when it gave one, else a
-/// short fixed delay (a grant past its expiry must close soon after Azure answers again).
-fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Ctx) -> Action {
+/// How long to wait before retrying an object whose reconcile failed `attempt` times in a row.
+/// A transient Azure failure (429, 5xx, a dropped connection) is retried soon, at most 2 s
+/// apart, or when Azure's `Retry-After` says: a lapsed grant must close soon after Azure answers
+/// again. A failure that retrying will not cure soon (403, 400, a lock, a bad object) backs off
+/// exponentially to 5 minutes, per object, so it neither hammers Azure nor starves the rest.
+pub fn retry_delay(error: &Error, attempt: u32) -> Duration {
+    let exponential = |base: Duration, cap: Duration| {
+        let doublings = attempt.saturating_sub(1).min(20);
+        base.saturating_mul(1u32 << doublings).min(cap)
+    };
+    match error.azure() {
+        Some(e) if e.is_retryable() => e.retry_after().map_or_else(
+            || exponential(Duration::from_millis(500), Duration::from_secs(2)),
+            |asked| asked.min(Duration::from_secs(60)),
+        ),
+        Some(_) => exponential(Duration::from_secs(1), Duration::from_secs(300)),
+        None => exponential(Duration::from_secs(1), Duration::from_secs(60)),
+    }
+}
+
+fn error_policy<K: kube::Resource>(obj: Arc<K>, error: &Error, ctx: Ctx) -> Action {
     use crate::azure::AzureError as A;
     let azure = error.azure();
     if azure.is_some_and(|e| {
@@ -75,12 +96,22 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Ctx) -> Action {
     }) {
         ctx.telemetry.set_azure_reachable(false);
     }
-    let delay = match azure {
-        Some(e) => e.retry_after().unwrap_or(Duration::from_millis(500)),
-        None => Duration::from_secs(1),
-    };
-    warn!(error = %error, category = error.category(), retry_in_ms = delay.as_millis() as u64, "reconcile failed");
-    Action::requeue(delay.min(Duration::from_secs(30)))
+    let attempt = ctx.failed(&failure_key(obj.as_ref()));
+    let delay = retry_delay(error, attempt);
+    warn!(error = %error, category = error.category(), attempt, retry_in_ms = delay.as_millis() as u64, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The key under which an object's consecutive failures are counted.
+fn failure_key<K: kube::Resource>(obj: &K) -> String {
+    let meta = obj.meta();
+    meta.uid.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
+        )
+    })
 }
 
 /// The shape both reconcilers share: a span naming the object, a wait for the caches, the
@@ -125,9 +156,10 @@ where
 }
 
 /// Runs one reconcile, counting it and its duration by controller and result. A success
-/// means Azure (if it was called) answered.
-async fn measured(
+/// means Azure (if it was called) answered, and clears the object's failure count.
+async fn measured<K: kube::Resource>(
     controller: &'static str,
+    obj: Arc<K>,
     ctx: Ctx,
     reconcile: impl Future<Output = Result<Action, Error>>,
 ) -> Result<Action, Error> {
@@ -141,6 +173,7 @@ async fn measured(
         .reconciled(controller, label, started.elapsed().as_secs_f64());
     if result.is_ok() {
         ctx.telemetry.set_azure_reachable(true);
+        ctx.succeeded(&failure_key(obj.as_ref()));
     }
     result
 }
@@ -215,49 +248,67 @@ async fn run_controllers(
     telemetry: Arc<Telemetry>,
     shutdown: futures::future::Shared<impl Future<Output = ()> + Send + 'static>,
 ) -> Result<(), Error> {
-    // One API scope per watched namespace (or one cluster-wide scope).
-    let scopes: Vec<(Api<JitPolicy>, Api<AccessGrant>)> = if settings.namespaces.is_empty() {
-        vec![(Api::all(client.clone()), Api::all(client.clone()))]
+    // One scope per watched namespace (or one cluster-wide scope).
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
     } else {
-        settings
-            .namespaces
-            .iter()
-            .map(|ns| {
-                (
-                    Api::namespaced(client.clone(), ns),
-                    Api::namespaced(client.clone(), ns),
-                )
-            })
-            .collect()
+        settings.namespaces.iter().cloned().map(Some).collect()
     };
-    startup::close_lapsed_grants(&client, &scopes, &nsgs, &telemetry).await?;
+    startup::close_lapsed_grants(&client, &scopes, &nsgs, &telemetry).await;
 
     // A pair of controllers per scope; one world view over all their stores, since an NSG can
-    // carry rules of objects from several namespaces.
+    // carry rules of objects from several namespaces. Every watch decodes object by object.
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
     let wc = watcher::Config::default().any_semantic();
+    let raw_watch = |api: Api<kube::api::DynamicObject>| watcher(api, wc.clone()).default_backoff();
     let mut policy_ctls = Vec::new();
     let mut grant_ctls = Vec::new();
     let (mut policy_stores, mut grant_stores) = (Vec::new(), Vec::new());
-    for (policies_api, grants_api) in scopes {
-        let policy_ctl = Controller::new(policies_api.clone(), wc.clone());
-        let grant_ctl = Controller::new(grants_api, wc.clone());
-        let grants_store = grant_ctl.store();
-        policy_stores.push(policy_ctl.store());
-        grant_stores.push(grant_ctl.store());
-        // A policy change re-plans every grant made under it.
-        let grant_ctl = grant_ctl.watches(policies_api, wc.clone(), move |policy: JitPolicy| {
-            let ns = policy.namespace();
-            let name = policy.name_any();
-            grants_store
-                .state()
-                .into_iter()
-                .filter(|g| g.namespace() == ns && g.spec.policy_ref.name == name)
-                .map(|g| ObjectRef::from_obj(g.as_ref()))
-                .collect::<Vec<_>>()
-        });
-        policy_ctls.push(policy_ctl);
+    for ns in &scopes {
+        let ns = ns.as_deref();
+        let (policies_store, policies_writer) = reflector::store::<JitPolicy>();
+        let (grants_store, grants_writer) = reflector::store::<AccessGrant>();
+        let policies = decode::typed_events::<JitPolicy>(
+            raw_watch(decode::raw_api::<JitPolicy>(client.clone(), ns)),
+            OnUndecodable::KeepLast,
+            seen_tx.clone(),
+        )
+        .reflect(policies_writer)
+        .applied_objects();
+        let grants = decode::typed_events::<AccessGrant>(
+            raw_watch(decode::raw_api::<AccessGrant>(client.clone(), ns)),
+            OnUndecodable::Drop,
+            seen_tx.clone(),
+        )
+        .reflect(grants_writer)
+        .applied_objects();
+        // A policy change re-plans every grant made under it (a second watch, decoded alike).
+        let policy_changes = decode::typed_events::<JitPolicy>(
+            raw_watch(decode::raw_api::<JitPolicy>(client.clone(), ns)),
+            OnUndecodable::KeepLast,
+            seen_tx.clone(),
+        )
+        .applied_objects();
+        let grants_of = grants_store.clone();
+        let grant_ctl = Controller::for_stream(grants, grants_store.clone()).watches_stream(
+            policy_changes,
+            move |policy: JitPolicy| {
+                let ns = policy.namespace();
+                let name = policy.name_any();
+                grants_of
+                    .state()
+                    .into_iter()
+                    .filter(|g| g.namespace() == ns && g.policy_name() == name)
+                    .map(|g| ObjectRef::from_obj(g.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        );
+        policy_ctls.push(Controller::for_stream(policies, policies_store.clone()));
         grant_ctls.push(grant_ctl);
+        policy_stores.push(policies_store);
+        grant_stores.push(grants_store);
     }
+    drop(seen_tx);
     let world = WorldView::new(policy_stores, grant_stores);
 
     let ctx: Ctx = Arc::new(Context::new(
@@ -267,12 +318,20 @@ async fn run_controllers(
         settings.resync,
         telemetry,
     ));
+    let reporter = tokio::spawn(quarantine::run(seen_rx, ctx.clone()));
     let config = kube::runtime::controller::Config::default().concurrency(settings.concurrency);
     let policies = policy_ctls.into_iter().map(|ctl| {
         ctl.with_config(config.clone())
             .graceful_shutdown_on(shutdown.clone())
             .run(
-                |obj, ctx: Ctx| measured("jitpolicy", ctx.clone(), policy::reconcile(obj, ctx)),
+                |obj, ctx: Ctx| {
+                    measured(
+                        "jitpolicy",
+                        obj.clone(),
+                        ctx.clone(),
+                        policy::reconcile(obj, ctx),
+                    )
+                },
                 error_policy,
                 ctx.clone(),
             )
@@ -284,14 +343,13 @@ async fn run_controllers(
             .graceful_shutdown_on(shutdown.clone())
             .run(
                 |obj, ctx: Ctx| async move {
-                    let result = measured(
+                    measured(
                         "accessgrant",
+                        obj.clone(),
                         ctx.clone(),
                         grant::reconcile(obj, ctx.clone()),
                     )
-                    .await;
-                    ctx.telemetry.observe_world(&ctx.world.snapshot());
-                    result
+                    .await
                 },
                 error_policy,
                 ctx.clone(),
@@ -304,10 +362,22 @@ async fn run_controllers(
         ctx.world.wait_ready().await;
         ctx.telemetry.set_caches_synced(true);
     };
+    // Gauges that must move while no reconcile runs (a grant turning overdue, for one).
+    let observe = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            ctx.telemetry.observe_world(&ctx.world.snapshot());
+        }
+    };
     info!("controllers running");
     let stop_writes_on_drop = StopWrites(&ctx);
-    futures::join!(controllers, synced);
+    tokio::select! {
+        _ = async { futures::join!(controllers, synced) } => {}
+        _ = observe => {}
+    }
     drop(stop_writes_on_drop);
+    reporter.abort();
     info!("controllers stopped");
     Ok(())
 }

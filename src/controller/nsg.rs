@@ -90,7 +90,8 @@ impl NsgSyncer {
         let world = world();
         let desired = desired_rules(nsg_id, &world.policies, &world.grants, now);
         let existing = self.azure.list_rules(nsg_id).await?;
-        let plan = plan_nsg(&existing, &desired, &self.bands);
+        let mut plan = plan_nsg(&existing, &desired, &self.bands);
+        plan.keep_rules_of_policies(&world.quarantined_policies);
         let existing_names: HashSet<String> = existing
             .iter()
             .map(|r| r.name.to_ascii_lowercase())

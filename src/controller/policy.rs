@@ -44,21 +44,9 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
     status.observed_generation = generation;
 
     if let Err(denial) = validate_policy(&policy.spec) {
-        set_condition(
-            &mut status.conditions,
-            READY,
-            false,
-            "InvalidPolicy",
-            &denial.message,
-            generation,
-            now,
-        );
-        write_status(policy, api, ctx, &status).await?;
-        warn!(message = %denial.message, "policy invalid");
-        ctx.event(policy, true, "InvalidPolicy", "Validate", denial.message)
-            .await;
-        return Ok(Action::await_change());
+        return keep_last_valid(policy, api, ctx, status, denial.message).await;
     }
+    status.enforced_spec = Some(policy.spec.clone());
 
     // Resolve every VM in Azure (reads only).
     let mut targets = Vec::new();
@@ -169,6 +157,44 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
     Ok(Action::requeue(ctx.resync))
 }
 
+/// The spec is invalid: fail closed. The Deny rules of the last valid spec stay (and are healed),
+/// no new grant activates under it, and `Ready` says why until the spec is fixed.
+async fn keep_last_valid(
+    policy: &JitPolicy,
+    api: &Api<JitPolicy>,
+    ctx: &Ctx,
+    mut status: JitPolicyStatus,
+    why: String,
+) -> Result<Action, Error> {
+    let now = Timestamp::now();
+    let generation = policy.metadata.generation;
+    let kept = if status.enforced_spec.is_some() {
+        "the Deny rules of the last valid spec stay in force"
+    } else {
+        "no valid spec was ever enforced, so it has no Deny rules"
+    };
+    let message = format!("{why}; {kept}; no grant activates under it until it is fixed");
+    set_condition(
+        &mut status.conditions,
+        READY,
+        false,
+        "InvalidPolicy",
+        &message,
+        generation,
+        now,
+    );
+    if policy.status.as_ref() != Some(&status) {
+        write_status(policy, api, ctx, &status).await?;
+        warn!(%message, "policy invalid");
+        ctx.event(policy, true, "InvalidPolicy", "Validate", message)
+            .await;
+    }
+    for nsg in nsgs_of_policy(policy) {
+        ctx.nsgs.sync(&nsg, || ctx.world.snapshot(), now).await?;
+    }
+    Ok(Action::requeue(ctx.resync))
+}
+
 async fn write_status(
     policy: &JitPolicy,
     api: &Api<JitPolicy>,
@@ -194,7 +220,7 @@ async fn cleanup(policy: &JitPolicy, ctx: &Ctx) -> Result<Action, Error> {
     let world = ctx.world.snapshot();
     for grant in world.grants.iter().filter(|g| {
         g.namespace().as_deref() == Some(ns.as_str())
-            && g.spec.policy_ref.name == name
+            && g.policy_name() == name
             && matches!(
                 g.status.as_ref().and_then(|s| s.phase),
                 Some(GrantPhase::Active | GrantPhase::Pending)

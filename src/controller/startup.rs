@@ -1,14 +1,17 @@
 //! Before the controllers start: close every grant whose expiry passed while the operator was
-//! down, so a lapsed grant is not left open for one more moment than it must.
+//! down, so a lapsed grant is not left open for one more moment than it must. Best effort and
+//! bounded: every NSG is closed on its own and at once, whatever fails is logged and left to the
+//! controllers (which close lapsed grants first thing anyway), and the controllers start
+//! regardless, so one broken NSG or object never keeps every other grant from closing.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::{Client, ResourceExt};
-use tracing::info;
+use tracing::{info, warn};
 
-use super::Error;
+use super::decode;
 use super::grant::closed_status;
 use super::nsg::NsgSyncer;
 use super::status::apply_status;
@@ -17,26 +20,76 @@ use super::world::World;
 use crate::api::{AccessGrant, GrantPhase, JitPolicy};
 use crate::plan::nsgs_of_grant;
 
-/// Returns how many grants it closed.
-/// `scopes`: the watched namespaces' APIs (or one cluster-wide pair). The world is read from all
-/// of them, so that an NSG synced here keeps the rules of every live grant it carries.
+/// How long start-up may spend closing before the controllers take over.
+const STARTUP_BUDGET: Duration = Duration::from_secs(10);
+
+/// Reads every policy and grant of the watched scopes, object by object. A scope that cannot be
+/// listed is skipped: planning from a partial world would delete live grants' rules, so NSGs
+/// are only synced when every scope was read.
+async fn read_world(client: &Client, scopes: &[Option<String>]) -> Option<World> {
+    let mut world = World::default();
+    for ns in scopes {
+        let policies_api = decode::raw_api::<JitPolicy>(client.clone(), ns.as_deref());
+        let grants_api = decode::raw_api::<AccessGrant>(client.clone(), ns.as_deref());
+        let policies = decode::list::<JitPolicy>(&policies_api).await;
+        let grants = decode::list::<AccessGrant>(&grants_api).await;
+        match (policies, grants) {
+            (Ok((policies, bad_policies)), Ok((grants, bad_grants))) => {
+                world.policies.extend(policies);
+                world.grants.extend(grants);
+                world
+                    .quarantined_policies
+                    .extend(bad_policies.into_iter().filter_map(|u| u.reference.uid));
+                // An undecodable grant is not in the world: its rules close with its NSGs.
+                drop(bad_grants);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(namespace = ns.as_deref().unwrap_or("*"), error = %e, "start-up: could not list; the controllers will close lapsed grants");
+                return None;
+            }
+        }
+    }
+    Some(world)
+}
+
+/// Returns how many lapsed grants it closed completely.
 pub async fn close_lapsed_grants(
     client: &Client,
-    scopes: &[(Api<JitPolicy>, Api<AccessGrant>)],
+    scopes: &[Option<String>],
     nsgs: &NsgSyncer,
     telemetry: &Telemetry,
-) -> Result<usize, Error> {
+) -> usize {
     let started = Instant::now();
+    let work = async {
+        let world = read_world(client, scopes).await?;
+        Some(close_in(client, &world, nsgs, telemetry).await)
+    };
+    let closed = match tokio::time::timeout(STARTUP_BUDGET, work).await {
+        Ok(Some(closed)) => closed,
+        Ok(None) => 0,
+        Err(_) => {
+            warn!(
+                budget_s = STARTUP_BUDGET.as_secs(),
+                "start-up: closing took too long; the controllers take over"
+            );
+            0
+        }
+    };
+    info!(
+        closed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "start-up: lapsed grants closed"
+    );
+    closed
+}
+
+async fn close_in(
+    client: &Client,
+    world: &World,
+    nsgs: &NsgSyncer,
+    telemetry: &Telemetry,
+) -> usize {
     let now = Timestamp::now();
-    let mut world = World::default();
-    for (policies, grants) in scopes {
-        world
-            .policies
-            .extend(policies.list(&ListParams::default()).await?.items);
-        world
-            .grants
-            .extend(grants.list(&ListParams::default()).await?.items);
-    }
     let lapsed: Vec<&AccessGrant> = world
         .grants
         .iter()
@@ -48,37 +101,54 @@ pub async fn close_lapsed_grants(
                     .is_some_and(|e| e.0 <= now)
         })
         .collect();
+    let nsgs_of = |grant: &AccessGrant| {
+        let policy = world.policy(&grant.namespace().unwrap_or_default(), grant.policy_name());
+        nsgs_of_grant(grant, policy)
+    };
     let mut nsg_ids: Vec<String> = Vec::new();
     for grant in &lapsed {
-        let policy = world.policy(
-            &grant.namespace().unwrap_or_default(),
-            &grant.spec.policy_ref.name,
-        );
-        for nsg in nsgs_of_grant(grant, policy) {
+        for nsg in nsgs_of(grant) {
             if !nsg_ids.iter().any(|n| n.eq_ignore_ascii_case(&nsg)) {
                 nsg_ids.push(nsg);
             }
         }
     }
-    // One sync per NSG closes every lapsed grant in it: they are not live at `now`.
-    for nsg in &nsg_ids {
-        nsgs.sync(nsg, || world.clone(), now).await?;
+    // One sync per NSG closes every lapsed grant in it (they are not live at `now`); all NSGs
+    // at once, each on its own.
+    let syncs = nsg_ids.iter().map(|nsg| async move {
+        let result = nsgs.sync(nsg, || world.clone(), now).await;
+        (nsg.clone(), result)
+    });
+    let mut failed: Vec<String> = Vec::new();
+    for (nsg, result) in futures::future::join_all(syncs).await {
+        match result {
+            Ok(_) | Err(super::Error::Azure(crate::azure::AzureError::NotFound { .. })) => {}
+            Err(e) => {
+                warn!(nsg, error = %e, "start-up: could not close rules in this NSG");
+                failed.push(nsg);
+            }
+        }
     }
-    for grant in &lapsed {
+    let mut closed = 0;
+    for grant in lapsed {
+        if nsgs_of(grant)
+            .iter()
+            .any(|n| failed.iter().any(|f| f.eq_ignore_ascii_case(n)))
+        {
+            continue; // its reconcile reports the failure in status, with backoff
+        }
         let api: Api<AccessGrant> =
             Api::namespaced(client.clone(), &grant.namespace().unwrap_or_default());
         let msg = "access ended while the operator was down; closed at start-up";
         let status = closed_status(grant, GrantPhase::Expired, "Expired", msg, now);
-        apply_status(&api, *grant, &status).await?;
+        if let Err(e) = apply_status(&api, grant, &status).await {
+            warn!(grant = %grant.name_any(), error = %e, "start-up: rules closed, status not written; the controller retries");
+            continue;
+        }
         if let Some(expired) = &status.expires_at {
             telemetry.grant_closed_at_expiry(now.duration_since(expired.0).as_secs_f64());
         }
+        closed += 1;
     }
-    info!(
-        closed = lapsed.len(),
-        nsgs = nsg_ids.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "start-up: lapsed grants closed"
-    );
-    Ok(lapsed.len())
+    closed
 }

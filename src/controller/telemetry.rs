@@ -27,6 +27,11 @@ struct ControllerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -69,6 +74,8 @@ pub struct Telemetry {
     grants: Family<PhaseLabels, Gauge>,
     open_rules: Gauge,
     expiry_lag: Histogram,
+    overdue: Gauge,
+    undecodable: Family<KindLabels, Gauge>,
     leader: Gauge,
     caches_synced: AtomicBool,
     azure_reachable: AtomicBool,
@@ -113,6 +120,18 @@ impl Telemetry {
             "Time from a grant's expiresAt to its rules being closed",
             expiry_lag.clone(),
         );
+        let overdue = Gauge::default();
+        registry.register(
+            "grants_overdue",
+            "Grants past their expiresAt with a rule still standing (or not closed yet): alert on it",
+            overdue.clone(),
+        );
+        let undecodable = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "undecodable_objects",
+            "Objects the API server admitted that the operator cannot decode, skipped (by kind)",
+            undecodable.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -129,6 +148,8 @@ impl Telemetry {
             grants,
             open_rules,
             expiry_lag,
+            overdue,
+            undecodable,
             leader,
             caches_synced: AtomicBool::new(false),
             azure_reachable: AtomicBool::new(true),
@@ -170,6 +191,28 @@ impl Telemetry {
             .map(|s| s.rules.len())
             .sum();
         self.open_rules.set(open as i64);
+        let now = jiff::Timestamp::now();
+        let overdue = world
+            .grants
+            .iter()
+            .filter_map(|g| g.status.as_ref())
+            .filter(|s| {
+                s.expires_at.as_ref().is_some_and(|e| e.0 <= now)
+                    && (s.phase == Some(GrantPhase::Active) || !s.rules.is_empty())
+            })
+            .count();
+        self.overdue.set(overdue as i64);
+    }
+
+    /// How many objects of `kind` are skipped because they do not decode.
+    pub fn set_undecodable(&self, kind: &'static str, count: usize) {
+        self.undecodable
+            .get_or_create(&KindLabels { kind })
+            .set(count as i64);
+    }
+
+    pub fn overdue_grants(&self) -> i64 {
+        self.overdue.get()
     }
 
     pub fn set_leader(&self, leader: bool) {

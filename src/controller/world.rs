@@ -16,6 +16,8 @@ use crate::api::{AccessGrant, JitPolicy};
 pub struct World {
     pub policies: Vec<JitPolicy>,
     pub grants: Vec<AccessGrant>,
+    /// Policies that exist but do not decode: their rules are kept as they stand in Azure.
+    pub quarantined_policies: Vec<String>,
 }
 
 impl World {
@@ -42,6 +44,8 @@ pub struct WorldView {
     policies: Vec<Store<JitPolicy>>,
     grants: Vec<Store<AccessGrant>>,
     overlay: Mutex<Overlay>,
+    /// Objects that exist but do not decode, by uid: true for a policy, false for a grant.
+    undecodable: Mutex<HashMap<String, bool>>,
 }
 
 fn newer<K: ResourceExt>(candidate: &K, than: &K) -> bool {
@@ -89,7 +93,25 @@ impl WorldView {
             policies,
             grants,
             overlay: Mutex::new(Overlay::default()),
+            undecodable: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn undecodable(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+        self.undecodable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks an object as not decoding (or, with `None`, as fine again). A grant that does not
+    /// decode leaves the world, so what it opened closes; a policy that does not decode keeps
+    /// its rules in Azure as they stand (fail closed either way).
+    pub fn set_undecodable(&self, uid: &str, policy: Option<bool>) {
+        let mut undecodable = self.undecodable();
+        match policy {
+            Some(is_policy) => undecodable.insert(uid.to_string(), is_policy),
+            None => undecodable.remove(uid),
+        };
     }
 
     /// Waits until both stores hold their initial listing: planning an NSG from a partial view
@@ -135,17 +157,25 @@ impl WorldView {
             grants,
             tombstones,
         } = &mut *overlay;
+        let undecodable = self.undecodable();
+        let mut grants = merge(
+            self.grants.iter().flat_map(Store::state).collect(),
+            grants,
+            tombstones,
+        );
+        grants.retain(|g| !g.uid().is_some_and(|uid| undecodable.contains_key(&uid)));
         World {
             policies: merge(
                 self.policies.iter().flat_map(Store::state).collect(),
                 policies,
                 tombstones,
             ),
-            grants: merge(
-                self.grants.iter().flat_map(Store::state).collect(),
-                grants,
-                tombstones,
-            ),
+            grants,
+            quarantined_policies: undecodable
+                .iter()
+                .filter(|(_, is_policy)| **is_policy)
+                .map(|(uid, _)| uid.clone())
+                .collect(),
         }
     }
 

@@ -8,10 +8,15 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use kube::ResourceExt;
 
-use super::naming;
+use super::naming::{self, Family};
 use super::rule::{Access, Direction, NsgRule, RuleProtocol};
 use super::validate::{self, AddressPrefix, ValidatedGrant, protocol_rank};
-use crate::api::{AccessGrant, GrantPhase, JitPolicy, Protocol, ResolvedTarget};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{
+    AccessGrant, AccessGrantSpec, GrantPhase, GrantedAccess, GrantedPort, JitPolicy, JitPolicySpec,
+    PolicyRef, Protocol, ResolvedTarget,
+};
 
 /// The Kubernetes object a rule exists for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -113,11 +118,87 @@ fn sorted_ips<'a>(ips: impl Iterator<Item = &'a String>) -> Vec<String> {
     v
 }
 
+/// The spec whose Deny rules stand and against which active grants are checked: the current
+/// spec when it is valid, else the last valid one the controller recorded in status. An invalid
+/// edit therefore never removes a Deny rule (fails closed).
+pub fn effective_spec(policy: &JitPolicy) -> Option<&JitPolicySpec> {
+    if validate::validate_policy(&policy.spec).is_ok() {
+        return Some(&policy.spec);
+    }
+    policy
+        .status
+        .as_ref()?
+        .enforced_spec
+        .as_ref()
+        .filter(|s| validate::validate_policy(s).is_ok())
+}
+
+/// The record of what a grant opens, made once at activation from the validated spec.
+pub fn granted_access(
+    policy_name: &str,
+    validated: &ValidatedGrant,
+    spec: &AccessGrantSpec,
+    generation: i64,
+) -> GrantedAccess {
+    GrantedAccess {
+        generation,
+        policy: policy_name.to_string(),
+        virtual_machine: validated.vm_id.clone(),
+        ports: validated
+            .ports
+            .iter()
+            .map(|&(number, protocol)| GrantedPort { number, protocol })
+            .collect(),
+        source_address_prefix: validated.source.clone(),
+        justification: spec.justification.clone(),
+    }
+}
+
+/// Checks a frozen record against `policy` as the grant's window `[activated_at, expires_at)`:
+/// the record must still be within the policy, for no longer than the policy allows. A record
+/// edited by hand to ask for more is refused here like any other request.
+fn revalidate(
+    policy_name: &str,
+    policy: &JitPolicySpec,
+    record: &GrantedAccess,
+    activated_at: Timestamp,
+    expires_at: Timestamp,
+) -> Option<ValidatedGrant> {
+    let mut ports: Vec<u16> = record.ports.iter().map(|p| p.number).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let as_spec = AccessGrantSpec {
+        policy_ref: PolicyRef {
+            name: record.policy.clone(),
+        },
+        virtual_machine: record.virtual_machine.clone(),
+        ports,
+        source_address_prefix: record.source_address_prefix.clone(),
+        duration: None,
+        not_after: Some(Time(expires_at)),
+        justification: record.justification.clone(),
+    };
+    let mut validated =
+        validate::validate_grant(policy_name, policy, &as_spec, activated_at).ok()?;
+    let recorded: Vec<(u16, Protocol)> = record
+        .ports
+        .iter()
+        .map(|p| (p.number, p.protocol))
+        .collect();
+    if recorded.is_empty() || !recorded.iter().all(|p| validated.ports.contains(p)) {
+        return None;
+    }
+    validated.ports.retain(|p| recorded.contains(p));
+    Some(validated)
+}
+
 /// Whether `grant` should have its ports open at `now`. It must: not be deleting; be `Active`
-/// with `expiresAt` after `now` and an `activatedAt`; have its policy (same namespace, the name
-/// of `spec.policyRef`, not deleting); pass validation against that policy evaluated at
-/// `activatedAt` (not `now`: a grant stays valid through its window); and its VM must be among
-/// the policy's resolved targets.
+/// with `expiresAt` after `now` and an `activatedAt`; have its policy (same namespace, the policy
+/// it was activated under, not deleting, with an effective spec); and what it opens (its frozen
+/// record, or for a grant activated before records existed its spec) must pass validation
+/// against that policy over its window `[activatedAt, expiresAt)`, so that neither a spec edit nor
+/// a hand-edited status opens more or for longer than the policy allows. Its VM must be among the
+/// policy's resolved targets.
 pub fn live_grant(
     grant: &AccessGrant,
     policy: Option<&JitPolicy>,
@@ -139,14 +220,20 @@ pub fn live_grant(
     let namespace = grant.namespace()?;
     if policy.metadata.deletion_timestamp.is_some()
         || policy.namespace().as_deref() != Some(namespace.as_str())
-        || policy.name_any() != grant.spec.policy_ref.name
+        || policy.name_any() != grant.policy_name()
     {
         return None;
     }
     let uid = grant.uid()?;
-    let validated =
-        validate::validate_grant(&policy.name_any(), &policy.spec, &grant.spec, activated_at)
-            .ok()?;
+    let spec = effective_spec(policy)?;
+    let policy_name = policy.name_any();
+    let validated = match grant.granted() {
+        Some(record) => revalidate(&policy_name, spec, record, activated_at, expires_at)?,
+        None => validate::validate_grant(&policy_name, spec, &grant.spec, activated_at).ok()?,
+    };
+    if expires_at > validated.expires_at(activated_at) {
+        return None;
+    }
     let target = target_of(policy, &validated.vm_id)?.clone();
     Some(LiveGrant {
         uid,
@@ -159,75 +246,86 @@ pub fn live_grant(
     })
 }
 
-/// The Deny intents of one valid, non-deleting policy for `nsg_id`.
+/// The addresses in `ips` split by address family, IPv4 first, each sorted and deduplicated;
+/// an empty family is left out. Azure refuses a rule that mixes the two families
+/// (`ResourceCannotContainAddressPrefixesFromDifferentAddressFamilies`), so every rule carries
+/// one family only. Unparseable entries are dropped.
+fn by_family<'a>(ips: impl Iterator<Item = &'a String>) -> Vec<(Family, Vec<String>)> {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for ip in ips {
+        match AddressPrefix::parse(ip).and_then(|a| a.is_ipv4()) {
+            Some(true) => v4.push(ip),
+            Some(false) => v6.push(ip),
+            None => {}
+        }
+    }
+    [(Family::V4, v4), (Family::V6, v6)]
+        .into_iter()
+        .filter(|(_, ips)| !ips.is_empty())
+        .map(|(f, ips)| (f, sorted_ips(ips.into_iter())))
+        .collect()
+}
+
+/// The Deny intents of one non-deleting policy for `nsg_id`, from its effective spec: one per
+/// VM, port, protocol and address family.
 fn policy_intents(nsg_id: &str, policy: &JitPolicy, out: &mut Vec<RuleIntent>) {
-    if policy.metadata.deletion_timestamp.is_some()
-        || validate::validate_policy(&policy.spec).is_err()
-    {
+    if policy.metadata.deletion_timestamp.is_some() {
         return;
     }
+    let Some(spec) = effective_spec(policy) else {
+        return;
+    };
     let (Some(uid), Some(namespace)) = (policy.uid(), policy.namespace()) else {
         return;
     };
     let name = policy.name_any();
-    for vm in &policy.spec.virtual_machines {
+    for vm in &spec.virtual_machines {
         let Some(target) = target_of(policy, &vm.id) else {
             continue;
         };
         if !contains_ci(&target.network_security_groups, nsg_id) {
             continue;
         }
-        let ips = sorted_ips(target.private_ip_addresses.iter());
-        if ips.is_empty() {
-            continue;
-        }
-        for port in &vm.ports {
-            out.push(RuleIntent {
-                owner: Owner::Policy {
-                    uid: uid.clone(),
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                },
-                name: naming::policy_rule_name(&uid, &vm.id, port.number, port.protocol),
-                description: naming::policy_description(
-                    &namespace,
-                    &name,
-                    validate::vm_name(&vm.id),
-                    port.number,
-                    port.protocol,
-                ),
-                access: Access::Deny,
-                direction: Direction::Inbound,
-                protocol: rule_protocol(port.protocol),
-                source_address_prefixes: vec!["*".to_string()],
-                source_port_ranges: vec!["*".to_string()],
-                destination_address_prefixes: ips.clone(),
-                destination_port_ranges: vec![port.number.to_string()],
-            });
+        for (family, ips) in by_family(target.private_ip_addresses.iter()) {
+            for port in &vm.ports {
+                out.push(RuleIntent {
+                    owner: Owner::Policy {
+                        uid: uid.clone(),
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                    },
+                    name: naming::with_family(
+                        naming::policy_rule_name(&uid, &vm.id, port.number, port.protocol),
+                        family,
+                    ),
+                    description: naming::policy_description(
+                        &namespace,
+                        &name,
+                        validate::vm_name(&vm.id),
+                        port.number,
+                        port.protocol,
+                    ),
+                    access: Access::Deny,
+                    direction: Direction::Inbound,
+                    protocol: rule_protocol(port.protocol),
+                    source_address_prefixes: vec!["*".to_string()],
+                    source_port_ranges: vec!["*".to_string()],
+                    destination_address_prefixes: ips.clone(),
+                    destination_port_ranges: vec![port.number.to_string()],
+                });
+            }
         }
     }
 }
 
-/// The Allow intents of one live grant for `nsg_id`: one per protocol.
+/// The Allow intents of one live grant for `nsg_id`: one per protocol and address family. A
+/// specific source reaches the VM's addresses of its own family only; `*` and `Internet` reach
+/// both, through one rule per family.
 fn grant_intents(nsg_id: &str, live: &LiveGrant, out: &mut Vec<RuleIntent>) {
     if !contains_ci(&live.target.network_security_groups, nsg_id) {
         return;
     }
-    // An NSG rule cannot mix IPv4 and IPv6: a specific source reaches the VM's addresses of its
-    // own family only. `*` and `Internet` reach them all.
-    let family = AddressPrefix::parse(&live.validated.source).and_then(|s| s.is_ipv4());
-    let ips = sorted_ips(
-        live.target
-            .private_ip_addresses
-            .iter()
-            .filter(|ip| match family {
-                None => true,
-                Some(v4) => AddressPrefix::parse(ip).and_then(|a| a.is_ipv4()) == Some(v4),
-            }),
-    );
-    if ips.is_empty() {
-        return;
-    }
+    let source_family = AddressPrefix::parse(&live.validated.source).and_then(|s| s.is_ipv4());
     let mut by_protocol: BTreeMap<u8, (Protocol, Vec<u16>)> = BTreeMap::new();
     for (port, protocol) in &live.validated.ports {
         by_protocol
@@ -236,26 +334,72 @@ fn grant_intents(nsg_id: &str, live: &LiveGrant, out: &mut Vec<RuleIntent>) {
             .1
             .push(*port);
     }
-    for (protocol, mut ports) in by_protocol.into_values() {
-        ports.sort_unstable();
-        ports.dedup();
-        out.push(RuleIntent {
-            owner: Owner::Grant {
-                uid: live.uid.clone(),
-                namespace: live.namespace.clone(),
-                name: live.name.clone(),
-            },
-            name: naming::grant_rule_name(&live.uid, protocol),
-            description: naming::grant_description(&live.namespace, &live.name, live.expires_at),
-            access: Access::Allow,
-            direction: Direction::Inbound,
-            protocol: rule_protocol(protocol),
-            source_address_prefixes: vec![live.validated.source.clone()],
-            source_port_ranges: vec!["*".to_string()],
-            destination_address_prefixes: ips.clone(),
-            destination_port_ranges: ports.iter().map(u16::to_string).collect(),
-        });
+    for (family, ips) in by_family(live.target.private_ip_addresses.iter()) {
+        if source_family.is_some_and(|v4| v4 != (family == Family::V4)) {
+            continue;
+        }
+        for (protocol, ports) in by_protocol.values() {
+            let mut ports = ports.clone();
+            ports.sort_unstable();
+            ports.dedup();
+            out.push(RuleIntent {
+                owner: Owner::Grant {
+                    uid: live.uid.clone(),
+                    namespace: live.namespace.clone(),
+                    name: live.name.clone(),
+                },
+                name: naming::with_family(naming::grant_rule_name(&live.uid, *protocol), family),
+                description: naming::grant_description(
+                    &live.namespace,
+                    &live.name,
+                    live.expires_at,
+                ),
+                access: Access::Allow,
+                direction: Direction::Inbound,
+                protocol: rule_protocol(*protocol),
+                source_address_prefixes: vec![live.validated.source.clone()],
+                source_port_ranges: vec!["*".to_string()],
+                destination_address_prefixes: ips.clone(),
+                destination_port_ranges: ports.iter().map(u16::to_string).collect(),
+            });
+        }
     }
+}
+
+/// Whether a validated grant can reach its VM at all: a specific source reaches only the VM's
+/// addresses of its own family, so an IPv6 source for an IPv4-only VM (or the reverse) would
+/// open nothing while looking active. Refused instead, before anything is written.
+pub fn check_address_family(
+    validated: &ValidatedGrant,
+    target: &ResolvedTarget,
+) -> Result<(), validate::Denial> {
+    let families: Vec<Family> = by_family(target.private_ip_addresses.iter())
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect();
+    let source = AddressPrefix::parse(&validated.source).and_then(|s| s.is_ipv4());
+    let reachable = match source {
+        None => !families.is_empty(),
+        Some(v4) => families.contains(if v4 { &Family::V4 } else { &Family::V6 }),
+    };
+    if reachable {
+        return Ok(());
+    }
+    let has = |f: Family| families.contains(&f);
+    let vm_has = match (has(Family::V4), has(Family::V6)) {
+        (true, true) => "IPv4 and IPv6",
+        (true, false) => "IPv4 only",
+        (false, true) => "IPv6 only",
+        (false, false) => "no private IP address",
+    };
+    Err(validate::Denial {
+        reason: validate::DenialReason::AddressFamilyMismatch,
+        message: format!(
+            "source {} cannot reach {}: the VM has {vm_has}",
+            validated.source,
+            validated.vm_name()
+        ),
+    })
 }
 
 /// The policy a grant refers to, among `policies` (same namespace, `spec.policyRef.name`).
@@ -263,7 +407,7 @@ pub fn policy_of<'a>(grant: &AccessGrant, policies: &'a [JitPolicy]) -> Option<&
     let ns = grant.namespace();
     policies
         .iter()
-        .find(|p| p.namespace() == ns && p.name_any() == grant.spec.policy_ref.name)
+        .find(|p| p.namespace() == ns && p.name_any() == grant.policy_name())
 }
 
 /// Every rule that should exist in NSG `nsg_id`, sorted by name: a Deny rule per (port,
@@ -342,7 +486,10 @@ pub fn nsgs_of_policy(policy: &JitPolicy) -> Vec<String> {
 /// found even after the policy changed. Deduplicated case-insensitively.
 pub fn nsgs_of_grant(grant: &AccessGrant, policy: Option<&JitPolicy>) -> Vec<String> {
     let mut out = Vec::new();
-    let wanted = grant.spec.virtual_machine.as_str();
+    let wanted = grant
+        .granted()
+        .map(|g| g.virtual_machine.as_str())
+        .unwrap_or(&grant.spec.virtual_machine);
     let same_vm = |t: &&ResolvedTarget| {
         if wanted.contains('/') {
             t.virtual_machine.eq_ignore_ascii_case(wanted)
@@ -451,8 +598,14 @@ pub(crate) mod tests {
     #[test]
     fn deny_rules_for_every_policy_port_in_the_nsg() {
         let p = example_policy();
-        let a = desired_rules(NSG_A, std::slice::from_ref(&p), &[], now());
-        assert_eq!(a.len(), 4, "vm1's four ports");
+        let all = desired_rules(NSG_A, std::slice::from_ref(&p), &[], now());
+        assert_eq!(all.len(), 8, "vm1's four ports, once per address family");
+        let (a, v6): (Vec<RuleIntent>, Vec<RuleIntent>) =
+            all.into_iter().partition(|i| !i.name.ends_with("-v6"));
+        assert!(
+            v6.iter()
+                .all(|i| i.destination_address_prefixes == ["fd00::4"])
+        );
         assert!(
             a.iter()
                 .all(|i| i.access == Access::Deny && i.direction == Direction::Inbound)
@@ -463,7 +616,7 @@ pub(crate) mod tests {
         );
         assert!(
             a.iter()
-                .all(|i| i.destination_address_prefixes == ["10.0.1.4", "10.0.1.5", "fd00::4"])
+                .all(|i| i.destination_address_prefixes == ["10.0.1.4", "10.0.1.5"])
         );
         let mut names: Vec<_> = a.iter().map(|i| i.name.clone()).collect();
         let sorted = {
@@ -488,7 +641,7 @@ pub(crate) mod tests {
         );
         // Upper-case NSG id matches.
         let b = desired_rules(&NSG_B.to_uppercase(), std::slice::from_ref(&p), &[], now());
-        assert_eq!(b.len(), 5, "vm1's four ports and vm2's one");
+        assert_eq!(b.len(), 9, "vm1's four ports (IPv4 and IPv6) and vm2's one");
     }
 
     #[test]
@@ -791,8 +944,8 @@ pub(crate) mod tests {
         p2.status.as_mut().expect("s").targets[0].private_ip_addresses =
             vec!["10.9.9.9".to_string()];
         let merged = desired_rules(NSG_A, &[example_policy(), p2], &[], now());
-        assert_eq!(merged.len(), 4);
-        assert!(merged.iter().all(|r| {
+        assert_eq!(merged.len(), 8, "4 ports, IPv4 and IPv6");
+        assert!(merged.iter().filter(|r| !r.name.ends_with("-v6")).all(|r| {
             r.destination_address_prefixes
                 .contains(&"10.9.9.9".to_string())
                 && r.destination_address_prefixes
@@ -991,6 +1144,14 @@ pub(crate) mod tests {
                         prop_assert!(intent.description.chars().count() <= naming::MAX_DESCRIPTION_CHARS);
                         prop_assert_eq!(intent.direction, Direction::Inbound);
                         prop_assert!(!intent.destination_address_prefixes.is_empty());
+                        // Azure refuses a rule that mixes address families.
+                        let families: std::collections::BTreeSet<Option<bool>> = intent.destination_address_prefixes.iter()
+                            .chain(intent.source_address_prefixes.iter())
+                            .filter_map(|a| AddressPrefix::parse(a))
+                            .map(|a| a.is_ipv4())
+                            .filter(Option::is_some)
+                            .collect();
+                        prop_assert!(families.len() <= 1, "mixed families in {:?}", intent);
                         match &intent.owner {
                             Owner::Policy { .. } => {
                                 prop_assert_eq!(intent.access, Access::Deny);
@@ -1038,7 +1199,8 @@ pub(crate) mod tests {
                         if contains_ci(&tgt.network_security_groups, nsg) && !tgt.private_ip_addresses.is_empty() {
                             for p in &vm.ports {
                                 let name = naming::policy_rule_name("policy-uid", &vm.id, p.number, p.protocol);
-                                prop_assert!(intents.iter().any(|i| i.name == name && i.access == Access::Deny));
+                                let v6 = naming::with_family(name.clone(), naming::Family::V6);
+                                prop_assert!(intents.iter().any(|i| (i.name == name || i.name == v6) && i.access == Access::Deny));
                             }
                         }
                     }

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
 
 use super::desired::RuleIntent;
-use super::naming::{is_owned, is_valid_rule_name};
+use super::naming::{is_owned, is_policy_rule_of, is_valid_rule_name};
 use super::rule::{Access, Direction, NsgRule};
 
 /// Azure's priority range for security rules.
@@ -114,6 +114,15 @@ impl NsgPlan {
     /// Nothing to write.
     pub fn is_noop(&self) -> bool {
         self.deletes.is_empty() && self.puts.is_empty()
+    }
+
+    /// Leaves alone the rules of policies that exist but cannot be read right now (they do not
+    /// decode): their Deny rules stay as they stand, never deleted, until the policy reads again
+    /// or is gone. Priorities stay safe: a planned put never takes a priority an existing rule
+    /// holds, deleted or not.
+    pub fn keep_rules_of_policies(&mut self, policy_uids: &[String]) {
+        self.deletes
+            .retain(|name| !policy_uids.iter().any(|uid| is_policy_rule_of(name, uid)));
     }
 }
 

@@ -12,8 +12,8 @@ pub mod rule;
 pub mod validate;
 
 pub use desired::{
-    LiveGrant, Owner, RuleIntent, desired_rules, live_grant, nsgs_of_grant, nsgs_of_policy,
-    policy_of,
+    LiveGrant, Owner, RuleIntent, check_address_family, desired_rules, effective_spec,
+    granted_access, live_grant, nsgs_of_grant, nsgs_of_policy, policy_of,
 };
 pub use diff::{Bands, BandsError, NsgPlan, plan_nsg};
 pub use naming::{RULE_PREFIX, is_grant_rule_of, is_owned, is_policy_rule_of};

@@ -64,6 +64,22 @@ pub fn policy_rule_name(policy_uid: &str, vm_id: &str, port: u16, protocol: Prot
     )
 }
 
+/// The address family of a rule: Azure refuses a rule that mixes IPv4 and IPv6 addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// The name of a rule's family variant: IPv4 rules keep the base name (the names rules had
+/// before the split), IPv6 rules get `-v6`.
+pub fn with_family(base: String, family: Family) -> String {
+    match family {
+        Family::V4 => base,
+        Family::V6 => format!("{base}-v6"),
+    }
+}
+
 fn starts_with_ci(s: &str, prefix: &str) -> bool {
     s.get(..prefix.len())
         .is_some_and(|p| p.eq_ignore_ascii_case(prefix))

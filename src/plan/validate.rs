@@ -99,6 +99,8 @@ pub enum DenialReason {
     SourceOpenToTheWorld,
     /// The source does not lie inside the prefixes the policy allows.
     SourceNotAllowed,
+    /// The source's address family (IPv4/IPv6) is not one the VM has an address of.
+    AddressFamilyMismatch,
     // Policy.
     /// No VMs, or too many.
     InvalidVirtualMachines,
@@ -136,6 +138,7 @@ impl DenialReason {
             DenialReason::InvalidSourceAddressPrefix => "InvalidSourceAddressPrefix",
             DenialReason::SourceOpenToTheWorld => "SourceOpenToTheWorld",
             DenialReason::SourceNotAllowed => "SourceNotAllowed",
+            DenialReason::AddressFamilyMismatch => "AddressFamilyMismatch",
             DenialReason::InvalidVirtualMachines => "InvalidVirtualMachines",
             DenialReason::InvalidVirtualMachineId => "InvalidVirtualMachineId",
             DenialReason::DuplicateVirtualMachine => "DuplicateVirtualMachine",

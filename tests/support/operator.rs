@@ -327,6 +327,115 @@ impl Env {
     }
 }
 
+impl Env {
+    /// The reasons of the Events about the object `name` in this namespace, with their notes.
+    pub async fn events_for(&self, name: &str) -> Vec<(String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let list = api
+            .list(&kube::api::ListParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("list events: {e}"));
+        list.items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
+    /// Waits for an Event with this reason about `name`; returns its note.
+    pub async fn wait_event(&self, name: &str, reason: &str, timeout: Duration) -> String {
+        wait_for(&format!("Event {reason} on {name}"), timeout, || async {
+            self.events_for(name)
+                .await
+                .into_iter()
+                .find(|(r, _)| r == reason)
+                .map(|(_, note)| note)
+        })
+        .await
+    }
+
+    /// Merge-patches a grant's spec, as `kubectl edit` or a GitOps re-apply would.
+    pub async fn patch_grant_spec(&self, name: &str, spec: Value) -> AccessGrant {
+        self.grants()
+            .patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("patch grant {name}: {e}"))
+    }
+
+    /// Merge-patches a policy's spec.
+    pub async fn patch_policy_spec(&self, name: &str, spec: Value) -> JitPolicy {
+        self.policies()
+            .patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("patch policy {name}: {e}"))
+    }
+
+    /// Waits until the object's condition `type_` has this reason; returns the grant.
+    pub async fn wait_grant_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        reason: &str,
+        timeout: Duration,
+    ) -> AccessGrant {
+        let api = self.grants();
+        wait_for(
+            &format!("grant {name} condition {type_} reason {reason}"),
+            timeout,
+            || {
+                let api = api.clone();
+                async move {
+                    let g = api.get(name).await.ok()?;
+                    let found = g
+                        .status
+                        .as_ref()?
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == type_ && c.reason == reason);
+                    found.then_some(g)
+                }
+            },
+        )
+        .await
+    }
+
+    pub async fn wait_policy_condition(
+        &self,
+        name: &str,
+        reason: &str,
+        timeout: Duration,
+    ) -> JitPolicy {
+        let api = self.policies();
+        wait_for(
+            &format!("policy {name} Ready reason {reason}"),
+            timeout,
+            || {
+                let api = api.clone();
+                async move {
+                    let p = api.get(name).await.ok()?;
+                    let found = p
+                        .status
+                        .as_ref()?
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.reason == reason);
+                    found.then_some(p)
+                }
+            },
+        )
+        .await
+    }
+}
+
 pub fn rule_name(rule: &Value) -> &str {
     rule["name"].as_str().unwrap_or_default()
 }

@@ -1,0 +1,252 @@
+//! Object-by-object decoding of what the API server sends. The API server's schema checks are
+//! looser than the Rust types (its `date-time` format, for one), so an object it admits may not
+//! decode. Decoding a whole LIST or watch as one typed value would let that one object stop the
+//! operator everywhere; here every object is decoded on its own, and one that does not decode is
+//! reported and set aside, failing closed:
+//! - a grant that does not decode leaves the world (its Allow rules close at the next sync of
+//!   its NSGs, which is asked for at once);
+//! - a policy that does not decode keeps its last decoded copy, and where there is none its rules
+//!   are quarantined: kept in Azure as they are, never deleted, until it decodes again or is gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, TypeMeta};
+use kube::core::Resource;
+use kube::runtime::watcher;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+/// What to do with an object that stops decoding, by kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnUndecodable {
+    /// Remove it from the view: what it opened closes.
+    Drop,
+    /// Keep the last copy that decoded (and quarantine its rules if there is none).
+    KeepLast,
+}
+
+/// An object that did not decode.
+#[derive(Clone, Debug)]
+pub struct Undecodable {
+    pub kind: &'static str,
+    pub reference: ObjectReference,
+    pub error: String,
+    /// NSGs the object's raw status says it has rules in.
+    pub nsgs: Vec<String>,
+}
+
+/// What the decoding streams tell the rest of the operator.
+#[derive(Clone, Debug)]
+pub enum Seen {
+    /// An object that does not decode (again, or for the first time).
+    Undecodable(Box<Undecodable>),
+    /// An object decoded: whatever was reported about it before is over.
+    Decoded { uid: String },
+    /// An object is gone from the API server: drop every copy of it.
+    Deleted { uid: String },
+}
+
+/// Where the decoding streams send what they saw (Events, metrics, syncs, the world's copies).
+pub type Reports = mpsc::UnboundedSender<Seen>;
+
+/// Decodes one raw object as `K`. The type fields are filled in first: list items may lack them.
+pub fn decode<K>(mut raw: DynamicObject) -> Result<K, serde_json::Error>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    raw.types = Some(TypeMeta {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+    });
+    serde_json::from_value(serde_json::to_value(raw)?)
+}
+
+fn reference<K: Resource<DynamicType = ()>>(raw: &DynamicObject) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: raw.metadata.name.clone(),
+        namespace: raw.metadata.namespace.clone(),
+        uid: raw.metadata.uid.clone(),
+        resource_version: raw.metadata.resource_version.clone(),
+        ..Default::default()
+    }
+}
+
+/// The NSG ids a raw object's `status.rules[].networkSecurityGroup` names, read without the
+/// typed model (which is what failed).
+fn raw_nsgs(raw: &DynamicObject) -> Vec<String> {
+    raw.data
+        .pointer("/status/rules")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("networkSecurityGroup")?.as_str())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The raw API for `K`, cluster-wide or in one namespace.
+pub fn raw_api<K: Resource<DynamicType = ()>>(
+    client: kube::Client,
+    namespace: Option<&str>,
+) -> Api<DynamicObject> {
+    let resource = ApiResource::erase::<K>(&());
+    match namespace {
+        Some(ns) => Api::namespaced_with(client, ns, &resource),
+        None => Api::all_with(client, &resource),
+    }
+}
+
+/// LISTs `K` and decodes each object on its own; the ones that fail are logged and returned
+/// apart, never hiding the others.
+pub async fn list<K>(
+    api: &Api<DynamicObject>,
+) -> Result<(Vec<K>, Vec<Box<Undecodable>>), kube::Error>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let mut decoded = Vec::new();
+    let mut failed = Vec::new();
+    for raw in api.list(&ListParams::default()).await?.items {
+        match undecodable::<K>(raw) {
+            Ok(obj) => decoded.push(obj),
+            Err(report) => failed.push(report),
+        }
+    }
+    Ok((decoded, failed))
+}
+
+fn undecodable<K>(raw: DynamicObject) -> Result<K, Box<Undecodable>>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let reference = reference::<K>(&raw);
+    let nsgs = raw_nsgs(&raw);
+    decode::<K>(raw).map_err(|e| {
+        let kind = K::kind(&()).into_owned();
+        warn!(
+            kind = %kind,
+            namespace = reference.namespace.as_deref().unwrap_or_default(),
+            name = reference.name.as_deref().unwrap_or_default(),
+            error = %e,
+            "object does not decode: skipped"
+        );
+        Box::new(Undecodable {
+            kind: kind_label::<K>(),
+            reference,
+            error: e.to_string(),
+            nsgs,
+        })
+    })
+}
+
+/// A `'static` kind label for metrics.
+fn kind_label<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "AccessGrant" => "AccessGrant",
+        "JitPolicy" => "JitPolicy",
+        _ => "Other",
+    }
+}
+
+/// Turns a watch stream of raw objects into a stream of typed events, decoding object by
+/// object (see the module documentation for what happens to one that does not decode).
+pub fn typed_events<K>(
+    raw: impl Stream<Item = Result<watcher::Event<DynamicObject>, watcher::Error>> + Send + 'static,
+    on_undecodable: OnUndecodable,
+    reports: Reports,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    let mut last: HashMap<String, Arc<K>> = HashMap::new();
+    raw.filter_map(move |event| {
+        let out = match event {
+            Err(e) => Some(Err(e)),
+            Ok(event) => translate(event, on_undecodable, &mut last, &reports).map(Ok),
+        };
+        std::future::ready(out)
+    })
+}
+
+fn uid_of(raw: &DynamicObject) -> String {
+    raw.metadata.uid.clone().unwrap_or_default()
+}
+
+/// One raw event to at most one typed event, updating the last decoded copies.
+fn translate<K>(
+    event: watcher::Event<DynamicObject>,
+    on_undecodable: OnUndecodable,
+    last: &mut HashMap<String, Arc<K>>,
+    reports: &Reports,
+) -> Option<watcher::Event<K>>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone,
+{
+    use watcher::Event as E;
+    // The receiver lives as long as the controllers; a send after that has nobody to tell.
+    let tell = |seen: Seen| {
+        let _ = reports.send(seen);
+    };
+    match event {
+        E::Init => Some(E::Init),
+        E::InitDone => Some(E::InitDone),
+        E::Apply(raw) => {
+            let uid = uid_of(&raw);
+            match undecodable::<K>(raw) {
+                Ok(obj) => {
+                    last.insert(uid.clone(), Arc::new(obj.clone()));
+                    tell(Seen::Decoded { uid });
+                    Some(E::Apply(obj))
+                }
+                Err(r) => {
+                    tell(Seen::Undecodable(r));
+                    let previous = last.get(&uid).map(|k| k.as_ref().clone());
+                    match on_undecodable {
+                        OnUndecodable::Drop => {
+                            last.remove(&uid);
+                            previous.map(E::Delete)
+                        }
+                        OnUndecodable::KeepLast => None,
+                    }
+                }
+            }
+        }
+        E::InitApply(raw) => {
+            let uid = uid_of(&raw);
+            match undecodable::<K>(raw) {
+                Ok(obj) => {
+                    last.insert(uid.clone(), Arc::new(obj.clone()));
+                    tell(Seen::Decoded { uid });
+                    Some(E::InitApply(obj))
+                }
+                Err(r) => {
+                    tell(Seen::Undecodable(r));
+                    match on_undecodable {
+                        OnUndecodable::Drop => {
+                            last.remove(&uid);
+                            None
+                        }
+                        OnUndecodable::KeepLast => {
+                            last.get(&uid).map(|k| E::InitApply(k.as_ref().clone()))
+                        }
+                    }
+                }
+            }
+        }
+        E::Delete(raw) => {
+            let uid = uid_of(&raw);
+            let previous = last.remove(&uid);
+            tell(Seen::Deleted { uid });
+            match decode::<K>(raw) {
+                Ok(obj) => Some(E::Delete(obj)),
+                Err(_) => previous.map(|k| E::Delete(k.as_ref().clone())),
+            }
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Issue 8's defects, each pinned against the real API server and the Azure emulator: what a
+//! hostile requester, an admin's slip or an odd object can do must never hold a port open or
+//! stop the operator.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use portcullis::api::GrantPhase;
+use portcullis::controller::telemetry::Telemetry;
+use portcullis_azure_emulator::{EmulatorConfig, FixtureIpConfig};
+use serde_json::{Value, json};
+
+use support::operator::{Env, demo_fixture, grant_spec, prop, rule_name, standard_policy, vm_id};
+use support::wait_for;
+
+const T: Duration = Duration::from_secs(30);
+
+async fn ready_env(prefix: &str) -> (Env, Arc<Telemetry>) {
+    let mut env = Env::new(prefix).await;
+    let telemetry = env.start_operator();
+    env.create_policy("prod", standard_policy()).await;
+    env.wait_policy_ready("prod", T).await;
+    (env, telemetry)
+}
+
+/// Successful reconciles of `controller` so far, from the operator's own metrics.
+fn reconciles(telemetry: &Telemetry, controller: &str) -> f64 {
+    let body = telemetry.encode().expect("metrics");
+    let key = format!("portcullis_reconciles_total{{controller=\"{controller}\",result=\"ok\"}}");
+    body.lines()
+        .find(|l| l.starts_with(&key))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until `controller` has finished `n` more successful reconciles: the resync (2 s in
+/// these tests) guarantees they come, and a decision the operator would make differently has
+/// had its chance by then.
+async fn wait_more_reconciles(telemetry: &Telemetry, controller: &str, n: f64) {
+    let start = reconciles(telemetry, controller);
+    wait_for(&format!("{n} more {controller} reconciles"), T, || async {
+        (reconciles(telemetry, controller) >= start + n).then_some(())
+    })
+    .await;
+}
+
+/// Every Portcullis rule of both NSGs, without the etag (which moves with any write to the NSG).
+async fn owned_rules_without_etags(env: &Env) -> Vec<Value> {
+    let mut out = Vec::new();
+    for nsg in ["nsg-vm1", "nsg-subnet"] {
+        for mut rule in env.owned_rules(nsg).await {
+            if let Some(obj) = rule.as_object_mut() {
+                obj.remove("etag");
+            }
+            out.push(rule);
+        }
+    }
+    out
+}
+
+// Defect 3: an edit of an active grant must not widen (or move) what it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_an_active_grant_changes_nothing_in_azure_and_says_so() {
+    let (env, telemetry) = ready_env("frozen").await;
+    env.create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT1H"))
+        .await;
+    let before = env
+        .wait_grant_condition("alice", "Ready", "Opened", T)
+        .await
+        .status
+        .expect("status");
+    let rules_before = owned_rules_without_etags(&env).await;
+    let writes_before = env.writes().await;
+
+    // Another port (with a shorter maximum), a wider source, another VM, another policy name.
+    env.patch_grant_spec(
+        "alice",
+        json!({"ports": [22, 3389], "sourceAddressPrefix": "203.0.113.0/24",
+               "virtualMachine": "vm2", "policyRef": {"name": "other"}}),
+    )
+    .await;
+    let edited = env
+        .wait_grant_condition("alice", "SpecFrozen", "EditIgnored", T)
+        .await;
+    env.wait_event("alice", "SpecIgnored", T).await;
+    wait_more_reconciles(&telemetry, "accessgrant", 2.0).await;
+
+    assert_eq!(owned_rules_without_etags(&env).await, rules_before);
+    assert_eq!(
+        env.writes().await,
+        writes_before,
+        "an edit writes nothing to Azure"
+    );
+    let status = edited.status.expect("status");
+    assert_eq!(status.phase, Some(GrantPhase::Active));
+    assert_eq!(status.expires_at, before.expires_at, "expiry never moves");
+    assert_eq!(status.granted, before.granted, "the record never moves");
+    let granted = status.granted.expect("granted");
+    assert_eq!(granted.virtual_machine, vm_id("vm1"));
+    assert_eq!(granted.source_address_prefix, "203.0.113.7/32");
+    assert_eq!(granted.ports.len(), 1);
+    env.assert_user_rules_untouched().await;
+}
+
+// Defect 3: a status hand-edited to ask for more than the policy allowed is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_edited_to_ask_for_more_than_the_policy_allows_is_closed() {
+    let (env, _telemetry) = ready_env("handedit").await;
+    env.create_grant(
+        "longer",
+        grant_spec("vm1", &[22], "203.0.113.7/32", "PT30M"),
+    )
+    .await;
+    env.create_grant("wider", grant_spec("vm1", &[22], "203.0.113.8/32", "PT30M"))
+        .await;
+    let longer = env
+        .wait_grant_condition("longer", "Ready", "Opened", T)
+        .await;
+    let wider = env
+        .wait_grant_condition("wider", "Ready", "Opened", T)
+        .await;
+
+    // 3 hours where the policy allows one; and the world as the source.
+    let activated = longer
+        .status
+        .as_ref()
+        .and_then(|s| s.activated_at.clone())
+        .expect("activatedAt");
+    let three_hours = activated
+        .0
+        .checked_add(jiff::SignedDuration::from_hours(3))
+        .expect("time");
+    let mut record = wider
+        .status
+        .as_ref()
+        .and_then(|s| s.granted.clone())
+        .expect("granted");
+    record.source_address_prefix = "0.0.0.0/0".into();
+    let pp = PatchParams::default();
+    env.grants()
+        .patch_status(
+            "longer",
+            &pp,
+            &Patch::Merge(json!({"status": {"expiresAt": three_hours.to_string()}})),
+        )
+        .await
+        .expect("patch status");
+    env.grants()
+        .patch_status(
+            "wider",
+            &pp,
+            &Patch::Merge(json!({"status": {"granted": record}})),
+        )
+        .await
+        .expect("patch status");
+
+    for (name, grant) in [("longer", &longer), ("wider", &wider)] {
+        let closed = env.wait_grant_phase(name, GrantPhase::Revoked, T).await;
+        let ready = closed
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .expect("Ready");
+        assert_eq!(ready.reason, "NoLongerAllowed", "{name}");
+        wait_for(&format!("{name}'s rules gone"), T, || async {
+            let a = env.grant_names_in_nsg("nsg-vm1", grant).await;
+            let b = env.grant_names_in_nsg("nsg-subnet", grant).await;
+            (a.is_empty() && b.is_empty()).then_some(())
+        })
+        .await;
+    }
+    env.assert_user_rules_untouched().await;
+}
+
+/// The standard policy with port 22 of vm1 listed twice: the API server admits it, the
+/// controller refuses it.
+fn policy_with_duplicate_port() -> Value {
+    let mut spec = standard_policy();
+    let ports = spec["virtualMachines"][0]["ports"]
+        .as_array_mut()
+        .expect("ports");
+    let first = ports[0].clone();
+    ports.push(first);
+    spec
+}
+
+// Defect 4: an invalid policy edit fails closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_policy_edit_keeps_its_deny_rules_and_activates_nothing() {
+    let (mut env, telemetry) = ready_env("badpolicy").await;
+    let deny_before = owned_rules_without_etags(&env).await;
+    assert_eq!(
+        deny_before.len(),
+        7,
+        "3 Deny rules in nsg-vm1, 4 in nsg-subnet"
+    );
+    let writes_before = env.writes().await;
+
+    env.patch_policy_spec("prod", policy_with_duplicate_port())
+        .await;
+    let policy = env.wait_policy_condition("prod", "InvalidPolicy", T).await;
+    let status = policy.status.expect("status");
+    assert!(
+        status.enforced_spec.is_some(),
+        "the last valid spec is kept"
+    );
+    env.create_grant("bob", grant_spec("vm1", &[22], "203.0.113.9/32", "PT10M"))
+        .await;
+    env.wait_grant_condition("bob", "Ready", "PolicyInvalid", T)
+        .await;
+    wait_more_reconciles(&telemetry, "jitpolicy", 2.0).await;
+    assert_eq!(owned_rules_without_etags(&env).await, deny_before);
+    assert_eq!(env.writes().await, writes_before, "nothing written");
+
+    // Across a restart too: the last valid spec lives in status, not in memory.
+    env.stop_operator().await;
+    let telemetry = env.start_operator();
+    wait_more_reconciles(&telemetry, "jitpolicy", 2.0).await;
+    assert_eq!(owned_rules_without_etags(&env).await, deny_before);
+    let bob = env.grants().get("bob").await.expect("bob");
+    assert_eq!(
+        bob.status.and_then(|s| s.phase),
+        Some(GrantPhase::Pending),
+        "nothing activates under an invalid policy"
+    );
+    assert_eq!(env.writes().await, writes_before, "nothing written");
+
+    // Fixed: the waiting grant activates.
+    env.patch_policy_spec("prod", standard_policy()).await;
+    env.wait_grant_condition("bob", "Ready", "Opened", T).await;
+    env.assert_user_rules_untouched().await;
+}
+
+/// The demo fixture with vm1 dual-stack: a second IP configuration with an IPv6 address.
+fn dual_stack_fixture() -> portcullis_azure_emulator::Fixture {
+    let mut fixture = demo_fixture();
+    let nic = fixture.subscriptions[0].resource_groups[0]
+        .network_interfaces
+        .iter_mut()
+        .find(|n| n.name == "vm1-nic")
+        .expect("vm1-nic");
+    nic.ip_configurations.push(FixtureIpConfig {
+        name: "ipconfig-v6".into(),
+        private_ip_address: "fd00:1::4".into(),
+        private_ip_allocation_method: None,
+        subnet: "vnet-demo/app".into(),
+        primary: Some(false),
+    });
+    fixture
+}
+
+fn destinations(rule: &Value) -> Vec<String> {
+    let p = &rule["properties"];
+    match p["destinationAddressPrefix"].as_str() {
+        Some(one) if !one.is_empty() => vec![one.to_string()],
+        _ => p["destinationAddressPrefixes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+    }
+}
+
+// Defect 7: address families.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_families_are_never_mixed_and_a_source_that_cannot_reach_the_vm_is_denied() {
+    let settings = portcullis::controller::Settings {
+        resync: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let emulator = EmulatorConfig {
+        fixture: dual_stack_fixture(),
+        ..Default::default()
+    };
+    let mut env = Env::with("families", emulator, settings).await;
+    env.start_operator();
+    let policy = json!({"virtualMachines": [
+        {"id": vm_id("vm1"), "ports": [
+            {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefixes": ["203.0.113.0/24", "2001:db8::/32"], "maxRequestAccessDuration": "PT1H"}
+        ]},
+        {"id": vm_id("vm2"), "ports": [
+            {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefixes": ["2001:db8::/32"], "maxRequestAccessDuration": "PT1H"}
+        ]}
+    ]});
+    env.create_policy("prod", policy).await;
+    env.wait_policy_ready("prod", T).await;
+
+    // Dual-stack vm1: one Deny rule per family, each of one family only.
+    let deny: Vec<Vec<String>> = env
+        .owned_rules("nsg-vm1")
+        .await
+        .iter()
+        .map(destinations)
+        .collect();
+    assert_eq!(deny.len(), 2, "{deny:?}");
+    assert!(deny.contains(&vec!["10.0.1.4".to_string()]), "{deny:?}");
+    assert!(deny.contains(&vec!["fd00:1::4".to_string()]), "{deny:?}");
+
+    // An IPv6 source for IPv4-only vm2: denied, nothing written.
+    let writes_before = env.writes().await;
+    env.create_grant(
+        "v6-to-v4",
+        grant_spec("vm2", &[22], "2001:db8::7/128", "PT10M"),
+    )
+    .await;
+    let denied = env
+        .wait_grant_phase("v6-to-v4", GrantPhase::Denied, T)
+        .await;
+    let ready = denied
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .expect("Ready");
+    assert_eq!(ready.reason, "AddressFamilyMismatch");
+    assert!(ready.message.contains("IPv4 only"), "{}", ready.message);
+    env.wait_event("v6-to-v4", "Denied", T).await;
+    assert_eq!(env.writes().await, writes_before, "a denial writes nothing");
+
+    // An IPv6 source for dual-stack vm1 opens to its IPv6 address only.
+    let g = env
+        .create_grant(
+            "v6-to-dual",
+            grant_spec("vm1", &[22], "2001:db8::7/128", "PT10M"),
+        )
+        .await;
+    env.wait_grant_condition("v6-to-dual", "Ready", "Opened", T)
+        .await;
+    for nsg in ["nsg-vm1", "nsg-subnet"] {
+        let allow = env.grant_names_in_nsg(nsg, &g).await;
+        assert_eq!(allow.len(), 1, "{nsg}: {allow:#?}");
+        assert_eq!(destinations(&allow[0]), ["fd00:1::4"], "{nsg}");
+        assert_eq!(prop(&allow[0], "sourceAddressPrefix"), "2001:db8::7/128");
+        assert!(
+            rule_name(&allow[0]).ends_with("-v6"),
+            "{}",
+            rule_name(&allow[0])
+        );
+    }
+    env.assert_user_rules_untouched().await;
+}
