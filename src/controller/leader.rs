@@ -81,7 +81,8 @@ impl LeaseConfig {
     }
 
     fn lease_duration_seconds(&self) -> i32 {
-        let secs = self.lease_duration.as_secs() + u64::from(self.lease_duration.subsec_nanos() > 0);
+        let secs =
+            self.lease_duration.as_secs() + u64::from(self.lease_duration.subsec_nanos() > 0);
         i32::try_from(secs.max(1)).unwrap_or(i32::MAX)
     }
 }
@@ -169,7 +170,9 @@ impl LeaderElector {
                     return Ok(started);
                 }
                 Ok(Ok(false)) => {}
-                Ok(Err(e)) => warn!(error = %e, "leader election: could not read or take the lease"),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "leader election: could not read or take the lease")
+                }
                 Err(_) => warn!(
                     timeout_ms = self.cfg.attempt_timeout().as_millis() as u64,
                     "leader election: reading or taking the lease timed out"
