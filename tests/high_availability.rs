@@ -309,7 +309,13 @@ async fn graceful_shutdown_releases_the_lease_and_the_standby_takes_over_at_once
         "hand-over took {handover:?}: the lease was not released"
     );
 
-    // The released record, as client-go's ReleaseOnCancel leaves it.
+    // The released record, as client-go's ReleaseOnCancel leaves it. Stopped once its caches
+    // are synced: a shutdown before that can hang today (a reconcile waits for a cache whose
+    // watch kube-runtime no longer polls), which is not what this test is about.
+    wait_for("replica-b's caches", T, || async {
+        b.telemetry.ready().is_ok().then_some(())
+    })
+    .await;
     let before = lease_spec(&env).await;
     let _ = b.shutdown.send(());
     let result = tokio::time::timeout(T, b.task)
