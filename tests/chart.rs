@@ -318,6 +318,39 @@ fn every_credential_mode_renders_its_identity_wiring() {
     }
 }
 
+/// Every replica count runs leader election, so scaling the Deployment later (kubectl scale, an
+/// HPA) never gives two writers.
+#[test]
+fn leader_election_is_on_for_every_replica_count() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    for replicas in ["1", "2", "5"] {
+        let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+        args.extend(mode_values("workloadIdentity"));
+        args.extend(strings(&["--set", &format!("replicaCount={replicas}")]));
+        let docs = documents(&helm.ok(&args));
+        let deploy = one(&docs, "Deployment");
+        let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+        for (var, value) in [
+            ("PORTCULLIS_LEADER_ELECTION", "true"),
+            ("PORTCULLIS_LEASE_NAME", "portcullis-leader"),
+            ("PORTCULLIS_LEASE_NAMESPACE", "ops"),
+        ] {
+            assert_eq!(
+                env_var(container, var).map(|e| &e["value"]),
+                Some(&Value::from(value)),
+                "replicaCount={replicas}: {var}"
+            );
+        }
+        // The downward API gives each pod its own identity in the election.
+        assert_eq!(
+            env_var(container, "POD_NAME").map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]),
+            Some(&Value::from("metadata.name")),
+            "replicaCount={replicas}"
+        );
+    }
+}
+
 #[test]
 fn optional_service_monitor_and_network_policy_render_when_enabled() {
     let helm = Helm::new();
@@ -417,6 +450,20 @@ fn wrong_values_fail_naming_the_value() {
         (
             strings(&["--set", "azure.credentialMode=clientSecret"]),
             "azure.existingSecret",
+        ),
+        // Without election a second pod would be a second writer: refused by the schema, and
+        // by the templates when schema validation is skipped.
+        (
+            strings(&["--set", "leaderElection.enabled=false"]),
+            "leaderElection.enabled",
+        ),
+        (
+            strings(&[
+                "--skip-schema-validation",
+                "--set",
+                "leaderElection.enabled=false",
+            ]),
+            "leaderElection.enabled",
         ),
     ];
     for (extra, named) in cases {
@@ -684,7 +731,8 @@ async fn watch_namespaces_install_uses_a_role_in_each_and_no_cluster_role() {
     );
     assert_eq!(
         env_var(container, "PORTCULLIS_LEADER_ELECTION").unwrap()["value"],
-        "false"
+        "true",
+        "a one-replica install elects too, so `kubectl scale` cannot add a second writer"
     );
     for watched in &watched {
         let role = must_get("role", &full, Some(watched));

@@ -186,7 +186,8 @@ async fn log_stream_error<T, E: std::fmt::Display>(item: Result<T, E>) {
 
 /// Runs the operator until `shutdown` resolves: waits for leadership when configured, closes
 /// lapsed grants, then runs both controllers. Returns `Error::LeadershipLost` if the Lease is
-/// lost; the process should then exit and start over as a standby.
+/// lost; the process should then exit and start over as a standby. When the controllers stop
+/// (shutdown), the Lease is released so a standby takes over at once.
 pub async fn run(
     client: Client,
     azure: Arc<dyn NetworkApi>,
@@ -195,40 +196,50 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let shutdown = shutdown.shared();
+    if let Some(cfg) = &settings.leader_election {
+        cfg.validate()?;
+    }
     let elector = settings
         .leader_election
         .clone()
         .map(|cfg| LeaderElector::new(client.clone(), cfg));
+    let mut acquired_at = None;
     if let Some(elector) = &elector {
         telemetry.set_leader(false);
         tokio::select! {
-            acquired = elector.acquire() => acquired?,
+            acquired = elector.acquire() => acquired_at = Some(acquired?),
             _ = shutdown.clone() => return Ok(()),
         }
     }
     telemetry.set_leader(true);
     let nsgs = NsgSyncer::new(azure, settings.bands.clone());
     let controllers = run_controllers(client, nsgs, settings, telemetry.clone(), shutdown.clone());
-    let Some(elector) = elector else {
+    let (Some(elector), Some(acquired_at)) = (elector, acquired_at) else {
         return controllers.await;
     };
     // Lose the lease -> stop everything. `run_controllers` stops writing first (see below).
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-    let lost = async move {
-        let why = elector.hold().await;
+    let lost = async {
+        let why = elector.hold(acquired_at).await;
         let _ = lost_tx.send(());
         why
     };
-    tokio::pin!(lost);
     let controllers = run_controllers_until(controllers, lost_rx);
-    tokio::select! {
+    let result = tokio::select! {
         result = controllers => result,
-        why = &mut lost => {
+        why = lost => {
             telemetry.set_leader(false);
             warn!(error = %why, "leadership lost: Azure writes stopped");
-            Err(why)
+            return Err(why);
         }
+    };
+    // The controllers have returned, so no write is in flight or can start: hand over now
+    // rather than make a standby wait out the lease.
+    telemetry.set_leader(false);
+    if let Err(e) = elector.release().await {
+        warn!(error = %e, "could not release the lease; a standby takes over when it expires");
     }
+    result
 }
 
 async fn run_controllers_until(

@@ -154,12 +154,17 @@ impl Env {
 
     /// Starts one more operator process (in-process) with its own Azure client and telemetry.
     pub fn spawn_replica(&self, settings: Settings) -> Replica {
+        self.spawn_replica_with_client(self.client.clone(), settings)
+    }
+
+    /// As `spawn_replica`, talking to the API server through `client` (e.g. through a proxy).
+    pub fn spawn_replica_with_client(&self, client: Client, settings: Settings) -> Replica {
         let (tx, rx) = oneshot::channel::<()>();
         let azure = self.azure_client();
         let stats = azure.stats();
         let telemetry = Telemetry::new(Some(stats.clone()));
         let task = tokio::spawn(controller::run(
-            self.client.clone(),
+            client,
             Arc::new(azure),
             settings,
             telemetry.clone(),

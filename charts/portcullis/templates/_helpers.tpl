@@ -59,9 +59,12 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* "true" when leader election is on: asked for, or forced by more than one replica. */}}
+{{/*
+Leader election is always on: with it, any number of pods (kubectl scale, an HPA, a rolling
+update's surge) has one writer; without it, a second pod would be a second writer.
+*/}}
 {{- define "portcullis.leaderElection" -}}
-{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) }}true{{ else }}false{{ end }}
+true
 {{- end }}
 
 {{/*
@@ -69,6 +72,9 @@ Checks that a schema cannot express: what each credential mode requires, and the
 bands' bounds and order. Included by the Deployment; renders nothing.
 */}}
 {{- define "portcullis.validate" -}}
+{{- if not .Values.leaderElection.enabled }}
+{{- fail "leaderElection.enabled cannot be false: without leader election a second pod (kubectl scale, a rolling update) would write to Azure alongside the first" }}
+{{- end }}
 {{- $az := .Values.azure }}
 {{- if eq $az.credentialMode "workloadIdentity" }}
 {{- $_ := required "azure.tenantId is required when azure.credentialMode=workloadIdentity (the Entra ID tenant of the managed identity)" $az.tenantId }}
