@@ -43,10 +43,10 @@ pub struct AccessGrantSpec {
     /// The JitPolicy (same namespace) this grant is made under.
     pub policy_ref: PolicyRef,
     /// A VM the policy names: its name (`vm1`) or its full resource ID.
-    #[schemars(regex(pattern = schema::VM_REFERENCE))]
+    #[schemars(regex(pattern = schema::VM_REFERENCE), length(max = 512))]
     pub virtual_machine: String,
     /// Ports to open; each must be in the policy for this VM.
-    #[schemars(length(min = 1, max = 32), extend("items" = { "type": "integer", "minimum": 1, "maximum": 65535 }))]
+    #[schemars(length(min = 1, max = 32), extend("items" = { "type": "integer", "minimum": 1, "maximum": 65535 }, "x-kubernetes-list-type" = "set"))]
     pub ports: Vec<u16>,
     /// The one address or CIDR allowed in; must lie inside the policy's allowed prefixes.
     #[schemars(extend("pattern" = schema::address_prefix_pattern()))]
@@ -54,13 +54,15 @@ pub struct AccessGrantSpec {
     /// How long access lasts from activation (ISO 8601, e.g. PT1H). Exactly one of `duration` and
     /// `notAfter` must be set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = schema::ISO8601_DURATION))]
+    #[schemars(regex(pattern = schema::ISO8601_DURATION), length(max = schema::MAX_DURATION_LEN))]
     pub duration: Option<String>,
-    /// An absolute end of access (RFC 3339).
+    /// An absolute end of access (RFC 3339, e.g. 2030-01-01T12:00:00Z or with an offset such as
+    /// +02:00).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = schema::RFC3339_DATE_TIME))]
     pub not_after: Option<Time>,
     /// Why access is needed; recorded in status, Events and logs.
-    #[schemars(length(min = 3, max = 256))]
+    #[schemars(length(min = 3, max = 256), regex(pattern = schema::DISPLAY_SAFE_TEXT))]
     pub justification: String,
 }
 
@@ -126,9 +128,11 @@ pub struct AccessGrantStatus {
     pub observed_generation: Option<i64>,
     /// When the grant first became active. Set once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = schema::RFC3339_DATE_TIME))]
     pub activated_at: Option<Time>,
     /// When access ends. Decided once, at activation; never moved by a re-apply or an edit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = schema::RFC3339_DATE_TIME))]
     pub expires_at: Option<Time>,
     /// What the grant opens, frozen when it activated. Rules are derived from this record alone:
     /// a later edit of the spec never widens (or moves) what is open.
@@ -138,6 +142,7 @@ pub struct AccessGrantStatus {
     #[serde(default)]
     pub rules: Vec<GrantedRule>,
     #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,
 }
 

@@ -88,7 +88,7 @@ pub struct PolicyPort {
     #[schemars(length(max = 64), extend("items" = { "type": "string", "pattern": schema::address_prefix_pattern() }))]
     pub allowed_source_address_prefixes: Vec<String>,
     /// ISO 8601 (as Defender), e.g. PT3H; at most P1D.
-    #[schemars(regex(pattern = schema::ISO8601_DURATION))]
+    #[schemars(regex(pattern = schema::ISO8601_DURATION), length(max = schema::MAX_DURATION_LEN))]
     pub max_request_access_duration: String,
 }
 
@@ -109,6 +109,7 @@ pub struct JitPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,
     /// How many of the policy's VMs were resolved in Azure.
     #[serde(default, skip_serializing_if = "Option::is_none")]

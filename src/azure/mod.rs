@@ -193,4 +193,43 @@ mod tests {
             );
         }
     }
+
+    mod props {
+        use super::super::ResourceId;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Arbitrary text never panics the parser; whatever parses names its parts back.
+            #[test]
+            fn arbitrary_input_never_panics(s in "\\PC{0,80}|(/[a-zA-Z.]{0,12}){0,12}/?") {
+                if let Ok(r) = ResourceId::parse(&s) {
+                    prop_assert!(!r.segments.is_empty());
+                    prop_assert!(!r.name().is_empty());
+                }
+            }
+
+            /// A well-formed id round-trips: the parts come back exactly, keywords in any case.
+            #[test]
+            fn well_formed_ids_round_trip(
+                sub in "[0-9a-f-]{1,36}",
+                rg in "[-A-Za-z0-9_.()]{1,20}",
+                provider in "Microsoft\\.[A-Za-z]{1,10}",
+                segments in proptest::collection::vec(("[A-Za-z]{1,12}", "[-A-Za-z0-9_.]{1,20}"), 1..4),
+                upper in any::<bool>(),
+            ) {
+                let kw = |k: &str| if upper { k.to_uppercase() } else { k.to_string() };
+                let mut id = format!("/{}/{sub}/{}/{rg}/{}/{provider}", kw("subscriptions"), kw("resourceGroups"), kw("providers"));
+                for (t, n) in &segments {
+                    id.push_str(&format!("/{t}/{n}"));
+                }
+                let r = ResourceId::parse(&id).expect("well formed");
+                prop_assert_eq!(&r.subscription, &sub);
+                prop_assert_eq!(&r.resource_group, &rg);
+                prop_assert_eq!(&r.provider, &provider);
+                prop_assert_eq!(&r.segments, &segments);
+                let types: Vec<&str> = segments.iter().map(|(t, _)| t.as_str()).collect();
+                prop_assert!(ResourceId::parse_typed(&id, &provider.to_lowercase(), &types).is_ok());
+            }
+        }
+    }
 }

@@ -192,8 +192,13 @@ impl AddressPrefix {
             "Internet" => return Some(AddressPrefix::Internet),
             _ => {}
         }
-        if s.contains('/') {
-            IpNet::from_str(s).ok().map(|net| AddressPrefix::Net {
+        if let Some((addr, len)) = s.split_once('/') {
+            // Strict parts, as the schema's pattern: `ipnet` alone admits `10.0.0.01/8`, which
+            // some tools read as octal.
+            let addr = IpAddr::from_str(addr).ok()?;
+            let canonical_len = len == "0" || (!len.starts_with('0') && !len.starts_with('+'));
+            let len: u8 = len.parse().ok().filter(|_| canonical_len)?;
+            IpNet::new(addr, len).ok().map(|net| AddressPrefix::Net {
                 net: net.trunc(),
                 bare: false,
             })
@@ -255,8 +260,9 @@ impl AddressPrefix {
     }
 }
 
-/// Whether `id` is a well-formed VM resource ID, as the schema's `VM_RESOURCE_ID` pattern:
-/// `/subscriptions/<s>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>`.
+/// Whether `id` is a well-formed VM resource ID, exactly as the schema's `VM_RESOURCE_ID` pattern:
+/// `/subscriptions/<s>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>`,
+/// each segment within Azure's characters and lengths.
 pub fn is_vm_resource_id(id: &str) -> bool {
     if id.len() > MAX_VM_ID_LEN {
         return false;
@@ -265,8 +271,38 @@ pub fn is_vm_resource_id(id: &str) -> bool {
     matches!(
         parts.as_slice(),
         ["", "subscriptions", sub, "resourceGroups", rg, "providers", "Microsoft.Compute", "virtualMachines", name]
-            if !sub.is_empty() && !rg.is_empty() && !name.is_empty()
+            if is_subscription_segment(sub) && is_resource_group_name(rg) && is_vm_name(name)
     )
+}
+
+fn is_subscription_segment(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// 1-90 of letters, digits, `_ . ( ) -`, not ending with a period (ASCII only).
+fn is_resource_group_name(s: &str) -> bool {
+    (1..=90).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.()-".contains(&b))
+        && !s.ends_with('.')
+}
+
+/// A VM name as the schema's `VM_REFERENCE` spells it: 1-64 of letters, digits, `_ . -`, not
+/// ending with a period.
+pub fn is_vm_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && !s.ends_with('.')
+}
+
+/// Whether free text may be shown as is (the schema's `DISPLAY_SAFE_TEXT`): no control
+/// characters, no Unicode line separators, no bidirectional overrides.
+pub fn is_display_safe(s: &str) -> bool {
+    !s.chars().any(|c| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    })
 }
 
 /// The last path segment of a resource ID (the VM's name); the input itself if it has no `/`.
@@ -487,6 +523,12 @@ pub fn validate_grant(
             ),
         );
     }
+    if !is_display_safe(&grant.justification) {
+        return deny(
+            R::InvalidJustification,
+            "justification must not hold control characters, line separators or bidirectional overrides",
+        );
+    }
 
     // The VM.
     let wanted = grant.virtual_machine.as_str();
@@ -549,6 +591,8 @@ pub fn validate_grant(
     }
     let mut wanted_ports = grant.ports.clone();
     wanted_ports.sort_unstable();
+    // The schema declares the list a set (the API server refuses duplicates); a duplicate in an
+    // object stored before that is harmless, so it is merged rather than refused.
     wanted_ports.dedup();
     let mut entries: Vec<&PolicyPort> = Vec::new();
     for p in &wanted_ports {
