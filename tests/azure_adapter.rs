@@ -1078,7 +1078,9 @@ async fn per_nsg_fault_is_permanent_on_that_nsg_only() {
     api.put_rule(&nsg_id("nsg-subnet"), &rule("portcullis-ssh", 110, "22"))
         .await
         .expect("another NSG works");
-    // A deleted NSG reads as NotFound, also permanent.
+    // A deleted NSG reads as NotFound, also permanent; a write based on an older read never
+    // recreates it, even from a snapshot without an etag.
+    let mut before = api.read_nsg(&nsg_id("nsg-subnet")).await.expect("read");
     admin
         .delete_nsg_directly(&nsg_id("nsg-subnet"))
         .await
@@ -1087,6 +1089,16 @@ async fn per_nsg_fault_is_permanent_on_that_nsg_only() {
     assert!(
         matches!(err, AzureError::NotFound { .. }) && err.is_permanent(),
         "{err:?}"
+    );
+    let err = api.put_nsg(&before, &[], &[]).await.unwrap_err();
+    assert!(err.is_precondition_failed(), "{err:?}");
+    before.etag = None;
+    let err = api.put_nsg(&before, &[], &[]).await.unwrap_err();
+    assert!(err.is_precondition_failed(), "{err:?}");
+    let err = api.read_nsg(&nsg_id("nsg-subnet")).await.unwrap_err();
+    assert!(
+        matches!(err, AzureError::NotFound { .. }),
+        "still gone: {err:?}"
     );
     emu.shutdown().await;
 }

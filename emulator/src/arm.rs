@@ -369,11 +369,8 @@ fn nsg_fault(
         "write"
     };
     let (code, message) = fault.code_and_message(&resource_id, action);
+    // Counted like the global faults: the request never reached the resource provider.
     g.stats.faults_injected += 1;
-    if is_write {
-        g.stats.write_attempts += 1;
-        g.stats.rejected += 1;
-    }
     tracing::info!(%method, nsg = %fault.nsg, status = fault.status, %code, "per-NSG fault");
     let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut err = ArmError::new(status, &code, message);

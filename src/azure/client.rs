@@ -361,7 +361,7 @@ impl AzureNetworkClient {
         &self,
         nsg: &ResourceId,
         body: &[u8],
-        if_match: Option<&str>,
+        if_match: &str,
         ctx: &LogCtx<'_>,
         deadline: Instant,
     ) -> Result<(), AzureError> {
@@ -371,9 +371,7 @@ impl AzureNetworkClient {
             .timed(&what, deadline, async {
                 let mut req = self.authed_request(url.clone(), Method::Put).await?;
                 req.insert_header(azure_core::headers::CONTENT_TYPE, "application/json");
-                if let Some(etag) = if_match {
-                    req.insert_header(azure_core::headers::IF_MATCH, etag.to_string());
-                }
+                req.insert_header(azure_core::headers::IF_MATCH, if_match.to_string());
                 req.set_body(body.to_vec());
                 self.send_raw(req, "put_nsg").await
             })
@@ -820,8 +818,10 @@ impl NetworkApi for AzureNetworkClient {
         let body = nsg_put_body(&snapshot.raw, deletes, puts)?;
         let body = serde_json::to_vec(&body)
             .map_err(|e| AzureError::InvalidInput(format!("cannot encode the NSG: {e}")))?;
+        // Without an etag, `*` still refuses to recreate an NSG deleted since the read.
+        let if_match = snapshot.etag.as_deref().unwrap_or("*");
         if snapshot.etag.is_none() {
-            warn!(nsg = %snapshot.nsg_id, "NSG read without an etag; writing it unconditionally");
+            warn!(nsg = %snapshot.nsg_id, "NSG read without an etag; writing it with If-Match: *");
         }
         let summary = format!("{} deletes, {} puts", deletes.len(), puts.len());
         let ctx = LogCtx {
@@ -832,7 +832,7 @@ impl NetworkApi for AzureNetworkClient {
         // A retry after a 429/5xx resends the same If-Match: if the first attempt did land, the
         // etag moved and the retry answers 412, which sends the caller back to a fresh read.
         self.write(ctx, |deadline, _| {
-            self.put_nsg_once(&nsg, &body, snapshot.etag.as_deref(), &ctx, deadline)
+            self.put_nsg_once(&nsg, &body, if_match, &ctx, deadline)
         })
         .await
     }

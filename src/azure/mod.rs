@@ -76,7 +76,8 @@ pub trait NetworkApi: Send + Sync {
     /// One PUT of the whole NSG built from `snapshot.raw`: drops the rules named in `deletes`
     /// (case-insensitive), adds or replaces `puts` (a replaced rule keeps its place), keeps every
     /// other property and rule exactly as read (unknown fields included), sends
-    /// `If-Match: <snapshot.etag>`, and drives the long-running operation to `Succeeded`.
+    /// `If-Match: <snapshot.etag>` (`*` when the read gave no etag, so a deleted NSG is never
+    /// recreated), and drives the long-running operation to `Succeeded`.
     /// A 412 returns [`AzureError::PreconditionFailed`] without retrying: re-read and re-plan.
     /// Under a `CanNotDelete` lock this still removes rules, where `delete_rule` cannot.
     async fn put_nsg(
