@@ -14,7 +14,7 @@ use portcullis::azure::{
 };
 use portcullis::plan::rule::{Access, Direction, NsgRule, RuleProtocol};
 use portcullis_azure_emulator::{
-    AdminClient, EmulatorConfig, Faults, Fixture, RunningEmulator, spawn,
+    AdminClient, EmulatorConfig, Faults, Fixture, LockLevel, NsgFault, RunningEmulator, spawn,
 };
 use url::Url;
 
@@ -837,5 +837,306 @@ async fn managed_identity_via_imds() {
     assert_eq!(rules.len(), 1);
     let s = admin.stats().await.expect("stats");
     assert_eq!(s.tokens_by_grant.get("managed_identity"), Some(&1));
+    emu.shutdown().await;
+}
+
+/// `snapshot.rules` by name, for lookups.
+fn snapshot_rule<'a>(rules: &'a [NsgRule], name: &str) -> Option<&'a NsgRule> {
+    rules.iter().find(|r| r.name.eq_ignore_ascii_case(name))
+}
+
+#[tokio::test]
+async fn read_nsg_and_put_nsg_round_trip_unknown_fields_and_foreign_rules() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-nic");
+    // A foreign rule carrying a field no typed model knows.
+    admin
+        .put_rule_directly(
+            &format!("{nsg}/securityRules/team-rdp"),
+            &serde_json::json!({"properties": {
+                "protocol": "Tcp", "access": "Allow", "direction": "Inbound", "priority": 310,
+                "sourceAddressPrefix": "192.0.2.0/24", "sourcePortRange": "*",
+                "destinationAddressPrefix": "*", "destinationPortRange": "3389",
+                "futureRuleField": {"keep": true},
+            }}),
+        )
+        .await
+        .expect("seed foreign rule");
+
+    let snap = api.read_nsg(&nsg).await.expect("read");
+    assert_eq!(snap.nsg_id, nsg);
+    let etag = snap.etag.clone().expect("an etag");
+    assert_eq!(snap.raw["etag"], serde_json::json!(etag));
+    assert_eq!(snap.rules.len(), 2, "user rules only: {:?}", snap.rules);
+    let https = snapshot_rule(&snap.rules, "user-allow-https").expect("parsed");
+    assert_eq!(https.destination_port_ranges, vec!["443"]);
+
+    // Give the NSG properties the client's model does not know, through a first put_nsg.
+    let mut seeded = snap.clone();
+    seeded.raw["properties"]["flushConnection"] = serde_json::json!(true);
+    seeded.raw["properties"]["futureFeature"] = serde_json::json!({"levels": [1, 2]});
+    seeded.raw["tags"] = serde_json::json!({"owner": "net-team"});
+    let mine = rule("portcullis-ssh", 110, "22");
+    api.put_nsg(&seeded, &[], std::slice::from_ref(&mine))
+        .await
+        .expect("put_nsg");
+
+    let snap = api.read_nsg(&nsg).await.expect("read again");
+    assert_ne!(snap.etag.as_deref(), Some(etag.as_str()), "the etag moved");
+    let p = &snap.raw["properties"];
+    assert_eq!(p["flushConnection"], true);
+    assert_eq!(p["futureFeature"], serde_json::json!({"levels": [1, 2]}));
+    assert_eq!(
+        p["provisioningState"], "Succeeded",
+        "returned only when done"
+    );
+    assert_eq!(snap.raw["tags"], serde_json::json!({"owner": "net-team"}));
+    assert!(snapshot_rule(&snap.rules, "portcullis-ssh").is_some_and(|r| r.same_content(&mine)));
+
+    // A second write that deletes ours and replaces nothing else keeps all of it.
+    api.put_nsg(&snap, &["PORTCULLIS-SSH".to_string()], &[])
+        .await
+        .expect("put_nsg delete");
+    let rules = admin_rules(&admin, "nsg-nic").await;
+    assert_eq!(
+        rules.keys().cloned().collect::<Vec<_>>(),
+        vec!["team-rdp", "user-allow-https"]
+    );
+    assert_eq!(
+        rules["team-rdp"]["properties"]["futureRuleField"],
+        serde_json::json!({"keep": true})
+    );
+    assert_eq!(rules["user-allow-https"]["properties"]["priority"], 300);
+    let last = api.read_nsg(&nsg).await.expect("read last");
+    assert_eq!(last.raw["properties"]["futureFeature"], p["futureFeature"]);
+    assert_eq!(last.raw["properties"]["flushConnection"], true);
+    assert_eq!(api.stats().count("put_nsg", "200"), 2);
+
+    let err = api.read_nsg(&nsg_id("nsg-missing")).await.unwrap_err();
+    assert!(matches!(err, AzureError::NotFound { .. }), "{err:?}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn put_nsg_after_someone_else_wrote_fails_with_precondition_and_is_not_retried() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-subnet");
+    let stale = api.read_nsg(&nsg).await.expect("read");
+
+    // Someone adds a rule between our read and our write.
+    let foreign = serde_json::json!({"properties": {
+        "protocol": "Tcp", "access": "Deny", "direction": "Inbound", "priority": 4000,
+        "sourceAddressPrefix": "*", "sourcePortRange": "*",
+        "destinationAddressPrefix": "*", "destinationPortRange": "23",
+    }});
+    admin
+        .put_rule_directly(&format!("{nsg}/securityRules/someone-else"), &foreign)
+        .await
+        .expect("foreign write");
+
+    let mine = rule("portcullis-rdp", 120, "3389");
+    let err = api
+        .put_nsg(&stale, &[], std::slice::from_ref(&mine))
+        .await
+        .unwrap_err();
+    assert!(err.is_precondition_failed(), "{err:?}");
+    assert!(matches!(err, AzureError::PreconditionFailed { .. }));
+    assert!(!err.is_retryable() && !err.is_permanent());
+    assert!(err.to_string().contains("does not match etag"), "{err}");
+    assert_eq!(api.stats().count("put_nsg", "412"), 1, "not retried");
+    let rules = admin_rules(&admin, "nsg-subnet").await;
+    assert_eq!(
+        rules.keys().cloned().collect::<Vec<_>>(),
+        vec!["someone-else"]
+    );
+
+    // Re-read and write again: ours lands and theirs survives.
+    let fresh = api.read_nsg(&nsg).await.expect("fresh read");
+    assert!(snapshot_rule(&fresh.rules, "someone-else").is_some());
+    api.put_nsg(&fresh, &[], std::slice::from_ref(&mine))
+        .await
+        .expect("put on a fresh read");
+    let rules = admin_rules(&admin, "nsg-subnet").await;
+    assert_eq!(
+        rules.keys().cloned().collect::<Vec<_>>(),
+        vec!["portcullis-rdp", "someone-else"]
+    );
+    assert_eq!(rules["someone-else"]["properties"]["priority"], 4000);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn can_not_delete_lock_blocks_delete_rule_but_put_nsg_removes_the_rule() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-nic");
+    api.put_rule(&nsg, &rule("portcullis-ssh", 110, "22"))
+        .await
+        .expect("put before the lock");
+    admin
+        .set_lock(&rg_id(), LockLevel::CanNotDelete)
+        .await
+        .expect("lock");
+
+    let err = api.delete_rule(&nsg, "portcullis-ssh").await.unwrap_err();
+    assert!(err.is_scope_locked(), "{err:?}");
+    assert!(err.is_permanent());
+    assert_eq!(err.category(), "locked");
+    assert!(
+        err.to_string()
+            .contains(&format!("following scope(s) are locked: '{}'", rg_id())),
+        "{err}"
+    );
+    assert_eq!(api.stats().count("delete_rule", "409"), 1, "not retried");
+    assert!(
+        admin_rules(&admin, "nsg-nic")
+            .await
+            .contains_key("portcullis-ssh")
+    );
+
+    // The write Azure allows: the whole NSG without the rule.
+    let snap = api.read_nsg(&nsg).await.expect("read under the lock");
+    api.put_nsg(&snap, &["portcullis-ssh".to_string()], &[])
+        .await
+        .expect("put_nsg under CanNotDelete");
+    let rules = admin_rules(&admin, "nsg-nic").await;
+    assert_eq!(
+        rules.keys().cloned().collect::<Vec<_>>(),
+        vec!["user-allow-https"]
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn read_only_lock_makes_every_write_fail_permanently() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-nic");
+    admin
+        .set_lock(&nsg, LockLevel::ReadOnly)
+        .await
+        .expect("lock");
+    let snap = api.read_nsg(&nsg).await.expect("reads work");
+
+    let put = api
+        .put_rule(&nsg, &rule("portcullis-ssh", 110, "22"))
+        .await
+        .unwrap_err();
+    let delete = api.delete_rule(&nsg, "user-allow-https").await.unwrap_err();
+    let whole = api
+        .put_nsg(&snap, &["user-allow-https".to_string()], &[])
+        .await
+        .unwrap_err();
+    for err in [&put, &delete, &whole] {
+        assert!(err.is_permanent() && err.is_scope_locked(), "{err:?}");
+    }
+    assert!(
+        put.to_string().contains("cannot perform write operation"),
+        "{put}"
+    );
+    assert_eq!(
+        admin_rules(&admin, "nsg-nic").await.len(),
+        1,
+        "nothing changed"
+    );
+    // Outside the locked scope, writes work.
+    api.put_rule(&nsg_id("nsg-subnet"), &rule("portcullis-ssh", 110, "22"))
+        .await
+        .expect("other NSG");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_nsg_fault_is_permanent_on_that_nsg_only() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    admin
+        .set_nsg_fault(&NsgFault {
+            nsg: nsg_id("nsg-nic"),
+            status: 403,
+            code: None,
+            message: None,
+            writes_only: false,
+        })
+        .await
+        .expect("fault");
+    let err = api
+        .put_rule(&nsg_id("nsg-nic"), &rule("portcullis-ssh", 110, "22"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AzureError::Unauthorized { .. }), "{err:?}");
+    assert!(err.is_permanent());
+    let err = api.read_nsg(&nsg_id("nsg-nic")).await.unwrap_err();
+    assert!(err.is_permanent(), "{err:?}");
+    api.put_rule(&nsg_id("nsg-subnet"), &rule("portcullis-ssh", 110, "22"))
+        .await
+        .expect("another NSG works");
+    // A deleted NSG reads as NotFound, also permanent; a write based on an older read never
+    // recreates it, even from a snapshot without an etag.
+    let mut before = api.read_nsg(&nsg_id("nsg-subnet")).await.expect("read");
+    admin
+        .delete_nsg_directly(&nsg_id("nsg-subnet"))
+        .await
+        .expect("delete NSG");
+    let err = api.read_nsg(&nsg_id("nsg-subnet")).await.unwrap_err();
+    assert!(
+        matches!(err, AzureError::NotFound { .. }) && err.is_permanent(),
+        "{err:?}"
+    );
+    let err = api.put_nsg(&before, &[], &[]).await.unwrap_err();
+    assert!(err.is_precondition_failed(), "{err:?}");
+    before.etag = None;
+    let err = api.put_nsg(&before, &[], &[]).await.unwrap_err();
+    assert!(err.is_precondition_failed(), "{err:?}");
+    let err = api.read_nsg(&nsg_id("nsg-subnet")).await.unwrap_err();
+    assert!(
+        matches!(err, AzureError::NotFound { .. }),
+        "still gone: {err:?}"
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn rules_mixing_address_families_are_bad_requests() {
+    let emu = start(config()).await;
+    let admin = emu.admin();
+    let api = client(&emu);
+    let nsg = nsg_id("nsg-nic");
+    let mut mixed = rule("portcullis-v6", 110, "22");
+    mixed.source_address_prefixes = vec!["2001:db8::7/128".into()];
+    let code = "ResourceCannotContainAddressPrefixesFromDifferentAddressFamilies";
+    let err = api.put_rule(&nsg, &mixed).await.unwrap_err();
+    assert!(
+        matches!(&err, AzureError::BadRequest { code: c, .. } if c == code),
+        "{err:?}"
+    );
+    assert!(err.is_permanent());
+    let snap = api.read_nsg(&nsg).await.expect("read");
+    let err = api
+        .put_nsg(&snap, &[], std::slice::from_ref(&mixed))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AzureError::BadRequest { code: c, .. } if c == code),
+        "{err:?}"
+    );
+    assert_eq!(
+        admin_rules(&admin, "nsg-nic").await.len(),
+        1,
+        "nothing changed"
+    );
+    // One family per rule works.
+    let mut v6 = mixed.clone();
+    v6.destination_address_prefixes = vec!["2001:db8::4".into()];
+    api.put_nsg(&snap, &[], std::slice::from_ref(&v6))
+        .await
+        .expect("IPv6-only rule");
     emu.shutdown().await;
 }

@@ -1,5 +1,6 @@
-//! The admin API under `/_emulator/` (no authentication): stats, request log, faults,
-//! runtime config, direct rule edits ("drift") and a state dump.
+//! The admin API under `/_emulator/` (no authentication): stats, request log, faults (global
+//! and per NSG), management locks, runtime config, direct rule edits ("drift"), deleting an NSG
+//! out from under its users, and a state dump.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::App;
-use crate::faults::Faults;
+use crate::faults::{Faults, NsgFault};
+use crate::locks::{self, Lock};
 use crate::model::{self, Rule, SUCCEEDED};
 use crate::state::{ConfigUpdate, Stats, parse_rule_props};
 
@@ -26,6 +28,17 @@ pub fn routes() -> Router<App> {
             "/_emulator/faults",
             get(get_faults).post(set_faults).delete(clear_faults),
         )
+        .route(
+            "/_emulator/nsg-faults",
+            get(get_nsg_faults)
+                .post(set_nsg_fault)
+                .delete(clear_nsg_faults),
+        )
+        .route(
+            "/_emulator/locks",
+            get(get_locks).post(set_lock).delete(clear_locks),
+        )
+        .route("/_emulator/nsg", axum::routing::delete(delete_nsg))
         .route("/_emulator/config", get(get_config).post(set_config))
         .route(
             "/_emulator/rule",
@@ -81,6 +94,143 @@ async fn set_faults(State(app): State<App>, body: Bytes) -> Response {
 
 async fn clear_faults(State(app): State<App>) -> Response {
     app.inner.lock().faults = Faults::default();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn get_nsg_faults(State(app): State<App>) -> Response {
+    axum::Json(app.inner.lock().nsg_faults.clone()).into_response()
+}
+
+/// Sets (or replaces) the persistent fault of one NSG.
+async fn set_nsg_fault(State(app): State<App>, body: Bytes) -> Response {
+    let fault: NsgFault = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid NSG fault: {e}")),
+    };
+    if model::parse_nsg_id(&fault.nsg).is_none() {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            format!("not a network security group id: {}", fault.nsg),
+        );
+    }
+    if !(400..=599).contains(&fault.status) {
+        return admin_error(StatusCode::BAD_REQUEST, "status must be within 400..=599");
+    }
+    tracing::info!(?fault, "NSG fault set");
+    let mut g = app.inner.lock();
+    let key = fault.key();
+    g.nsg_faults.retain(|f| f.key() != key);
+    g.nsg_faults.push(fault.clone());
+    axum::Json(fault).into_response()
+}
+
+#[derive(Deserialize)]
+struct OptionalNsgQuery {
+    nsg: Option<String>,
+}
+
+/// Clears the fault of `?nsg=<id>`, or every NSG fault without a query.
+async fn clear_nsg_faults(State(app): State<App>, Query(q): Query<OptionalNsgQuery>) -> Response {
+    let mut g = app.inner.lock();
+    match q.nsg {
+        Some(id) => {
+            let key = locks::normalise(&id);
+            g.nsg_faults.retain(|f| f.key() != key);
+        }
+        None => g.nsg_faults.clear(),
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn get_locks(State(app): State<App>) -> Response {
+    axum::Json(app.inner.lock().locks.clone()).into_response()
+}
+
+/// Sets a lock; a second lock of the same level on the same scope is a no-op.
+async fn set_lock(State(app): State<App>, body: Bytes) -> Response {
+    let lock: Lock = match serde_json::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid lock: {e}")),
+    };
+    let segs = lock.scope.trim().trim_matches('/').split('/').count();
+    if !lock.scope.trim().starts_with("/subscriptions/") || segs < 2 {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "not a scope (subscription, resource group or resource id): {}",
+                lock.scope
+            ),
+        );
+    }
+    tracing::info!(?lock, "lock set");
+    let mut g = app.inner.lock();
+    let key = locks::normalise(&lock.scope);
+    if !g
+        .locks
+        .iter()
+        .any(|l| locks::normalise(&l.scope) == key && l.level == lock.level)
+    {
+        g.locks.push(lock.clone());
+    }
+    axum::Json(lock).into_response()
+}
+
+#[derive(Deserialize)]
+struct OptionalScopeQuery {
+    scope: Option<String>,
+}
+
+/// Removes the locks on `?scope=<id>` (every level), or every lock without a query.
+async fn clear_locks(State(app): State<App>, Query(q): Query<OptionalScopeQuery>) -> Response {
+    let mut g = app.inner.lock();
+    match q.scope {
+        Some(scope) => {
+            let key = locks::normalise(&scope);
+            g.locks.retain(|l| locks::normalise(&l.scope) != key);
+        }
+        None => g.locks.clear(),
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Deletes an NSG at once, detaching it from every NIC and subnet first (what an admin
+/// deleting it from under the operator amounts to). 404 when it does not exist.
+async fn delete_nsg(State(app): State<App>, Query(q): Query<IdQuery>) -> Response {
+    let Some((sub, rg, nsg)) = model::parse_nsg_id(&q.id) else {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            format!("not a network security group id: {}", q.id),
+        );
+    };
+    let mut g = app.inner.lock();
+    g.settle(Instant::now());
+    let Some(r) = g.world.sub_mut(&sub).and_then(|s| s.rg_mut(&rg)) else {
+        return admin_error(
+            StatusCode::NOT_FOUND,
+            format!("no such resource group for {}", q.id),
+        );
+    };
+    let before = r.nsgs.len();
+    r.nsgs.retain(|n| !n.name.eq_ignore_ascii_case(&nsg));
+    if r.nsgs.len() == before {
+        return admin_error(
+            StatusCode::NOT_FOUND,
+            format!("no such network security group {}", q.id),
+        );
+    }
+    let uses = |x: &Option<String>| x.as_deref().is_some_and(|y| y.eq_ignore_ascii_case(&nsg));
+    for nic in &mut r.nics {
+        if uses(&nic.nsg) {
+            nic.nsg = None;
+        }
+    }
+    for subnet in r.vnets.iter_mut().flat_map(|v| v.subnets.iter_mut()) {
+        if uses(&subnet.nsg) {
+            subnet.nsg = None;
+        }
+    }
+    g.save_logged();
+    tracing::info!(nsg = %q.id, "NSG deleted directly");
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -283,6 +433,8 @@ async fn dump(State(app): State<App>) -> Response {
     axum::Json(json!({
         "config": g.config.view(),
         "faults": g.faults,
+        "nsg_faults": g.nsg_faults,
+        "locks": g.locks,
         "stats": g.stats,
         "pending_operations": pending,
         "subscriptions": subs,

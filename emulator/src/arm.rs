@@ -53,6 +53,8 @@ struct Ctx {
     base: String,
     now: Instant,
     query: Vec<(String, String)>,
+    /// The `If-Match` request header, when sent.
+    if_match: Option<String>,
 }
 
 impl Ctx {
@@ -170,6 +172,10 @@ fn dispatch(
         base: base_url(app, headers),
         now,
         query,
+        if_match: headers
+            .get("if-match")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string()),
     };
     match ctx.query("api-version") {
         None => {
@@ -203,6 +209,9 @@ fn dispatch(
         )
         .into_response();
     };
+    if let Some(resp) = nsg_fault(&mut g, &route, method, is_write) {
+        return resp;
+    }
     if is_write {
         write(&mut g, &ctx, route, method, body)
     } else if *method == Method::GET {
@@ -301,6 +310,102 @@ impl<'a> Route<'a> {
         }
         None
     }
+}
+
+impl Route<'_> {
+    /// (subscription, resource group, NSG) for routes on one NSG or its rules.
+    fn nsg(&self) -> Option<(&str, &str, &str)> {
+        match *self {
+            Route::Nsg(s, r, n)
+            | Route::Rules(s, r, n)
+            | Route::Rule(s, r, n, _)
+            | Route::DefaultRules(s, r, n)
+            | Route::DefaultRule(s, r, n, _) => Some((s, r, n)),
+            _ => None,
+        }
+    }
+
+    /// The ARM id the request addresses (as written in the path), for routes on one NSG.
+    fn resource_id(&self) -> Option<String> {
+        let (s, r, n) = self.nsg()?;
+        let nsg = format!(
+            "/subscriptions/{s}/resourceGroups/{r}/providers/Microsoft.Network/networkSecurityGroups/{n}"
+        );
+        Some(match *self {
+            Route::Rules(..) => format!("{nsg}/securityRules"),
+            Route::Rule(_, _, _, x) => format!("{nsg}/securityRules/{x}"),
+            Route::DefaultRules(..) => format!("{nsg}/defaultSecurityRules"),
+            Route::DefaultRule(_, _, _, x) => format!("{nsg}/defaultSecurityRules/{x}"),
+            _ => nsg,
+        })
+    }
+}
+
+/// A persistent per-NSG fault that answers this request, if one is set.
+fn nsg_fault(
+    g: &mut Inner,
+    route: &Route<'_>,
+    method: &Method,
+    is_write: bool,
+) -> Option<Response> {
+    if g.nsg_faults.is_empty() {
+        return None;
+    }
+    let (s, r, n) = route.nsg()?;
+    let key = crate::locks::normalise(&format!(
+        "/subscriptions/{s}/resourceGroups/{r}/providers/Microsoft.Network/networkSecurityGroups/{n}"
+    ));
+    let fault = g
+        .nsg_faults
+        .iter()
+        .find(|f| f.key() == key && f.applies(is_write))?
+        .clone();
+    let resource_id = route.resource_id()?;
+    let action = if *method == Method::DELETE {
+        "delete"
+    } else if *method == Method::GET {
+        "read"
+    } else {
+        "write"
+    };
+    let (code, message) = fault.code_and_message(&resource_id, action);
+    // Counted like the global faults: the request never reached the resource provider.
+    g.stats.faults_injected += 1;
+    tracing::info!(%method, nsg = %fault.nsg, status = fault.status, %code, "per-NSG fault");
+    let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut err = ArmError::new(status, &code, message);
+    if fault.status == 429 || fault.status == 503 {
+        err = err.with_retry_after(g.config.retry_after_secs);
+    }
+    Some(err.into_response())
+}
+
+/// `If-Match` on a write: `*` needs the resource to exist; any other value must equal its etag.
+fn check_if_match(ctx: &Ctx, current: Option<&str>, resource_id: &str) -> Result<(), ArmError> {
+    let Some(wanted) = ctx.if_match.as_deref() else {
+        return Ok(());
+    };
+    let ok = match current {
+        Some(etag) => wanted == "*" || wanted == etag,
+        None => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let detail = match current {
+        Some(etag) => format!(
+            "Etag provided in if-match header {wanted} does not match etag {etag} of resource {resource_id} in NRP data store."
+        ),
+        None => format!(
+            "Etag provided in if-match header {wanted} does not match: resource {resource_id} does not exist in NRP data store."
+        ),
+    };
+    Err(ArmError::new(
+        StatusCode::PRECONDITION_FAILED,
+        "PreconditionFailed",
+        "Precondition failed.",
+    )
+    .with_detail("PreconditionFailedEtagMismatch", detail))
 }
 
 fn not_found(code: &str, message: String) -> ArmError {
@@ -447,7 +552,9 @@ fn read(g: &mut Inner, ctx: &Ctx, route: Route<'_>) -> Result<Response, ArmError
         }
         Route::Nsg(sub, rg, nsg) => {
             let (s, r, n) = nsg_of(g, sub, rg, nsg)?;
-            Ok(json_ok(model::nsg_json(s, r, n)))
+            let mut resp = json_ok(model::nsg_json(s, r, n));
+            insert_header(&mut resp, "etag", &n.etag);
+            Ok(resp)
         }
         Route::Rules(sub, rg, nsg) => {
             let (s, r, n) = nsg_of(g, sub, rg, nsg)?;
@@ -464,7 +571,9 @@ fn read(g: &mut Inner, ctx: &Ctx, route: Route<'_>) -> Result<Response, ArmError
                     format!("Resource {id}/securityRules/{rule} not found."),
                 )
             })?;
-            Ok(json_ok(model::rule_json(&id, x)))
+            let mut resp = json_ok(model::rule_json(&id, x));
+            insert_header(&mut resp, "etag", &x.etag);
+            Ok(resp)
         }
         Route::DefaultRules(sub, rg, nsg) => {
             let (s, r, n) = nsg_of(g, sub, rg, nsg)?;
@@ -586,12 +695,17 @@ fn write(g: &mut Inner, ctx: &Ctx, route: Route<'_>, method: &Method, body: &[u8
             return r;
         }
     };
-    let result = match (&route, method.as_str()) {
-        (Route::Rule(s, r, n, x), "PUT") => put_rule(g, ctx, s, r, n, x, body),
-        (Route::Rule(s, r, n, x), "DELETE") => delete_rule(g, ctx, s, r, n, x),
-        (Route::Nsg(s, r, n), "PUT") => put_nsg(g, ctx, s, r, n, body),
-        (Route::Nsg(s, r, n), "DELETE") => delete_nsg(g, ctx, s, r, n),
-        (Route::Nsg(s, r, n), "PATCH") => patch_nsg(g, ctx, s, r, n, body),
+    let locked = match route.resource_id() {
+        Some(id) => crate::locks::check(&g.locks, &id, *method == Method::DELETE),
+        None => Ok(()),
+    };
+    let result = match (locked, &route, method.as_str()) {
+        (Err(e), _, _) => Err(e),
+        (Ok(()), Route::Rule(s, r, n, x), "PUT") => put_rule(g, ctx, s, r, n, x, body),
+        (Ok(()), Route::Rule(s, r, n, x), "DELETE") => delete_rule(g, ctx, s, r, n, x),
+        (Ok(()), Route::Nsg(s, r, n), "PUT") => put_nsg(g, ctx, s, r, n, body),
+        (Ok(()), Route::Nsg(s, r, n), "DELETE") => delete_nsg(g, ctx, s, r, n),
+        (Ok(()), Route::Nsg(s, r, n), "PATCH") => patch_nsg(g, ctx, s, r, n, body),
         _ => Err(ArmError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
@@ -735,6 +849,7 @@ fn put_rule(
     let nsg_id = model::nsg_id(s, r, &n.name);
     busy_check(g, n, ctx, "PutSecurityRuleOperation")?;
     let rule_id = format!("{nsg_id}/securityRules/{rule}");
+    check_if_match(ctx, n.rule(rule).map(|x| x.etag.as_str()), &rule_id)?;
     validate::validate_rule_name(rule).map_err(violation)?;
     let v = parse_body(body)?;
     let props = rule_props_from(&v, &rule_id)?;
@@ -824,6 +939,11 @@ fn delete_rule(
         n.location.clone(),
     );
     busy_check(g, n, ctx, "DeleteSecurityRuleOperation")?;
+    check_if_match(
+        ctx,
+        n.rule(rule).map(|x| x.etag.as_str()),
+        &format!("{}/securityRules/{rule}", model::nsg_id(s, r, &n.name)),
+    )?;
     if n.rule(rule).is_none() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
@@ -859,6 +979,18 @@ fn delete_rule(
     ))
 }
 
+/// NSG `properties` the emulator models or computes (read-only ones are ignored on PUT).
+const NSG_MODELLED_PROPERTIES: &[&str] = &[
+    "provisioningState",
+    "resourceGuid",
+    "flushConnection",
+    "securityRules",
+    "defaultSecurityRules",
+    "networkInterfaces",
+    "subnets",
+    "flowLogs",
+];
+
 fn put_nsg(
     g: &mut Inner,
     ctx: &Ctx,
@@ -876,6 +1008,7 @@ fn put_nsg(
     validate::validate_rule_name(nsg).map_err(violation)?;
     let nsg_name = existing.map_or_else(|| nsg.to_string(), |n| n.name.clone());
     let nsg_id = model::nsg_id(s, r, &nsg_name);
+    check_if_match(ctx, existing.map(|n| n.etag.as_str()), &nsg_id)?;
     let v = parse_body(body)?;
     let location = v
         .get("location")
@@ -898,6 +1031,27 @@ fn put_nsg(
             ));
         }
     };
+    let flush_connection = match v.pointer("/properties/flushConnection") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ArmError::bad_request(
+                "InvalidRequestFormat",
+                "Cannot parse the request: flushConnection must be a boolean.",
+            ));
+        }
+    };
+    // Properties the emulator does not model are kept; read-only ones are ignored, as ARM does.
+    let extra_properties: serde_json::Map<String, Value> = v
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| {
+            p.iter()
+                .filter(|(k, _)| !NSG_MODELLED_PROPERTIES.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
     let rule_values = match v.pointer("/properties/securityRules") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(a)) => a.clone(),
@@ -956,6 +1110,8 @@ fn put_nsg(
         Some(n) => {
             n.location = location.clone();
             n.tags = tags;
+            n.flush_connection = flush_connection;
+            n.extra_properties = extra_properties;
             n.rules = rules;
             n.etag = etag;
             n.provisioning_state = UPDATING.into();
@@ -967,6 +1123,8 @@ fn put_nsg(
             etag,
             provisioning_state: UPDATING.into(),
             tags,
+            flush_connection,
+            extra_properties,
             rules,
             pending: None,
         }),
@@ -1007,6 +1165,11 @@ fn delete_nsg(
     nsg: &str,
 ) -> Result<Response, ArmError> {
     let (s, r) = rg_of(g, sub, rg)?;
+    check_if_match(
+        ctx,
+        r.nsg(nsg).map(|n| n.etag.as_str()),
+        &model::nsg_id(s, r, nsg),
+    )?;
     let Some(n) = r.nsg(nsg) else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };

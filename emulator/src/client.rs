@@ -3,7 +3,8 @@
 use serde::de::DeserializeOwned;
 
 use crate::error::EmulatorError;
-use crate::faults::Faults;
+use crate::faults::{Faults, NsgFault};
+use crate::locks::{Lock, LockLevel};
 use crate::state::{ConfigUpdate, RequestRecord, Stats};
 
 #[derive(Debug, Clone)]
@@ -73,6 +74,79 @@ impl AdminClient {
 
     pub async fn clear_faults(&self) -> Result<(), EmulatorError> {
         Self::check(self.http.delete(self.url("faults")).send().await?).await?;
+        Ok(())
+    }
+
+    /// Sets (or replaces) a persistent fault on one NSG: every ARM request on the NSG or its
+    /// rules (writes only, when `writes_only`) is answered with its status until cleared.
+    pub async fn set_nsg_fault(&self, f: &NsgFault) -> Result<(), EmulatorError> {
+        Self::check(
+            self.http
+                .post(self.url("nsg-faults"))
+                .json(f)
+                .send()
+                .await?,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Clears the persistent fault of one NSG.
+    pub async fn clear_nsg_fault(&self, nsg_id: &str) -> Result<(), EmulatorError> {
+        let resp = self
+            .http
+            .delete(self.url("nsg-faults"))
+            .query(&[("nsg", nsg_id)])
+            .send()
+            .await?;
+        Self::check(resp).await?;
+        Ok(())
+    }
+
+    /// Clears every per-NSG fault.
+    pub async fn clear_nsg_faults(&self) -> Result<(), EmulatorError> {
+        Self::check(self.http.delete(self.url("nsg-faults")).send().await?).await?;
+        Ok(())
+    }
+
+    /// Puts a management lock on `scope` (a resource group or resource id).
+    pub async fn set_lock(&self, scope: &str, level: LockLevel) -> Result<(), EmulatorError> {
+        let lock = Lock {
+            scope: scope.to_string(),
+            level,
+        };
+        Self::check(self.http.post(self.url("locks")).json(&lock).send().await?).await?;
+        Ok(())
+    }
+
+    /// Removes the locks on `scope`.
+    pub async fn clear_lock(&self, scope: &str) -> Result<(), EmulatorError> {
+        let resp = self
+            .http
+            .delete(self.url("locks"))
+            .query(&[("scope", scope)])
+            .send()
+            .await?;
+        Self::check(resp).await?;
+        Ok(())
+    }
+
+    /// Removes every lock.
+    pub async fn clear_locks(&self) -> Result<(), EmulatorError> {
+        Self::check(self.http.delete(self.url("locks")).send().await?).await?;
+        Ok(())
+    }
+
+    /// Deletes an NSG at once, detaching it from its NICs and subnets first; an error when it
+    /// does not exist.
+    pub async fn delete_nsg_directly(&self, nsg_id: &str) -> Result<(), EmulatorError> {
+        let resp = self
+            .http
+            .delete(self.url("nsg"))
+            .query(&[("id", nsg_id)])
+            .send()
+            .await?;
+        Self::check(resp).await?;
         Ok(())
     }
 

@@ -40,6 +40,8 @@ pub struct ArmError {
     pub message: String,
     /// `Retry-After` header value in seconds, when set.
     pub retry_after: Option<u64>,
+    /// `error.details`: (code, message) pairs, as ARM nests them (e.g. under a 412).
+    pub details: Vec<(String, String)>,
 }
 
 impl ArmError {
@@ -49,6 +51,7 @@ impl ArmError {
             code: code.to_string(),
             message: message.into(),
             retry_after: None,
+            details: Vec::new(),
         }
     }
 
@@ -61,8 +64,21 @@ impl ArmError {
         self
     }
 
+    pub fn with_detail(mut self, code: &str, message: impl Into<String>) -> Self {
+        self.details.push((code.to_string(), message.into()));
+        self
+    }
+
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({ "error": { "code": self.code, "message": self.message } })
+        let mut error = serde_json::json!({ "code": self.code, "message": self.message });
+        if !self.details.is_empty() {
+            error["details"] = self
+                .details
+                .iter()
+                .map(|(code, message)| serde_json::json!({ "code": code, "message": message }))
+                .collect();
+        }
+        serde_json::json!({ "error": error })
     }
 }
 

@@ -35,6 +35,7 @@ mod client;
 mod error;
 mod faults;
 mod fixture;
+mod locks;
 mod model;
 mod server;
 mod state;
@@ -43,11 +44,12 @@ pub mod validate;
 
 pub use client::AdminClient;
 pub use error::{ArmError, EmulatorError};
-pub use faults::Faults;
+pub use faults::{Faults, NsgFault};
 pub use fixture::{
     Fixture, FixtureIpConfig, FixtureNic, FixtureNsg, FixtureResourceGroup, FixtureSubnet,
     FixtureSubscription, FixtureVnet,
 };
+pub use locks::{Lock, LockLevel};
 pub use model::RuleProps;
 pub use state::{ConfigUpdate, RequestRecord, Stats};
 

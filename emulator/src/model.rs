@@ -35,6 +35,10 @@ pub struct RuleProps {
     pub priority: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direction: Option<String>,
+    /// Properties the emulator does not model, kept and echoed as given (as ARM keeps the
+    /// properties it knows and the emulator does not).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -45,7 +49,7 @@ impl RuleProps {
     /// The `properties` object as Azure returns it: singular fields when given, the four
     /// plural arrays always (empty when the singular form is used), plus `provisioningState`.
     pub fn to_json(&self, provisioning_state: &str) -> Value {
-        let mut m = serde_json::Map::new();
+        let mut m = self.extra.clone();
         m.insert("provisioningState".into(), json!(provisioning_state));
         let mut put_str = |k: &str, v: &Option<String>| {
             if let Some(v) = v {
@@ -123,6 +127,12 @@ pub struct Nsg {
     pub provisioning_state: String,
     #[serde(default)]
     pub tags: Option<Value>,
+    /// `properties.flushConnection`.
+    #[serde(default)]
+    pub flush_connection: bool,
+    /// `properties` the emulator does not model, kept from the last PUT and echoed back.
+    #[serde(default)]
+    pub extra_properties: serde_json::Map<String, Value>,
     pub rules: Vec<Rule>,
     /// The write in flight on this NSG: operation id and when it completes.
     #[serde(skip)]
@@ -343,13 +353,12 @@ pub fn default_rules_json(nsg_id: &str, nsg_etag: &str) -> Vec<Value> {
 pub fn nsg_json(sub: &Subscription, rg: &ResourceGroup, nsg: &Nsg) -> Value {
     let id = nsg_id(sub, rg, &nsg.name);
     let rules: Vec<Value> = nsg.rules.iter().map(|r| rule_json(&id, r)).collect();
-    let mut props = json!({
-        "provisioningState": nsg.provisioning_state,
-        "resourceGuid": nsg.resource_guid,
-        "flushConnection": false,
-        "securityRules": rules,
-        "defaultSecurityRules": default_rules_json(&id, &nsg.etag),
-    });
+    let mut props = Value::Object(nsg.extra_properties.clone());
+    props["provisioningState"] = json!(nsg.provisioning_state);
+    props["resourceGuid"] = json!(nsg.resource_guid);
+    props["flushConnection"] = json!(nsg.flush_connection);
+    props["securityRules"] = json!(rules);
+    props["defaultSecurityRules"] = json!(default_rules_json(&id, &nsg.etag));
     let nics: Vec<Value> = rg
         .nics
         .iter()

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EmulatorError;
-use crate::faults::Faults;
+use crate::faults::{Faults, NsgFault};
 use crate::fixture::Fixture;
+use crate::locks::Lock;
 use crate::model::{
     self, IpConfig, Nic, Nsg, ResourceGroup, Rule, RuleProps, SUCCEEDED, Subnet, Subscription,
     Vnet, World,
@@ -137,6 +138,10 @@ pub struct Inner {
     pub stats: Stats,
     pub requests: VecDeque<RequestRecord>,
     pub faults: Faults,
+    /// Persistent per-NSG faults, at most one per NSG.
+    pub nsg_faults: Vec<NsgFault>,
+    /// Management locks (kept in memory only, like faults).
+    pub locks: Vec<Lock>,
     pub tokens: HashSet<String>,
     pub state_file: Option<PathBuf>,
 }
@@ -165,6 +170,8 @@ impl Inner {
             stats: Stats::default(),
             requests: VecDeque::new(),
             faults: Faults::default(),
+            nsg_faults: Vec::new(),
+            locks: Vec::new(),
             tokens: HashSet::new(),
             state_file,
         }
@@ -354,7 +361,11 @@ pub fn apply_op(world: &mut World, op: &Operation) {
 /// Parses a rule given in ARM JSON (`{"name":..,"properties":{..}}`); `Err` with a message.
 pub fn parse_rule_props(v: &serde_json::Value) -> Result<RuleProps, String> {
     let props = v.get("properties").unwrap_or(v);
-    serde_json::from_value::<RuleProps>(props.clone()).map_err(|e| e.to_string())
+    let mut parsed =
+        serde_json::from_value::<RuleProps>(props.clone()).map_err(|e| e.to_string())?;
+    // Read-only: echoed by clients that round-trip what they read, never stored from a request.
+    parsed.extra.remove("provisioningState");
+    Ok(parsed)
 }
 
 /// Builds the world from a fixture (validating its rules like a PUT would).

@@ -24,6 +24,7 @@ pub const INVALID_ADDRESS_PREFIX: &str = "SecurityRuleInvalidAddressPrefix";
 pub const INVALID_PORT_RANGE: &str = "SecurityRuleInvalidPortRange";
 pub const UNSUPPORTED_VALUE: &str = "SecurityRuleParameterContainsUnsupportedValue";
 pub const TOO_MANY_RULES: &str = "SecurityRulesPerNetworkSecurityGroupLimitReached";
+pub const MIXED_FAMILIES: &str = "ResourceCannotContainAddressPrefixesFromDifferentAddressFamilies";
 
 /// A refused rule: an ARM error code and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +139,43 @@ pub fn is_ip_or_cidr(s: &str) -> bool {
 /// A singular address prefix: `*`, an address, a CIDR or a service tag.
 pub fn is_valid_address_prefix(s: &str) -> bool {
     s == "*" || is_ip_or_cidr(s) || is_service_tag(s)
+}
+
+/// The address family of a prefix: `Some(true)` for IPv6, `Some(false)` for IPv4, `None` for
+/// `*` and service tags (which Azure lets stand beside either family).
+pub fn address_family_is_v6(s: &str) -> Option<bool> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip.is_ipv6());
+    }
+    s.parse::<IpNet>().ok().map(|n| matches!(n, IpNet::V6(_)))
+}
+
+/// Azure refuses a rule whose source and destination prefixes, taken together, mix IPv4 and
+/// IPv6 (HTTP 400, see `shared/azure-facts.md` (c)).
+fn check_address_families(rule_id: &str, props: &RuleProps) -> Result<(), Violation> {
+    let all = props
+        .source_address_prefix
+        .iter()
+        .chain(&props.source_address_prefixes)
+        .chain(&props.destination_address_prefix)
+        .chain(&props.destination_address_prefixes);
+    let (mut v4, mut v6) = (false, false);
+    for p in all {
+        match address_family_is_v6(p) {
+            Some(true) => v6 = true,
+            Some(false) => v4 = true,
+            None => {}
+        }
+    }
+    if v4 && v6 {
+        return Err(violation(
+            MIXED_FAMILIES,
+            format!(
+                "Resource {rule_id} contains IP addresses or prefixes that belong to different address families. All IP addresses or prefixes in the resource should belong to the same address family."
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_port(s: &str) -> Option<u16> {
@@ -351,6 +389,7 @@ pub fn validate_rule(rule_id: &str, props: &RuleProps) -> Result<RuleProps, Viol
             plural: &props.destination_address_prefixes,
         },
     )?;
+    check_address_families(rule_id, props)?;
     check_port_field(
         rule_id,
         Field {
@@ -604,6 +643,36 @@ mod tests {
             ..rule()
         };
         assert_eq!(code(&bad_in_plural), INVALID_ADDRESS_PREFIX);
+    }
+
+    #[test]
+    fn address_families_must_not_mix() {
+        let v6_src_v4_dst = RuleProps {
+            source_address_prefix: Some("2001:db8::1/128".into()),
+            ..rule()
+        };
+        assert_eq!(code(&v6_src_v4_dst), MIXED_FAMILIES);
+        let mixed_plural = RuleProps {
+            destination_address_prefix: None,
+            destination_address_prefixes: vec!["10.0.1.4".into(), "2001:db8::4".into()],
+            ..rule()
+        };
+        assert_eq!(code(&mixed_plural), MIXED_FAMILIES);
+        let all_v6 = RuleProps {
+            source_address_prefix: Some("2001:db8::/64".into()),
+            destination_address_prefix: Some("2001:db8::4".into()),
+            ..rule()
+        };
+        assert_eq!(code(&all_v6), "ok");
+        // `*` and service tags stand beside either family.
+        for neutral in ["*", "Internet", "VirtualNetwork"] {
+            let r = RuleProps {
+                source_address_prefix: Some(neutral.into()),
+                destination_address_prefix: Some("2001:db8::4".into()),
+                ..rule()
+            };
+            assert_eq!(code(&r), "ok", "{neutral}");
+        }
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! - Requests go through an azure_core pipeline with retries OFF and our own transport policy
 //!   ([`ArmTransport`]), so a 429 reaches us at once with its `Retry-After`.
-//! - Writes (`put_rule`, `delete_rule`) take a per-NSG async lock for the whole operation,
-//!   including polling, so this process never has two writes in flight on one NSG.
+//! - Writes (`put_rule`, `delete_rule`, `put_nsg`) take a per-NSG async lock for the whole
+//!   operation, including polling, so this process never has two writes in flight on one NSG.
+//! - `read_nsg`/`put_nsg` are raw requests on the same pipeline (the crate has no `If-Match`
+//!   builder): the NSG's JSON is round-tripped whole, so fields the typed model lacks survive.
 //! - Writes are sent with `.send()` and their long-running operation is polled here
 //!   (`Azure-AsyncOperation`, else `Location`, else the resource's `provisioningState`),
 //!   honouring `Retry-After` between `poll_floor` and `max_wait`.
@@ -30,7 +32,7 @@ use tracing::{debug, info, warn};
 use super::convert::{from_model, to_model};
 use super::error::{AzureError, error_chain};
 use super::transport::{ArmTransport, AzureStats, parse_retry_after, with_operation};
-use super::{NetworkApi, ResourceId, VmTargets};
+use super::{NetworkApi, NsgSnapshot, ResourceId, VmTargets};
 use crate::plan::rule::NsgRule;
 
 pub const DEFAULT_ENDPOINT: &str = "https://management.azure.com";
@@ -244,18 +246,29 @@ impl AzureNetworkClient {
         }
     }
 
-    /// GET `url` through the pipeline, authenticated, and collect the response.
-    async fn get_url(&self, url: Url, op: &'static str) -> Result<Collected, AzureError> {
+    /// A request to `url` carrying our bearer token.
+    async fn authed_request(&self, url: Url, method: Method) -> Result<Request, AzureError> {
         let scopes: Vec<&str> = self.options.scopes.iter().map(String::as_str).collect();
         let token = self.credential.get_token(&scopes).await?;
-        let mut req = Request::new(url, Method::Get);
+        let mut req = Request::new(url, method);
         req.insert_header(
             azure_core::headers::AUTHORIZATION,
             format!("Bearer {}", token.token.secret()),
         );
-        req.set_body(azure_core::EMPTY_BODY);
+        Ok(req)
+    }
+
+    /// Sends `req` through the pipeline under the stats label `op` and collects the response.
+    async fn send_raw(&self, mut req: Request, op: &'static str) -> Result<Collected, AzureError> {
         let rsp = with_operation(op, self.pipeline.send(&Context::new(), &mut req)).await?;
         collect(rsp).await
+    }
+
+    /// GET `url` through the pipeline, authenticated, and collect the response.
+    async fn get_url(&self, url: Url, op: &'static str) -> Result<Collected, AzureError> {
+        let mut req = self.authed_request(url, Method::Get).await?;
+        req.set_body(azure_core::EMPTY_BODY);
+        self.send_raw(req, op).await
     }
 
     /// Only follow operation URLs on ARM's own origin: they carry our bearer token.
@@ -270,28 +283,102 @@ impl AzureNetworkClient {
         }
     }
 
-    fn rule_url(&self, nsg: &ResourceId, rule_name: &str) -> Result<Url, AzureError> {
+    /// The URL of the NSG, or of something under it (`["securityRules", name]`).
+    fn nsg_url(&self, nsg: &ResourceId, under: &[&str]) -> Result<Url, AzureError> {
         let mut url = self.endpoint.clone();
         {
             let mut segs = url.path_segments_mut().map_err(|_| {
                 AzureError::InvalidInput(format!("invalid ARM endpoint {}", self.endpoint))
             })?;
-            segs.pop_if_empty().extend([
-                "subscriptions",
-                &nsg.subscription,
-                "resourceGroups",
-                &nsg.resource_group,
-                "providers",
-                "Microsoft.Network",
-                "networkSecurityGroups",
-                nsg.name(),
-                "securityRules",
-                rule_name,
-            ]);
+            segs.pop_if_empty()
+                .extend([
+                    "subscriptions",
+                    &nsg.subscription,
+                    "resourceGroups",
+                    &nsg.resource_group,
+                    "providers",
+                    "Microsoft.Network",
+                    "networkSecurityGroups",
+                    nsg.name(),
+                ])
+                .extend(under);
         }
         url.query_pairs_mut()
             .append_pair("api-version", "2024-03-01");
         Ok(url)
+    }
+
+    fn rule_url(&self, nsg: &ResourceId, rule_name: &str) -> Result<Url, AzureError> {
+        self.nsg_url(nsg, &["securityRules", rule_name])
+    }
+
+    async fn read_nsg_once(
+        &self,
+        nsg_id: &str,
+        nsg: &ResourceId,
+    ) -> Result<NsgSnapshot, AzureError> {
+        let rsp = self.get_url(self.nsg_url(nsg, &[])?, "get_nsg").await?;
+        let raw: serde_json::Value = serde_json::from_slice(&rsp.body)
+            .map_err(|e| AzureError::InvalidResponse(format!("NSG {nsg_id} is not JSON: {e}")))?;
+        let etag = raw
+            .get("etag")
+            .and_then(|e| e.as_str())
+            .map(str::to_string)
+            .or_else(|| {
+                rsp.headers
+                    .get_optional_str(&HeaderName::from_static("etag"))
+                    .map(str::to_string)
+            });
+        let rules = match raw.pointer("/properties/securityRules") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .map(|v| {
+                    let model: azure_mgmt_network::models::SecurityRule =
+                        serde_json::from_value(v.clone()).map_err(|e| {
+                            AzureError::InvalidResponse(format!(
+                                "a security rule of NSG {nsg_id} does not parse: {e}"
+                            ))
+                        })?;
+                    from_model(&model)
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(_) => {
+                return Err(AzureError::InvalidResponse(format!(
+                    "NSG {nsg_id}: properties.securityRules is not a list"
+                )));
+            }
+        };
+        Ok(NsgSnapshot {
+            nsg_id: nsg_id.to_string(),
+            etag,
+            rules,
+            raw,
+        })
+    }
+
+    async fn put_nsg_once(
+        &self,
+        nsg: &ResourceId,
+        body: &[u8],
+        if_match: &str,
+        ctx: &LogCtx<'_>,
+        deadline: Instant,
+    ) -> Result<(), AzureError> {
+        let what = ctx.what();
+        let url = self.nsg_url(nsg, &[])?;
+        let first = self
+            .timed(&what, deadline, async {
+                let mut req = self.authed_request(url.clone(), Method::Put).await?;
+                req.insert_header(azure_core::headers::CONTENT_TYPE, "application/json");
+                req.insert_header(azure_core::headers::IF_MATCH, if_match.to_string());
+                req.set_body(body.to_vec());
+                self.send_raw(req, "put_nsg").await
+            })
+            .await?;
+        debug!(nsg = ctx.nsg, status = %first.status, "NSG PUT accepted");
+        self.finish_write(WriteKind::Put, first, url, ctx, deadline)
+            .await
     }
 
     /// Drives a write's long-running operation to a terminal state.
@@ -706,6 +793,103 @@ impl NetworkApi for AzureNetworkClient {
         })
         .await
     }
+
+    async fn read_nsg(&self, nsg_id: &str) -> Result<NsgSnapshot, AzureError> {
+        let nsg = ResourceId::parse_typed(nsg_id, "Microsoft.Network", &["networkSecurityGroups"])?;
+        let what = format!("read NSG {nsg_id}");
+        let deadline = Instant::now() + self.options.operation_deadline;
+        self.with_retries(&what, deadline, |_| {
+            self.timed(&what, deadline, self.read_nsg_once(nsg_id, &nsg))
+        })
+        .await
+    }
+
+    async fn put_nsg(
+        &self,
+        snapshot: &NsgSnapshot,
+        deletes: &[String],
+        puts: &[NsgRule],
+    ) -> Result<(), AzureError> {
+        let nsg = ResourceId::parse_typed(
+            &snapshot.nsg_id,
+            "Microsoft.Network",
+            &["networkSecurityGroups"],
+        )?;
+        let body = nsg_put_body(&snapshot.raw, deletes, puts)?;
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| AzureError::InvalidInput(format!("cannot encode the NSG: {e}")))?;
+        // Without an etag, `*` still refuses to recreate an NSG deleted since the read.
+        let if_match = snapshot.etag.as_deref().unwrap_or("*");
+        if snapshot.etag.is_none() {
+            warn!(nsg = %snapshot.nsg_id, "NSG read without an etag; writing it with If-Match: *");
+        }
+        let summary = format!("{} deletes, {} puts", deletes.len(), puts.len());
+        let ctx = LogCtx {
+            op: "put_nsg",
+            nsg: &snapshot.nsg_id,
+            rule: &summary,
+        };
+        // A retry after a 429/5xx resends the same If-Match: if the first attempt did land, the
+        // etag moved and the retry answers 412, which sends the caller back to a fresh read.
+        self.write(ctx, |deadline, _| {
+            self.put_nsg_once(&nsg, &body, if_match, &ctx, deadline)
+        })
+        .await
+    }
+}
+
+/// The body of a whole-NSG PUT: `raw` as read, with `deletes` dropped and `puts` added or put
+/// in place of the rule of the same name (names compared case-insensitively; a name in both
+/// lists is put). Everything else, unknown fields included, is sent back as read: ARM ignores
+/// the read-only fields (`etag`, `provisioningState`, `defaultSecurityRules`...) on a PUT.
+fn nsg_put_body(
+    raw: &serde_json::Value,
+    deletes: &[String],
+    puts: &[NsgRule],
+) -> Result<serde_json::Value, AzureError> {
+    use serde_json::Value;
+    let mut body = raw.clone();
+    let obj = body
+        .as_object_mut()
+        .ok_or_else(|| AzureError::InvalidInput("the NSG snapshot is not a JSON object".into()))?;
+    let props = obj
+        .entry("properties")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()))
+        .as_object_mut()
+        .ok_or_else(|| AzureError::InvalidInput("the NSG's properties are not an object".into()))?;
+    let existing = match props.remove("securityRules") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list,
+        Some(_) => {
+            return Err(AzureError::InvalidInput(
+                "the NSG's securityRules are not a list".into(),
+            ));
+        }
+    };
+    let mut pending: Vec<Option<Value>> = puts
+        .iter()
+        .map(|r| {
+            serde_json::to_value(to_model(r)).map(Some).map_err(|e| {
+                AzureError::InvalidInput(format!("cannot encode rule {}: {e}", r.name))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut rules = Vec::with_capacity(existing.len() + puts.len());
+    for rule in existing {
+        let name = rule.get("name").and_then(Value::as_str).unwrap_or_default();
+        if let Some(i) = puts.iter().position(|p| p.name.eq_ignore_ascii_case(name)) {
+            if let Some(new) = pending.get_mut(i).and_then(Option::take) {
+                rules.push(new);
+            }
+            continue;
+        }
+        if !deletes.iter().any(|d| d.eq_ignore_ascii_case(name)) {
+            rules.push(rule);
+        }
+    }
+    rules.extend(pending.into_iter().flatten());
+    props.insert("securityRules".into(), Value::Array(rules));
+    Ok(body)
 }
 
 #[derive(Clone, Copy)]
@@ -818,6 +1002,64 @@ mod tests {
         assert!(
             matches!(&e, AzureError::OperationFailed { code, .. } if code == "InternalServerError")
         );
+    }
+
+    fn rule(name: &str, port: &str) -> NsgRule {
+        NsgRule {
+            name: name.into(),
+            description: "d".into(),
+            priority: 200,
+            direction: crate::plan::rule::Direction::Inbound,
+            access: crate::plan::rule::Access::Allow,
+            protocol: crate::plan::rule::RuleProtocol::Tcp,
+            source_address_prefixes: vec!["203.0.113.7/32".into()],
+            source_port_ranges: vec!["*".into()],
+            destination_address_prefixes: vec!["10.0.0.4".into()],
+            destination_port_ranges: vec![port.into()],
+        }
+    }
+
+    #[test]
+    fn nsg_put_body_changes_only_the_named_rules() {
+        let raw = serde_json::json!({
+            "name": "n", "etag": "W/\"1\"", "location": "westeurope", "tags": {"a": "b"},
+            "properties": {
+                "flushConnection": true,
+                "futureThing": {"x": [1, 2]},
+                "securityRules": [
+                    {"name": "Foreign", "properties": {"priority": 300, "unknownField": 7}},
+                    {"name": "MINE-1", "properties": {"priority": 100}},
+                    {"name": "mine-2", "properties": {"priority": 101}},
+                ]
+            }
+        });
+        let body = nsg_put_body(
+            &raw,
+            &["mine-2".to_string()],
+            &[rule("mine-1", "22"), rule("mine-3", "80")],
+        )
+        .unwrap();
+        let rules = body["properties"]["securityRules"].as_array().unwrap();
+        let names: Vec<&str> = rules.iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(names, vec!["Foreign", "mine-1", "mine-3"]);
+        assert_eq!(
+            rules[0], raw["properties"]["securityRules"][0],
+            "kept verbatim"
+        );
+        assert_eq!(rules[1]["properties"]["destinationPortRange"], "22");
+        assert_eq!(
+            body["properties"]["futureThing"],
+            raw["properties"]["futureThing"]
+        );
+        assert_eq!(body["properties"]["flushConnection"], true);
+        assert_eq!(body["tags"], raw["tags"]);
+        assert_eq!(body["location"], "westeurope");
+
+        // No rules at all: the puts become the list.
+        let empty = serde_json::json!({"location": "l", "properties": {}});
+        let body = nsg_put_body(&empty, &[], &[rule("a", "1")]).unwrap();
+        assert_eq!(body["properties"]["securityRules"][0]["name"], "a");
+        assert!(nsg_put_body(&serde_json::json!([]), &[], &[]).is_err());
     }
 
     #[test]

@@ -14,6 +14,9 @@ const RETRYABLE_CODES: &[&str] = &[
     "OperationPreempted",
 ];
 
+/// The code of a 409 caused by a management lock.
+const SCOPE_LOCKED: &str = "ScopeLocked";
+
 /// How long to wait after a 429 that carries no `Retry-After` header.
 pub const DEFAULT_THROTTLE_WAIT: Duration = Duration::from_secs(1);
 
@@ -27,6 +30,18 @@ pub enum AzureError {
     /// 409: the request conflicts with the current state (e.g. a duplicate priority).
     #[error("conflict ({code}): {message}")]
     Conflict { code: String, message: String },
+
+    /// 409 `ScopeLocked`: a management lock on the resource or a parent scope forbids this
+    /// write (`CanNotDelete` refuses deletes, `ReadOnly` every write). Azure's message names the
+    /// locked scope(s). Only removing the lock helps; under `CanNotDelete` a whole-NSG PUT that
+    /// leaves the rule out still works.
+    #[error("scope locked: {scope_message}")]
+    Locked { scope_message: String },
+
+    /// 412: the `If-Match` etag no longer matches: someone wrote the resource since it was read.
+    /// Re-read and re-plan; retrying the same request cannot succeed.
+    #[error("precondition failed (the resource changed since it was read): {message}")]
+    PreconditionFailed { message: String },
 
     /// 404: the resource (VM, NIC, NSG, rule, subnet) does not exist.
     #[error("not found: {what}")]
@@ -103,7 +118,9 @@ impl AzureError {
             | AzureError::Timeout { .. } => true,
             AzureError::OperationFailed { code, .. } => is_retryable_code(code),
             AzureError::Conflict { code, .. } => is_retryable_code(code),
-            AzureError::NotFound { .. }
+            AzureError::Locked { .. }
+            | AzureError::PreconditionFailed { .. }
+            | AzureError::NotFound { .. }
             | AzureError::BadRequest { .. }
             | AzureError::Unauthorized { .. }
             | AzureError::UnexpectedStatus { .. }
@@ -113,11 +130,51 @@ impl AzureError {
         }
     }
 
+    /// Whether the error will not go away by retrying soon: refused input (400), missing rights
+    /// (401 from ARM with a token in hand, 403), a management lock (409 `ScopeLocked`), another
+    /// 409 conflict, a missing resource (404), or input refused before any request. Such errors
+    /// deserve a long backoff and a report, not a tight retry loop. False for 429, 5xx,
+    /// transport errors, timeouts, failed long-running operations, credential errors (a token
+    /// endpoint can come back) and 412 (re-read and retry at once).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            AzureError::BadRequest { .. }
+            | AzureError::Unauthorized { .. }
+            | AzureError::Locked { .. }
+            | AzureError::NotFound { .. }
+            | AzureError::InvalidInput(_) => true,
+            AzureError::Conflict { code, .. } => !is_retryable_code(code),
+            AzureError::UnexpectedStatus { status, .. } => {
+                (400..500).contains(status) && *status != 408 && *status != 429
+            }
+            AzureError::Throttled { .. }
+            | AzureError::PreconditionFailed { .. }
+            | AzureError::Server { .. }
+            | AzureError::OperationFailed { .. }
+            | AzureError::Transport(_)
+            | AzureError::Timeout { .. }
+            | AzureError::InvalidResponse(_)
+            | AzureError::Credential(_) => false,
+        }
+    }
+
+    /// Whether a management lock refused the write (409 `ScopeLocked`).
+    pub fn is_scope_locked(&self) -> bool {
+        matches!(self, AzureError::Locked { .. })
+    }
+
+    /// Whether an `If-Match` precondition failed (412): re-read, re-plan, write again.
+    pub fn is_precondition_failed(&self) -> bool {
+        matches!(self, AzureError::PreconditionFailed { .. })
+    }
+
     /// A short, stable label for metrics and Events.
     pub fn category(&self) -> &'static str {
         match self {
             AzureError::Throttled { .. } => "throttled",
             AzureError::Conflict { .. } => "conflict",
+            AzureError::Locked { .. } => "locked",
+            AzureError::PreconditionFailed { .. } => "precondition_failed",
             AzureError::NotFound { .. } => "not_found",
             AzureError::BadRequest { .. } => "bad_request",
             AzureError::Unauthorized { .. } => "unauthorized",
@@ -141,6 +198,8 @@ impl AzureError {
             | AzureError::Server { code, .. }
             | AzureError::UnexpectedStatus { code, .. }
             | AzureError::OperationFailed { code, .. } => Some(code),
+            AzureError::Locked { .. } => Some(SCOPE_LOCKED),
+            AzureError::PreconditionFailed { .. } => Some("PreconditionFailed"),
             _ => None,
         }
     }
@@ -170,7 +229,13 @@ impl AzureError {
                 retry_after: retry_after.unwrap_or(DEFAULT_THROTTLE_WAIT),
                 code,
             },
+            409 if code.eq_ignore_ascii_case(SCOPE_LOCKED) => AzureError::Locked {
+                scope_message: message,
+            },
             409 => AzureError::Conflict { code, message },
+            412 => AzureError::PreconditionFailed {
+                message: with_details(message, body),
+            },
             404 => AzureError::NotFound {
                 what: format!("{code}: {message}"),
             },
@@ -234,6 +299,30 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// `message` followed by the messages of `error.details` (a 412 says which etags differ there).
+fn with_details(message: String, body: &[u8]) -> String {
+    let details: Vec<String> = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/details")
+                .and_then(|d| d.as_array())
+                .cloned()
+        })
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| {
+            d.get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .collect();
+    if details.is_empty() {
+        message
+    } else {
+        format!("{message} {}", details.join(" "))
+    }
 }
 
 pub(crate) fn is_retryable_code(code: &str) -> bool {
@@ -372,6 +461,75 @@ mod tests {
             AzureError::from_http(418, b"", None, None),
             AzureError::UnexpectedStatus { .. }
         ));
+    }
+
+    #[test]
+    fn classifies_locks_preconditions_and_permanence() {
+        let locked = AzureError::from_http(
+            409,
+            br#"{"error":{"code":"ScopeLocked","message":"The scope '/x' cannot perform delete operation because following scope(s) are locked: '/rg'. Please remove the lock and try again."}}"#,
+            None,
+            None,
+        );
+        assert!(locked.is_scope_locked(), "{locked:?}");
+        assert!(locked.is_permanent() && !locked.is_retryable());
+        assert_eq!(locked.category(), "locked");
+        assert_eq!(locked.code(), Some("ScopeLocked"));
+        assert!(
+            locked
+                .to_string()
+                .contains("following scope(s) are locked: '/rg'")
+        );
+
+        let pre = AzureError::from_http(
+            412,
+            br#"{"error":{"code":"PreconditionFailed","message":"Precondition failed.","details":[{"code":"PreconditionFailedEtagMismatch","message":"Etag provided in if-match header W/"a" does not match etag W/"b"."}]}}"#,
+            None,
+            None,
+        );
+        assert!(pre.is_precondition_failed(), "{pre:?}");
+        assert!(!pre.is_retryable() && !pre.is_permanent());
+        assert_eq!(pre.category(), "precondition_failed");
+        assert!(
+            pre.to_string().contains("does not match etag W/\"b\""),
+            "{pre}"
+        );
+
+        for (status, permanent) in [
+            (400, true),
+            (401, true),
+            (403, true),
+            (404, true),
+            (418, true),
+            (429, false),
+            (500, false),
+            (503, false),
+        ] {
+            let e = AzureError::from_http(status, b"", None, None);
+            assert_eq!(e.is_permanent(), permanent, "{status}: {e:?}");
+        }
+        let busy = AzureError::from_http(
+            409,
+            br#"{"error":{"code":"AnotherOperationInProgress"}}"#,
+            None,
+            None,
+        );
+        assert!(!busy.is_permanent());
+        let conflict = AzureError::from_http(
+            409,
+            br#"{"error":{"code":"SecurityRuleConflict"}}"#,
+            None,
+            None,
+        );
+        assert!(conflict.is_permanent() && !conflict.is_scope_locked());
+        assert!(!AzureError::Transport("reset".into()).is_permanent());
+        assert!(
+            !AzureError::Timeout {
+                what: "x".into(),
+                after: Duration::from_secs(1)
+            }
+            .is_permanent()
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The Azure edge: what the reconcile loop needs from Azure, behind a small object-safe trait,
 //! with the real implementation on `azure_mgmt_network`/`azure_identity`.
 //!
-//! - [`NetworkApi`]: resolve a VM to its NSGs and private IPs; list, put and delete rules.
+//! - [`NetworkApi`]: resolve a VM to its NSGs and private IPs; list, put and delete rules; read
+//!   an NSG whole and write it back whole under `If-Match` ([`NsgSnapshot`]).
 //! - [`AzureNetworkClient`]: the implementation. Writes hold a per-NSG lock, drive the
 //!   long-running operation themselves (`Azure-AsyncOperation` / `Location`), and retry 429s,
 //!   5xx and transport errors within a per-operation deadline.
@@ -38,6 +39,19 @@ pub struct VmTargets {
     pub nsg_ids: Vec<String>,
 }
 
+/// An NSG as read for a conditional whole-NSG write: its user rules, its etag, and the raw JSON.
+#[derive(Clone, Debug)]
+pub struct NsgSnapshot {
+    /// The NSG id, as given to [`NetworkApi::read_nsg`].
+    pub nsg_id: String,
+    /// The NSG's etag when read (body `etag`, else the `ETag` header); `None` if Azure gave none.
+    pub etag: Option<String>,
+    /// The user (non-default) security rules, parsed as [`NetworkApi::list_rules`] does.
+    pub rules: Vec<NsgRule>,
+    /// The NSG exactly as Azure returned it, unknown fields included.
+    pub raw: serde_json::Value,
+}
+
 /// What the controller needs from Azure. Object-safe: use it as `Arc<dyn NetworkApi>`.
 #[async_trait]
 pub trait NetworkApi: Send + Sync {
@@ -54,6 +68,24 @@ pub trait NetworkApi: Send + Sync {
 
     /// Deletes one rule and waits until it is gone. A rule that is already gone is `Ok`.
     async fn delete_rule(&self, nsg_id: &str, rule_name: &str) -> Result<(), AzureError>;
+
+    /// GETs the NSG itself (not the rules collection): user rules parsed as in `list_rules`,
+    /// etag, raw body. A missing NSG is [`AzureError::NotFound`].
+    async fn read_nsg(&self, nsg_id: &str) -> Result<NsgSnapshot, AzureError>;
+
+    /// One PUT of the whole NSG built from `snapshot.raw`: drops the rules named in `deletes`
+    /// (case-insensitive), adds or replaces `puts` (a replaced rule keeps its place), keeps every
+    /// other property and rule exactly as read (unknown fields included), sends
+    /// `If-Match: <snapshot.etag>` (`*` when the read gave no etag, so a deleted NSG is never
+    /// recreated), and drives the long-running operation to `Succeeded`.
+    /// A 412 returns [`AzureError::PreconditionFailed`] without retrying: re-read and re-plan.
+    /// Under a `CanNotDelete` lock this still removes rules, where `delete_rule` cannot.
+    async fn put_nsg(
+        &self,
+        snapshot: &NsgSnapshot,
+        deletes: &[String],
+        puts: &[NsgRule],
+    ) -> Result<(), AzureError>;
 }
 
 /// A parsed ARM resource id:

@@ -131,10 +131,24 @@ impl Arm {
     }
 
     pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Resp {
+        self.send_if_match(method, path, body, None).await
+    }
+
+    /// `send` with an `If-Match` header when `if_match` is given.
+    pub async fn send_if_match(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Resp {
         let mut req = self
             .http
             .request(method, self.url(path))
             .bearer_auth(&self.token);
+        if let Some(etag) = if_match {
+            req = req.header("if-match", etag);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }
