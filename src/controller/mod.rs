@@ -138,7 +138,10 @@ where
     let span = tracing::info_span!("reconcile", kind, namespace = %ns, name = %name);
     async move {
         tracing::debug!("reconcile started");
-        ctx.world.wait_ready().await;
+        if !ctx.world.wait_ready().await {
+            tracing::debug!("shutting down before the caches synced: nothing done");
+            return Ok(Action::await_change());
+        }
         tracing::debug!("world ready");
         let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
         let result = kube::runtime::finalizer::finalizer(&api, finalizer_name, obj, |event| {
@@ -370,8 +373,13 @@ async fn run_controllers(
     });
     let controllers = futures::future::join_all(policies.chain(grants));
     let synced = async {
-        ctx.world.wait_ready().await;
-        ctx.telemetry.set_caches_synced(true);
+        if ctx.world.wait_ready().await {
+            ctx.telemetry.set_caches_synced(true);
+        }
+    };
+    let stop_waiting_on_shutdown = async {
+        shutdown.clone().await;
+        ctx.world.stop();
     };
     // Gauges that must move while no reconcile runs (a grant turning overdue, for one).
     let observe = async {
@@ -386,6 +394,7 @@ async fn run_controllers(
     tokio::select! {
         _ = async { futures::join!(controllers, synced) } => {}
         _ = observe => {}
+        _ = async { stop_waiting_on_shutdown.await; std::future::pending::<()>().await } => {}
     }
     drop(stop_writes_on_drop);
     reporter.abort();

@@ -76,6 +76,39 @@ impl NsgSyncer {
             .clone()
     }
 
+    /// Removes rules by one conditional PUT of the whole NSG without them (`If-Match` on the
+    /// etag just read; re-read on 412, a few times). Every other property and rule goes back as
+    /// read. Returns the number of writes made.
+    async fn delete_by_nsg_put(&self, nsg_id: &str, names: &[String]) -> Result<usize, Error> {
+        const ATTEMPTS: usize = 3;
+        let mut writes = 0;
+        for attempt in 1..=ATTEMPTS {
+            let snapshot = self.azure.read_nsg(nsg_id).await?;
+            let present: Vec<String> = names
+                .iter()
+                .filter(|n| {
+                    snapshot
+                        .rules
+                        .iter()
+                        .any(|r| r.name.eq_ignore_ascii_case(n))
+                })
+                .cloned()
+                .collect();
+            if present.is_empty() {
+                return Ok(writes);
+            }
+            info!(rules = ?present, attempt, "rule DELETE refused by a lock: removing by a conditional NSG PUT");
+            self.check_writes_allowed()?;
+            writes += 1;
+            match self.azure.put_nsg(&snapshot, &present, &[]).await {
+                Ok(()) => return Ok(writes),
+                Err(e) if e.is_precondition_failed() && attempt < ATTEMPTS => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(writes)
+    }
+
     /// Makes the NSG match what `world` asks for at `now`. `world` is taken by a closure so the
     /// snapshot is read after the lock is held, never before.
     #[instrument(skip(self, world), fields(nsg = %nsg_id))]
@@ -107,12 +140,22 @@ impl NsgSyncer {
             return Ok(outcome);
         }
         // Deletes first: a rule being replaced never holds a priority another put wants.
+        let mut locked = Vec::new();
         for name in &plan.deletes {
             info!(rule = %name, "deleting rule no live grant or policy explains");
             self.check_writes_allowed()?;
-            self.azure.delete_rule(nsg_id, name).await?;
+            match self.azure.delete_rule(nsg_id, name).await {
+                Ok(()) => outcome.deleted.push(name.clone()),
+                // A CanNotDelete lock refuses a rule DELETE, yet allows a PUT of the NSG
+                // without the rule: closing must still succeed, by the write Azure allows.
+                Err(e) if e.is_scope_locked() => locked.push(name.clone()),
+                Err(e) => return Err(e.into()),
+            }
             outcome.writes += 1;
-            outcome.deleted.push(name.clone());
+        }
+        if !locked.is_empty() {
+            outcome.writes += self.delete_by_nsg_put(nsg_id, &locked).await?;
+            outcome.deleted.extend(locked);
         }
         for rule in &plan.puts {
             let existed = existing_names.contains(&rule.name.to_ascii_lowercase());

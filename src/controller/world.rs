@@ -46,6 +46,8 @@ pub struct WorldView {
     overlay: Mutex<Overlay>,
     /// Objects that exist but do not decode, by uid: true for a policy, false for a grant.
     undecodable: Mutex<HashMap<String, bool>>,
+    /// Set when the controllers are shutting down: the stores stop filling then.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn newer<K: ResourceExt>(candidate: &K, than: &K) -> bool {
@@ -94,7 +96,14 @@ impl WorldView {
             grants,
             overlay: Mutex::new(Overlay::default()),
             undecodable: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The controllers are stopping: nobody waits for the stores any more.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn undecodable(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
@@ -115,8 +124,10 @@ impl WorldView {
     }
 
     /// Waits until both stores hold their initial listing: planning an NSG from a partial view
-    /// would delete rules of objects not seen yet.
-    pub async fn wait_ready(&self) {
+    /// would delete rules of objects not seen yet. Returns false if the controllers began to
+    /// stop first: once graceful shutdown starts the watches are no longer polled, so the stores
+    /// may never fill, and a reconcile waiting for them would hold the shutdown forever.
+    pub async fn wait_ready(&self) -> bool {
         // Re-poll with fresh futures: a waiter registered while the other store's readiness is
         // being signalled was seen to miss the wake-up (kube-runtime 5's DelayedInit), which
         // stalled the first reconcile forever.
@@ -134,7 +145,10 @@ impl WorldView {
                 .await
                 .is_ok()
             {
-                return;
+                return true;
+            }
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return false;
             }
         }
     }
