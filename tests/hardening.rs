@@ -10,10 +10,12 @@ use std::time::Duration;
 use kube::api::{Patch, PatchParams};
 use portcullis::api::GrantPhase;
 use portcullis::controller::telemetry::Telemetry;
-use portcullis_azure_emulator::{EmulatorConfig, FixtureIpConfig};
+use portcullis_azure_emulator::{EmulatorConfig, FixtureIpConfig, LockLevel, NsgFault};
 use serde_json::{Value, json};
 
-use support::operator::{Env, demo_fixture, grant_spec, prop, rule_name, standard_policy, vm_id};
+use support::operator::{
+    Env, demo_fixture, grant_spec, nsg_id, prop, rule_name, standard_policy, vm_id,
+};
 use support::wait_for;
 
 const T: Duration = Duration::from_secs(30);
@@ -341,5 +343,255 @@ async fn address_families_are_never_mixed_and_a_source_that_cannot_reach_the_vm_
             rule_name(&allow[0])
         );
     }
+    env.assert_user_rules_untouched().await;
+}
+
+fn ready_condition(grant: &portcullis::api::AccessGrant) -> (String, String) {
+    grant
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+/// How many ARM writes the emulator saw to rules of this NSG so far.
+async fn writes_to(env: &Env, nsg: &str) -> usize {
+    let id = nsg_id(nsg).to_ascii_lowercase();
+    env.admin
+        .requests()
+        .await
+        .expect("request log")
+        .iter()
+        .filter(|r| r.method != "GET" && r.path.to_ascii_lowercase().starts_with(&id))
+        .count()
+}
+
+// Defect 2: each NSG is closed on its own; a permanent failure backs off, is named in status,
+// fires an Event and shows in the overdue gauge; other grants keep opening and closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_nsg_never_keeps_the_other_from_closing_and_status_names_it() {
+    let (env, telemetry) = ready_env("nsgfault").await;
+    let alice = env
+        .create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT4S"))
+        .await;
+    env.wait_grant_condition("alice", "Ready", "Opened", T)
+        .await;
+    env.admin
+        .set_nsg_fault(&NsgFault {
+            nsg: nsg_id("nsg-vm1"),
+            status: 403,
+            code: None,
+            message: None,
+            writes_only: true,
+        })
+        .await
+        .expect("fault");
+
+    // The subnet NSG closes although the NIC's NSG refuses: access is cut there.
+    let expired = env
+        .wait_grant_condition("alice", "Ready", "CloseFailed", T)
+        .await;
+    assert_eq!(
+        expired.status.as_ref().and_then(|s| s.phase),
+        Some(GrantPhase::Expired)
+    );
+    wait_for("alice's subnet rule gone", T, || async {
+        env.grant_names_in_nsg("nsg-subnet", &alice)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let (_, message) = ready_condition(&expired);
+    assert!(message.contains("nsg-vm1"), "{message}");
+    let standing = expired.status.as_ref().expect("status").rules.clone();
+    assert_eq!(standing.len(), 1, "{standing:?}");
+    assert!(standing[0].network_security_group.ends_with("nsg-vm1"));
+    env.wait_event("alice", "CloseFailed", T).await;
+    wait_for("the overdue gauge to count alice", T, || async {
+        (telemetry.overdue_grants() == 1).then_some(())
+    })
+    .await;
+
+    // Backoff: a permanent failure is not retried every 500 ms.
+    let before = writes_to(&env, "nsg-vm1").await;
+    let window = std::time::Instant::now();
+    // Meanwhile another grant, on vm2 (subnet NSG only), opens and closes as usual.
+    let bob = env
+        .create_grant("bob", grant_spec("vm2", &[22], "198.51.100.7/32", "PT3S"))
+        .await;
+    env.wait_grant_phase("bob", GrantPhase::Expired, T).await;
+    wait_for("bob's rule gone", T, || async {
+        env.grant_names_in_nsg("nsg-subnet", &bob)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    wait_for("8 s of backoff observed", T, || async {
+        (window.elapsed() >= Duration::from_secs(8)).then_some(())
+    })
+    .await;
+    let retries = writes_to(&env, "nsg-vm1").await - before;
+    assert!(
+        retries <= 6,
+        "{retries} writes to the failing NSG in 8 s: not backing off"
+    );
+
+    // Fixed: it closes within the backoff, and the gauge clears.
+    env.admin
+        .clear_nsg_fault(&nsg_id("nsg-vm1"))
+        .await
+        .expect("clear");
+    wait_for(
+        "alice closed everywhere",
+        Duration::from_secs(40),
+        || async {
+            let g = env.grants().get("alice").await.ok()?;
+            let s = g.status?;
+            (s.rules.is_empty() && env.grant_names_in_nsg("nsg-vm1", &alice).await.is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for("the overdue gauge to clear", T, || async {
+        (telemetry.overdue_grants() == 0).then_some(())
+    })
+    .await;
+    env.assert_user_rules_untouched().await;
+}
+
+// Defect 2: under a CanNotDelete lock a rule DELETE is refused, a PUT of the NSG without it is
+// not: closing succeeds by the write Azure allows, and keeps every other rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_under_a_cannotdelete_lock_succeeds_by_the_write_azure_allows() {
+    let (env, _telemetry) = ready_env("lock").await;
+    let g = env
+        .create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT3S"))
+        .await;
+    env.wait_grant_condition("alice", "Ready", "Opened", T)
+        .await;
+    let rg = format!(
+        "/subscriptions/{}/resourceGroups/rg-demo",
+        support::operator::SUB
+    );
+    env.admin
+        .set_lock(&rg, LockLevel::CanNotDelete)
+        .await
+        .expect("lock");
+    let closed = env.wait_grant_phase("alice", GrantPhase::Expired, T).await;
+    wait_for("alice's rules gone under the lock", T, || async {
+        let a = env.grant_names_in_nsg("nsg-vm1", &g).await;
+        let b = env.grant_names_in_nsg("nsg-subnet", &g).await;
+        (a.is_empty() && b.is_empty()).then_some(())
+    })
+    .await;
+    let closed = env
+        .wait_grant_condition("alice", "Ready", "Expired", T)
+        .await
+        .status
+        .map(|s| s.rules)
+        .unwrap_or_else(|| closed.status.map(|s| s.rules).unwrap_or_default());
+    assert!(closed.is_empty(), "{closed:?}");
+    // The policy's Deny rules and the users' rules are all still there.
+    assert_eq!(env.owned_rules("nsg-vm1").await.len(), 3);
+    assert_eq!(env.owned_rules("nsg-subnet").await.len(), 4);
+    let foreign: Vec<String> = env
+        .foreign_rules()
+        .await
+        .iter()
+        .map(|r| rule_name(r).to_string())
+        .collect();
+    let at_start: Vec<String> = env
+        .user_rules_at_start
+        .iter()
+        .map(|r| rule_name(r).to_string())
+        .collect();
+    assert_eq!(foreign, at_start);
+}
+
+// Defect 2: an NSG deleted under a grant holds nothing: the grant counts as closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nsg_deleted_under_a_grant_counts_as_closed() {
+    let (env, _telemetry) = ready_env("nsggone").await;
+    let g = env
+        .create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT3S"))
+        .await;
+    env.wait_grant_condition("alice", "Ready", "Opened", T)
+        .await;
+    env.admin
+        .delete_nsg_directly(&nsg_id("nsg-vm1"))
+        .await
+        .expect("delete NSG");
+    let closed = env
+        .wait_grant_condition("alice", "Ready", "Expired", T)
+        .await;
+    let status = closed.status.expect("status");
+    assert_eq!(status.phase, Some(GrantPhase::Expired));
+    assert!(status.rules.is_empty(), "{:?}", status.rules);
+    assert!(env.grant_names_in_nsg("nsg-subnet", &g).await.is_empty());
+}
+
+// Defect 2: start-up closes what it can and starts the controllers regardless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_closes_what_it_can_and_starts_the_controllers_regardless() {
+    let (mut env, _telemetry) = ready_env("startup").await;
+    let alice = env
+        .create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT4S"))
+        .await;
+    let opened = env
+        .wait_grant_condition("alice", "Ready", "Opened", T)
+        .await;
+    env.stop_operator().await;
+    env.admin
+        .set_lock(&nsg_id("nsg-vm1"), LockLevel::ReadOnly)
+        .await
+        .expect("lock");
+    let expires = opened
+        .status
+        .and_then(|s| s.expires_at)
+        .expect("expiresAt")
+        .0;
+    wait_for("alice's expiry to pass", T, || async {
+        (jiff::Timestamp::now() > expires).then_some(())
+    })
+    .await;
+    env.start_operator();
+
+    // The controllers run: a new grant on vm2 opens although nsg-vm1 refuses every write.
+    env.create_grant("carol", grant_spec("vm2", &[22], "198.51.100.9/32", "PT1H"))
+        .await;
+    env.wait_grant_condition("carol", "Ready", "Opened", T)
+        .await;
+    wait_for("alice's subnet rule gone", T, || async {
+        env.grant_names_in_nsg("nsg-subnet", &alice)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let failing = env
+        .wait_grant_condition("alice", "Ready", "CloseFailed", T)
+        .await;
+    let (_, message) = ready_condition(&failing);
+    assert!(message.contains("nsg-vm1"), "{message}");
+    assert!(message.contains("locked"), "{message}");
+
+    env.admin
+        .clear_lock(&nsg_id("nsg-vm1"))
+        .await
+        .expect("unlock");
+    wait_for(
+        "alice closed in nsg-vm1",
+        Duration::from_secs(40),
+        || async {
+            env.grant_names_in_nsg("nsg-vm1", &alice)
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
     env.assert_user_rules_untouched().await;
 }

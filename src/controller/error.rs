@@ -27,13 +27,36 @@ pub enum Error {
 
     #[error("not the leader: Azure writes are stopped")]
     NotLeader,
+
+    /// Some NSGs failed; the object's status already names each NSG and its error.
+    #[error("{summary}")]
+    NsgsFailed {
+        summary: String,
+        #[source]
+        first: Box<Error>,
+    },
 }
 
 impl Error {
+    /// Whether the failure is already told in the object's status, in more detail than a
+    /// generic report would (also through the finalizer's wrapper).
+    pub fn reported_in_status(&self) -> bool {
+        match self {
+            Error::NsgsFailed { .. } => true,
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reported_in_status(),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// The Azure error underneath, if any (also through the finalizer's wrapper).
     pub fn azure(&self) -> Option<&AzureError> {
         match self {
             Error::Azure(e) => Some(e),
+            Error::NsgsFailed { first, .. } => first.azure(),
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.azure(),
@@ -51,6 +74,7 @@ impl Error {
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
                 _ => "FinalizerError",
             },
+            Error::NsgsFailed { first, .. } => first.category(),
             Error::Kube(_) => "KubernetesError",
             Error::Azure(e) => match e {
                 AzureError::Throttled { .. } => "AzureThrottled",

@@ -115,11 +115,15 @@ fn describe(failures: &[NsgFailure]) -> String {
         .join("; ")
 }
 
-/// The error a reconcile returns for failed NSGs, so it is retried (with backoff): the first
-/// failure, which carries the Azure error that decides the delay.
+/// The error a reconcile returns for failed NSGs, so it is retried (with backoff): it carries
+/// the first failure's Azure error, which decides the delay; status already names them all.
 fn first_error(failures: Vec<NsgFailure>) -> Result<(), Error> {
+    let summary = describe(&failures);
     match failures.into_iter().next() {
-        Some(f) => Err(f.error),
+        Some(f) => Err(Error::NsgsFailed {
+            summary,
+            first: Box::new(f.error),
+        }),
         None => Ok(()),
     }
 }

@@ -61,6 +61,9 @@ impl WithConditions for JitPolicy {
 /// stable across retries (category and ARM code), so repeated failures write nothing more.
 pub async fn report_azure_failure<K: WithConditions>(api: &Api<K>, name: &str, error: &Error) {
     let Some(azure) = error.azure() else { return };
+    if error.reported_in_status() {
+        return;
+    }
     let mut latest = match api.get_opt(name).await {
         Ok(Some(obj)) => obj,
         Ok(None) => return,
