@@ -36,6 +36,7 @@ mod error;
 mod faults;
 mod fixture;
 mod model;
+mod scenario;
 mod server;
 mod state;
 mod throttle;
@@ -181,6 +182,7 @@ fn router(app: App) -> Router {
     Router::new()
         .merge(auth::routes())
         .merge(admin::routes())
+        .merge(scenario::routes())
         .fallback(arm::handle)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
