@@ -413,7 +413,7 @@ fn summary(r: &Report) -> String {
     let up: Vec<f64> = r.lags.iter().map(|x| x.2).collect();
     format!(
         "seed {} (PORTCULLIS_CRASH_SEED={}), {} kills ({} right after an accepted write), {} grants ({} deleted); \
-         close lag past the deadline p50 {:.2} s max {:.2} s; past the operator being up p50 {:.2} s max {:.2} s ({} grants closed late)",
+         close lag past the deadline p50 {:.2} s max {:.2} s; past the operator being up p50 {:.2} s max {:.2} s (over the {} grants with a rule standing at their deadline)",
         r.seed,
         r.seed,
         r.kills,
