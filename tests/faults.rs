@@ -295,6 +295,8 @@ async fn a_nic_moved_to_another_nsg() {
 /// API server can be restarted without disturbing the other tests.
 struct PrivateCluster {
     dir: tempfile::TempDir,
+    /// The API server as restarted by the test (reaped on drop).
+    restarted: std::sync::Mutex<Option<std::process::Child>>,
 }
 
 impl PrivateCluster {
@@ -303,7 +305,10 @@ impl PrivateCluster {
             .prefix("portcullis-restart-")
             .tempdir()
             .expect("dir");
-        let c = PrivateCluster { dir };
+        let c = PrivateCluster {
+            dir,
+            restarted: std::sync::Mutex::new(None),
+        };
         c.script("start");
         c
     }
@@ -368,6 +373,7 @@ impl PrivateCluster {
             .spawn()
             .expect("restart kube-apiserver");
         std::fs::write(self.pid_file(), child.id().to_string()).expect("pid file");
+        *self.restarted.lock().expect("child") = Some(child);
     }
 }
 
@@ -377,6 +383,10 @@ impl Drop for PrivateCluster {
             .arg("stop")
             .env("PORTCULLIS_CLUSTER_DIR", self.dir.path())
             .output();
+        if let Some(mut child) = self.restarted.lock().ok().and_then(|mut c| c.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
