@@ -391,7 +391,7 @@ impl Drop for PrivateCluster {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_server_restarted_mid_run() {
+async fn the_api_server_restarted_mid_run_and_new_grants_open_within_10s_of_its_return() {
     let cluster = tokio::task::spawn_blocking(PrivateCluster::start)
         .await
         .expect("cluster");
@@ -446,7 +446,97 @@ async fn the_api_server_restarted_mid_run() {
         "rules {standing:?} of the expired grant still stood 2 s after its expiry while only the API server was down\n{}",
         env.log_tail(40)
     );
+    let back = std::time::Instant::now();
+    // Eventually (the operator's watches back off while the API server is away).
+    env.wait_grant_phase("during", GrantPhase::Active, Duration::from_secs(90))
+        .await;
+    let opened_after = back.elapsed();
     after_window(&env, T).await;
+    // And promptly: a grant created once the API server answers again is served within 10 s.
+    assert!(
+        opened_after <= Duration::from_secs(10),
+        "the grant created after the API server came back took {opened_after:?} to open\n{}",
+        env.log_tail(30)
+    );
     env.kill_operator();
     drop(cluster);
+}
+
+/// The checker itself can fail: every kind of violation, made by hand with no operator
+/// running, is reported under its invariant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_reports_every_kind_of_violation() {
+    let env = ProcEnv::new("f-checker", demo(), None, &[]).await;
+    env.create_policy("prod", standard_policy()).await;
+    let check = || async {
+        let obs = invariants::observe(&env.admin, &env.client, &env.namespaces()).await;
+        env.checker.check(&obs)
+    };
+    assert_eq!(check().await, vec![], "the untouched fixture is clean");
+
+    let rule = |nsg: &str, name: &str| format!("{}/securityRules/{name}", nsg_id(nsg));
+    let props = |priority: u16, port: &str, access: &str| {
+        json!({"properties": {
+            "protocol": "Tcp", "sourceAddressPrefix": "203.0.113.7", "sourcePortRange": "*",
+            "destinationAddressPrefix": "10.0.1.4", "destinationPortRange": port,
+            "access": access, "priority": priority, "direction": "Inbound"}})
+    };
+    // I3: a user rule changed, one deleted, a foreign one added.
+    env.admin
+        .put_rule_directly(
+            &rule("nsg-vm1", "allow-https"),
+            &props(300, "4443", "Allow"),
+        )
+        .await
+        .expect("drift");
+    env.admin
+        .delete_rule_directly(&rule("nsg-subnet", "deny-telnet"))
+        .await
+        .expect("drift");
+    env.admin
+        .put_rule_directly(&rule("nsg-vm1", "someone-else"), &props(301, "80", "Deny"))
+        .await
+        .expect("drift");
+    // I1: an Allow rule named like a grant's that no grant explains; I4: it shares 110 Inbound
+    // with user-rule-110.
+    let orphan =
+        portcullis::plan::naming::grant_rule_name("no-such-uid", portcullis::api::Protocol::Tcp);
+    env.admin
+        .put_rule_directly(&rule("nsg-vm1", &orphan), &props(110, "22", "Allow"))
+        .await
+        .expect("drift");
+    // I2: a grant that says Active with no rule standing (its status written by hand).
+    env.create_grant("fake", grant_spec("vm1", &[22], "203.0.113.7/32", "PT1H"))
+        .await;
+    let now = Timestamp::now();
+    let status = json!({"status": {
+        "phase": "Active",
+        "activatedAt": now.to_string(),
+        "expiresAt": plus(now, Duration::from_secs(3600)).to_string(),
+    }});
+    env.grants()
+        .patch_status(
+            "fake",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&status),
+        )
+        .await
+        .expect("status");
+    let found = check().await;
+    let text = invariants::format_violations(&found);
+    for (inv, needle) in [
+        ("I3", "allow-https"),
+        ("I3", "deny-telnet"),
+        ("I3", "someone-else"),
+        ("I1", orphan.as_str()),
+        ("I4", "share priority 110"),
+        ("I2", "Active grant fake has no rule"),
+    ] {
+        assert!(
+            found
+                .iter()
+                .any(|v| v.invariant == inv && v.detail.contains(needle)),
+            "{inv} about {needle} not reported:\n{text}"
+        );
+    }
 }
