@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
-use portcullis::api::GrantPhase;
+use portcullis::api::{AccessGrant, GrantPhase};
 use portcullis::controller::telemetry::Telemetry;
 use portcullis_azure_emulator::{EmulatorConfig, FixtureIpConfig, LockLevel, NsgFault};
 use serde_json::{Value, json};
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use support::kube::{PrivateApiServer, install_these_crds};
 use support::operator::{
     Env, demo_fixture, grant_spec, nsg_id, prop, rule_name, standard_policy, vm_id,
 };
@@ -593,5 +595,185 @@ async fn start_up_closes_what_it_can_and_starts_the_controllers_regardless() {
         },
     )
     .await;
+    env.assert_user_rules_untouched().await;
+}
+
+/// The CRDs as an older release shipped them: `format: date-time` without the strict RFC 3339
+/// pattern, so the API server admits date-times the operator's types cannot decode.
+fn crds_without_date_time_patterns() -> Vec<CustomResourceDefinition> {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                if map.get("format").and_then(Value::as_str) == Some("date-time") {
+                    map.remove("pattern");
+                }
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    [
+        <portcullis::api::JitPolicy as kube::CustomResourceExt>::crd(),
+        <portcullis::api::AccessGrant as kube::CustomResourceExt>::crd(),
+    ]
+    .into_iter()
+    .map(|crd| {
+        let mut v = serde_json::to_value(crd).expect("crd");
+        strip(&mut v);
+        serde_json::from_value(v).expect("crd")
+    })
+    .collect()
+}
+
+/// A date-time the API server's `date-time` format admits and RFC 3339 parsers refuse: ten
+/// fraction digits.
+const ODD_TIME: &str = "2030-01-01T00:00:00.1234567891Z";
+
+// Defect 1: an object the API server admits but the operator cannot decode is reported and set
+// aside; it never stops the operator, never hides the other objects, and fails closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_object_is_set_aside_and_everything_else_is_served() {
+    let private = PrivateApiServer::start().await;
+    let settings = portcullis::controller::Settings {
+        resync: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let emulator = EmulatorConfig {
+        fixture: demo_fixture(),
+        ..Default::default()
+    };
+    let mut env = Env::with_client("odd", private.client.clone(), emulator, settings).await;
+    env.start_operator();
+    env.create_policy("prod", standard_policy()).await;
+    env.wait_policy_ready("prod", T).await;
+    let deny_before: Vec<String> = owned_rules_without_etags(&env)
+        .await
+        .iter()
+        .map(|r| rule_name(r).to_string())
+        .collect();
+    let lapsing = env
+        .create_grant(
+            "lapsing",
+            grant_spec("vm1", &[22], "203.0.113.7/32", "PT5S"),
+        )
+        .await;
+    let vandalised = env
+        .create_grant(
+            "vandalised",
+            grant_spec("vm1", &[22], "203.0.113.8/32", "PT1H"),
+        )
+        .await;
+    let lapsing_status = env
+        .wait_grant_condition("lapsing", "Ready", "Opened", T)
+        .await
+        .status
+        .expect("status");
+    env.wait_grant_condition("vandalised", "Ready", "Opened", T)
+        .await;
+    env.stop_operator().await;
+
+    // Under the older schema: a grant with an odd notAfter, and the policy's status with an odd
+    // condition time, as a user with status rights could write it.
+    install_these_crds(&private.client, crds_without_date_time_patterns()).await;
+    let mut odd = grant_spec("vm1", &[22], "203.0.113.9/32", "PT1H");
+    odd["duration"] = Value::Null;
+    odd["notAfter"] = json!(ODD_TIME);
+    // Created raw: the typed model refuses it, which is the point.
+    let raw: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGrant",
+        "metadata": {"name": "odd", "namespace": env.ns}, "spec": odd
+    }))
+    .expect("raw grant");
+    portcullis::controller::decode::raw_api::<AccessGrant>(private.client.clone(), Some(&env.ns))
+        .create(&kube::api::PostParams::default(), &raw)
+        .await
+        .expect("the older schema admits the odd notAfter");
+    let odd_condition = json!({"status": {"conditions": [{
+        "type": "Ready", "status": "True", "reason": "Enforced", "message": "vandalised",
+        "lastTransitionTime": ODD_TIME}]}});
+    env.policies()
+        .patch_status(
+            "prod",
+            &PatchParams::default(),
+            &Patch::Merge(&odd_condition),
+        )
+        .await
+        .expect("odd policy status admitted");
+    let expires = lapsing_status.expires_at.expect("expiresAt").0;
+    wait_for("lapsing's expiry to pass", T, || async {
+        (jiff::Timestamp::now() > expires).then_some(())
+    })
+    .await;
+
+    // A restart with both present: the lapsed grant closes, new grants open, the policy's Deny
+    // rules stay as they stand (it cannot be read, so nothing of it is removed).
+    let telemetry = env.start_operator();
+    env.wait_grant_phase("lapsing", GrantPhase::Expired, T)
+        .await;
+    wait_for("lapsing's rules gone", T, || async {
+        let a = env.grant_names_in_nsg("nsg-vm1", &lapsing).await;
+        let b = env.grant_names_in_nsg("nsg-subnet", &lapsing).await;
+        (a.is_empty() && b.is_empty()).then_some(())
+    })
+    .await;
+    env.wait_event("odd", "Undecodable", T).await;
+    env.wait_event("prod", "Undecodable", T).await;
+    wait_for("the undecodable gauge", T, || async {
+        let body = telemetry.encode().ok()?;
+        (body.contains("portcullis_undecodable_objects{kind=\"AccessGrant\"} 1")
+            && body.contains("portcullis_undecodable_objects{kind=\"JitPolicy\"} 1"))
+        .then_some(())
+    })
+    .await;
+    wait_more_reconciles(&telemetry, "accessgrant", 2.0).await;
+    let deny_now: Vec<String> = owned_rules_without_etags(&env)
+        .await
+        .iter()
+        .map(|r| rule_name(r).to_string())
+        .filter(|n| deny_before.contains(n))
+        .collect();
+    assert_eq!(
+        deny_now, deny_before,
+        "an unreadable policy keeps its Deny rules"
+    );
+    let odd_grant = portcullis::controller::decode::raw_api::<AccessGrant>(
+        private.client.clone(),
+        Some(&env.ns),
+    )
+    .get("odd")
+    .await
+    .expect("odd");
+    assert!(
+        odd_grant.data.get("status").is_none(),
+        "nothing was done for the odd grant"
+    );
+
+    // A running operator: a grant vandalised into an undecodable state fails closed.
+    env.grants()
+        .patch_status(
+            "vandalised",
+            &PatchParams::default(),
+            &Patch::Merge(&odd_condition),
+        )
+        .await
+        .expect("odd grant status admitted");
+    wait_for("the vandalised grant's rules closed", T, || async {
+        let a = env.grant_names_in_nsg("nsg-vm1", &vandalised).await;
+        let b = env.grant_names_in_nsg("nsg-subnet", &vandalised).await;
+        (a.is_empty() && b.is_empty()).then_some(())
+    })
+    .await;
+    env.wait_event("vandalised", "Undecodable", T).await;
+
+    // The policy readable again: it is served again.
+    let fixed = json!({"status": {"conditions": [{
+        "type": "Ready", "status": "False", "reason": "Fixed", "message": "readable",
+        "lastTransitionTime": "2030-01-01T00:00:00Z"}]}});
+    env.policies()
+        .patch_status("prod", &PatchParams::default(), &Patch::Merge(&fixed))
+        .await
+        .expect("fixed");
+    env.wait_policy_ready("prod", T).await;
     env.assert_user_rules_untouched().await;
 }

@@ -520,6 +520,21 @@ fn read(g: &mut Inner, ctx: &Ctx, route: Route<'_>) -> Result<Response, ArmError
                 .filter(|op| op.subscription.eq_ignore_ascii_case(sub))
                 .ok_or_else(|| not_found("NotFound", format!("Operation {id} was not found.")))?;
             let retry = g.config.retry_after_secs;
+            if op.done && op.failed {
+                let error = json!({
+                    "code": "InternalServerError",
+                    "message": "An error occurred while processing the operation (injected by the emulator).",
+                });
+                return Ok(if result {
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        axum::Json(json!({ "error": error })),
+                    )
+                        .into_response()
+                } else {
+                    json_ok(json!({ "status": "Failed", "error": error }))
+                });
+            }
             if result {
                 if op.done {
                     Ok(StatusCode::NO_CONTENT.into_response())

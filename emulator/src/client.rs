@@ -194,4 +194,34 @@ impl AdminClient {
     pub async fn state(&self) -> Result<serde_json::Value, EmulatorError> {
         self.get_json("state", &[]).await
     }
+
+    /// Topology: moves a NIC to another NSG of its resource group (`Some(name)`) or detaches
+    /// it (`None`), as a NIC update in the portal would.
+    pub async fn set_nic_nsg(
+        &self,
+        nic_id: &str,
+        nsg_name: Option<&str>,
+    ) -> Result<(), EmulatorError> {
+        let resp = self
+            .http
+            .post(self.url("nic"))
+            .query(&[("id", nic_id)])
+            .json(&serde_json::json!({ "networkSecurityGroup": nsg_name }))
+            .send()
+            .await?;
+        Self::check(resp).await?;
+        Ok(())
+    }
+
+    /// The next `n` async operations are accepted as usual and end `Failed`.
+    pub async fn fail_next_operations(&self, n: u32) -> Result<(), EmulatorError> {
+        let resp = self
+            .http
+            .post(self.url("operations"))
+            .json(&serde_json::json!({ "failNext": n }))
+            .send()
+            .await?;
+        Self::check(resp).await?;
+        Ok(())
+    }
 }

@@ -37,6 +37,7 @@ mod faults;
 mod fixture;
 mod locks;
 mod model;
+mod scenario;
 mod server;
 mod state;
 mod throttle;
@@ -183,6 +184,7 @@ fn router(app: App) -> Router {
     Router::new()
         .merge(auth::routes())
         .merge(admin::routes())
+        .merge(scenario::routes())
         .fallback(arm::handle)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),

@@ -125,6 +125,8 @@ pub struct Operation {
     pub kind: OpKind,
     pub completes_at: Instant,
     pub done: bool,
+    /// Ends `Failed` instead of `Succeeded` (see `Inner::fail_next_ops`).
+    pub failed: bool,
 }
 
 pub struct Inner {
@@ -144,6 +146,9 @@ pub struct Inner {
     pub locks: Vec<Lock>,
     pub tokens: HashSet<String>,
     pub state_file: Option<PathBuf>,
+    /// The next N async operations end `Failed`: a rule PUT leaves the rule `Failed`, a
+    /// DELETE leaves it in place (`POST /_emulator/operations`).
+    pub fail_next_ops: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -174,6 +179,7 @@ impl Inner {
             locks: Vec::new(),
             tokens: HashSet::new(),
             state_file,
+            fail_next_ops: 0,
         }
     }
 
@@ -190,7 +196,11 @@ impl Inner {
             if op.completes_at <= now {
                 op.done = true;
                 let op = op.clone();
-                apply_op(&mut self.world, &op);
+                if op.failed {
+                    fail_op(&mut self.world, &op);
+                } else {
+                    apply_op(&mut self.world, &op);
+                }
                 self.finished_order.push_back(id);
             } else {
                 still.push(id);
@@ -224,7 +234,9 @@ impl Inner {
             kind,
             completes_at,
             done: false,
+            failed: self.fail_next_ops > 0,
         };
+        self.fail_next_ops = self.fail_next_ops.saturating_sub(1);
         if let Some(n) = self.world.nsg_mut(subscription, resource_group, nsg) {
             n.pending = Some((op.id.clone(), completes_at));
         }
@@ -251,7 +263,7 @@ impl Inner {
     pub fn settled_world(&self) -> World {
         let mut w = self.world.clone();
         for id in &self.pending_ops {
-            if let Some(op) = self.ops.get(id) {
+            if let Some(op) = self.ops.get(id).filter(|op| !op.failed) {
                 apply_op(&mut w, op);
             }
         }
@@ -351,6 +363,31 @@ pub fn apply_op(world: &mut World, op: &Operation) {
             }
         }
         OpKind::NsgDelete => {}
+    }
+    nsg.provisioning_state = SUCCEEDED.into();
+    if nsg.pending.as_ref().is_some_and(|(id, _)| *id == op.id) {
+        nsg.pending = None;
+    }
+}
+
+/// What an operation that ends `Failed` leaves behind: the rule of a failed PUT stays with
+/// `provisioningState: Failed`, the rule of a failed DELETE stays as it was.
+pub fn fail_op(world: &mut World, op: &Operation) {
+    let Some(nsg) = world.nsg_mut(&op.subscription, &op.resource_group, &op.nsg) else {
+        return;
+    };
+    match &op.kind {
+        OpKind::RulePut { rule } => {
+            if let Some(r) = nsg.rule_mut(rule) {
+                r.provisioning_state = "Failed".into();
+            }
+        }
+        OpKind::RuleDelete { rule } => {
+            if let Some(r) = nsg.rule_mut(rule) {
+                r.provisioning_state = SUCCEEDED.into();
+            }
+        }
+        OpKind::NsgPut | OpKind::NsgDelete => {}
     }
     nsg.provisioning_state = SUCCEEDED.into();
     if nsg.pending.as_ref().is_some_and(|(id, _)| *id == op.id) {

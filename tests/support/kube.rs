@@ -31,12 +31,24 @@ pub async fn client() -> Client {
 /// Applies the generated CRDs (server-side apply, so repeated calls from parallel tests agree)
 /// and waits until both are Established.
 pub async fn install_crds(client: &Client) {
+    install_these_crds(
+        client,
+        [
+            <portcullis::api::JitPolicy as kube::CustomResourceExt>::crd(),
+            <portcullis::api::AccessGrant as kube::CustomResourceExt>::crd(),
+        ],
+    )
+    .await;
+}
+
+/// Applies these CRDs and waits until they are Established and served.
+pub async fn install_these_crds(
+    client: &Client,
+    these: impl IntoIterator<Item = CustomResourceDefinition>,
+) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let pp = PatchParams::apply("portcullis-tests").force();
-    for crd in [
-        <portcullis::api::JitPolicy as kube::CustomResourceExt>::crd(),
-        <portcullis::api::AccessGrant as kube::CustomResourceExt>::crd(),
-    ] {
+    for crd in these {
         let name = crd.metadata.name.clone().unwrap_or_default();
         crds.patch(&name, &pp, &Patch::Apply(&crd))
             .await
@@ -98,4 +110,50 @@ fn rand_suffix() -> u32 {
             .unwrap_or(0),
     );
     h.finish() as u32
+}
+
+/// A kube-apiserver of one test's own (`scripts/local-cluster.sh` in a directory of its own),
+/// for tests that must change cluster-wide things, such as the CRDs, without disturbing the
+/// tests running in parallel on the shared one. Stopped when dropped.
+pub struct PrivateApiServer {
+    dir: tempfile::TempDir,
+    pub client: Client,
+}
+
+impl PrivateApiServer {
+    pub async fn start() -> PrivateApiServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let script = super::repo_root().join("scripts/local-cluster.sh");
+        let path = dir.path().to_path_buf();
+        let status = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("bash")
+                .arg(&script)
+                .arg("start")
+                .env("PORTCULLIS_CLUSTER_DIR", path)
+                .status()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("local-cluster.sh: {e}"))
+        .unwrap_or_else(|e| panic!("running local-cluster.sh: {e}"));
+        assert!(status.success(), "local-cluster.sh start failed: {status}");
+        let kubeconfig = kube::config::Kubeconfig::read_from(dir.path().join("kubeconfig"))
+            .unwrap_or_else(|e| panic!("private kubeconfig: {e}"));
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("private kubeconfig: {e}"));
+        let client = Client::try_from(config).unwrap_or_else(|e| panic!("client: {e}"));
+        PrivateApiServer { dir, client }
+    }
+}
+
+impl Drop for PrivateApiServer {
+    fn drop(&mut self) {
+        let script = super::repo_root().join("scripts/local-cluster.sh");
+        let _ = std::process::Command::new("bash")
+            .arg(script)
+            .arg("stop")
+            .env("PORTCULLIS_CLUSTER_DIR", self.dir.path())
+            .status();
+    }
 }

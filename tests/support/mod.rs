@@ -1,8 +1,11 @@
 //! Shared test support. Each integration test binary compiles this and uses part of it.
 #![allow(dead_code)]
 
+pub mod invariants;
 pub mod kube;
 pub mod operator;
+pub mod process;
+pub mod rng;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

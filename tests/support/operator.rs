@@ -94,9 +94,19 @@ impl Env {
         .await
     }
 
-    pub async fn with(prefix: &str, emulator: EmulatorConfig, mut settings: Settings) -> Env {
-        super::init_tracing();
+    pub async fn with(prefix: &str, emulator: EmulatorConfig, settings: Settings) -> Env {
         let client = super::kube::client().await;
+        Env::with_client(prefix, client, emulator, settings).await
+    }
+
+    /// As [`Env::with`], on the API server `client` talks to.
+    pub async fn with_client(
+        prefix: &str,
+        client: Client,
+        emulator: EmulatorConfig,
+        mut settings: Settings,
+    ) -> Env {
+        super::init_tracing();
         super::kube::install_crds(&client).await;
         let ns = super::kube::fresh_namespace(&client, prefix).await;
         settings.namespaces = vec![ns.clone()];
