@@ -295,7 +295,10 @@ async fn activate(
     api: &Api<AccessGrant>,
     ctx: &Ctx,
 ) -> Result<Activation, Error> {
+    // Whole seconds, as status stores them: the expiry users read is the one the close is
+    // scheduled for, never up to a second before it.
     let now = Timestamp::now();
+    let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
     let ns = grant.namespace().unwrap_or_default();
     let policy_name = &grant.spec.policy_ref.name;
     let world = ctx.world.snapshot();

@@ -273,7 +273,10 @@ async fn run_controllers(
     // A pair of controllers per scope; one world view over all their stores, since an NSG can
     // carry rules of objects from several namespaces. Every watch decodes object by object.
     let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
-    let wc = watcher::Config::default().any_semantic();
+    // The most recent list semantic (not `any`): after an API server restart an `any` list can
+    // come from a stale watch cache whose resourceVersion the new watch refuses with 410, again
+    // and again.
+    let wc = watcher::Config::default();
     let raw_watch = |api: Api<kube::api::DynamicObject>| watcher(api, wc.clone()).default_backoff();
     let mut policy_ctls = Vec::new();
     let mut grant_ctls = Vec::new();
