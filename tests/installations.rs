@@ -53,7 +53,7 @@ async fn wait_more_reconciles(telemetries: &[&Arc<Telemetry>], kinds: &[&str], n
 const BOTH: &[&str] = &["jitpolicy", "accessgrant"];
 
 /// Every rule of both NSGs whose name satisfies `keep`, without etags (they move with any write
-/// to the NSG), sorted by name.
+/// to the NSG) and provisioning states (a fresh rule settles from `Updating`), sorted by name.
 async fn rules_where(env: &Env, keep: impl Fn(&str) -> bool) -> Vec<Value> {
     let mut out = Vec::new();
     for nsg in NSGS {
@@ -63,6 +63,9 @@ async fn rules_where(env: &Env, keep: impl Fn(&str) -> bool) -> Vec<Value> {
             }
             if let Some(obj) = rule.as_object_mut() {
                 obj.remove("etag");
+            }
+            if let Some(props) = rule["properties"].as_object_mut() {
+                props.remove("provisioningState");
             }
             out.push(rule);
         }
