@@ -448,7 +448,10 @@ fn wrong_values_fail_naming_the_value() {
         ),
         (strings(&["--set", "logFormat=xml"]), "logFormat"),
         (strings(&["--set", "installation=Blue"]), "installation"),
-        (strings(&["--set", "installation=toolongid"]), "installation"),
+        (
+            strings(&["--set", "installation=toolongid"]),
+            "installation",
+        ),
         (
             strings(&["--set-string", "adoptLegacyRules=yes"]),
             "adoptLegacyRules",

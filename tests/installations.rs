@@ -95,8 +95,18 @@ fn user_rule(name: &str, priority: u16, port: &str) -> Value {
 async fn two_installations_sharing_nsgs_keep_each_others_rules() {
     let mut env = Env::new("inst-blue").await;
     // A person's rule that starts like ours, in the priority the allow band would pick first.
-    put_rule(&env, "nsg-vm1", &user_rule("Portcullis-Bastion", 100, "2222")).await;
-    put_rule(&env, "nsg-subnet", &user_rule("portcullis-foo", 4000, "2223")).await;
+    put_rule(
+        &env,
+        "nsg-vm1",
+        &user_rule("Portcullis-Bastion", 100, "2222"),
+    )
+    .await;
+    put_rule(
+        &env,
+        "nsg-subnet",
+        &user_rule("portcullis-foo", 4000, "2223"),
+    )
+    .await;
     let user_before = env.foreign_rules().await;
     assert!(
         user_before

@@ -128,13 +128,7 @@ impl NsgSyncer {
         let lock = self.lock_for(nsg_id);
         let _held = lock.lock().await;
         let world = world();
-        let desired = desired_rules(
-            nsg_id,
-            &world.policies,
-            &world.grants,
-            now,
-            &self.naming,
-        );
+        let desired = desired_rules(nsg_id, &world.policies, &world.grants, now, &self.naming);
         let existing = self.azure.list_rules(nsg_id).await?;
         let mut plan = plan_nsg(&existing, &desired, &self.bands, &self.naming);
         plan.keep_rules_of_policies(&self.naming, &world.quarantined_policies);

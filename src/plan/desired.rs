@@ -599,7 +599,13 @@ pub(crate) mod tests {
     #[test]
     fn deny_rules_for_every_policy_port_in_the_nsg() {
         let p = example_policy();
-        let all = desired_rules(NSG_A, std::slice::from_ref(&p), &[], now(), &Naming::default());
+        let all = desired_rules(
+            NSG_A,
+            std::slice::from_ref(&p),
+            &[],
+            now(),
+            &Naming::default(),
+        );
         assert_eq!(all.len(), 8, "vm1's four ports, once per address family");
         let (a, v6): (Vec<RuleIntent>, Vec<RuleIntent>) =
             all.into_iter().partition(|i| !i.name.ends_with("-v6"));
@@ -634,14 +640,25 @@ pub(crate) mod tests {
             .expect("22");
         assert_eq!(
             ssh.name,
-            Naming::default().policy_rule_name("policy-uid-1", &vm_id("rg1", "vm1"), 22, Protocol::Tcp)
+            Naming::default().policy_rule_name(
+                "policy-uid-1",
+                &vm_id("rg1", "vm1"),
+                22,
+                Protocol::Tcp
+            )
         );
         assert_eq!(
             ssh.description,
             "portcullis policy team-a/prod-ssh deny vm1:22/tcp"
         );
         // Upper-case NSG id matches.
-        let b = desired_rules(&NSG_B.to_uppercase(), std::slice::from_ref(&p), &[], now(), &Naming::default());
+        let b = desired_rules(
+            &NSG_B.to_uppercase(),
+            std::slice::from_ref(&p),
+            &[],
+            now(),
+            &Naming::default(),
+        );
         assert_eq!(b.len(), 9, "vm1's four ports (IPv4 and IPv6) and vm2's one");
     }
 
@@ -767,7 +784,13 @@ pub(crate) mod tests {
             grant_spec("vm1", &[443], "2001:db8::1", "PT1H"),
             Some(60),
         );
-        let rules = desired_rules(NSG_A, std::slice::from_ref(&p), &[g], now(), &Naming::default());
+        let rules = desired_rules(
+            NSG_A,
+            std::slice::from_ref(&p),
+            &[g],
+            now(),
+            &Naming::default(),
+        );
         let allow = rules
             .iter()
             .find(|r| r.access == Access::Allow)
@@ -827,9 +850,15 @@ pub(crate) mod tests {
         elsewhere.metadata.namespace = Some("team-b".to_string());
         assert!(live_grant(&g, Some(&elsewhere), now()).is_none());
         assert!(
-            desired_rules(NSG_A, &[elsewhere], std::slice::from_ref(&g), now(), &Naming::default())
-                .iter()
-                .all(|r| r.access == Access::Deny)
+            desired_rules(
+                NSG_A,
+                &[elsewhere],
+                std::slice::from_ref(&g),
+                now(),
+                &Naming::default()
+            )
+            .iter()
+            .all(|r| r.access == Access::Deny)
         );
         let renamed = mk_policy(
             "team-a",
@@ -945,7 +974,13 @@ pub(crate) mod tests {
         p2.metadata.name = Some("prod-ssh-copy".to_string());
         p2.status.as_mut().expect("s").targets[0].private_ip_addresses =
             vec!["10.9.9.9".to_string()];
-        let merged = desired_rules(NSG_A, &[example_policy(), p2], &[], now(), &Naming::default());
+        let merged = desired_rules(
+            NSG_A,
+            &[example_policy(), p2],
+            &[],
+            now(),
+            &Naming::default(),
+        );
         assert_eq!(merged.len(), 8, "4 ports, IPv4 and IPv6");
         assert!(merged.iter().filter(|r| !r.name.ends_with("-v6")).all(|r| {
             r.destination_address_prefixes

@@ -269,13 +269,11 @@ pub fn plan_nsg(
         if !matches!(legacy.kind, RuleKind::Deny { .. }) {
             return true;
         }
-        let replacement = key(
-            &RuleName {
-                installation: Some(naming.installation.as_str().to_string()),
-                ..legacy
-            }
-            .render(),
-        );
+        let replacement = key(&RuleName {
+            installation: Some(naming.installation.as_str().to_string()),
+            ..legacy
+        }
+        .render());
         !wanted.contains(&replacement) || standing.contains(&replacement)
     });
     deletes.sort_by_key(|n| key(n));
@@ -633,8 +631,8 @@ mod tests {
             installation: crate::plan::Installation::new("blue").expect("valid"),
             adopt_legacy: false,
         };
-        let mut blue_rule = intent(&blue.grant_rule_name("g", Protocol::Tcp), Access::Allow, 22)
-            .with_priority(100);
+        let mut blue_rule =
+            intent(&blue.grant_rule_name("g", Protocol::Tcp), Access::Allow, 22).with_priority(100);
         blue_rule.description = "blue's".into();
         let existing = [
             foreign("Portcullis-Bastion", 101, Direction::Inbound),
@@ -652,14 +650,22 @@ mod tests {
         let own = Naming::default();
         let desired = [
             intent(&own.grant_rule_name("g", Protocol::Tcp), Access::Allow, 22),
-            intent(&own.policy_rule_name("p", "vm", 22, Protocol::Tcp), Access::Deny, 22),
+            intent(
+                &own.policy_rule_name("p", "vm", 22, Protocol::Tcp),
+                Access::Deny,
+                22,
+            ),
         ];
         for wanted in [&desired[..], &[]] {
             let plan = plan_nsg(&existing, wanted, &Bands::default(), &own);
             assert!(plan.deletes.is_empty(), "{:?}", plan.deletes);
             for p in &plan.puts {
                 assert!(own.is_writable(&p.name), "{}", p.name);
-                assert!(!existing.iter().any(|e| e.name.eq_ignore_ascii_case(&p.name)));
+                assert!(
+                    !existing
+                        .iter()
+                        .any(|e| e.name.eq_ignore_ascii_case(&p.name))
+                );
             }
             let prios: Vec<u16> = plan.puts.iter().map(|r| r.priority).collect();
             assert_eq!(prios, &[105, 4001][..2 * wanted.len() / 2]);
@@ -700,7 +706,11 @@ mod tests {
             r.name = legacy_policy_rule_name("p", "vm", 22, Protocol::Tcp);
             r
         };
-        let existing = vec![legacy_live.clone(), legacy_orphan.clone(), legacy_deny.clone()];
+        let existing = vec![
+            legacy_live.clone(),
+            legacy_orphan.clone(),
+            legacy_deny.clone(),
+        ];
         let desired = [live.clone(), deny.clone()];
 
         // Adopted: the Allow rules go at once, the new-named rules are written; the legacy Deny
@@ -710,7 +720,10 @@ mod tests {
             plan.deletes,
             vec![legacy_orphan.name.clone(), legacy_live.name.clone()]
         );
-        assert_eq!(plan.puts, vec![live.with_priority(102), deny.with_priority(4001)]);
+        assert_eq!(
+            plan.puts,
+            vec![live.with_priority(102), deny.with_priority(4001)]
+        );
         let after = apply(&existing, &plan);
         let plan = plan_nsg(&after, &desired, &Bands::default(), &own);
         assert_eq!(plan.deletes, vec![legacy_deny.name.clone()]);
@@ -721,7 +734,12 @@ mod tests {
         assert_eq!(names, vec![live.name.as_str(), deny.name.as_str()]);
 
         // A legacy Deny rule of a policy that is gone is an orphan like any other.
-        let plan = plan_nsg(&[legacy_deny.clone()], &[], &Bands::default(), &own);
+        let plan = plan_nsg(
+            std::slice::from_ref(&legacy_deny),
+            &[],
+            &Bands::default(),
+            &own,
+        );
         assert_eq!(plan.deletes, vec![legacy_deny.name.clone()]);
 
         // Not adopted: legacy rules are someone else's.
@@ -731,7 +749,10 @@ mod tests {
         };
         let plan = plan_nsg(&existing, &desired, &Bands::default(), &not_adopting);
         assert!(plan.deletes.is_empty());
-        assert_eq!(plan.puts, vec![live.with_priority(102), deny.with_priority(4001)]);
+        assert_eq!(
+            plan.puts,
+            vec![live.with_priority(102), deny.with_priority(4001)]
+        );
     }
 
     #[test]

@@ -41,9 +41,7 @@ pub const MAX_INSTALLATION_LEN: usize = 8;
 pub struct Installation(String);
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "installation id `{0}` must be 1-{MAX_INSTALLATION_LEN} lowercase ASCII letters or digits"
-)]
+#[error("installation id `{0}` must be 1-{MAX_INSTALLATION_LEN} lowercase ASCII letters or digits")]
 pub struct InvalidInstallation(pub String);
 
 impl Installation {
@@ -593,9 +591,9 @@ mod tests {
             format!("portcullis-default-a-{h}-tcp-v4"),
             format!("portcullis-default-a-{h}-tcp-v6-v6"),
             format!("portcullis-default-a-{h}0-tcp"),
-            format!("portcullis-default-a-012345678-tcp"),
-            format!("portcullis-default-a-012345678g-tcp"),
-            format!("portcullis-default-a-012345678A-tcp"),
+            "portcullis-default-a-012345678-tcp".to_string(),
+            "portcullis-default-a-012345678g-tcp".to_string(),
+            "portcullis-default-a-012345678A-tcp".to_string(),
             format!("portcullis-default-a-{h}-tcp-"),
             format!("portcullis-default-a-{h}-tcp-x"),
             format!("portcullis-default-x-{h}-tcp"),
@@ -647,7 +645,11 @@ mod tests {
         use proptest::prelude::*;
 
         fn arb_protocol() -> impl Strategy<Value = Protocol> {
-            prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp), Just(Protocol::Any)]
+            prop_oneof![
+                Just(Protocol::Tcp),
+                Just(Protocol::Udp),
+                Just(Protocol::Any)
+            ]
         }
 
         proptest! {
