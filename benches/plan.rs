@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use portcullis::api::{AccessGrant, JitPolicy};
-use portcullis::plan::{Bands, NsgRule, desired_rules, plan_nsg};
+use portcullis::plan::{Bands, Naming, NsgRule, desired_rules, plan_nsg};
 use serde_json::json;
 
 const NSG: &str =
@@ -82,6 +82,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn main() {
     let now = Timestamp::now();
     let bands = Bands::default();
+    let naming = Naming::default();
     println!(
         "{:<44} {:>6} {:>10} {:>10} {:>8}",
         "case (one NSG)", "n", "p50 µs", "p99 µs", "writes"
@@ -91,9 +92,9 @@ fn main() {
         let user = foreign(foreign_rules);
         for steady in [false, true] {
             let existing: Vec<NsgRule> = if steady {
-                let desired = desired_rules(NSG, &policies, &grant_objs, now);
+                let desired = desired_rules(NSG, &policies, &grant_objs, now, &naming);
                 let mut all = user.clone();
-                all.extend(plan_nsg(&user, &desired, &bands).placed);
+                all.extend(plan_nsg(&user, &desired, &bands, &naming).placed);
                 all
             } else {
                 user.clone()
@@ -103,8 +104,8 @@ fn main() {
             let mut writes = 0;
             for _ in 0..iterations {
                 let started = Instant::now();
-                let desired = desired_rules(NSG, &policies, &grant_objs, now);
-                let plan = plan_nsg(&existing, &desired, &bands);
+                let desired = desired_rules(NSG, &policies, &grant_objs, now, &naming);
+                let plan = plan_nsg(&existing, &desired, &bands, &naming);
                 times.push(started.elapsed());
                 writes = plan.puts.len() + plan.deletes.len();
             }

@@ -11,7 +11,7 @@ use portcullis::azure::credential::{CredentialConfig, authority_host_from_env, b
 use portcullis::controller::leader::LeaseConfig;
 use portcullis::controller::telemetry::Telemetry;
 use portcullis::controller::{self, Settings, http};
-use portcullis::plan::Bands;
+use portcullis::plan::{Bands, Installation, Naming};
 
 /// Portcullis: just-in-time network access to Azure VMs, as a Kubernetes operator.
 #[derive(Parser)]
@@ -51,6 +51,17 @@ struct RunArgs {
     /// Priority band for Deny rules (policies), as FIRST-LAST.
     #[arg(long, env = "PORTCULLIS_DENY_BAND", default_value = "4000-4096", value_parser = parse_band)]
     deny_band: (u16, u16),
+    /// This installation's id, carried in every rule name it writes (1-8 lowercase letters or
+    /// digits). Installations that share NSGs must use different ids: each owns only the rules
+    /// named with its own id.
+    #[arg(long, env = "PORTCULLIS_INSTALLATION", default_value = portcullis::plan::naming::DEFAULT_INSTALLATION)]
+    installation: Installation,
+    /// Treat rules named the way they were before installation ids (`portcullis-a-...`,
+    /// `portcullis-d-...`) as this installation's: they are replaced by rules under the new
+    /// names, or deleted as orphans. Turn it off on all but one installation when several share
+    /// NSGs.
+    #[arg(long, env = "PORTCULLIS_ADOPT_LEGACY_RULES", default_value_t = true, action = clap::ArgAction::Set)]
+    adopt_legacy_rules: bool,
     /// Seconds between reconciles of an unchanged object (bounds how long drift can stand).
     #[arg(long, env = "PORTCULLIS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
@@ -173,6 +184,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .map_err(|e| format!("priority bands: {e}"))?;
     let settings = Settings {
         bands,
+        naming: Naming::new(args.installation.clone(), args.adopt_legacy_rules),
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         concurrency: args.concurrency.max(1),
         namespaces: args
@@ -208,7 +220,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("Kubernetes client: {e}"))?;
-    info!(azure_endpoint = %args.azure_endpoint, credential = ?credential_config, "starting");
+    info!(azure_endpoint = %args.azure_endpoint, credential = ?credential_config, installation = %args.installation, adopt_legacy_rules = args.adopt_legacy_rules, "starting");
     let result = controller::run(client, Arc::new(azure), settings, telemetry, shutdown)
         .await
         .map_err(|e| e.to_string());

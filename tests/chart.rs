@@ -293,6 +293,8 @@ fn every_credential_mode_renders_its_identity_wiring() {
             ("PORTCULLIS_LEADER_ELECTION", "true"),
             ("PORTCULLIS_LEASE_NAME", "portcullis-leader"),
             ("PORTCULLIS_HTTP_LISTEN", "0.0.0.0:8080"),
+            ("PORTCULLIS_INSTALLATION", "default"),
+            ("PORTCULLIS_ADOPT_LEGACY_RULES", "true"),
         ] {
             assert_eq!(
                 env_var(container, var).map(|e| &e["value"]),
@@ -347,6 +349,32 @@ fn leader_election_is_on_for_every_replica_count() {
             env_var(container, "POD_NAME").map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]),
             Some(&Value::from("metadata.name")),
             "replicaCount={replicas}"
+        );
+    }
+}
+
+#[test]
+fn installation_id_and_legacy_adoption_reach_the_operator() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+    args.extend(mode_values("workloadIdentity"));
+    args.extend(strings(&[
+        "--set",
+        "installation=green2",
+        "--set",
+        "adoptLegacyRules=false",
+    ]));
+    let docs = documents(&helm.ok(&args));
+    let container = &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    for (var, value) in [
+        ("PORTCULLIS_INSTALLATION", "green2"),
+        ("PORTCULLIS_ADOPT_LEGACY_RULES", "false"),
+    ] {
+        assert_eq!(
+            env_var(container, var).map(|e| &e["value"]),
+            Some(&Value::from(value)),
+            "{var}"
         );
     }
 }
@@ -419,6 +447,15 @@ fn wrong_values_fail_naming_the_value() {
             "priorityBands.allow",
         ),
         (strings(&["--set", "logFormat=xml"]), "logFormat"),
+        (strings(&["--set", "installation=Blue"]), "installation"),
+        (
+            strings(&["--set", "installation=toolongid"]),
+            "installation",
+        ),
+        (
+            strings(&["--set-string", "adoptLegacyRules=yes"]),
+            "adoptLegacyRules",
+        ),
         (strings(&["--set", "resyncSeconds=1"]), "resyncSeconds"),
         (
             strings(&["--set", "azure.clientId=not-a-guid"]),

@@ -1051,10 +1051,6 @@ async fn wait_outcomes(env: &Env, admitted: &[&Case], timeout: Duration) {
 /// Every Azure write since the log was cleared touched a rule of one of `allowed_owners` (grant
 /// UIDs): hostile objects wrote nothing.
 async fn assert_writes_only_for(env: &Env, allowed_owners: &[String]) {
-    let prefixes: Vec<String> = allowed_owners
-        .iter()
-        .map(|uid| portcullis::plan::naming::grant_rule_prefix(uid))
-        .collect();
     let requests = env.admin.requests().await.expect("emulator request log");
     let foreign: Vec<String> = requests
         .iter()
@@ -1066,7 +1062,9 @@ async fn assert_writes_only_for(env: &Env, allowed_owners: &[String]) {
                 .rsplit_once("/securityRules/")
                 .map(|(_, n)| n)
                 .unwrap_or("");
-            !prefixes.iter().any(|p| rule.starts_with(p.as_str()))
+            !allowed_owners
+                .iter()
+                .any(|uid| env.settings.naming.is_grant_rule_of(rule, uid))
         })
         .map(|r| format!("{} {} -> {}", r.method, r.path, r.status))
         .collect();

@@ -22,7 +22,7 @@ use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, AccessGrantStatus, GrantPhase, GrantedRule, JitPolicy};
 use crate::azure::AzureError;
 use crate::plan::{
-    DenialReason, check_address_family, granted_access, live_grant, naming, nsgs_of_grant,
+    DenialReason, Naming, check_address_family, granted_access, live_grant, nsgs_of_grant,
     validate_grant,
 };
 
@@ -57,12 +57,12 @@ fn until(t: Timestamp) -> Duration {
 }
 
 /// The rule names of this grant in an NSG outcome.
-fn rules_of(grant: &AccessGrant, outcome: &NsgOutcome) -> Vec<GrantedRule> {
+fn rules_of(grant: &AccessGrant, outcome: &NsgOutcome, naming: &Naming) -> Vec<GrantedRule> {
     let uid = grant.uid().unwrap_or_default();
     outcome
         .placed
         .iter()
-        .filter(|r| naming::is_grant_rule_of(&r.name, &uid))
+        .filter(|r| naming.is_grant_rule_of(&r.name, &uid))
         .map(|r| GrantedRule {
             network_security_group: outcome.nsg_id.clone(),
             name: r.name.clone(),
@@ -453,12 +453,12 @@ async fn open_and_heal(
     let mut band_full = Vec::new();
     let mut drift = Vec::new();
     for outcome in &outcomes {
-        rules.extend(rules_of(grant, outcome));
+        rules.extend(rules_of(grant, outcome, ctx.nsgs.naming()));
         band_full.extend(
             outcome
                 .unplaced
                 .iter()
-                .filter(|i| naming::is_grant_rule_of(&i.name, &uid))
+                .filter(|i| ctx.nsgs.naming().is_grant_rule_of(&i.name, &uid))
                 .map(|i| i.name.clone()),
         );
         drift.extend(outcome.corrected.iter().cloned());
@@ -473,7 +473,7 @@ async fn open_and_heal(
             outcome
                 .deleted
                 .iter()
-                .filter(|n| !naming::is_grant_rule_of(n, &uid))
+                .filter(|n| !ctx.nsgs.naming().is_grant_rule_of(n, &uid))
                 .cloned(),
         );
     }

@@ -31,7 +31,7 @@ pub use error::Error;
 
 use crate::api::{AccessGrant, JitPolicy};
 use crate::azure::NetworkApi;
-use crate::plan::Bands;
+use crate::plan::{Bands, Naming};
 use context::{Context, Ctx};
 use decode::OnUndecodable;
 use leader::{LeaderElector, LeaseConfig};
@@ -42,6 +42,8 @@ use world::WorldView;
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub bands: Bands,
+    /// This installation's id in rule names, and whether it adopts legacy-named rules.
+    pub naming: Naming,
     /// How often every object is reconciled even when nothing changed: the bound on how long
     /// drift in Azure can stand.
     pub resync: Duration,
@@ -57,6 +59,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             bands: Bands::default(),
+            naming: Naming::default(),
             resync: Duration::from_secs(300),
             concurrency: 4,
             namespaces: Vec::new(),
@@ -215,7 +218,7 @@ pub async fn run(
         }
     }
     telemetry.set_leader(true);
-    let nsgs = NsgSyncer::new(azure, settings.bands.clone());
+    let nsgs = NsgSyncer::new(azure, settings.bands.clone(), settings.naming.clone());
     let controllers = run_controllers(client, nsgs, settings, telemetry.clone(), shutdown.clone());
     let (Some(elector), Some(acquired_at)) = (elector, acquired_at) else {
         return controllers.await;

@@ -12,7 +12,7 @@ use super::Error;
 use super::world::World;
 use crate::azure::NetworkApi;
 use crate::plan::rule::NsgRule;
-use crate::plan::{Bands, RuleIntent, desired_rules, plan_nsg};
+use crate::plan::{Bands, Naming, RuleIntent, desired_rules, plan_nsg};
 
 /// What a sync did and what now stands in the NSG.
 #[derive(Debug, Default)]
@@ -34,16 +34,18 @@ pub struct NsgOutcome {
 pub struct NsgSyncer {
     azure: Arc<dyn NetworkApi>,
     bands: Bands,
+    naming: Naming,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Cleared the moment leadership is lost: no write starts after that.
     writes_allowed: AtomicBool,
 }
 
 impl NsgSyncer {
-    pub fn new(azure: Arc<dyn NetworkApi>, bands: Bands) -> Self {
+    pub fn new(azure: Arc<dyn NetworkApi>, bands: Bands, naming: Naming) -> Self {
         NsgSyncer {
             azure,
             bands,
+            naming,
             locks: Mutex::new(HashMap::new()),
             writes_allowed: AtomicBool::new(true),
         }
@@ -63,6 +65,11 @@ impl NsgSyncer {
 
     pub fn azure(&self) -> &Arc<dyn NetworkApi> {
         &self.azure
+    }
+
+    /// How this installation names its rules: which rules are whose.
+    pub fn naming(&self) -> &Naming {
+        &self.naming
     }
 
     fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -121,10 +128,10 @@ impl NsgSyncer {
         let lock = self.lock_for(nsg_id);
         let _held = lock.lock().await;
         let world = world();
-        let desired = desired_rules(nsg_id, &world.policies, &world.grants, now);
+        let desired = desired_rules(nsg_id, &world.policies, &world.grants, now, &self.naming);
         let existing = self.azure.list_rules(nsg_id).await?;
-        let mut plan = plan_nsg(&existing, &desired, &self.bands);
-        plan.keep_rules_of_policies(&world.quarantined_policies);
+        let mut plan = plan_nsg(&existing, &desired, &self.bands, &self.naming);
+        plan.keep_rules_of_policies(&self.naming, &world.quarantined_policies);
         let existing_names: HashSet<String> = existing
             .iter()
             .map(|r| r.name.to_ascii_lowercase())

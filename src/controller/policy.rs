@@ -17,7 +17,7 @@ use super::status::apply_status;
 use crate::api::condition::{READY, set_condition};
 use crate::api::{AccessGrant, GrantPhase, JitPolicy, JitPolicyStatus, ResolvedTarget};
 use crate::azure::AzureError;
-use crate::plan::{naming, nsgs_of_policy, validate_policy};
+use crate::plan::{nsgs_of_policy, validate_policy};
 
 pub const FINALIZER: &str = "portcullis.dev/remove-rules";
 
@@ -91,13 +91,13 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
         deny_rules += outcome
             .placed
             .iter()
-            .filter(|r| naming::is_policy_rule_of(&r.name, &uid))
+            .filter(|r| ctx.nsgs.naming().is_policy_rule_of(&r.name, &uid))
             .count();
         band_full.extend(
             outcome
                 .unplaced
                 .iter()
-                .filter(|i| naming::is_policy_rule_of(&i.name, &uid))
+                .filter(|i| ctx.nsgs.naming().is_policy_rule_of(&i.name, &uid))
                 .map(|i| i.name.clone()),
         );
         drift.extend(outcome.corrected.iter().cloned());

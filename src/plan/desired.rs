@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use kube::ResourceExt;
 
-use super::naming::{self, Family};
+use super::naming::{self, Family, Naming};
 use super::rule::{Access, Direction, NsgRule, RuleProtocol};
 use super::validate::{self, AddressPrefix, ValidatedGrant, protocol_rank};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -268,7 +268,7 @@ fn by_family<'a>(ips: impl Iterator<Item = &'a String>) -> Vec<(Family, Vec<Stri
 
 /// The Deny intents of one non-deleting policy for `nsg_id`, from its effective spec: one per
 /// VM, port, protocol and address family.
-fn policy_intents(nsg_id: &str, policy: &JitPolicy, out: &mut Vec<RuleIntent>) {
+fn policy_intents(nsg_id: &str, policy: &JitPolicy, names: &Naming, out: &mut Vec<RuleIntent>) {
     if policy.metadata.deletion_timestamp.is_some() {
         return;
     }
@@ -295,7 +295,7 @@ fn policy_intents(nsg_id: &str, policy: &JitPolicy, out: &mut Vec<RuleIntent>) {
                         name: name.clone(),
                     },
                     name: naming::with_family(
-                        naming::policy_rule_name(&uid, &vm.id, port.number, port.protocol),
+                        names.policy_rule_name(&uid, &vm.id, port.number, port.protocol),
                         family,
                     ),
                     description: naming::policy_description(
@@ -321,7 +321,7 @@ fn policy_intents(nsg_id: &str, policy: &JitPolicy, out: &mut Vec<RuleIntent>) {
 /// The Allow intents of one live grant for `nsg_id`: one per protocol and address family. A
 /// specific source reaches the VM's addresses of its own family only; `*` and `Internet` reach
 /// both, through one rule per family.
-fn grant_intents(nsg_id: &str, live: &LiveGrant, out: &mut Vec<RuleIntent>) {
+fn grant_intents(nsg_id: &str, live: &LiveGrant, names: &Naming, out: &mut Vec<RuleIntent>) {
     if !contains_ci(&live.target.network_security_groups, nsg_id) {
         return;
     }
@@ -348,7 +348,7 @@ fn grant_intents(nsg_id: &str, live: &LiveGrant, out: &mut Vec<RuleIntent>) {
                     namespace: live.namespace.clone(),
                     name: live.name.clone(),
                 },
-                name: naming::with_family(naming::grant_rule_name(&live.uid, *protocol), family),
+                name: naming::with_family(names.grant_rule_name(&live.uid, *protocol), family),
                 description: naming::grant_description(
                     &live.namespace,
                     &live.name,
@@ -417,20 +417,21 @@ pub fn policy_of<'a>(grant: &AccessGrant, policies: &'a [JitPolicy]) -> Option<&
 ///
 /// Rule names are hashes; if two intents ever share a name (a hash collision), two Deny rules
 /// for the same port are merged into one covering both VMs' addresses (the same meaning), and
-/// otherwise the first one (by sort order) wins.
+/// otherwise the first one (by sort order) wins. Names carry `names`'s installation id.
 pub fn desired_rules(
     nsg_id: &str,
     policies: &[JitPolicy],
     grants: &[AccessGrant],
     now: Timestamp,
+    names: &Naming,
 ) -> Vec<RuleIntent> {
     let mut out = Vec::new();
     for policy in policies {
-        policy_intents(nsg_id, policy, &mut out);
+        policy_intents(nsg_id, policy, names, &mut out);
     }
     for grant in grants {
         if let Some(live) = live_grant(grant, policy_of(grant, policies), now) {
-            grant_intents(nsg_id, &live, &mut out);
+            grant_intents(nsg_id, &live, names, &mut out);
         }
     }
     out.sort_by(|a, b| {
@@ -598,7 +599,13 @@ pub(crate) mod tests {
     #[test]
     fn deny_rules_for_every_policy_port_in_the_nsg() {
         let p = example_policy();
-        let all = desired_rules(NSG_A, std::slice::from_ref(&p), &[], now());
+        let all = desired_rules(
+            NSG_A,
+            std::slice::from_ref(&p),
+            &[],
+            now(),
+            &Naming::default(),
+        );
         assert_eq!(all.len(), 8, "vm1's four ports, once per address family");
         let (a, v6): (Vec<RuleIntent>, Vec<RuleIntent>) =
             all.into_iter().partition(|i| !i.name.ends_with("-v6"));
@@ -633,14 +640,25 @@ pub(crate) mod tests {
             .expect("22");
         assert_eq!(
             ssh.name,
-            naming::policy_rule_name("policy-uid-1", &vm_id("rg1", "vm1"), 22, Protocol::Tcp)
+            Naming::default().policy_rule_name(
+                "policy-uid-1",
+                &vm_id("rg1", "vm1"),
+                22,
+                Protocol::Tcp
+            )
         );
         assert_eq!(
             ssh.description,
             "portcullis policy team-a/prod-ssh deny vm1:22/tcp"
         );
         // Upper-case NSG id matches.
-        let b = desired_rules(&NSG_B.to_uppercase(), std::slice::from_ref(&p), &[], now());
+        let b = desired_rules(
+            &NSG_B.to_uppercase(),
+            std::slice::from_ref(&p),
+            &[],
+            now(),
+            &Naming::default(),
+        );
         assert_eq!(b.len(), 9, "vm1's four ports (IPv4 and IPv6) and vm2's one");
     }
 
@@ -648,14 +666,14 @@ pub(crate) mod tests {
     fn invalid_or_deleting_policies_produce_nothing() {
         let mut p = example_policy();
         p.spec.virtual_machines[0].ports[0].max_request_access_duration = "P2D".to_string();
-        assert!(desired_rules(NSG_A, &[p], &[], now()).is_empty());
+        assert!(desired_rules(NSG_A, &[p], &[], now(), &Naming::default()).is_empty());
         let mut p = example_policy();
         p.metadata.deletion_timestamp = Some(Time(now()));
-        assert!(desired_rules(NSG_A, &[p], &[], now()).is_empty());
+        assert!(desired_rules(NSG_A, &[p], &[], now(), &Naming::default()).is_empty());
         let mut p = example_policy();
         p.status = None;
         assert!(
-            desired_rules(NSG_A, &[p], &[], now()).is_empty(),
+            desired_rules(NSG_A, &[p], &[], now(), &Naming::default()).is_empty(),
             "unresolved targets: nothing to place"
         );
     }
@@ -686,6 +704,7 @@ pub(crate) mod tests {
             std::slice::from_ref(&p),
             std::slice::from_ref(&g),
             now(),
+            &Naming::default(),
         );
         let allows: Vec<_> = rules.iter().filter(|r| r.access == Access::Allow).collect();
         assert_eq!(allows.len(), 2, "one per protocol");
@@ -708,12 +727,12 @@ pub(crate) mod tests {
             .expect("tcp");
         assert_eq!(
             tcp.name,
-            naming::grant_rule_name("grant-uid-1", Protocol::Tcp)
+            Naming::default().grant_rule_name("grant-uid-1", Protocol::Tcp)
         );
         assert!(matches!(&tcp.owner, Owner::Grant { uid, .. } if uid == "grant-uid-1"));
         // Not in an NSG that does not govern the VM.
         let other = "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.Network/networkSecurityGroups/nsg-c";
-        assert!(desired_rules(other, &[p], &[g], now()).is_empty());
+        assert!(desired_rules(other, &[p], &[g], now(), &Naming::default()).is_empty());
     }
 
     #[test]
@@ -749,7 +768,7 @@ pub(crate) mod tests {
             grant_spec("vm2", &[3389, 1000, 22], "198.51.100.7", "PT1H"),
             Some(60),
         );
-        let rules = desired_rules(NSG_B, &[p], &[g], now());
+        let rules = desired_rules(NSG_B, &[p], &[g], now(), &Naming::default());
         let allows: Vec<_> = rules.iter().filter(|r| r.access == Access::Allow).collect();
         assert_eq!(allows.len(), 1);
         assert_eq!(allows[0].destination_port_ranges, ["22", "1000", "3389"]);
@@ -765,7 +784,13 @@ pub(crate) mod tests {
             grant_spec("vm1", &[443], "2001:db8::1", "PT1H"),
             Some(60),
         );
-        let rules = desired_rules(NSG_A, std::slice::from_ref(&p), &[g], now());
+        let rules = desired_rules(
+            NSG_A,
+            std::slice::from_ref(&p),
+            &[g],
+            now(),
+            &Naming::default(),
+        );
         let allow = rules
             .iter()
             .find(|r| r.access == Access::Allow)
@@ -783,7 +808,7 @@ pub(crate) mod tests {
         p.status.as_mut().expect("status").targets[0].private_ip_addresses =
             vec!["10.0.1.4".to_string()];
         assert!(
-            desired_rules(NSG_A, &[p], &[g], now())
+            desired_rules(NSG_A, &[p], &[g], now(), &Naming::default())
                 .iter()
                 .all(|r| r.access == Access::Deny)
         );
@@ -825,9 +850,15 @@ pub(crate) mod tests {
         elsewhere.metadata.namespace = Some("team-b".to_string());
         assert!(live_grant(&g, Some(&elsewhere), now()).is_none());
         assert!(
-            desired_rules(NSG_A, &[elsewhere], std::slice::from_ref(&g), now())
-                .iter()
-                .all(|r| r.access == Access::Deny)
+            desired_rules(
+                NSG_A,
+                &[elsewhere],
+                std::slice::from_ref(&g),
+                now(),
+                &Naming::default()
+            )
+            .iter()
+            .all(|r| r.access == Access::Deny)
         );
         let renamed = mk_policy(
             "team-a",
@@ -943,7 +974,13 @@ pub(crate) mod tests {
         p2.metadata.name = Some("prod-ssh-copy".to_string());
         p2.status.as_mut().expect("s").targets[0].private_ip_addresses =
             vec!["10.9.9.9".to_string()];
-        let merged = desired_rules(NSG_A, &[example_policy(), p2], &[], now());
+        let merged = desired_rules(
+            NSG_A,
+            &[example_policy(), p2],
+            &[],
+            now(),
+            &Naming::default(),
+        );
         assert_eq!(merged.len(), 8, "4 ports, IPv4 and IPv6");
         assert!(merged.iter().filter(|r| !r.name.ends_with("-v6")).all(|r| {
             r.destination_address_prefixes
@@ -1137,9 +1174,9 @@ pub(crate) mod tests {
                 let grants: Vec<AccessGrant> = seeds.iter().enumerate().map(|(i, s)| build_grant(i, s, &policy)).collect();
                 let policies = [policy.clone()];
                 for nsg in [NSG_A, NSG_B] {
-                    let intents = desired_rules(nsg, &policies, &grants, now());
+                    let intents = desired_rules(nsg, &policies, &grants, now(), &Naming::default());
                     for intent in &intents {
-                        prop_assert!(naming::is_owned(&intent.name));
+                        prop_assert!(Naming::default().is_writable(&intent.name));
                         prop_assert!(naming::is_valid_rule_name(&intent.name));
                         prop_assert!(intent.description.chars().count() <= naming::MAX_DESCRIPTION_CHARS);
                         prop_assert_eq!(intent.direction, Direction::Inbound);
@@ -1198,7 +1235,7 @@ pub(crate) mod tests {
                         let tgt = target_of(&policy, &vm.id).expect("resolved");
                         if contains_ci(&tgt.network_security_groups, nsg) && !tgt.private_ip_addresses.is_empty() {
                             for p in &vm.ports {
-                                let name = naming::policy_rule_name("policy-uid", &vm.id, p.number, p.protocol);
+                                let name = Naming::default().policy_rule_name("policy-uid", &vm.id, p.number, p.protocol);
                                 let v6 = naming::with_family(name.clone(), naming::Family::V6);
                                 prop_assert!(intents.iter().any(|i| (i.name == name || i.name == v6) && i.access == Access::Deny));
                             }

@@ -1,8 +1,9 @@
 //! The minimal change that makes one NSG hold exactly the desired rules: guarantees 5 ("own only
 //! its rules"), 6 ("heal drift") and 7 ("write nothing when Azure already matches").
 //!
-//! Rules whose names lack the Portcullis prefix are never written or deleted; they are read only
-//! so that their priorities are avoided. Priorities are picked inside configurable bands (Allow
+//! Rules this installation does not own by its exact name grammar (see [`super::naming`]) are
+//! never written or deleted: people's rules, look-alikes such as `Portcullis-Bastion`, and other
+//! installations' rules are read only so that their priorities are avoided. Priorities are picked inside configurable bands (Allow
 //! rules must win over the Deny rules, so the Allow band sits below the Deny band), an existing
 //! rule keeps its priority when it can, and an intent that finds no free priority is reported as
 //! unplaced rather than squeezed in. Pure: the caller applies the plan rule by rule.
@@ -11,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
 
 use super::desired::RuleIntent;
-use super::naming::{is_owned, is_policy_rule_of, is_valid_rule_name};
+use super::naming::{Naming, RuleKind, RuleName, is_valid_rule_name};
 use super::rule::{Access, Direction, NsgRule};
 
 /// Azure's priority range for security rules.
@@ -120,15 +121,21 @@ impl NsgPlan {
     /// decode): their Deny rules stay as they stand, never deleted, until the policy reads again
     /// or is gone. Priorities stay safe: a planned put never takes a priority an existing rule
     /// holds, deleted or not.
-    pub fn keep_rules_of_policies(&mut self, policy_uids: &[String]) {
-        self.deletes
-            .retain(|name| !policy_uids.iter().any(|uid| is_policy_rule_of(name, uid)));
+    pub fn keep_rules_of_policies(&mut self, naming: &Naming, policy_uids: &[String]) {
+        self.deletes.retain(|name| {
+            !policy_uids
+                .iter()
+                .any(|uid| naming.is_policy_rule_of(name, uid))
+        });
     }
 }
 
 /// The minimal change for one NSG. See the module documentation; in short:
-/// - a rule without the Portcullis prefix is never put or deleted;
-/// - an owned rule no intent names is deleted;
+/// - a rule `naming` does not own is never put or deleted, and an intent whose name is not
+///   `naming`'s own current name is refused (unplaced);
+/// - an owned rule no intent names is deleted (legacy names when adopted: migrated), except
+///   that a legacy Deny rule stays until its new-named replacement stands, so the port is never
+///   left without a Deny rule during the migration;
 /// - an intent whose rule exists keeps that rule's priority when it is inside the intent's band
 ///   and no other rule in the same direction holds it; it is put back only if its content drifted;
 /// - any other intent gets the lowest priority of its band that no existing rule in that
@@ -137,7 +144,12 @@ impl NsgPlan {
 ///   ours for it is deleted: an Allow rule in the wrong place must not stay open);
 /// - applying the plan and planning again gives a no-op, except that intents unplaced the first
 ///   time may be placed into priorities the first plan's deletes freed.
-pub fn plan_nsg(existing: &[NsgRule], desired: &[RuleIntent], bands: &Bands) -> NsgPlan {
+pub fn plan_nsg(
+    existing: &[NsgRule],
+    desired: &[RuleIntent],
+    bands: &Bands,
+    naming: &Naming,
+) -> NsgPlan {
     let key = |s: &str| s.to_ascii_lowercase();
     let mut plan = NsgPlan::default();
 
@@ -146,7 +158,7 @@ pub fn plan_nsg(existing: &[NsgRule], desired: &[RuleIntent], bands: &Bands) -> 
     intents.sort_by_key(|i| key(&i.name));
     intents.dedup_by(|b, a| a.name.eq_ignore_ascii_case(&b.name));
     intents.retain(|i| {
-        let usable = is_owned(&i.name) && is_valid_rule_name(&i.name);
+        let usable = naming.is_writable(&i.name) && is_valid_rule_name(&i.name);
         if !usable {
             plan.unplaced.push((*i).clone());
         }
@@ -154,7 +166,9 @@ pub fn plan_nsg(existing: &[NsgRule], desired: &[RuleIntent], bands: &Bands) -> 
     });
     let wanted: HashSet<String> = intents.iter().map(|i| key(&i.name)).collect();
 
-    // Existing rules: ours by name, and who holds each (direction, priority).
+    // Existing rules: ours by name, and who holds each (direction, priority). A rule whose name
+    // differs from a wanted one only in case is the same Azure resource (names are
+    // case-insensitive), so it is the one the put will write.
     let mut ours: HashMap<String, &NsgRule> = HashMap::new();
     let mut holders: HashMap<(Direction, u16), Vec<String>> = HashMap::new();
     for r in existing {
@@ -162,7 +176,7 @@ pub fn plan_nsg(existing: &[NsgRule], desired: &[RuleIntent], bands: &Bands) -> 
             .entry((r.direction, r.priority))
             .or_default()
             .push(key(&r.name));
-        if is_owned(&r.name) {
+        if naming.is_owned(&r.name) || wanted.contains(&key(&r.name)) {
             ours.entry(key(&r.name)).or_insert(r);
         }
     }
@@ -170,7 +184,7 @@ pub fn plan_nsg(existing: &[NsgRule], desired: &[RuleIntent], bands: &Bands) -> 
     let mut deleted: HashSet<String> = HashSet::new();
     for r in existing {
         let k = key(&r.name);
-        if is_owned(&r.name) && !wanted.contains(&k) && deleted.insert(k) {
+        if naming.is_owned(&r.name) && !wanted.contains(&k) && deleted.insert(k) {
             deletes.push(r.name.clone());
         }
     }
@@ -239,6 +253,29 @@ pub fn plan_nsg(existing: &[NsgRule], desired: &[RuleIntent], bands: &Bands) -> 
         plan.placed.push(rule);
     }
 
+    // A legacy Deny rule stays while its replacement does not stand yet (being written now, or
+    // no free priority): the port keeps a Deny rule throughout the migration, and the next sync
+    // deletes it.
+    let standing: HashSet<String> = plan
+        .placed
+        .iter()
+        .filter(|r| !plan.puts.iter().any(|p| p.name == r.name))
+        .map(|r| key(&r.name))
+        .collect();
+    deletes.retain(|name| {
+        let Some(legacy) = naming.owned(name).filter(|n| n.installation.is_none()) else {
+            return true;
+        };
+        if !matches!(legacy.kind, RuleKind::Deny { .. }) {
+            return true;
+        }
+        let replacement = key(&RuleName {
+            installation: Some(naming.installation.as_str().to_string()),
+            ..legacy
+        }
+        .render());
+        !wanted.contains(&replacement) || standing.contains(&replacement)
+    });
     deletes.sort_by_key(|n| key(n));
     plan.deletes = deletes;
     plan.unplaced.sort_by_key(|i| key(&i.name));
@@ -248,8 +285,23 @@ pub fn plan_nsg(existing: &[NsgRule], desired: &[RuleIntent], bands: &Bands) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Protocol;
     use crate::plan::desired::Owner;
     use crate::plan::rule::RuleProtocol;
+
+    /// A current Allow rule name of the default installation.
+    fn allow_name(n: u32) -> String {
+        format!("portcullis-default-a-{n:010}-tcp")
+    }
+
+    /// A current Deny rule name of the default installation.
+    fn deny_name(n: u32) -> String {
+        format!("portcullis-default-d-{n:010}-ab12cd-22-tcp")
+    }
+
+    fn plan_default(existing: &[NsgRule], desired: &[RuleIntent], bands: &Bands) -> NsgPlan {
+        plan_nsg(existing, desired, bands, &Naming::default())
+    }
 
     fn intent(name: &str, access: Access, port: u16) -> RuleIntent {
         RuleIntent {
@@ -361,11 +413,11 @@ mod tests {
     #[test]
     fn empty_nsg_gets_lowest_priorities_in_each_band() {
         let desired = [
-            intent("portcullis-a-1-tcp", Access::Allow, 22),
-            intent("portcullis-a-2-tcp", Access::Allow, 22),
-            intent("portcullis-d-1-22-tcp", Access::Deny, 22),
+            intent(&allow_name(1), Access::Allow, 22),
+            intent(&allow_name(2), Access::Allow, 22),
+            intent(&deny_name(1), Access::Deny, 22),
         ];
-        let plan = plan_nsg(&[], &desired, &Bands::default());
+        let plan = plan_default(&[], &desired, &Bands::default());
         assert!(plan.deletes.is_empty() && plan.unplaced.is_empty());
         let prios: Vec<(String, u16)> = plan
             .puts
@@ -375,14 +427,14 @@ mod tests {
         assert_eq!(
             prios,
             vec![
-                ("portcullis-a-1-tcp".to_string(), 100),
-                ("portcullis-a-2-tcp".to_string(), 101),
-                ("portcullis-d-1-22-tcp".to_string(), 4000)
+                (allow_name(1), 100),
+                (allow_name(2), 101),
+                (deny_name(1), 4000)
             ]
         );
         assert_eq!(plan.placed, plan.puts);
         let after = apply(&[], &plan);
-        assert!(plan_nsg(&after, &desired, &Bands::default()).is_noop());
+        assert!(plan_default(&after, &desired, &Bands::default()).is_noop());
     }
 
     #[test]
@@ -392,14 +444,14 @@ mod tests {
             foreign("AllowWeb", 101, Direction::Outbound),
             foreign("DenyAll", 4000, Direction::Inbound),
             // A look-alike that is not ours.
-            foreign("my-portcullis-a-1-tcp", 102, Direction::Inbound),
+            foreign(&format!("my-{}", allow_name(1)), 102, Direction::Inbound),
         ];
         let desired = [
-            intent("portcullis-a-1-tcp", Access::Allow, 22),
-            intent("portcullis-a-2-tcp", Access::Allow, 22),
-            intent("portcullis-d-1-22-tcp", Access::Deny, 22),
+            intent(&allow_name(1), Access::Allow, 22),
+            intent(&allow_name(2), Access::Allow, 22),
+            intent(&deny_name(1), Access::Deny, 22),
         ];
-        let plan = plan_nsg(&existing, &desired, &Bands::default());
+        let plan = plan_default(&existing, &desired, &Bands::default());
         assert!(plan.deletes.is_empty());
         let prios: Vec<u16> = plan.puts.iter().map(|r| r.priority).collect();
         assert_eq!(prios, vec![101, 103, 4001], "101 is taken only Outbound");
@@ -408,15 +460,15 @@ mod tests {
     #[test]
     fn in_sync_nsg_is_a_noop() {
         let desired = [
-            intent("portcullis-a-1-tcp", Access::Allow, 22),
-            intent("portcullis-d-1-22-tcp", Access::Deny, 22),
+            intent(&allow_name(1), Access::Allow, 22),
+            intent(&deny_name(1), Access::Deny, 22),
         ];
         let existing = [
             desired[0].with_priority(150),
             desired[1].with_priority(4050),
             foreign("x", 100, Direction::Inbound),
         ];
-        let plan = plan_nsg(&existing, &desired, &Bands::default());
+        let plan = plan_default(&existing, &desired, &Bands::default());
         assert!(plan.is_noop(), "{plan:?}");
         assert_eq!(
             plan.placed.iter().map(|r| r.priority).collect::<Vec<_>>(),
@@ -426,45 +478,45 @@ mod tests {
 
     #[test]
     fn list_order_and_name_case_do_not_count_as_drift() {
-        let mut i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let mut i = intent(&allow_name(1), Access::Allow, 22);
         i.destination_address_prefixes = vec!["10.0.1.4".into(), "10.0.1.5".into()];
         let mut r = i.with_priority(120);
         r.destination_address_prefixes.reverse();
-        r.name = "PORTCULLIS-A-1-TCP".into();
-        assert!(plan_nsg(&[r], &[i], &Bands::default()).is_noop());
+        r.name = allow_name(1).to_uppercase();
+        assert!(plan_default(&[r], &[i], &Bands::default()).is_noop());
     }
 
     #[test]
     fn drift_is_put_back_at_the_same_priority() {
-        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let i = intent(&allow_name(1), Access::Allow, 22);
         let mut hacked = i.with_priority(130);
         hacked.source_address_prefixes = vec!["*".into()];
-        let plan = plan_nsg(&[hacked], std::slice::from_ref(&i), &Bands::default());
+        let plan = plan_default(&[hacked], std::slice::from_ref(&i), &Bands::default());
         assert!(plan.deletes.is_empty());
         assert_eq!(plan.puts, vec![i.with_priority(130)]);
     }
 
     #[test]
     fn deleted_by_hand_is_recreated() {
-        let i = intent("portcullis-d-1-22-tcp", Access::Deny, 22);
-        let plan = plan_nsg(&[], std::slice::from_ref(&i), &Bands::default());
+        let i = intent(&deny_name(1), Access::Deny, 22);
+        let plan = plan_default(&[], std::slice::from_ref(&i), &Bands::default());
         assert_eq!(plan.puts, vec![i.with_priority(4000)]);
     }
 
     #[test]
     fn orphans_are_deleted_and_their_priority_not_reused() {
-        let orphan = intent("portcullis-a-old-tcp", Access::Allow, 22).with_priority(100);
-        let i = intent("portcullis-a-new-tcp", Access::Allow, 22);
-        let plan = plan_nsg(&[orphan], std::slice::from_ref(&i), &Bands::default());
-        assert_eq!(plan.deletes, vec!["portcullis-a-old-tcp".to_string()]);
+        let orphan = intent(&allow_name(998), Access::Allow, 22).with_priority(100);
+        let i = intent(&allow_name(999), Access::Allow, 22);
+        let plan = plan_default(&[orphan], std::slice::from_ref(&i), &Bands::default());
+        assert_eq!(plan.deletes, vec![allow_name(998)]);
         assert_eq!(plan.puts, vec![i.with_priority(101)]);
     }
 
     #[test]
     fn a_rule_moved_out_of_its_band_is_moved_back() {
-        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let i = intent(&allow_name(1), Access::Allow, 22);
         let moved = i.with_priority(300);
-        let plan = plan_nsg(
+        let plan = plan_default(
             &[moved, foreign("x", 100, Direction::Inbound)],
             std::slice::from_ref(&i),
             &Bands::default(),
@@ -472,8 +524,8 @@ mod tests {
         assert!(plan.deletes.is_empty());
         assert_eq!(plan.puts, vec![i.with_priority(101)]);
         // A deny rule moved into the allow band goes back to the deny band.
-        let d = intent("portcullis-d-1-22-tcp", Access::Deny, 22);
-        let plan = plan_nsg(
+        let d = intent(&deny_name(1), Access::Deny, 22);
+        let plan = plan_default(
             &[d.with_priority(150)],
             std::slice::from_ref(&d),
             &Bands::default(),
@@ -483,18 +535,18 @@ mod tests {
 
     #[test]
     fn a_rule_whose_direction_was_flipped_by_hand_keeps_a_free_priority() {
-        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let i = intent(&allow_name(1), Access::Allow, 22);
         let mut flipped = i.with_priority(120);
         flipped.direction = Direction::Outbound;
         // Priority 120 is free inbound: keep it, put the rule back Inbound.
-        let plan = plan_nsg(
+        let plan = plan_default(
             std::slice::from_ref(&flipped),
             std::slice::from_ref(&i),
             &Bands::default(),
         );
         assert_eq!(plan.puts, vec![i.with_priority(120)]);
         // But not if a foreign inbound rule holds 120.
-        let plan = plan_nsg(
+        let plan = plan_default(
             &[flipped, foreign("x", 120, Direction::Inbound)],
             std::slice::from_ref(&i),
             &Bands::default(),
@@ -513,16 +565,16 @@ mod tests {
             foreign("y", 4000, Direction::Inbound),
         ];
         let desired = [
-            intent("portcullis-a-1-tcp", Access::Allow, 22),
-            intent("portcullis-a-2-tcp", Access::Allow, 22),
-            intent("portcullis-d-1-22-tcp", Access::Deny, 22),
+            intent(&allow_name(1), Access::Allow, 22),
+            intent(&allow_name(2), Access::Allow, 22),
+            intent(&deny_name(1), Access::Deny, 22),
         ];
-        let plan = plan_nsg(&existing, &desired, &bands);
+        let plan = plan_default(&existing, &desired, &bands);
         assert_eq!(plan.puts, vec![desired[0].with_priority(101)]);
         let unplaced: Vec<&str> = plan.unplaced.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(
             unplaced,
-            vec!["portcullis-a-2-tcp", "portcullis-d-1-22-tcp"]
+            vec![allow_name(2).as_str(), deny_name(1).as_str()]
         );
     }
 
@@ -532,10 +584,10 @@ mod tests {
             allow: 100..=100,
             deny: 4000..=4096,
         };
-        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
+        let i = intent(&allow_name(1), Access::Allow, 22);
         let existing = [foreign("x", 100, Direction::Inbound), i.with_priority(300)];
-        let plan = plan_nsg(&existing, std::slice::from_ref(&i), &bands);
-        assert_eq!(plan.deletes, vec!["portcullis-a-1-tcp".to_string()]);
+        let plan = plan_default(&existing, std::slice::from_ref(&i), &bands);
+        assert_eq!(plan.deletes, vec![allow_name(1)]);
         assert!(plan.puts.is_empty() && plan.placed.is_empty());
         assert_eq!(plan.unplaced, vec![i]);
     }
@@ -545,8 +597,8 @@ mod tests {
         let existing: Vec<NsgRule> = (0..MAX_RULES_PER_NSG)
             .map(|n| foreign(&format!("r{n}"), 1000 + n as u16, Direction::Outbound))
             .collect();
-        let i = intent("portcullis-a-1-tcp", Access::Allow, 22);
-        let plan = plan_nsg(&existing, std::slice::from_ref(&i), &Bands::default());
+        let i = intent(&allow_name(1), Access::Allow, 22);
+        let plan = plan_default(&existing, std::slice::from_ref(&i), &Bands::default());
         assert!(plan.puts.is_empty());
         assert_eq!(plan.unplaced.len(), 1);
     }
@@ -555,22 +607,165 @@ mod tests {
     fn foreign_names_in_intents_are_refused() {
         let bad = intent("AllowSSH", Access::Allow, 22);
         let existing = [foreign("AllowSSH", 100, Direction::Inbound)];
-        let plan = plan_nsg(&existing, std::slice::from_ref(&bad), &Bands::default());
+        let plan = plan_default(&existing, std::slice::from_ref(&bad), &Bands::default());
         assert!(plan.is_noop());
         assert_eq!(plan.unplaced, vec![bad]);
         let invalid = intent("portcullis-a-", Access::Allow, 22);
         assert_eq!(
-            plan_nsg(&[], std::slice::from_ref(&invalid), &Bands::default()).unplaced,
+            plan_default(&[], std::slice::from_ref(&invalid), &Bands::default()).unplaced,
             vec![invalid]
         );
     }
 
     #[test]
     fn duplicate_intent_names_are_planned_once() {
-        let a = intent("portcullis-a-1-tcp", Access::Allow, 22);
-        let b = intent("PORTCULLIS-A-1-TCP", Access::Allow, 80);
-        let plan = plan_nsg(&[], &[a, b], &Bands::default());
+        let a = intent(&allow_name(1), Access::Allow, 22);
+        let b = intent(&allow_name(1).to_uppercase(), Access::Allow, 80);
+        let plan = plan_default(&[], &[a, b], &Bands::default());
         assert_eq!(plan.puts.len(), 1);
+    }
+
+    #[test]
+    fn look_alikes_and_other_installations_are_never_touched() {
+        let blue = Naming {
+            installation: crate::plan::Installation::new("blue").expect("valid"),
+            adopt_legacy: false,
+        };
+        let mut blue_rule =
+            intent(&blue.grant_rule_name("g", Protocol::Tcp), Access::Allow, 22).with_priority(100);
+        blue_rule.description = "blue's".into();
+        let existing = [
+            foreign("Portcullis-Bastion", 101, Direction::Inbound),
+            foreign("portcullis-bastion", 102, Direction::Inbound),
+            foreign("portcullis-foo", 103, Direction::Inbound),
+            foreign(&format!("{}-x", allow_name(7)), 104, Direction::Inbound),
+            blue_rule,
+            intent(
+                &blue.policy_rule_name("p", "vm", 22, Protocol::Tcp),
+                Access::Deny,
+                22,
+            )
+            .with_priority(4000),
+        ];
+        let own = Naming::default();
+        let desired = [
+            intent(&own.grant_rule_name("g", Protocol::Tcp), Access::Allow, 22),
+            intent(
+                &own.policy_rule_name("p", "vm", 22, Protocol::Tcp),
+                Access::Deny,
+                22,
+            ),
+        ];
+        for wanted in [&desired[..], &[]] {
+            let plan = plan_nsg(&existing, wanted, &Bands::default(), &own);
+            assert!(plan.deletes.is_empty(), "{:?}", plan.deletes);
+            for p in &plan.puts {
+                assert!(own.is_writable(&p.name), "{}", p.name);
+                assert!(
+                    !existing
+                        .iter()
+                        .any(|e| e.name.eq_ignore_ascii_case(&p.name))
+                );
+            }
+            let prios: Vec<u16> = plan.puts.iter().map(|r| r.priority).collect();
+            assert_eq!(prios, &[105, 4001][..2 * wanted.len() / 2]);
+        }
+        // Blue, for its part, keeps its rules and leaves ours alone.
+        let ours = plan_nsg(&existing, &desired, &Bands::default(), &own);
+        let mut both = existing.to_vec();
+        both.extend(ours.placed);
+        let plan = plan_nsg(&both, &[], &Bands::default(), &blue);
+        assert_eq!(
+            plan.deletes,
+            vec![existing[4].name.clone(), existing[5].name.clone()]
+        );
+    }
+
+    #[test]
+    fn legacy_rules_are_migrated_only_when_adopted() {
+        use crate::plan::naming::{legacy_grant_rule_name, legacy_policy_rule_name};
+        let own = Naming::default();
+        let live = intent(&own.grant_rule_name("g", Protocol::Tcp), Access::Allow, 22);
+        let legacy_live = {
+            let mut r = live.with_priority(100);
+            r.name = legacy_grant_rule_name("g", Protocol::Tcp);
+            r
+        };
+        let legacy_orphan = {
+            let mut r = live.with_priority(101);
+            r.name = legacy_grant_rule_name("gone", Protocol::Udp);
+            r
+        };
+        let deny = intent(
+            &own.policy_rule_name("p", "vm", 22, Protocol::Tcp),
+            Access::Deny,
+            22,
+        );
+        let legacy_deny = {
+            let mut r = deny.with_priority(4000);
+            r.name = legacy_policy_rule_name("p", "vm", 22, Protocol::Tcp);
+            r
+        };
+        let existing = vec![
+            legacy_live.clone(),
+            legacy_orphan.clone(),
+            legacy_deny.clone(),
+        ];
+        let desired = [live.clone(), deny.clone()];
+
+        // Adopted: the Allow rules go at once, the new-named rules are written; the legacy Deny
+        // rule stays until its replacement stands, then goes.
+        let plan = plan_nsg(&existing, &desired, &Bands::default(), &own);
+        assert_eq!(
+            plan.deletes,
+            vec![legacy_orphan.name.clone(), legacy_live.name.clone()]
+        );
+        assert_eq!(
+            plan.puts,
+            vec![live.with_priority(102), deny.with_priority(4001)]
+        );
+        let after = apply(&existing, &plan);
+        let plan = plan_nsg(&after, &desired, &Bands::default(), &own);
+        assert_eq!(plan.deletes, vec![legacy_deny.name.clone()]);
+        assert!(plan.puts.is_empty());
+        let after = apply(&after, &plan);
+        assert!(plan_nsg(&after, &desired, &Bands::default(), &own).is_noop());
+        let names: Vec<&str> = after.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, vec![live.name.as_str(), deny.name.as_str()]);
+
+        // A legacy Deny rule of a policy that is gone is an orphan like any other.
+        let plan = plan_nsg(
+            std::slice::from_ref(&legacy_deny),
+            &[],
+            &Bands::default(),
+            &own,
+        );
+        assert_eq!(plan.deletes, vec![legacy_deny.name.clone()]);
+
+        // Not adopted: legacy rules are someone else's.
+        let not_adopting = Naming {
+            adopt_legacy: false,
+            ..Naming::default()
+        };
+        let plan = plan_nsg(&existing, &desired, &Bands::default(), &not_adopting);
+        assert!(plan.deletes.is_empty());
+        assert_eq!(
+            plan.puts,
+            vec![live.with_priority(102), deny.with_priority(4001)]
+        );
+    }
+
+    #[test]
+    fn rules_of_unreadable_policies_are_kept_by_exact_name() {
+        let own = Naming::default();
+        let mine = own.policy_rule_name("p", "vm", 22, Protocol::Tcp);
+        let other = own.policy_rule_name("q", "vm", 22, Protocol::Tcp);
+        let mut plan = NsgPlan {
+            deletes: vec![mine.clone(), other.clone(), mine.to_uppercase()],
+            ..NsgPlan::default()
+        };
+        plan.keep_rules_of_policies(&own, &["p".to_string()]);
+        assert_eq!(plan.deletes, vec![other, mine.to_uppercase()]);
     }
 
     mod props {
@@ -580,6 +775,13 @@ mod tests {
         #[derive(Clone, Debug)]
         enum Seed {
             Foreign {
+                dir: Direction,
+                prio: u16,
+            },
+            /// A name that looks like ours but is not this installation's, or a legacy name.
+            LookAlike {
+                kind: u8,
+                idx: usize,
                 dir: Direction,
                 prio: u16,
             },
@@ -595,13 +797,9 @@ mod tests {
             // Even: Allow, odd: Deny. Indices 0..12; intents draw from 0..8, existing from 0..12
             // (so 8..12 are orphans).
             if idx.is_multiple_of(2) {
-                intent(&format!("portcullis-a-{idx:010}-tcp"), Access::Allow, 22)
+                intent(&allow_name(idx as u32), Access::Allow, 22)
             } else {
-                intent(
-                    &format!("portcullis-d-{idx:010}-ab12cd-22-tcp"),
-                    Access::Deny,
-                    22,
-                )
+                intent(&deny_name(idx as u32), Access::Deny, 22)
             }
         }
 
@@ -616,6 +814,14 @@ mod tests {
         fn arb_seed() -> impl Strategy<Value = Seed> {
             prop_oneof![
                 (arb_dir(), arb_priority()).prop_map(|(dir, prio)| Seed::Foreign { dir, prio }),
+                (0u8..5, 0usize..12, arb_dir(), arb_priority()).prop_map(
+                    |(kind, idx, dir, prio)| Seed::LookAlike {
+                        kind,
+                        idx,
+                        dir,
+                        prio
+                    }
+                ),
                 (0usize..12, arb_dir(), arb_priority(), 0u8..4).prop_map(
                     |(idx, dir, prio, drift)| Seed::Ours {
                         idx,
@@ -633,6 +839,26 @@ mod tests {
             for (n, s) in seeds.iter().enumerate() {
                 let rule = match s {
                     Seed::Foreign { dir, prio } => foreign(&format!("user-rule-{n}"), *prio, *dir),
+                    Seed::LookAlike {
+                        kind,
+                        idx,
+                        dir,
+                        prio,
+                    } => {
+                        let own = pool_intent(*idx).name;
+                        let name = match kind {
+                            0 => format!("Portcullis-Bastion-{n}"),
+                            1 => format!("portcullis-foo-{n}"),
+                            // Another installation's rule for the same objects.
+                            2 => own.replacen("-default-", "-blue-", 1),
+                            // Names from before installation ids.
+                            _ => own.replacen("-default-", "-", 1),
+                        };
+                        let mut r = pool_intent(*idx).with_priority(*prio);
+                        r.name = name;
+                        r.direction = *dir;
+                        r
+                    }
                     Seed::Ours {
                         idx,
                         dir,
@@ -685,10 +911,12 @@ mod tests {
             existing: &[NsgRule],
             plan: &NsgPlan,
             bands: &Bands,
+            naming: &Naming,
         ) -> Result<(), TestCaseError> {
+            let is_owned = |name: &str| naming.is_owned(name);
             // (a) only owned names are written or deleted.
             for p in &plan.puts {
-                prop_assert!(is_owned(&p.name), "put of foreign {}", p.name);
+                prop_assert!(naming.is_writable(&p.name), "put of foreign {}", p.name);
             }
             for d in &plan.deletes {
                 prop_assert!(is_owned(d), "delete of foreign {}", d);
@@ -754,14 +982,18 @@ mod tests {
                 seeds in proptest::collection::vec(arb_seed(), 0..24),
                 wanted in proptest::sample::subsequence((0usize..8).collect::<Vec<_>>(), 0..8),
                 bands in arb_bands(),
+                adopt_legacy in any::<bool>(),
             ) {
+                let naming = Naming { adopt_legacy, ..Naming::default() };
+                let is_owned = |name: &str| naming.is_owned(name);
                 let existing = build_existing(&seeds);
                 let desired: Vec<RuleIntent> = wanted.iter().map(|i| pool_intent(*i)).collect();
-                let plan1 = plan_nsg(&existing, &desired, &bands);
-                check_invariants(&existing, &plan1, &bands)?;
+                let plan1 = plan_nsg(&existing, &desired, &bands, &naming);
+                check_invariants(&existing, &plan1, &bands, &naming)?;
 
                 // Every intent is placed or unplaced, exactly once; every placed intent's rule
-                // matches the intent; orphans are deleted.
+                // matches the intent; orphans are deleted, except legacy Deny rules whose
+                // replacement does not stand yet.
                 prop_assert_eq!(plan1.placed.len() + plan1.unplaced.len(), desired.len());
                 for i in &desired {
                     let placed = plan1.placed.iter().find(|r| r.name == i.name);
@@ -771,27 +1003,61 @@ mod tests {
                         prop_assert_eq!(r, &i.with_priority(r.priority));
                     }
                 }
+                let waits_for_replacement = |name: &str| {
+                    naming.owned(name).is_some_and(|n| {
+                        n.installation.is_none()
+                            && matches!(n.kind, RuleKind::Deny { .. })
+                            && desired.iter().any(|i| {
+                                i.name == RuleName { installation: Some("default".into()), ..n.clone() }.render()
+                            })
+                    })
+                };
                 for e in existing.iter().filter(|r| is_owned(&r.name)) {
                     if !desired.iter().any(|i| i.name.eq_ignore_ascii_case(&e.name)) {
-                        prop_assert!(plan1.deletes.contains(&e.name), "orphan {} kept", e.name);
+                        prop_assert!(
+                            plan1.deletes.contains(&e.name) || waits_for_replacement(&e.name),
+                            "orphan {} kept", e.name
+                        );
                     }
                 }
 
-                // (d) applying and planning again: nothing left, except placing what the first
-                // plan could not place; a third round is always a no-op.
+                // (d) applying and planning again: nothing left, except placing what the
+                // previous plan could not place (into priorities its deletes freed) and deleting
+                // legacy Deny rules once their replacement stands; a no-op within four rounds.
                 let after1 = apply(&existing, &plan1);
-                let plan2 = plan_nsg(&after1, &desired, &bands);
-                check_invariants(&after1, &plan2, &bands)?;
-                prop_assert!(plan2.deletes.is_empty(), "second plan deletes {:?}", plan2.deletes);
-                for p in &plan2.puts {
-                    prop_assert!(plan1.unplaced.iter().any(|u| u.name == p.name), "second plan re-puts {}", p.name);
+                let mut afters = vec![after1.clone()];
+                let mut previous = plan1.clone();
+                let mut converged = false;
+                for round in 2..=5 {
+                    let current = afters.last().expect("one round at least").clone();
+                    let plan = plan_nsg(&current, &desired, &bands, &naming);
+                    check_invariants(&current, &plan, &bands, &naming)?;
+                    if plan.is_noop() {
+                        converged = true;
+                        break;
+                    }
+                    prop_assert!(round <= 4, "round {} plans {:?}", round, plan);
+                    prop_assert!(plan.deletes.iter().all(|d| waits_for_replacement(d)), "round {} deletes {:?}", round, plan.deletes);
+                    for p in &plan.puts {
+                        prop_assert!(previous.unplaced.iter().any(|u| u.name == p.name), "round {} re-puts {}", round, p.name);
+                    }
+                    if previous.unplaced.is_empty() {
+                        prop_assert!(plan.puts.is_empty());
+                    }
+                    afters.push(apply(&current, &plan));
+                    previous = plan;
                 }
-                if plan1.unplaced.is_empty() {
-                    prop_assert!(plan2.is_noop());
+                prop_assert!(converged);
+                // A legacy Deny rule never goes while its replacement is missing.
+                for after in &afters {
+                    for e in existing.iter().filter(|r| waits_for_replacement(&r.name)) {
+                        let replacement = RuleName { installation: Some("default".into()), ..naming.owned(&e.name).expect("owned") }.render();
+                        prop_assert!(
+                            after.iter().any(|r| r.name == e.name || r.name == replacement),
+                            "{} gone before {}", e.name, replacement
+                        );
+                    }
                 }
-                let after2 = apply(&after1, &plan2);
-                let plan3 = plan_nsg(&after2, &desired, &bands);
-                prop_assert!(plan3.is_noop(), "third plan {:?}", plan3);
             }
         }
     }

@@ -16,7 +16,7 @@ pub use desired::{
     granted_access, live_grant, nsgs_of_grant, nsgs_of_policy, policy_of,
 };
 pub use diff::{Bands, BandsError, NsgPlan, plan_nsg};
-pub use naming::{RULE_PREFIX, is_grant_rule_of, is_owned, is_policy_rule_of};
+pub use naming::{Installation, InvalidInstallation, Naming, RULE_PREFIX, RuleName};
 pub use rule::{Access, Direction, NsgRule, RuleProtocol};
 pub use validate::{
     AccessWindow, AddressPrefix, Denial, DenialReason, ValidatedGrant, validate_grant,

@@ -13,6 +13,7 @@ use portcullis::azure::client::{AzureClientOptions, AzureNetworkClient};
 use portcullis::azure::credential::{CredentialConfig, build_credential};
 use portcullis::controller::telemetry::Telemetry;
 use portcullis::controller::{self, Settings};
+use portcullis::plan::naming;
 use portcullis_azure_emulator::{AdminClient, EmulatorConfig, Fixture, RunningEmulator, spawn};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -296,15 +297,18 @@ impl Env {
             .unwrap_or_else(|e| panic!("emulator rules of {nsg}: {e}"))
     }
 
+    /// The rules this test's operator (`self.settings.naming`) owns in the NSG.
     pub async fn owned_rules(&self, nsg: &str) -> Vec<Value> {
         self.rules(nsg)
             .await
             .into_iter()
-            .filter(|r| rule_name(r).starts_with("portcullis-"))
+            .filter(|r| self.settings.naming.is_owned(rule_name(r)))
             .collect()
     }
 
-    /// Rules that are not Portcullis's, for byte-for-byte comparison.
+    /// Rules that are no Portcullis installation's (by the exact name grammar, legacy names
+    /// included), for byte-for-byte comparison: people's rules, look-alikes such as
+    /// `Portcullis-Bastion` too.
     pub async fn foreign_rules(&self) -> Vec<Value> {
         let mut out = Vec::new();
         for nsg in ["nsg-vm1", "nsg-subnet"] {
@@ -312,7 +316,7 @@ impl Env {
                 self.rules(nsg)
                     .await
                     .into_iter()
-                    .filter(|r| !rule_name(r).starts_with("portcullis-")),
+                    .filter(|r| !naming::is_portcullis_rule_name(rule_name(r))),
             );
         }
         out
@@ -331,13 +335,13 @@ impl Env {
         self.admin.stats().await.expect("emulator stats").writes
     }
 
+    /// The Allow rules of `grant` in the NSG, as this test's operator names them.
     pub async fn grant_names_in_nsg(&self, nsg: &str, grant: &AccessGrant) -> Vec<Value> {
         let uid = grant.uid().expect("uid");
-        let prefix = portcullis::plan::naming::grant_rule_prefix(&uid);
         self.rules(nsg)
             .await
             .into_iter()
-            .filter(|r| rule_name(r).starts_with(&prefix))
+            .filter(|r| self.settings.naming.is_grant_rule_of(rule_name(r), &uid))
             .collect()
     }
 }
