@@ -65,8 +65,9 @@ struct RunArgs {
     /// Seconds between reconciles of an unchanged object (bounds how long drift can stand).
     #[arg(long, env = "PORTCULLIS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
-    /// Reconciles in flight per controller.
-    #[arg(long, env = "PORTCULLIS_CONCURRENCY", default_value_t = 4)]
+    /// Reconciles in flight per controller: mostly waiting on Azure, so many; writes to one NSG
+    /// are serialised anyway.
+    #[arg(long, env = "PORTCULLIS_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
     /// Overall deadline for one Azure write, long-running operation included, in seconds.
     #[arg(

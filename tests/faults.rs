@@ -416,7 +416,7 @@ async fn the_api_server_restarted_mid_run_and_new_grants_open_within_10s_of_its_
             .values()
             .flat_map(|n| n.rules.iter())
             .filter(|r| {
-                portcullis::plan::naming::is_grant_rule_of(
+                portcullis::plan::naming::Naming::default().is_grant_rule_of(
                     invariants::name(r),
                     &kube::ResourceExt::uid(&t.short).unwrap_or_default(),
                 )
@@ -499,8 +499,8 @@ async fn the_checker_reports_every_kind_of_violation() {
         .expect("drift");
     // I1: an Allow rule named like a grant's that no grant explains; I4: it shares 110 Inbound
     // with user-rule-110.
-    let orphan =
-        portcullis::plan::naming::grant_rule_name("no-such-uid", portcullis::api::Protocol::Tcp);
+    let orphan = portcullis::plan::naming::Naming::default()
+        .grant_rule_name("no-such-uid", portcullis::api::Protocol::Tcp);
     env.admin
         .put_rule_directly(&rule("nsg-vm1", &orphan), &props(110, "22", "Allow"))
         .await

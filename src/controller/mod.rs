@@ -61,7 +61,7 @@ impl Default for Settings {
             bands: Bands::default(),
             naming: Naming::default(),
             resync: Duration::from_secs(300),
-            concurrency: 4,
+            concurrency: 16,
             namespaces: Vec::new(),
             leader_election: None,
         }

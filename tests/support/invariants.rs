@@ -27,6 +27,10 @@ use portcullis::plan::naming;
 use portcullis_azure_emulator::AdminClient;
 use serde_json::Value;
 
+/// The operators under test run with the default installation id.
+static NAMING: std::sync::LazyLock<naming::Naming> =
+    std::sync::LazyLock::new(naming::Naming::default);
+
 /// Azure's limit on security rules per NSG.
 pub const MAX_RULES_PER_NSG: usize = 1000;
 
@@ -230,7 +234,7 @@ impl Checker {
                 let owner = obs
                     .grants
                     .iter()
-                    .find(|g| naming::is_grant_rule_of(n, &g.uid().unwrap_or_default()));
+                    .find(|g| NAMING.is_grant_rule_of(n, &g.uid().unwrap_or_default()));
                 let problem = match owner {
                     None => Some("its grant is deleted (or unknown)".to_string()),
                     Some(g) => match phase(g) {
@@ -301,7 +305,7 @@ impl Checker {
                 let mine: Vec<&Value> = nsg
                     .rules
                     .iter()
-                    .filter(|r| naming::is_grant_rule_of(name(r), &uid))
+                    .filter(|r| NAMING.is_grant_rule_of(name(r), &uid))
                     .collect();
                 if !plan.nsgs.contains(nsg_id) {
                     for r in mine {
@@ -317,10 +321,7 @@ impl Checker {
                     .ports
                     .values()
                     .map(|(p, ports)| {
-                        (
-                            naming::grant_rule_name(&uid, *p).to_ascii_lowercase(),
-                            ports,
-                        )
+                        (NAMING.grant_rule_name(&uid, *p).to_ascii_lowercase(), ports)
                     })
                     .collect();
                 for r in &mine {
@@ -333,7 +334,7 @@ impl Checker {
                     }
                 }
                 for (proto, ports) in plan.ports.values() {
-                    let want = naming::grant_rule_name(&uid, *proto);
+                    let want = NAMING.grant_rule_name(&uid, *proto);
                     let Some(r) = mine.iter().find(|r| name(r).eq_ignore_ascii_case(&want)) else {
                         bad(format!(
                             "Active grant {gname} has no rule {want} in {}",
@@ -418,7 +419,7 @@ impl Checker {
         for (nsg_id, nsg) in &obs.nsgs {
             for r in &nsg.rules {
                 let key = (nsg_id.clone(), name(r).to_ascii_lowercase());
-                if !self.baseline.rules.contains_key(&key) && !naming::is_owned(name(r)) {
+                if !self.baseline.rules.contains_key(&key) && !NAMING.is_owned(name(r)) {
                     out.push(Violation {
                         invariant: "I3",
                         detail: format!(
@@ -566,7 +567,7 @@ pub fn name(rule: &Value) -> &str {
 
 /// An operator-owned Allow rule (a grant's).
 pub fn is_operator_allow(rule: &Value) -> bool {
-    naming::is_owned(name(rule)) && str_eq(&rule["properties"]["access"], "Allow")
+    NAMING.is_owned(name(rule)) && str_eq(&rule["properties"]["access"], "Allow")
 }
 
 pub fn phase(g: &AccessGrant) -> Option<GrantPhase> {

@@ -464,7 +464,7 @@ impl SamplerLog {
         let has = |s: &Sample| {
             s.allow_rules
                 .iter()
-                .any(|n| portcullis::plan::naming::is_grant_rule_of(n, uid))
+                .any(|n| portcullis::plan::naming::Naming::default().is_grant_rule_of(n, uid))
         };
         let last_present = self.samples.iter().rposition(has);
         match last_present {
