@@ -27,6 +27,14 @@ pub enum Error {
 
     #[error("not the leader: Azure writes are stopped")]
     NotLeader,
+
+    /// The NSG could not be recorded in the inventory, so nothing was written to it.
+    #[error("cannot record NSG {nsg} in the inventory, so it was not written: {source}")]
+    Inventory {
+        nsg: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 impl Error {
@@ -60,6 +68,7 @@ impl Error {
             Error::Config(_) => "ConfigError",
             Error::Serialisation(_) => "SerialisationError",
             Error::LeadershipLost(_) | Error::NotLeader => "NotLeader",
+            Error::Inventory { .. } => "InventoryError",
         }
     }
 }
