@@ -29,7 +29,14 @@ async fn open_grant(prefix: &str) -> Env {
     env.wait_policy_ready("prod", T).await;
     env.create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT1H"))
         .await;
-    let grant = env.wait_grant_phase("alice", GrantPhase::Active, T).await;
+    // Active is recorded before the rules are written; Opened once they stand.
+    let grant = env
+        .wait_grant_condition("alice", "Ready", "Opened", T)
+        .await;
+    assert_eq!(
+        grant.status.as_ref().and_then(|s| s.phase),
+        Some(GrantPhase::Active)
+    );
     for nsg in NSGS {
         assert!(
             !env.grant_names_in_nsg(nsg, &grant).await.is_empty(),
