@@ -94,6 +94,18 @@ struct RunArgs {
     /// Seconds a Lease holder may go without renewing before a standby takes over.
     #[arg(long, env = "PORTCULLIS_LEASE_DURATION_SECONDS", default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// Namespace of the inventory ConfigMap, the list of every NSG this install has written
+    /// (default: the pod's namespace from POD_NAMESPACE, else the first watched namespace,
+    /// else `default`).
+    #[arg(long, env = "PORTCULLIS_INVENTORY_NAMESPACE")]
+    inventory_namespace: Option<String>,
+    /// Name of the inventory ConfigMap.
+    #[arg(
+        long,
+        env = "PORTCULLIS_INVENTORY_NAME",
+        default_value = controller::inventory::DEFAULT_NAME
+    )]
+    inventory_name: String,
     /// Watch only these namespaces, comma-separated (default: all namespaces).
     #[arg(long, env = "PORTCULLIS_NAMESPACES", value_delimiter = ',')]
     namespaces: Vec<String>,
@@ -195,6 +207,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
             .filter(|n| !n.is_empty())
             .collect(),
         leader_election: leader_election(&args)?,
+        inventory_namespace: args
+            .inventory_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .filter(|n| !n.is_empty()),
+        inventory_name: args.inventory_name.clone(),
     };
     let credential_config =
         CredentialConfig::from_env().map_err(|e| format!("Azure credential: {e}"))?;

@@ -693,6 +693,60 @@ async fn install_creates_the_operator_objects_and_uninstall_removes_them() {
     );
     must_get("rolebinding", &lease_role_name, Some(&ns));
 
+    // The inventory ConfigMap: in the release namespace, created by the operator, read and
+    // patched by name only.
+    let inventory_name = format!("{full}-inventory");
+    assert_eq!(
+        env_var(container, "PORTCULLIS_INVENTORY_NAMESPACE").unwrap()["value"],
+        ns
+    );
+    assert_eq!(
+        env_var(container, "PORTCULLIS_INVENTORY_NAME").unwrap()["value"],
+        inventory_name
+    );
+    let inventory_role = must_get("role", &inventory_name, Some(&ns));
+    let inventory_rules = inventory_role["rules"].as_array().expect("rules");
+    assert!(
+        inventory_rules
+            .iter()
+            .all(|r| r["resources"] == serde_json::json!(["configmaps"])),
+        "the inventory Role is for ConfigMaps only: {inventory_role}"
+    );
+    let named: Vec<&Value> = inventory_rules
+        .iter()
+        .filter(|r| r["resourceNames"] == serde_json::json!([inventory_name]))
+        .collect();
+    assert_eq!(named.len(), 1, "{inventory_role}");
+    assert_eq!(named[0]["verbs"], serde_json::json!(["get", "patch"]));
+    assert!(
+        inventory_rules.iter().any(
+            |r| r["verbs"] == serde_json::json!(["create"]) && r.get("resourceNames").is_none()
+        ),
+        "{inventory_role}"
+    );
+    must_get("rolebinding", &inventory_name, Some(&ns));
+    // What the API server's RBAC actually lets the operator's ServiceAccount do.
+    let sa_user = format!("system:serviceaccount:{ns}:{full}");
+    let can_i = |verb: &str, resource: &str, namespace: &str| -> bool {
+        let out = kubectl(
+            &[
+                "auth", "can-i", verb, resource, "-n", namespace, "--as", &sa_user,
+            ],
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    let this_inventory = format!("configmaps/{inventory_name}");
+    assert!(can_i("create", "configmaps", &ns));
+    assert!(can_i("get", &this_inventory, &ns));
+    assert!(can_i("patch", &this_inventory, &ns));
+    assert!(
+        !can_i("get", "configmaps/other", &ns),
+        "other ConfigMaps stay unreadable"
+    );
+    assert!(!can_i("delete", &this_inventory, &ns));
+    assert!(!can_i("create", "configmaps", "default"));
+
     let svc_name = format!("{full}-metrics");
     let svc = must_get("service", &svc_name, Some(&ns));
     assert_eq!(svc["spec"]["ports"][0]["name"], "http-metrics");
@@ -714,6 +768,8 @@ async fn install_creates_the_operator_objects_and_uninstall_removes_them() {
         ("clusterrolebinding", &cluster_name, None),
         ("role", &lease_role_name, Some(&ns)),
         ("rolebinding", &lease_role_name, Some(&ns)),
+        ("role", &inventory_name, Some(&ns)),
+        ("rolebinding", &inventory_name, Some(&ns)),
         ("service", &svc_name, Some(&ns)),
         ("poddisruptionbudget", &full, Some(&ns)),
     ] {
@@ -794,6 +850,7 @@ async fn watch_namespaces_install_uses_a_role_in_each_and_no_cluster_role() {
     // The operator's own rules are not in the release namespace; only the Lease Role is.
     assert!(kubectl_get("role", &full, Some(&ns)).is_none());
     must_get("role", &format!("{full}-leader-election"), Some(&ns));
+    must_get("role", &format!("{full}-inventory"), Some(&ns));
     assert!(kubectl_get("clusterrole", &format!("{full}-{ns}"), None).is_none());
     assert!(kubectl_get("clusterrolebinding", &format!("{full}-{ns}"), None).is_none());
     assert!(

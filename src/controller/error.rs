@@ -35,6 +35,14 @@ pub enum Error {
         #[source]
         first: Box<Error>,
     },
+
+    /// The NSG could not be recorded in the inventory, so nothing was written to it.
+    #[error("cannot record NSG {nsg} in the inventory, so it was not written: {source}")]
+    Inventory {
+        nsg: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 impl Error {
@@ -84,6 +92,7 @@ impl Error {
             Error::Config(_) => "ConfigError",
             Error::Serialisation(_) => "SerialisationError",
             Error::LeadershipLost(_) | Error::NotLeader => "NotLeader",
+            Error::Inventory { .. } => "InventoryError",
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod decode;
 pub mod error;
 pub mod grant;
 pub mod http;
+pub mod inventory;
 pub mod leader;
 pub mod nsg;
 pub mod policy;
@@ -53,6 +54,23 @@ pub struct Settings {
     pub namespaces: Vec<String>,
     /// Run only while holding this Lease; `None` runs unconditionally (a single replica).
     pub leader_election: Option<LeaseConfig>,
+    /// Namespace of the inventory ConfigMap (the operator's own: the binary passes
+    /// `--inventory-namespace` or `POD_NAMESPACE`); `None` uses the first watched namespace,
+    /// else `default`.
+    pub inventory_namespace: Option<String>,
+    /// Name of the inventory ConfigMap.
+    pub inventory_name: String,
+}
+
+impl Settings {
+    /// Where the inventory ConfigMap lives.
+    pub fn inventory_namespace(&self) -> String {
+        self.inventory_namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .or_else(|| self.namespaces.first().cloned())
+            .unwrap_or_else(|| "default".to_string())
+    }
 }
 
 impl Default for Settings {
@@ -64,6 +82,8 @@ impl Default for Settings {
             concurrency: 16,
             namespaces: Vec::new(),
             leader_election: None,
+            inventory_namespace: None,
+            inventory_name: inventory::DEFAULT_NAME.to_string(),
         }
     }
 }
@@ -205,6 +225,7 @@ pub async fn run(
     if let Some(cfg) = &settings.leader_election {
         cfg.validate()?;
     }
+    inventory::validate_name(&settings.inventory_name)?;
     let elector = settings
         .leader_election
         .clone()
@@ -271,6 +292,13 @@ async fn run_controllers(
     } else {
         settings.namespaces.iter().cloned().map(Some).collect()
     };
+    // Every NSG is recorded before its first write, from start-up on.
+    let inventory = Arc::new(inventory::Inventory::new(
+        client.clone(),
+        &settings.inventory_namespace(),
+        &settings.inventory_name,
+    ));
+    let nsgs = nsgs.with_inventory(inventory.clone());
     startup::close_lapsed_grants(&client, &scopes, &nsgs, &telemetry).await;
 
     // A pair of controllers per scope; one world view over all their stores, since an NSG can
@@ -395,11 +423,15 @@ async fn run_controllers(
             ctx.telemetry.observe_world(&ctx.world.snapshot());
         }
     };
+    // Orphans in NSGs no live object names: swept once the caches are synced, then every
+    // resync, beside the controllers (never before them).
+    let sweeps = inventory::run_sweeps(ctx.clone(), inventory, settings.resync);
     info!("controllers running");
     let stop_writes_on_drop = StopWrites(&ctx);
     tokio::select! {
         _ = async { futures::join!(controllers, synced) } => {}
         _ = observe => {}
+        _ = sweeps => {}
         _ = async { stop_waiting_on_shutdown.await; std::future::pending::<()>().await } => {}
     }
     drop(stop_writes_on_drop);

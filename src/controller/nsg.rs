@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use tracing::{debug, info, instrument};
 
 use super::Error;
+use super::inventory::Inventory;
 use super::world::World;
 use crate::azure::NetworkApi;
 use crate::plan::rule::NsgRule;
@@ -38,6 +39,8 @@ pub struct NsgSyncer {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Cleared the moment leadership is lost: no write starts after that.
     writes_allowed: AtomicBool,
+    /// Where every NSG is recorded before its first write (see `inventory`).
+    inventory: Option<Arc<Inventory>>,
 }
 
 impl NsgSyncer {
@@ -48,6 +51,28 @@ impl NsgSyncer {
             naming,
             locks: Mutex::new(HashMap::new()),
             writes_allowed: AtomicBool::new(true),
+            inventory: None,
+        }
+    }
+
+    /// Records every NSG in `inventory` before the first write to it.
+    pub fn with_inventory(mut self, inventory: Arc<Inventory>) -> Self {
+        self.inventory = Some(inventory);
+        self
+    }
+
+    /// Write-ahead: the NSG is in the inventory before anything is written to it, or nothing
+    /// is written (a rule the sweep cannot find later could stand forever).
+    async fn record(&self, nsg_id: &str) -> Result<(), Error> {
+        match &self.inventory {
+            Some(inventory) => inventory
+                .record(nsg_id)
+                .await
+                .map_err(|source| Error::Inventory {
+                    nsg: nsg_id.to_string(),
+                    source,
+                }),
+            None => Ok(()),
         }
     }
 
@@ -146,6 +171,7 @@ impl NsgSyncer {
             debug!(rules = existing.len(), "NSG already matches the plan");
             return Ok(outcome);
         }
+        self.record(nsg_id).await?;
         // Deletes first: a rule being replaced never holds a priority another put wants.
         let mut locked = Vec::new();
         for name in &plan.deletes {

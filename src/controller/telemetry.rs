@@ -77,6 +77,8 @@ pub struct Telemetry {
     overdue: Gauge,
     undecodable: Family<KindLabels, Gauge>,
     leader: Gauge,
+    inventory_nsgs: Gauge,
+    sweep_failures: Counter,
     caches_synced: AtomicBool,
     azure_reachable: AtomicBool,
     standby: AtomicBool,
@@ -138,6 +140,18 @@ impl Telemetry {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let inventory_nsgs = Gauge::default();
+        registry.register(
+            "inventory_nsgs",
+            "NSGs recorded in the inventory (every NSG this install has written)",
+            inventory_nsgs.clone(),
+        );
+        let sweep_failures = Counter::default();
+        registry.register(
+            "sweep_failures",
+            "Inventoried NSGs the orphan sweep could not sync (or an inventory it could not read)",
+            sweep_failures.clone(),
+        );
         if let Some(stats) = azure {
             registry.register_collector(Box::new(AzureRequests(stats)));
         }
@@ -151,6 +165,8 @@ impl Telemetry {
             overdue,
             undecodable,
             leader,
+            inventory_nsgs,
+            sweep_failures,
             caches_synced: AtomicBool::new(false),
             azure_reachable: AtomicBool::new(true),
             standby: AtomicBool::new(false),
@@ -209,6 +225,18 @@ impl Telemetry {
         self.undecodable
             .get_or_create(&KindLabels { kind })
             .set(count as i64);
+    }
+
+    pub fn set_inventory_nsgs(&self, count: usize) {
+        self.inventory_nsgs.set(count as i64);
+    }
+
+    pub fn sweep_failed(&self) {
+        self.sweep_failures.inc();
+    }
+
+    pub fn sweep_failures(&self) -> u64 {
+        self.sweep_failures.get()
     }
 
     pub fn overdue_grants(&self) -> i64 {

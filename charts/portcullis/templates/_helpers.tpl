@@ -20,6 +20,11 @@ Used for every object, cluster-scoped ones included, so two releases never colli
 {{- end }}
 {{- end }}
 
+{{/* The inventory ConfigMap (NSGs the operator has written), one per release. */}}
+{{- define "portcullis.inventoryName" -}}
+{{- printf "%s-inventory" (include "portcullis.fullname" .) }}
+{{- end }}
+
 {{/* Name for cluster-scoped objects: always carries the release name and namespace. */}}
 {{- define "portcullis.clusterName" -}}
 {{- printf "%s-%s" (include "portcullis.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}

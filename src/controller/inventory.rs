@@ -1,0 +1,363 @@
+//! The inventory: a ConfigMap in the operator's namespace that lists every NSG this install has
+//! ever written, and the sweep that syncs the ones no live object names any more.
+//!
+//! Without it an NSG is only synced while a live grant or policy names it, so rules orphaned by
+//! a finalizer stripped by hand, a deleted namespace or deleted CRDs would stand forever.
+//!
+//! Write-ahead: an NSG is recorded (and the API server has acknowledged it) before the first
+//! Azure write to it; a failure to record refuses the write, so nothing is ever written where
+//! the sweep cannot find it later. Data keys are `nsg-` and a hash of the lower-cased NSG id
+//! (ARM ids are case-insensitive, and not valid ConfigMap keys); the value is the id itself.
+//! Entries are only added or removed one at a time with JSON merge patches, so two writers
+//! (an old and a new leader) never undo each other's additions. The ConfigMap is the operator's,
+//! not Helm's: it outlives an uninstall on purpose, so a reinstall still sweeps.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, warn};
+
+use super::Error;
+use super::context::Ctx;
+use super::world::World;
+use crate::azure::AzureError;
+use crate::plan::{nsgs_of_grant, nsgs_of_policy};
+
+/// The ConfigMap's default name.
+pub const DEFAULT_NAME: &str = "portcullis-inventory";
+
+/// NSGs synced at once by one sweep.
+const SWEEP_CONCURRENCY: usize = 4;
+
+/// Checks that `name` can name a ConfigMap (a DNS subdomain), so a typo fails at start-up
+/// rather than refusing every Azure write later.
+pub fn validate_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "inventory ConfigMap name `{name}` is not a valid Kubernetes name"
+        )))
+    }
+}
+
+/// The data key of an NSG: stable across releases (it is stored), the same for every casing.
+pub fn key(nsg_id: &str) -> String {
+    let digest = Sha256::digest(nsg_id.trim().to_ascii_lowercase().as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("nsg-{hex}")
+}
+
+pub struct Inventory {
+    api: Api<ConfigMap>,
+    name: String,
+    /// key -> NSG id, as known to be in the ConfigMap; `None` until first read. Held across
+    /// each API call, so this process's own adds and removes never overtake each other.
+    entries: tokio::sync::Mutex<Option<BTreeMap<String, String>>>,
+}
+
+impl std::fmt::Debug for Inventory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inventory")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inventory {
+    pub fn new(client: Client, namespace: &str, name: &str) -> Self {
+        Inventory {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            entries: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// What the ConfigMap lists now (nothing if it does not exist yet).
+    async fn read(&self) -> Result<BTreeMap<String, String>, kube::Error> {
+        Ok(self
+            .api
+            .get_opt(&self.name)
+            .await?
+            .and_then(|cm| cm.data)
+            .unwrap_or_default())
+    }
+
+    /// Adds (`Some`) or removes (`None`) entries by a merge patch, creating the ConfigMap if it
+    /// does not exist. Returns once the API server has stored the change.
+    async fn write(&self, changes: BTreeMap<String, Option<String>>) -> Result<(), kube::Error> {
+        let patch = json!({ "data": changes });
+        for _ in 0..3 {
+            match self
+                .api
+                .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+            let data: BTreeMap<String, String> = changes
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+                .collect();
+            if data.is_empty() {
+                return Ok(()); // nothing to remove from a ConfigMap that does not exist
+            }
+            let cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    labels: Some(BTreeMap::from([(
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "portcullis".to_string(),
+                    )])),
+                    annotations: Some(BTreeMap::from([(
+                        "portcullis.dev/inventory".to_string(),
+                        "NSGs this operator has written; swept for orphaned rules. Keep it."
+                            .to_string(),
+                    )])),
+                    ..Default::default()
+                },
+                data: Some(data),
+                ..Default::default()
+            };
+            match self.api.create(&PostParams::default(), &cm).await {
+                Ok(_) => return Ok(()),
+                // Created meanwhile (another replica): patch it on the next round.
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(kube::Error::Api(
+            kube::core::Status::failure(
+                &format!("inventory ConfigMap {} kept changing", self.name),
+                "Conflict",
+            )
+            .with_code(409)
+            .boxed(),
+        ))
+    }
+
+    async fn loaded<'a>(
+        &self,
+        entries: &'a mut Option<BTreeMap<String, String>>,
+    ) -> Result<&'a mut BTreeMap<String, String>, kube::Error> {
+        if entries.is_none() {
+            *entries = Some(self.read().await?);
+        }
+        Ok(entries.get_or_insert_with(BTreeMap::new))
+    }
+
+    /// Records the NSG before anything is written to it. Only a new NSG costs an API call.
+    pub async fn record(&self, nsg_id: &str) -> Result<(), kube::Error> {
+        let mut guard = self.entries.lock().await;
+        let entries = self.loaded(&mut guard).await?;
+        let key = key(nsg_id);
+        if entries.contains_key(&key) {
+            return Ok(());
+        }
+        info!(nsg = nsg_id, inventory = %self.name, "recording a new NSG in the inventory");
+        self.write(BTreeMap::from([(key.clone(), Some(nsg_id.to_string()))]))
+            .await?;
+        entries.insert(key, nsg_id.to_string());
+        Ok(())
+    }
+
+    /// Drops an NSG that no longer exists.
+    pub async fn forget(&self, nsg_id: &str) -> Result<(), kube::Error> {
+        let mut guard = self.entries.lock().await;
+        let entries = self.loaded(&mut guard).await?;
+        let key = key(nsg_id);
+        self.write(BTreeMap::from([(key.clone(), None)])).await?;
+        entries.remove(&key);
+        Ok(())
+    }
+
+    /// Re-reads the ConfigMap and returns every NSG recorded. Entries another process added
+    /// are taken in; entries this process recorded that are missing (the ConfigMap deleted or
+    /// edited by hand) are written back, so a lost inventory heals within one sweep.
+    pub async fn refresh(&self) -> Result<Vec<String>, kube::Error> {
+        let mut guard = self.entries.lock().await;
+        let stored = self.read().await?;
+        let entries = guard.get_or_insert_with(BTreeMap::new);
+        let missing: BTreeMap<String, Option<String>> = entries
+            .iter()
+            .filter(|(k, _)| !stored.contains_key(*k))
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        if !missing.is_empty() {
+            warn!(count = missing.len(), inventory = %self.name, "inventory entries went missing; writing them back");
+            self.write(missing).await?;
+        }
+        // Keep only well-formed entries: a value that is not the id its key names is noise.
+        entries.extend(stored.into_iter().filter(|(k, v)| *k == key(v)));
+        Ok(entries.values().cloned().collect())
+    }
+}
+
+/// The NSGs some live policy or grant names: their own reconciles sync them every resync.
+fn named_nsgs(world: &World) -> HashSet<String> {
+    let mut named = HashSet::new();
+    for policy in &world.policies {
+        named.extend(
+            nsgs_of_policy(policy)
+                .iter()
+                .map(|n| n.to_ascii_lowercase()),
+        );
+    }
+    for grant in &world.grants {
+        let policy = world.policy(
+            grant.namespace().as_deref().unwrap_or_default(),
+            grant.policy_name(),
+        );
+        named.extend(
+            nsgs_of_grant(grant, policy)
+                .iter()
+                .map(|n| n.to_ascii_lowercase()),
+        );
+    }
+    named
+}
+
+/// What one sweep did.
+#[derive(Debug, Default)]
+pub struct SweepOutcome {
+    /// NSGs synced because no live object names them.
+    pub swept: usize,
+    /// Rules deleted from them.
+    pub deleted: usize,
+    /// NSGs that no longer exist, dropped from the inventory.
+    pub dropped: usize,
+    /// NSGs that failed (logged and counted; retried next sweep).
+    pub failed: usize,
+}
+
+/// Syncs every inventoried NSG that no live object names: the normal sync plans it from the
+/// whole world, so it deletes exactly the rules of ours nobody explains. Each NSG on its own:
+/// one failing never stops the others.
+pub async fn sweep(ctx: &Ctx, inventory: &Inventory) -> Result<SweepOutcome, kube::Error> {
+    let recorded = inventory.refresh().await?;
+    ctx.telemetry.set_inventory_nsgs(recorded.len());
+    let named = named_nsgs(&ctx.world.snapshot());
+    let orphaned: Vec<String> = recorded
+        .into_iter()
+        .filter(|n| !named.contains(&n.to_ascii_lowercase()))
+        .collect();
+    let mut outcome = SweepOutcome {
+        swept: orphaned.len(),
+        ..Default::default()
+    };
+    let mut results = futures::stream::iter(orphaned)
+        .map(|nsg| async move {
+            let result = ctx
+                .nsgs
+                .sync(&nsg, || ctx.world.snapshot(), Timestamp::now())
+                .await;
+            (nsg, result)
+        })
+        .buffer_unordered(SWEEP_CONCURRENCY);
+    while let Some((nsg, result)) = results.next().await {
+        match result {
+            Ok(synced) => {
+                if !synced.deleted.is_empty() {
+                    info!(nsg, rules = ?synced.deleted, "sweep: deleted rules no live object explains");
+                }
+                outcome.deleted += synced.deleted.len();
+            }
+            Err(Error::Azure(AzureError::NotFound { .. })) => {
+                info!(
+                    nsg,
+                    "sweep: the NSG no longer exists; dropping it from the inventory"
+                );
+                match inventory.forget(&nsg).await {
+                    Ok(()) => outcome.dropped += 1,
+                    Err(e) => {
+                        warn!(nsg, error = %e, "sweep: could not drop a deleted NSG from the inventory");
+                        ctx.telemetry.sweep_failed();
+                        outcome.failed += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(nsg, error = %e, "sweep: could not sync this NSG; the next sweep retries");
+                ctx.telemetry.sweep_failed();
+                outcome.failed += 1;
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Sweeps once the caches are synced (the world must be whole, or live rules would look
+/// orphaned), then every `every`. Never returns while the controllers run.
+pub async fn run_sweeps(ctx: Ctx, inventory: Arc<Inventory>, every: Duration) {
+    if !ctx.world.wait_ready().await {
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match sweep(&ctx, &inventory).await {
+            Ok(outcome) => debug!(?outcome, "sweep done"),
+            Err(e) => {
+                warn!(error = %e, "sweep: cannot read the inventory; the next sweep retries");
+                ctx.telemetry.sweep_failed();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_configmap_keys_and_ignore_case() {
+        let id = "/subscriptions/S/resourceGroups/rg/providers/Microsoft.Network/networkSecurityGroups/Nsg_1";
+        let k = key(id);
+        assert_eq!(k, key(&id.to_ascii_lowercase()));
+        assert_ne!(k, key(&format!("{id}2")));
+        assert!(k.len() <= 253);
+        assert!(
+            k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        );
+    }
+
+    #[test]
+    fn key_is_stable_across_releases() {
+        // Stored in the cluster: changing the hash would orphan every recorded entry's key.
+        assert_eq!(key("abc"), "nsg-ba7816bf8f01cfea414140de5dae2223");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name(DEFAULT_NAME).is_ok());
+        assert!(validate_name("a.b-c").is_ok());
+        for bad in ["", "Upper", "-x", "x-", "a_b", &"a".repeat(254)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}
