@@ -71,6 +71,7 @@ fn foreign(n: usize) -> Vec<NsgRule> {
             source_port_ranges: vec!["*".into()],
             destination_address_prefixes: vec!["*".into()],
             destination_port_ranges: vec![format!("{}", 1000 + i)],
+            provisioning_failed: false,
         })
         .collect()
 }

@@ -62,6 +62,11 @@ struct RunArgs {
     /// NSGs.
     #[arg(long, env = "PORTCULLIS_ADOPT_LEGACY_RULES", default_value_t = true, action = clap::ArgAction::Set)]
     adopt_legacy_rules: bool,
+    /// Opt-in: set `flushConnection` on every NSG the operator writes to, so that closing a
+    /// grant's rule also cuts the connections it allowed (Azure NSGs are stateful). Every rule
+    /// change in such an NSG, by anyone, then re-evaluates every flow through it: see SECURITY.md.
+    #[arg(long, env = "PORTCULLIS_FLUSH_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set)]
+    flush_connections: bool,
     /// Seconds between reconciles of an unchanged object (bounds how long drift can stand).
     #[arg(long, env = "PORTCULLIS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
@@ -198,6 +203,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let settings = Settings {
         bands,
         naming: Naming::new(args.installation.clone(), args.adopt_legacy_rules),
+        flush_connections: args.flush_connections,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         concurrency: args.concurrency.max(1),
         namespaces: args

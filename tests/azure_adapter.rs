@@ -112,6 +112,7 @@ fn rule(name: &str, priority: u16, port: &str) -> NsgRule {
         source_port_ranges: vec!["*".into()],
         destination_address_prefixes: vec!["10.0.1.4".into(), "10.0.1.14".into()],
         destination_port_ranges: vec![port.to_string()],
+        provisioning_failed: false,
     }
 }
 

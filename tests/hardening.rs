@@ -798,3 +798,41 @@ async fn an_undecodable_object_is_set_aside_and_everything_else_is_served() {
     env.wait_event("later", "Undecodable", T).await;
     env.assert_user_rules_untouched().await;
 }
+
+// Defect 9: the flushConnection opt-in sets the property on every NSG written to, and nothing
+// else of the NSG changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flush_connections_opt_in_sets_flush_connection_on_every_nsg_written_to() {
+    use portcullis::azure::NetworkApi;
+    let settings = portcullis::controller::Settings {
+        resync: Duration::from_secs(2),
+        flush_connections: true,
+        ..Default::default()
+    };
+    let emulator = EmulatorConfig {
+        fixture: demo_fixture(),
+        ..Default::default()
+    };
+    let mut env = Env::with("flush", emulator, settings).await;
+    let azure = env.azure_client();
+    for nsg in ["nsg-vm1", "nsg-subnet"] {
+        let before = azure.read_nsg(&nsg_id(nsg)).await.expect("read");
+        assert_ne!(
+            before.raw["properties"]["flushConnection"],
+            json!(true),
+            "{nsg} starts without it"
+        );
+    }
+    env.start_operator();
+    env.create_policy("prod", standard_policy()).await;
+    env.wait_policy_ready("prod", T).await;
+    for nsg in ["nsg-vm1", "nsg-subnet"] {
+        let after = azure.read_nsg(&nsg_id(nsg)).await.expect("read");
+        assert_eq!(
+            after.raw["properties"]["flushConnection"],
+            json!(true),
+            "{nsg}"
+        );
+    }
+    env.assert_user_rules_untouched().await;
+}

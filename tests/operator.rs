@@ -505,7 +505,7 @@ async fn throttling_and_server_errors_delay_but_never_leave_a_grant_open() {
         (Timestamp::now() > expires_at + jiff::SignedDuration::from_millis(500)).then_some(())
     })
     .await;
-    // While Azure fails, the grant says so.
+    // While Azure fails, the grant says so: expired, rules still standing, retrying.
     wait_for("the grant to report the Azure failure", T, || async {
         let g = env.grants().get("frank").await.ok()?;
         let ready = g
@@ -513,7 +513,7 @@ async fn throttling_and_server_errors_delay_but_never_leave_a_grant_open() {
             .conditions
             .into_iter()
             .find(|c| c.type_ == "Ready")?;
-        (ready.reason == "AzureError" && ready.message.contains("retrying")).then_some(())
+        (ready.reason == "CloseFailed" && ready.message.contains("retrying")).then_some(())
     })
     .await;
     env.admin.clear_faults().await.expect("clear");

@@ -1016,6 +1016,7 @@ mod tests {
             source_port_ranges: vec!["*".into()],
             destination_address_prefixes: vec!["10.0.0.4".into()],
             destination_port_ranges: vec![port.into()],
+            provisioning_failed: false,
         }
     }
 

@@ -120,6 +120,10 @@ pub fn from_model(model: &SecurityRule) -> Result<NsgRule, AzureError> {
             &p.destination_address_prefixes,
         ),
         destination_port_ranges: fold(&p.destination_port_range, &p.destination_port_ranges),
+        provisioning_failed: matches!(
+            &p.provisioning_state,
+            Some(azure_mgmt_network::models::ProvisioningState::Failed)
+        ),
     })
 }
 
@@ -139,6 +143,7 @@ mod tests {
             source_port_ranges: vec!["*".into()],
             destination_address_prefixes: vec!["10.0.0.4".into(), "10.0.0.5".into()],
             destination_port_ranges: vec!["22".into()],
+            provisioning_failed: false,
         }
     }
 

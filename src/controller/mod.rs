@@ -60,6 +60,9 @@ pub struct Settings {
     pub inventory_namespace: Option<String>,
     /// Name of the inventory ConfigMap.
     pub inventory_name: String,
+    /// Opt-in: set `flushConnection` on every NSG written to, so closing a rule also cuts the
+    /// connections it allowed (see SECURITY.md for the cost).
+    pub flush_connections: bool,
 }
 
 impl Settings {
@@ -84,6 +87,7 @@ impl Default for Settings {
             leader_election: None,
             inventory_namespace: None,
             inventory_name: inventory::DEFAULT_NAME.to_string(),
+            flush_connections: false,
         }
     }
 }
@@ -104,7 +108,41 @@ pub fn retry_delay(error: &Error, attempt: u32) -> Duration {
             |asked| asked.min(Duration::from_secs(60)),
         ),
         Some(_) => exponential(Duration::from_secs(1), Duration::from_secs(300)),
-        None => exponential(Duration::from_secs(1), Duration::from_secs(60)),
+        // Kubernetes errors are mostly the API server being away for a moment: once it is back,
+        // a lapsed grant must close and a new one open within seconds.
+        None => exponential(Duration::from_millis(500), Duration::from_secs(5)),
+    }
+}
+
+/// Retries of a failed watch: soon, and at most 2 s apart. kube-runtime's default grows to 30 s,
+/// so a grant created right after the API server came back waited up to half a minute.
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(2);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (now * 2).min(Self::MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
     }
 }
 
@@ -239,7 +277,8 @@ pub async fn run(
         }
     }
     telemetry.set_leader(true);
-    let nsgs = NsgSyncer::new(azure, settings.bands.clone(), settings.naming.clone());
+    let nsgs = NsgSyncer::new(azure, settings.bands.clone(), settings.naming.clone())
+        .with_flush_connections(settings.flush_connections);
     let controllers = run_controllers(client, nsgs, settings, telemetry.clone(), shutdown.clone());
     let (Some(elector), Some(acquired_at)) = (elector, acquired_at) else {
         return controllers.await;
@@ -308,7 +347,9 @@ async fn run_controllers(
     // come from a stale watch cache whose resourceVersion the new watch refuses with 410, again
     // and again.
     let wc = watcher::Config::default();
-    let raw_watch = |api: Api<kube::api::DynamicObject>| watcher(api, wc.clone()).default_backoff();
+    let raw_watch = |api: Api<kube::api::DynamicObject>| {
+        watcher(api, wc.clone()).backoff(WatchBackoff::default())
+    };
     let mut policy_ctls = Vec::new();
     let mut grant_ctls = Vec::new();
     let (mut policy_stores, mut grant_stores) = (Vec::new(), Vec::new());

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use jiff::Timestamp;
 use tracing::{debug, info, instrument};
@@ -11,12 +12,12 @@ use tracing::{debug, info, instrument};
 use super::Error;
 use super::inventory::Inventory;
 use super::world::World;
-use crate::azure::NetworkApi;
+use crate::azure::{AzureError, NetworkApi};
 use crate::plan::rule::NsgRule;
 use crate::plan::{Bands, Naming, RuleIntent, desired_rules, plan_nsg};
 
 /// What a sync did and what now stands in the NSG.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct NsgOutcome {
     pub nsg_id: String,
     /// Every Portcullis rule that stands in the NSG after the sync, with its priority.
@@ -32,15 +33,24 @@ pub struct NsgOutcome {
     pub writes: usize,
 }
 
+/// The last successful sync of an NSG: when it began, and what it did.
+struct LastSync {
+    started: Instant,
+    outcome: NsgOutcome,
+}
+
 pub struct NsgSyncer {
     azure: Arc<dyn NetworkApi>,
     bands: Bands,
     naming: Naming,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LastSync>>>>>,
     /// Cleared the moment leadership is lost: no write starts after that.
     writes_allowed: AtomicBool,
     /// Where every NSG is recorded before its first write (see `inventory`).
     inventory: Option<Arc<Inventory>>,
+    /// Opt-in: set `flushConnection` on every NSG before writing to it, so that closing a rule
+    /// also cuts the connections it allowed. The NSGs known to have it set.
+    flush_connections: Option<Mutex<HashSet<String>>>,
 }
 
 impl NsgSyncer {
@@ -52,7 +62,61 @@ impl NsgSyncer {
             locks: Mutex::new(HashMap::new()),
             writes_allowed: AtomicBool::new(true),
             inventory: None,
+            flush_connections: None,
         }
+    }
+
+    /// Sets the NSG's `flushConnection` before the first write to it (see SECURITY.md for the
+    /// cost: every rule change in that NSG, by anyone, re-evaluates every flow through it).
+    pub fn with_flush_connections(mut self, enabled: bool) -> Self {
+        self.flush_connections = enabled.then(|| Mutex::new(HashSet::new()));
+        self
+    }
+
+    /// With the opt-in, makes sure the NSG re-evaluates established flows when rules change: one
+    /// conditional whole-NSG PUT that changes only `flushConnection` (re-read on 412).
+    async fn ensure_flush_connection(&self, nsg_id: &str) -> Result<(), Error> {
+        let Some(flushed) = &self.flush_connections else {
+            return Ok(());
+        };
+        let key = nsg_id.to_ascii_lowercase();
+        let known = |f: &Mutex<HashSet<String>>| {
+            f.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .contains(&key)
+        };
+        if known(flushed) {
+            return Ok(());
+        }
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let mut snapshot = self.azure.read_nsg(nsg_id).await?;
+            let props = snapshot
+                .raw
+                .get_mut("properties")
+                .and_then(|p| p.as_object_mut());
+            let Some(props) = props else {
+                return Err(
+                    AzureError::InvalidResponse(format!("NSG {nsg_id} has no properties")).into(),
+                );
+            };
+            if props.get("flushConnection").and_then(|v| v.as_bool()) != Some(true) {
+                props.insert("flushConnection".into(), serde_json::Value::Bool(true));
+                info!(attempt, "setting flushConnection on the NSG (opt-in)");
+                self.check_writes_allowed()?;
+                match self.azure.put_nsg(&snapshot, &[], &[]).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_precondition_failed() && attempt < ATTEMPTS => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            flushed
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(key);
+            return Ok(());
+        }
+        Ok(())
     }
 
     /// Records every NSG in `inventory` before the first write to it.
@@ -97,7 +161,7 @@ impl NsgSyncer {
         &self.naming
     }
 
-    fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<Option<LastSync>>> {
         let mut locks = self
             .locks
             .lock()
@@ -150,8 +214,33 @@ impl NsgSyncer {
         world: impl FnOnce() -> World,
         now: Timestamp,
     ) -> Result<NsgOutcome, Error> {
+        let requested = Instant::now();
         let lock = self.lock_for(nsg_id);
-        let _held = lock.lock().await;
+        let mut last = lock.lock().await;
+        // Many reconciles ask for the same NSG at once (every grant in a shared subnet NSG): a
+        // sync that began after this request read a world at least as new as the caller's, so
+        // its result stands for this request too, and the queue drains in one more sync.
+        if let Some(done) = last.as_ref().filter(|d| d.started >= requested) {
+            debug!("NSG synced since this request: result shared");
+            return Ok(done.outcome.clone());
+        }
+        let started = Instant::now();
+        let outcome = self.sync_locked(nsg_id, world, now).await?;
+        *last = Some(LastSync {
+            started,
+            outcome: outcome.clone(),
+        });
+        Ok(outcome)
+    }
+
+    async fn sync_locked(
+        &self,
+        nsg_id: &str,
+        world: impl FnOnce() -> World,
+        now: Timestamp,
+    ) -> Result<NsgOutcome, Error> {
+        // The clock as of now, not as of the caller's reconcile start: the world is read now.
+        let now = now.max(Timestamp::now());
         let world = world();
         let desired = desired_rules(nsg_id, &world.policies, &world.grants, now, &self.naming);
         let existing = self.azure.list_rules(nsg_id).await?;
@@ -172,6 +261,7 @@ impl NsgSyncer {
             return Ok(outcome);
         }
         self.record(nsg_id).await?;
+        self.ensure_flush_connection(nsg_id).await?;
         // Deletes first: a rule being replaced never holds a priority another put wants.
         let mut locked = Vec::new();
         for name in &plan.deletes {

@@ -66,6 +66,7 @@ impl RuleIntent {
             source_port_ranges: self.source_port_ranges.clone(),
             destination_address_prefixes: self.destination_address_prefixes.clone(),
             destination_port_ranges: self.destination_port_ranges.clone(),
+            provisioning_failed: false,
         }
     }
 }

@@ -338,6 +338,7 @@ mod tests {
             source_port_ranges: vec!["*".into()],
             destination_address_prefixes: vec!["*".into()],
             destination_port_ranges: vec!["443".into()],
+            provisioning_failed: false,
         }
     }
 

@@ -59,17 +59,23 @@ pub struct NsgRule {
     pub source_port_ranges: Vec<String>,
     pub destination_address_prefixes: Vec<String>,
     pub destination_port_ranges: Vec<String>,
+    /// Azure reports the rule's last write as `Failed`: whatever it holds is not to be trusted,
+    /// so a rule of ours in that state is written again.
+    pub provisioning_failed: bool,
 }
 
 impl NsgRule {
-    /// Compares what Azure enforces and shows (everything), ignoring list order.
+    /// Compares what Azure enforces and shows (everything), ignoring list order. A rule whose
+    /// provisioning failed matches nothing.
     pub fn same_content(&self, other: &NsgRule) -> bool {
         fn sorted(v: &[String]) -> Vec<String> {
             let mut v = v.to_vec();
             v.sort();
             v
         }
-        self.name.eq_ignore_ascii_case(&other.name)
+        !self.provisioning_failed
+            && !other.provisioning_failed
+            && self.name.eq_ignore_ascii_case(&other.name)
             && self.description == other.description
             && self.priority == other.priority
             && self.direction == other.direction
