@@ -130,9 +130,11 @@ async fn start(config: EmulatorConfig) -> RunningEmulator {
         .expect("emulator starts")
 }
 
+/// The adapter's own retries are under test here: let them run up to the operation deadline.
 fn options() -> AzureClientOptions {
     AzureClientOptions {
         operation_deadline: Duration::from_secs(30),
+        retry_budget: Duration::from_secs(30),
         ..AzureClientOptions::default()
     }
 }

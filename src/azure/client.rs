@@ -53,6 +53,12 @@ pub struct AzureClientOptions {
     pub backoff_initial: Duration,
     /// Largest backoff.
     pub backoff_max: Duration,
+    /// How long one call may spend retrying a failed request (429, 5xx, a dropped connection)
+    /// before it returns the error. Short, so that a reconcile is never held for long by a
+    /// failing request: the controller retries with a fresh plan soon after, and a grant that
+    /// expired meanwhile is closed instead of opened. Polling an accepted operation is bounded
+    /// by `operation_deadline` alone.
+    pub retry_budget: Duration,
     /// OAuth scopes requested for ARM.
     pub scopes: Vec<String>,
     /// The HTTP client (default: azure_core's reqwest client with rustls).
@@ -68,6 +74,7 @@ impl Default for AzureClientOptions {
             max_wait: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            retry_budget: Duration::from_secs(3),
             scopes: vec![MANAGEMENT_SCOPE.to_string()],
             http_client: None,
         }
@@ -227,6 +234,7 @@ impl AzureNetworkClient {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, AzureError>>,
     {
+        let give_up = deadline.min(Instant::now() + self.options.retry_budget);
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -237,8 +245,8 @@ impl AzureNetworkClient {
                 Err(e) => e,
             };
             let wait = self.retry_wait(&err, attempt);
-            if Instant::now() + wait >= deadline {
-                warn!(what, attempt, error = %err, category = err.category(), "giving up: deadline reached");
+            if Instant::now() + wait >= give_up {
+                warn!(what, attempt, error = %err, category = err.category(), "giving up: retry budget spent");
                 return Err(err);
             }
             info!(what, attempt, error = %err, category = err.category(), wait_ms = wait.as_millis() as u64, "retrying");

@@ -331,6 +331,28 @@ impl Env {
         );
     }
 
+    /// As [`Env::assert_user_rules_untouched`], but etags may move: a whole-NSG PUT (the write
+    /// Azure allows under a `CanNotDelete` lock, or the `flushConnection` opt-in) gives every
+    /// rule of the NSG a new etag while changing nothing else.
+    pub async fn assert_user_rules_untouched_but_etags(&self) {
+        let without_etags = |rules: Vec<Value>| -> Vec<Value> {
+            rules
+                .into_iter()
+                .map(|mut r| {
+                    if let Some(o) = r.as_object_mut() {
+                        o.remove("etag");
+                    }
+                    r
+                })
+                .collect()
+        };
+        assert_eq!(
+            without_etags(self.foreign_rules().await),
+            without_etags(self.user_rules_at_start.clone()),
+            "user rules must be unchanged but for their etags"
+        );
+    }
+
     pub async fn writes(&self) -> u64 {
         self.admin.stats().await.expect("emulator stats").writes
     }
