@@ -73,8 +73,8 @@ impl Default for AzureClientOptions {
             poll_floor: Duration::from_millis(50),
             max_wait: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
-            retry_budget: Duration::from_secs(3),
+            backoff_max: Duration::from_secs(1),
+            retry_budget: Duration::from_millis(1500),
             scopes: vec![MANAGEMENT_SCOPE.to_string()],
             http_client: None,
         }

@@ -93,7 +93,7 @@ impl Default for Settings {
 }
 
 /// How long to wait before retrying an object whose reconcile failed `attempt` times in a row.
-/// A transient Azure failure (429, 5xx, a dropped connection) is retried soon, at most 2 s
+/// A transient Azure failure (429, 5xx, a dropped connection) is retried soon, at most 1 s
 /// apart, or when Azure's `Retry-After` says: a lapsed grant must close soon after Azure answers
 /// again. A failure that retrying will not cure soon (403, 400, a lock, a bad object) backs off
 /// exponentially to 5 minutes, per object, so it neither hammers Azure nor starves the rest.
@@ -104,7 +104,7 @@ pub fn retry_delay(error: &Error, attempt: u32) -> Duration {
     };
     match error.azure() {
         Some(e) if e.is_retryable() => e.retry_after().map_or_else(
-            || exponential(Duration::from_millis(500), Duration::from_secs(2)),
+            || exponential(Duration::from_millis(500), Duration::from_secs(1)),
             |asked| asked.min(Duration::from_secs(60)),
         ),
         Some(_) => exponential(Duration::from_secs(1), Duration::from_secs(300)),
