@@ -170,12 +170,7 @@ async fn a_status_edited_to_ask_for_more_than_the_policy_allows_is_closed() {
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
             .expect("Ready");
         assert_eq!(ready.reason, "NoLongerAllowed", "{name}");
-        wait_for(&format!("{name}'s rules gone"), T, || async {
-            let a = env.grant_names_in_nsg("nsg-vm1", grant).await;
-            let b = env.grant_names_in_nsg("nsg-subnet", grant).await;
-            (a.is_empty() && b.is_empty()).then_some(())
-        })
-        .await;
+        env.wait_rules_gone(grant, T).await;
     }
     env.assert_user_rules_untouched().await;
 }
@@ -483,12 +478,7 @@ async fn closing_under_a_cannotdelete_lock_succeeds_by_the_write_azure_allows() 
         .await
         .expect("lock");
     let closed = env.wait_grant_phase("alice", GrantPhase::Expired, T).await;
-    wait_for("alice's rules gone under the lock", T, || async {
-        let a = env.grant_names_in_nsg("nsg-vm1", &g).await;
-        let b = env.grant_names_in_nsg("nsg-subnet", &g).await;
-        (a.is_empty() && b.is_empty()).then_some(())
-    })
-    .await;
+    env.wait_rules_gone(&g, T).await;
     let closed = env
         .wait_grant_condition("alice", "Ready", "Expired", T)
         .await
@@ -709,12 +699,7 @@ async fn an_undecodable_object_is_set_aside_and_everything_else_is_served() {
     let telemetry = env.start_operator();
     env.wait_grant_phase("lapsing", GrantPhase::Expired, T)
         .await;
-    wait_for("lapsing's rules gone", T, || async {
-        let a = env.grant_names_in_nsg("nsg-vm1", &lapsing).await;
-        let b = env.grant_names_in_nsg("nsg-subnet", &lapsing).await;
-        (a.is_empty() && b.is_empty()).then_some(())
-    })
-    .await;
+    env.wait_rules_gone(&lapsing, T).await;
     env.wait_event("odd", "Undecodable", T).await;
     env.wait_event("prod", "Undecodable", T).await;
     wait_for("the undecodable gauge", T, || async {
@@ -778,12 +763,7 @@ async fn an_undecodable_object_is_set_aside_and_everything_else_is_served() {
         )
         .await
         .expect("odd grant status admitted");
-    wait_for("the vandalised grant's rules closed", T, || async {
-        let a = env.grant_names_in_nsg("nsg-vm1", &later).await;
-        let b = env.grant_names_in_nsg("nsg-subnet", &later).await;
-        (a.is_empty() && b.is_empty()).then_some(())
-    })
-    .await;
+    env.wait_rules_gone(&later, T).await;
     env.wait_event("later", "Undecodable", T).await;
     env.assert_user_rules_untouched().await;
 }

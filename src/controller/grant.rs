@@ -107,6 +107,19 @@ async fn sync_grant_nsgs(
     (outcomes, failures)
 }
 
+/// The recorded rules in the NSGs that failed: as far as we know they still stand.
+fn standing_in(rules: &[GrantedRule], failures: &[NsgFailure]) -> Vec<GrantedRule> {
+    rules
+        .iter()
+        .filter(|r| {
+            failures
+                .iter()
+                .any(|f| f.nsg_id.eq_ignore_ascii_case(&r.network_security_group))
+        })
+        .cloned()
+        .collect()
+}
+
 fn describe(failures: &[NsgFailure]) -> String {
     failures
         .iter()
@@ -176,16 +189,7 @@ async fn close(
     };
     let mut status = closed_status(grant, phase, reason, &message, now);
     if !failures.is_empty() {
-        status.rules = before
-            .rules
-            .iter()
-            .filter(|r| {
-                failures
-                    .iter()
-                    .any(|f| f.nsg_id.eq_ignore_ascii_case(&r.network_security_group))
-            })
-            .cloned()
-            .collect();
+        status.rules = standing_in(&before.rules, &failures);
         let msg = format!(
             "{message}; rules still standing, retrying: {}",
             describe(&failures)
@@ -478,17 +482,7 @@ async fn open_and_heal(
         );
     }
     // Rules in NSGs that failed this time are still what they were.
-    rules.extend(
-        before
-            .rules
-            .iter()
-            .filter(|r| {
-                failures
-                    .iter()
-                    .any(|f| f.nsg_id.eq_ignore_ascii_case(&r.network_security_group))
-            })
-            .cloned(),
-    );
+    rules.extend(standing_in(&before.rules, &failures));
     let mut status = before.clone();
     let was_ready =
         crate::api::condition::find(&status.conditions, READY).is_some_and(|c| c.status == "True");

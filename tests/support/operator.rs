@@ -396,6 +396,20 @@ impl Env {
         .await
     }
 
+    /// Waits until the grant's rules are gone from both NSGs of the demo fixture.
+    pub async fn wait_rules_gone(&self, grant: &AccessGrant, timeout: Duration) {
+        wait_for(
+            &format!("{}'s rules gone", grant.name_any()),
+            timeout,
+            || async {
+                let a = self.grant_names_in_nsg("nsg-vm1", grant).await;
+                let b = self.grant_names_in_nsg("nsg-subnet", grant).await;
+                (a.is_empty() && b.is_empty()).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Merge-patches a grant's spec, as `kubectl edit` or a GitOps re-apply would.
     pub async fn patch_grant_spec(&self, name: &str, spec: Value) -> AccessGrant {
         self.grants()
