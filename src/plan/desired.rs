@@ -1165,7 +1165,7 @@ pub(crate) mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+            #![proptest_config(ProptestConfig::default())] // PROPTEST_CASES sets the count (256)
 
             #[test]
             fn allow_rules_stay_inside_the_policy(

@@ -976,7 +976,8 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+            // At least 512 cases; PROPTEST_CASES asks for more.
+            #![proptest_config(ProptestConfig { cases: ProptestConfig::default().cases.max(512), ..ProptestConfig::default() })]
 
             #[test]
             fn plans_are_safe_and_idempotent(

@@ -653,7 +653,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+            #![proptest_config(ProptestConfig::default())] // PROPTEST_CASES sets the count (256)
 
             /// Every name the planner can produce parses exactly, renders back to itself, is
             /// writable by its installation only, and belongs to its object only.
