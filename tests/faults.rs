@@ -451,7 +451,10 @@ async fn the_api_server_restarted_mid_run_closes_on_time_and_new_grants_open_aft
     env.wait_grant_phase("during", GrantPhase::Active, Duration::from_secs(90))
         .await;
     let opened_after = back.elapsed();
-    after_window(&env, T).await;
+    // Not `after_window`: recovery can outlast the `long` grant's minute (see below), so only
+    // what must hold whatever the timing is checked: no stale rule, I1-I4.
+    env.assert_i1_within(T).await;
+    env.assert_invariants(T).await;
     // Measured, not asserted tighter: the watches can take tens of seconds to settle after a
     // restart with etcd kept (repeated 410 "too old resource version"); a known gap.
     eprintln!("the grant created after the API server came back opened after {opened_after:?}");
