@@ -149,9 +149,21 @@ pub fn closed_status(
     message: &str,
     now: Timestamp,
 ) -> AccessGrantStatus {
+    let mut status = status_in_phase(grant, phase, reason, message, now);
+    status.rules.clear();
+    status
+}
+
+/// The grant's status in `phase`, its spec seen, and `Ready=False` saying why.
+fn status_in_phase(
+    grant: &AccessGrant,
+    phase: GrantPhase,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> AccessGrantStatus {
     let mut status = grant.status.clone().unwrap_or_default();
     status.phase = Some(phase);
-    status.rules.clear();
     status.observed_generation = grant.metadata.generation;
     set_condition(
         &mut status.conditions,
@@ -411,20 +423,13 @@ async fn deny(
     ctx: &Ctx,
     denial: crate::plan::Denial,
 ) -> Result<Activation, Error> {
-    let generation = grant.metadata.generation;
-    let mut status = grant.status.clone().unwrap_or_default();
-    status.phase = Some(GrantPhase::Denied);
-    status.observed_generation = generation;
     let reason = denial.reason.as_str();
-    let now = Timestamp::now();
-    set_condition(
-        &mut status.conditions,
-        READY,
-        false,
+    let status = status_in_phase(
+        grant,
+        GrantPhase::Denied,
         reason,
         &denial.message,
-        generation,
-        now,
+        Timestamp::now(),
     );
     let updated = apply_status(api, grant, &status).await?;
     ctx.world.record_grant(&updated);
@@ -590,20 +595,8 @@ async fn pending(
     reason: &str,
     message: String,
 ) -> Result<Activation, Error> {
-    let generation = grant.metadata.generation;
-    let mut status = grant.status.clone().unwrap_or_default();
-    status.phase = Some(GrantPhase::Pending);
-    status.observed_generation = generation;
     let now = Timestamp::now();
-    set_condition(
-        &mut status.conditions,
-        READY,
-        false,
-        reason,
-        &message,
-        generation,
-        now,
-    );
+    let status = status_in_phase(grant, GrantPhase::Pending, reason, &message, now);
     if grant.status.as_ref() != Some(&status) {
         let updated = apply_status(api, grant, &status).await?;
         ctx.world.record_grant(&updated);

@@ -12,7 +12,7 @@ use tracing::{debug, info, instrument};
 use super::Error;
 use super::inventory::Inventory;
 use super::world::World;
-use crate::azure::{AzureError, NetworkApi};
+use crate::azure::{AzureError, NetworkApi, NsgSnapshot};
 use crate::plan::rule::NsgRule;
 use crate::plan::{Bands, Naming, RuleIntent, desired_rules, plan_nsg};
 
@@ -74,49 +74,67 @@ impl NsgSyncer {
     }
 
     /// With the opt-in, makes sure the NSG re-evaluates established flows when rules change: one
-    /// conditional whole-NSG PUT that changes only `flushConnection` (re-read on 412).
+    /// conditional whole-NSG PUT that changes only `flushConnection`.
     async fn ensure_flush_connection(&self, nsg_id: &str) -> Result<(), Error> {
         let Some(flushed) = &self.flush_connections else {
             return Ok(());
         };
         let key = nsg_id.to_ascii_lowercase();
-        let known = |f: &Mutex<HashSet<String>>| {
-            f.lock()
+        let flushed = || {
+            flushed
+                .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .contains(&key)
         };
-        if known(flushed) {
+        if flushed().contains(&key) {
             return Ok(());
         }
-        const ATTEMPTS: usize = 3;
-        for attempt in 1..=ATTEMPTS {
-            let mut snapshot = self.azure.read_nsg(nsg_id).await?;
-            let props = snapshot
+        self.write_whole_nsg(nsg_id, |snapshot| {
+            let Some(props) = snapshot
                 .raw
                 .get_mut("properties")
-                .and_then(|p| p.as_object_mut());
-            let Some(props) = props else {
+                .and_then(|p| p.as_object_mut())
+            else {
                 return Err(
                     AzureError::InvalidResponse(format!("NSG {nsg_id} has no properties")).into(),
                 );
             };
-            if props.get("flushConnection").and_then(|v| v.as_bool()) != Some(true) {
-                props.insert("flushConnection".into(), serde_json::Value::Bool(true));
-                info!(attempt, "setting flushConnection on the NSG (opt-in)");
-                self.check_writes_allowed()?;
-                match self.azure.put_nsg(&snapshot, &[], &[]).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_precondition_failed() && attempt < ATTEMPTS => continue,
-                    Err(e) => return Err(e.into()),
-                }
+            if props.get("flushConnection").and_then(|v| v.as_bool()) == Some(true) {
+                return Ok(None);
             }
-            flushed
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .insert(key);
-            return Ok(());
-        }
+            props.insert("flushConnection".into(), serde_json::Value::Bool(true));
+            info!("setting flushConnection on the NSG (opt-in)");
+            Ok(Some(Vec::new()))
+        })
+        .await?;
+        flushed().insert(key);
         Ok(())
+    }
+
+    /// One conditional write of the whole NSG: read it, let `edit` change the snapshot and name
+    /// the rules to drop (`None`: nothing to write), PUT it with `If-Match` on the etag just read,
+    /// and on 412 read and decide again, a few times. Every other property and rule goes back as
+    /// read. Returns the number of writes made.
+    async fn write_whole_nsg(
+        &self,
+        nsg_id: &str,
+        mut edit: impl FnMut(&mut NsgSnapshot) -> Result<Option<Vec<String>>, Error>,
+    ) -> Result<usize, Error> {
+        const ATTEMPTS: usize = 3;
+        let mut writes = 0;
+        for attempt in 1..=ATTEMPTS {
+            let mut snapshot = self.azure.read_nsg(nsg_id).await?;
+            let Some(deletes) = edit(&mut snapshot)? else {
+                return Ok(writes);
+            };
+            self.check_writes_allowed()?;
+            writes += 1;
+            match self.azure.put_nsg(&snapshot, &deletes, &[]).await {
+                Ok(()) => return Ok(writes),
+                Err(e) if e.is_precondition_failed() && attempt < ATTEMPTS => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(writes)
     }
 
     /// Records every NSG in `inventory` before the first write to it.
@@ -172,14 +190,10 @@ impl NsgSyncer {
             .clone()
     }
 
-    /// Removes rules by one conditional PUT of the whole NSG without them (`If-Match` on the
-    /// etag just read; re-read on 412, a few times). Every other property and rule goes back as
-    /// read. Returns the number of writes made.
+    /// Removes rules by one conditional PUT of the whole NSG without them (the write Azure
+    /// allows under a `CanNotDelete` lock). Returns the number of writes made.
     async fn delete_by_nsg_put(&self, nsg_id: &str, names: &[String]) -> Result<usize, Error> {
-        const ATTEMPTS: usize = 3;
-        let mut writes = 0;
-        for attempt in 1..=ATTEMPTS {
-            let snapshot = self.azure.read_nsg(nsg_id).await?;
+        self.write_whole_nsg(nsg_id, |snapshot| {
             let present: Vec<String> = names
                 .iter()
                 .filter(|n| {
@@ -191,18 +205,12 @@ impl NsgSyncer {
                 .cloned()
                 .collect();
             if present.is_empty() {
-                return Ok(writes);
+                return Ok(None);
             }
-            info!(rules = ?present, attempt, "rule DELETE refused by a lock: removing by a conditional NSG PUT");
-            self.check_writes_allowed()?;
-            writes += 1;
-            match self.azure.put_nsg(&snapshot, &present, &[]).await {
-                Ok(()) => return Ok(writes),
-                Err(e) if e.is_precondition_failed() && attempt < ATTEMPTS => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(writes)
+            info!(rules = ?present, "rule DELETE refused by a lock: removing by a conditional NSG PUT");
+            Ok(Some(present))
+        })
+        .await
     }
 
     /// Makes the NSG match what `world` asks for at `now`. `world` is taken by a closure so the

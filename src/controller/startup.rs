@@ -34,14 +34,14 @@ async fn read_world(client: &Client, scopes: &[Option<String>]) -> Option<World>
         let policies = decode::list::<JitPolicy>(&policies_api).await;
         let grants = decode::list::<AccessGrant>(&grants_api).await;
         match (policies, grants) {
-            (Ok((policies, bad_policies)), Ok((grants, bad_grants))) => {
+            // Undecodable grants are left out of the world: the watch reports each and syncs
+            // its NSGs, which closes what it opened.
+            (Ok((policies, bad_policies)), Ok((grants, _))) => {
                 world.policies.extend(policies);
                 world.grants.extend(grants);
                 world
                     .quarantined_policies
                     .extend(bad_policies.into_iter().filter_map(|u| u.reference.uid));
-                // An undecodable grant is not in the world: its rules close with its NSGs.
-                drop(bad_grants);
             }
             (Err(e), _) | (_, Err(e)) => {
                 warn!(namespace = ns.as_deref().unwrap_or("*"), error = %e, "start-up: could not list; the controllers will close lapsed grants");
