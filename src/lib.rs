@@ -3,6 +3,7 @@
 //! Layout: `api` (CRD types), `plan` (pure: validate, plan, diff), `azure` (the Azure edge),
 //! `controller` (the reconcile loops).
 
+pub mod admission;
 pub mod api;
 pub mod azure;
 pub mod controller;

@@ -5,6 +5,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::approval::Decision;
+use super::identity::UserRef;
 use super::schema;
 
 // kube-derive takes one `printcolumn(..)` per column; clippy reads their repeated keys as duplicates.
@@ -19,6 +21,11 @@ use super::schema;
     status = "AccessGrantStatus",
     doc = "A request for just-in-time network access to one Azure VM.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Requester",
+        type_ = "string",
+        json_path = ".status.requestedBy.username"
+    ),
     printcolumn(name = "VM", type_ = "string", json_path = ".spec.virtualMachine"),
     printcolumn(name = "Ports", type_ = "string", json_path = ".spec.ports"),
     printcolumn(
@@ -138,6 +145,15 @@ pub struct AccessGrantStatus {
     /// a later edit of the spec never widens (or moves) what is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granted: Option<GrantedAccess>,
+    /// Who asked, as the admission webhook recorded it when the grant was created. Absent when
+    /// no verified record exists (the webhook was bypassed): such a grant is never attributed to
+    /// anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<UserRef>,
+    /// The decisions of approvers on this grant, in the order they were made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub approvals: Vec<RecordedDecision>,
     /// The Allow rules this grant opened.
     #[serde(default)]
     pub rules: Vec<GrantedRule>,
@@ -161,6 +177,17 @@ pub struct GrantedAccess {
     /// The source, in canonical form.
     pub source_address_prefix: String,
     pub justification: String,
+}
+
+/// One approver's decision, as counted.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct RecordedDecision {
+    pub approver: String,
+    pub decision: Decision,
+    #[schemars(extend("pattern" = schema::RFC3339_DATE_TIME))]
+    pub at: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

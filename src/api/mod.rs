@@ -1,19 +1,23 @@
-//! The custom resources: `JitPolicy` and `AccessGrant` (group `portcullis.dev`, `v1alpha1`).
+//! The custom resources: `JitPolicy`, `AccessGrant` and `AccessApproval` (group `portcullis.dev`, `v1alpha1`).
 //!
 //! Syntactic rules live in the OpenAPI schema (so the API server refuses malformed objects);
 //! the controller enforces every one of them again, since v1.20-era servers and old clients
 //! may not.
 
+pub mod approval;
 pub mod condition;
 pub mod duration;
 pub mod grant;
+pub mod identity;
 pub mod policy;
 pub mod schema;
 
+pub use approval::{AccessApproval, AccessApprovalSpec, Decision, GrantRef};
 pub use grant::{
     AccessGrant, AccessGrantSpec, AccessGrantStatus, GrantPhase, GrantedAccess, GrantedPort,
-    GrantedRule, PolicyRef,
+    GrantedRule, PolicyRef, RecordedDecision,
 };
+pub use identity::{ApprovalPolicy, Subjects, UserRef};
 pub use policy::{
     JitPolicy, JitPolicySpec, JitPolicyStatus, PolicyPort, PolicyVirtualMachine, Protocol,
     ResolvedTarget,
@@ -26,7 +30,7 @@ pub const GROUP: &str = "portcullis.dev";
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     let mut out = String::new();
-    for crd in [JitPolicy::crd(), AccessGrant::crd()] {
+    for crd in [JitPolicy::crd(), AccessGrant::crd(), AccessApproval::crd()] {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd)?);
     }

@@ -7,11 +7,12 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::identity::{ApprovalPolicy, Subjects};
 use super::schema;
 
 // kube-derive takes one `printcolumn(..)` per column; clippy reads their repeated keys as duplicates.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "portcullis.dev",
     version = "v1alpha1",
@@ -48,6 +49,13 @@ pub struct JitPolicySpec {
     /// The VMs this policy governs, as Defender's `virtualMachines`.
     #[schemars(length(min = 1, max = 100))]
     pub virtual_machines: Vec<PolicyVirtualMachine>,
+    /// Who may request access under this policy. Absent: anyone whom RBAC lets create grants
+    /// in the namespace. A grant from anyone else is denied (`RequesterNotAllowed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requesters: Option<Subjects>,
+    /// Approval needed before a grant activates. Absent or `required: 0`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalPolicy>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -90,6 +98,10 @@ pub struct PolicyPort {
     /// ISO 8601 (as Defender), e.g. PT3H; at most P1D.
     #[schemars(regex(pattern = schema::ISO8601_DURATION), length(max = schema::MAX_DURATION_LEN))]
     pub max_request_access_duration: String,
+    /// Approval for this port, in place of the policy's. A grant asking for several ports needs
+    /// what each of them needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalPolicy>,
 }
 
 impl PolicyPort {

@@ -1042,6 +1042,7 @@ pub(crate) mod tests {
                         .map(|s| s.to_string())
                         .collect(),
                     max_request_access_duration: max.to_string(),
+                    approval: None,
                 })
         }
 
@@ -1077,6 +1078,7 @@ pub(crate) mod tests {
                     "policy-uid",
                     JitPolicySpec {
                         virtual_machines: vec![a.0, b.0],
+                        ..Default::default()
                     },
                     vec![a.1, b.1],
                 )

@@ -741,6 +741,7 @@ pub(crate) mod tests {
             allowed_source_address_prefix: None,
             allowed_source_address_prefixes: allowed.iter().map(|s| s.to_string()).collect(),
             max_request_access_duration: max.to_string(),
+            approval: None,
         }
     }
 
@@ -769,6 +770,7 @@ pub(crate) mod tests {
                     ports: vec![port(3389, Protocol::Tcp, &["198.51.100.0/24"], "P1D")],
                 },
             ],
+            ..Default::default()
         }
     }
 
@@ -1247,6 +1249,7 @@ pub(crate) mod tests {
     fn policy_vm_count() {
         let p = JitPolicySpec {
             virtual_machines: vec![],
+            ..Default::default()
         };
         assert_eq!(
             policy_refused(&p).reason,
