@@ -219,6 +219,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .filter(|n| !n.is_empty()),
         inventory_name: args.inventory_name.clone(),
+        // Set once the webhook's key is loaded (the webhook work wires it).
+        stamp_key: None,
     };
     let credential_config =
         CredentialConfig::from_env().map_err(|e| format!("Azure credential: {e}"))?;

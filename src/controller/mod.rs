@@ -63,6 +63,10 @@ pub struct Settings {
     /// Opt-in: set `flushConnection` on every NSG written to, so closing a rule also cuts the
     /// connections it allowed (see SECURITY.md for the cost).
     pub flush_connections: bool,
+    /// The key that signs the admission webhook's stamps (who created a grant or an approval).
+    /// `None`: no stamp can be verified, so no grant is attributed to anyone, and a policy that
+    /// restricts requesters or needs approval denies every grant.
+    pub stamp_key: Option<crate::admission::StampKey>,
 }
 
 impl Settings {
@@ -88,6 +92,7 @@ impl Default for Settings {
             inventory_namespace: None,
             inventory_name: inventory::DEFAULT_NAME.to_string(),
             flush_connections: false,
+            stamp_key: None,
         }
     }
 }
