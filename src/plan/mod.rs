@@ -1,10 +1,12 @@
 //! The pure middle: validate -> desired -> diff. Nothing in here performs I/O.
 //!
 //! - [`validate`]: is a policy well formed; may a grant be honoured under its policy?
+//! - [`approval`]: who must approve a grant, and where its approvals stand.
 //! - [`naming`]: rule names that encode ownership, and their descriptions.
 //! - [`desired`]: the rules one NSG should hold, from every policy and grant in the cluster.
 //! - [`diff`]: the minimal per-rule change that gets an NSG there, never touching others' rules.
 
+pub mod approval;
 pub mod desired;
 pub mod diff;
 pub mod naming;

@@ -118,6 +118,17 @@ pub enum DenialReason {
     ConflictingAllowedSourceForms,
     /// A port has no allowed source at all.
     NoAllowedSource,
+    /// An approval setting is out of range: `required` over 10, approvers missing, a bad timeout.
+    InvalidApproval,
+    // Who asked, who decided.
+    /// The requester is not among the policy's `requesters`.
+    RequesterNotAllowed,
+    /// The policy needs to know who asked (requesters or approval), and no verified stamp says.
+    RequesterUnverified,
+    /// An approver rejected the grant.
+    Rejected,
+    /// The approvals did not arrive before the policy's timeout.
+    ApprovalTimedOut,
 }
 
 impl DenialReason {
@@ -147,6 +158,11 @@ impl DenialReason {
             DenialReason::InvalidAllowedSourceAddressPrefix => "InvalidAllowedSourceAddressPrefix",
             DenialReason::ConflictingAllowedSourceForms => "ConflictingAllowedSourceForms",
             DenialReason::NoAllowedSource => "NoAllowedSource",
+            DenialReason::InvalidApproval => "InvalidApproval",
+            DenialReason::RequesterNotAllowed => "RequesterNotAllowed",
+            DenialReason::RequesterUnverified => "RequesterUnverified",
+            DenialReason::Rejected => "Rejected",
+            DenialReason::ApprovalTimedOut => "ApprovalTimedOut",
         }
     }
 }
@@ -165,7 +181,7 @@ pub struct Denial {
     pub message: String,
 }
 
-fn deny<T>(reason: DenialReason, message: impl Into<String>) -> Result<T, Denial> {
+pub(crate) fn deny<T>(reason: DenialReason, message: impl Into<String>) -> Result<T, Denial> {
     Err(Denial {
         reason,
         message: message.into(),
@@ -385,7 +401,18 @@ pub fn validate_policy(spec: &JitPolicySpec) -> Result<(), Denial> {
                 );
             }
             seen_ports.push((port.number, port.protocol));
+            if let Some(approval) = &port.approval {
+                let what = format!(
+                    "port {}/{} of virtual machine {name}",
+                    port.number,
+                    protocol_str(port.protocol)
+                );
+                super::approval::validate_approval(&what, approval)?;
+            }
         }
+    }
+    if let Some(approval) = &spec.approval {
+        super::approval::validate_approval("the policy", approval)?;
     }
     Ok(())
 }
