@@ -1,17 +1,31 @@
 //! Admission: what the webhook stamps on `portcullis.dev` objects and what it refuses. The
-//! decisions are pure functions of the request and of the objects it names, which the webhook
-//! edge (`crate::webhook`) looks up through [`Lookup`].
+//! decisions are functions of the request and of the objects it names, which the webhook edge
+//! (`crate::webhook`) looks up through [`Lookup`]; [`decide`] holds the pure rules.
+//!
+//! - CREATE of an `AccessGrant`: stamped with the requester (whatever the client wrote there
+//!   is overwritten).
+//! - CREATE of an `AccessApproval`: stamped with the approver, bound to the grant as it is now;
+//!   refused for one's own grant, for someone the policy does not list, for a second decision
+//!   by the same person, and for a grant that is not waiting for one.
+//! - UPDATE: a stamp never changes; an approval's spec never changes.
 
+pub mod decide;
 pub mod stamp;
+pub mod verify;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use jiff::Timestamp;
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+use serde_json::{Value, json};
+use tracing::{info, warn};
 
-use crate::api::{AccessApproval, AccessGrant, JitPolicy};
+use crate::api::{AccessApproval, AccessGrant, JitPolicy, decode};
 pub use stamp::{StampError, StampKey};
+use stamp::{Binding, DECIDED_BY_ANNOTATION, STAMP_ANNOTATION, Stamp, Who, bound_name};
 
 /// Reads the objects an admission decision depends on (the webhook serves them from the API
 /// server). An error makes the webhook refuse the request: with `failurePolicy: Fail`, nothing
@@ -41,6 +55,73 @@ pub struct Admission {
     lookup: Arc<dyn Lookup>,
 }
 
+/// The kinds the webhook serves, by resource (plural).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Grant,
+    Approval,
+}
+
+impl Kind {
+    fn of(request: &AdmissionRequest<DynamicObject>) -> Option<Kind> {
+        if request.resource.group != crate::api::GROUP {
+            return None;
+        }
+        match request.resource.resource.as_str() {
+            "accessgrants" => Some(Kind::Grant),
+            "accessapprovals" => Some(Kind::Approval),
+            _ => None,
+        }
+    }
+}
+
+fn who(request: &AdmissionRequest<DynamicObject>) -> Who {
+    let user = &request.user_info;
+    Who {
+        username: user.username.clone().unwrap_or_default(),
+        uid: user.uid.clone().unwrap_or_default(),
+        groups: user.groups.clone().unwrap_or_default(),
+    }
+}
+
+fn refuse(request: &AdmissionRequest<DynamicObject>, why: impl std::fmt::Display) -> AdmissionResponse {
+    let response = AdmissionResponse::from(request);
+    info!(
+        operation = ?request.operation,
+        resource = %request.resource.resource,
+        namespace = request.namespace.as_deref().unwrap_or_default(),
+        name = %request.name,
+        user = request.user_info.username.as_deref().unwrap_or_default(),
+        reason = %why,
+        "admission refused"
+    );
+    response.deny(why)
+}
+
+/// A JSON patch that sets `values` in the object's annotations, creating the map if needed.
+fn annotate(
+    annotations: Option<&BTreeMap<String, String>>,
+    values: &[(&str, String)],
+) -> Result<json_patch::Patch, serde_json::Error> {
+    let ops: Vec<Value> = match annotations {
+        None => {
+            let map: serde_json::Map<String, Value> = values
+                .iter()
+                .map(|(k, v)| (k.to_string(), Value::String(v.clone())))
+                .collect();
+            vec![json!({"op": "add", "path": "/metadata/annotations", "value": map})]
+        }
+        Some(_) => values
+            .iter()
+            .map(|(k, v)| {
+                let key = k.replace('~', "~0").replace('/', "~1");
+                json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": v})
+            })
+            .collect(),
+    };
+    serde_json::from_value(Value::Array(ops))
+}
+
 impl Admission {
     pub fn new(key: StampKey, lookup: Arc<dyn Lookup>) -> Self {
         Admission { key, lookup }
@@ -48,13 +129,127 @@ impl Admission {
 
     /// The mutating webhook (`/mutate`): stamps who created a grant or an approval.
     pub async fn mutate(&self, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
-        let _ = (&self.key, &self.lookup);
-        AdmissionResponse::from(request)
+        let (Some(kind), Operation::Create, Some(object)) =
+            (Kind::of(request), &request.operation, &request.object)
+        else {
+            return AdmissionResponse::from(request);
+        };
+        let namespace = request.namespace.clone().unwrap_or_default();
+        let name = bound_name(
+            object.metadata.name.as_deref().unwrap_or_default(),
+            object.metadata.generate_name.as_deref(),
+        );
+        let who = who(request);
+        let (binding, mut extra) = match kind {
+            Kind::Grant => (Binding::Grant { namespace, name }, Vec::new()),
+            Kind::Approval => {
+                let approval: AccessApproval = match decode(object.clone()) {
+                    Ok(a) => a,
+                    Err(e) => return refuse(request, format!("not a valid AccessApproval: {e}")),
+                };
+                let grant = match self
+                    .lookup
+                    .grant(&namespace, &approval.spec.grant_ref.name)
+                    .await
+                {
+                    Ok(Some(g)) => g,
+                    Ok(None) => {
+                        let msg = format!(
+                            "AccessGrant {namespace}/{} does not exist",
+                            approval.spec.grant_ref.name
+                        );
+                        return refuse(request, msg);
+                    }
+                    Err(e) => return refuse(request, e),
+                };
+                let binding = Binding::Approval {
+                    namespace,
+                    name,
+                    grant_uid: grant.metadata.uid.clone().unwrap_or_default(),
+                    grant_generation: grant.metadata.generation.unwrap_or_default(),
+                    decision: approval.spec.decision.as_str().to_string(),
+                    comment: approval.spec.comment.clone().unwrap_or_default(),
+                };
+                (binding, vec![(DECIDED_BY_ANNOTATION, who.username.clone())])
+            }
+        };
+        let stamp = Stamp::sign(&self.key, &who, Timestamp::now(), &binding);
+        extra.push((STAMP_ANNOTATION, stamp.to_annotation()));
+        match annotate(object.metadata.annotations.as_ref(), &extra)
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                AdmissionResponse::from(request)
+                    .with_patch(p)
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(response) => response,
+            Err(e) => {
+                warn!(error = %e, "could not build the stamp patch");
+                refuse(request, "internal error: could not stamp the object")
+            }
+        }
     }
 
     /// The validating webhook (`/validate`): refuses changes of stamps and decisions that may
     /// not be made.
     pub async fn validate(&self, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
-        AdmissionResponse::from(request)
+        let Some(kind) = Kind::of(request) else {
+            return AdmissionResponse::from(request);
+        };
+        let verdict = match (kind, &request.operation) {
+            (_, Operation::Update) => decide::update(
+                request.old_object.as_ref(),
+                request.object.as_ref(),
+                kind == Kind::Approval,
+            ),
+            (Kind::Grant, Operation::Create) => self.check_grant_create(request),
+            (Kind::Approval, Operation::Create) => self.check_approval_create(request).await,
+            _ => Ok(()),
+        };
+        match verdict {
+            Ok(()) => AdmissionResponse::from(request),
+            Err(why) => refuse(request, why),
+        }
+    }
+
+    /// The stamp on a new grant is this webhook's, for this user: no other mutating webhook
+    /// rewrote it after ours.
+    fn check_grant_create(&self, request: &AdmissionRequest<DynamicObject>) -> Result<(), String> {
+        let object = request.object.clone().ok_or("no object in the request")?;
+        let grant: AccessGrant =
+            decode(object).map_err(|e| format!("not a valid AccessGrant: {e}"))?;
+        let stamped = verify::requester(&self.key, &grant).map(|w| w.username);
+        decide::stamped_by(stamped, &who(request).username)
+    }
+
+    async fn check_approval_create(
+        &self,
+        request: &AdmissionRequest<DynamicObject>,
+    ) -> Result<(), String> {
+        let object = request.object.clone().ok_or("no object in the request")?;
+        let approval: AccessApproval =
+            decode(object).map_err(|e| format!("not a valid AccessApproval: {e}"))?;
+        let namespace = request.namespace.clone().unwrap_or_default();
+        let grant_name = &approval.spec.grant_ref.name;
+        let grant = self
+            .lookup
+            .grant(&namespace, grant_name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("AccessGrant {namespace}/{grant_name} does not exist"))?;
+        let policy = self
+            .lookup
+            .policy(&namespace, grant.policy_name())
+            .await
+            .map_err(|e| e.to_string())?;
+        let others = self
+            .lookup
+            .approvals(&namespace, grant_name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let approver = who(request);
+        let stamped = verify::decision(&self.key, &approval, &grant).map(|d| d.approver.username);
+        decide::stamped_by(stamped, &approver.username)?;
+        decide::approval(&self.key, &approver, &grant, policy.as_ref(), &others)
     }
 }

@@ -22,7 +22,7 @@ pub struct Subjects {
 impl Subjects {
     /// Whether `user` (with its groups) is one of these subjects.
     pub fn includes(&self, user: &UserRef) -> bool {
-        self.users.iter().any(|u| *u == user.username)
+        self.users.contains(&user.username)
             || self.groups.iter().any(|g| user.groups.contains(g))
     }
 

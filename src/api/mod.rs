@@ -36,3 +36,16 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     }
     Ok(out)
 }
+
+/// Decodes one raw object as `K`. The type fields are filled in first: list items and admission
+/// requests may lack them.
+pub fn decode<K>(mut raw: kube::api::DynamicObject) -> Result<K, serde_json::Error>
+where
+    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned,
+{
+    raw.types = Some(kube::api::TypeMeta {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+    });
+    serde_json::from_value(serde_json::to_value(raw)?)
+}

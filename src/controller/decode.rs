@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, TypeMeta};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::core::Resource;
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
@@ -53,17 +53,7 @@ pub enum Seen {
 /// Where the decoding streams send what they saw (Events, metrics, syncs, the world's copies).
 pub type Reports = mpsc::UnboundedSender<Seen>;
 
-/// Decodes one raw object as `K`. The type fields are filled in first: list items may lack them.
-pub fn decode<K>(mut raw: DynamicObject) -> Result<K, serde_json::Error>
-where
-    K: Resource<DynamicType = ()> + DeserializeOwned,
-{
-    raw.types = Some(TypeMeta {
-        api_version: K::api_version(&()).into_owned(),
-        kind: K::kind(&()).into_owned(),
-    });
-    serde_json::from_value(serde_json::to_value(raw)?)
-}
+pub use crate::api::decode;
 
 fn reference<K: Resource<DynamicType = ()>>(raw: &DynamicObject) -> ObjectReference {
     ObjectReference {
