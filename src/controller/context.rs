@@ -21,6 +21,8 @@ pub struct Context {
     pub world: WorldView,
     pub resync: Duration,
     pub telemetry: Arc<Telemetry>,
+    /// Verifies the webhook's stamps; `None` verifies nothing (see `Settings::stamp_key`).
+    pub stamp_key: Option<crate::admission::StampKey>,
     recorder: Recorder,
     /// Consecutive failed reconciles per object (uid), for its backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -33,6 +35,7 @@ impl Context {
         world: WorldView,
         resync: Duration,
         telemetry: Arc<Telemetry>,
+        stamp_key: Option<crate::admission::StampKey>,
     ) -> Self {
         let reporter = Reporter {
             controller: "portcullis".into(),
@@ -45,6 +48,7 @@ impl Context {
             world,
             resync,
             telemetry,
+            stamp_key,
             recorder,
             failures: Mutex::new(HashMap::new()),
         }

@@ -140,6 +140,7 @@ fn kind_label<K: Resource<DynamicType = ()>>() -> &'static str {
     match K::kind(&()).as_ref() {
         "AccessGrant" => "AccessGrant",
         "JitPolicy" => "JitPolicy",
+        "AccessApproval" => "AccessApproval",
         _ => "Other",
     }
 }

@@ -19,7 +19,11 @@ use super::context::Ctx;
 use super::nsg::NsgOutcome;
 use super::status::apply_status;
 use crate::api::condition::{READY, set_condition};
-use crate::api::{AccessGrant, AccessGrantStatus, GrantPhase, GrantedRule, JitPolicy};
+use crate::admission::verify;
+use crate::api::{
+    AccessGrant, AccessGrantStatus, GrantPhase, GrantedRule, JitPolicy, RecordedDecision,
+};
+use crate::plan::approval::{self, ApprovalState};
 use crate::azure::AzureError;
 use crate::plan::{
     DenialReason, Naming, check_address_family, granted_access, live_grant, nsgs_of_grant,
@@ -333,6 +337,18 @@ async fn activate(
         Err(denial) => return deny(grant, api, ctx, denial).await,
         Ok(v) => v,
     };
+    let (grant, approval) = attribute(grant, policy, &world, ctx, now);
+    let grant = &grant;
+    match approval {
+        ApprovalState::Approved => {}
+        ApprovalState::Denied(denial) => return deny(grant, api, ctx, denial).await,
+        ApprovalState::Waiting { deadline, message } => {
+            pending(grant, api, ctx, "AwaitingApproval", message).await?;
+            return Ok(Activation::Stop(Action::requeue(
+                until(deadline).min(ctx.resync),
+            )));
+        }
+    }
     let target = policy.status.as_ref().and_then(|s| {
         s.targets.iter().find(|t| {
             t.virtual_machine.eq_ignore_ascii_case(&valid.vm_id)
@@ -376,6 +392,61 @@ async fn activate(
     ctx.world.record_grant(&activated);
     info!(expires_at = %expires_at, "grant activated");
     Ok(Activation::Activated(Box::new(activated)))
+}
+
+/// Who asked and who decided, as far as the webhook's stamps vouch for them, written into the
+/// grant's status; and whether the grant may go on to activate. Nothing unverified is trusted:
+/// a policy that restricts requesters or needs approval denies a grant without a verified
+/// requester, and a decision counts only if its stamp verifies for this grant as it is now.
+fn attribute(
+    grant: &AccessGrant,
+    policy: &JitPolicy,
+    world: &super::world::World,
+    ctx: &Ctx,
+    now: Timestamp,
+) -> (AccessGrant, ApprovalState) {
+    let ns = grant.namespace().unwrap_or_default();
+    let requester = ctx
+        .stamp_key
+        .as_ref()
+        .and_then(|key| verify::requester(key, grant).ok())
+        .map(|who| who.user_ref());
+    let decisions = ctx
+        .stamp_key
+        .as_ref()
+        .map(|key| verify::decisions(key, &world.approvals_for(&ns, &grant.name_any()), grant))
+        .unwrap_or_default();
+    let mut attributed = grant.clone();
+    let status = attributed.status.get_or_insert_with(Default::default);
+    status.requested_by = requester.clone();
+    status.approvals = decisions
+        .iter()
+        .map(|d| RecordedDecision {
+            approver: d.approver.username.clone(),
+            decision: d.decision,
+            at: Time(d.at),
+            comment: d.comment.clone(),
+        })
+        .collect();
+    let needed = approval::requirements(&policy.spec, &grant.spec);
+    let state = match approval::check_requester(
+        grant.policy_name(),
+        &policy.spec,
+        requester.as_ref(),
+        !needed.is_empty(),
+    ) {
+        Err(denial) => ApprovalState::Denied(denial),
+        Ok(()) => {
+            let since = grant
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(now, |t| t.0);
+            let username = requester.as_ref().map(|r| r.username.as_str());
+            approval::approval_state(&needed, username.unwrap_or_default(), &decisions, since, now)
+        }
+    };
+    (attributed, state)
 }
 
 /// A grant activated by a version that kept no record of what it opened gets one, from its

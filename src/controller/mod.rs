@@ -30,7 +30,7 @@ use tracing::{Instrument, info, warn};
 
 pub use error::Error;
 
-use crate::api::{AccessGrant, JitPolicy};
+use crate::api::{AccessApproval, AccessGrant, JitPolicy};
 use crate::azure::NetworkApi;
 use crate::plan::{Bands, Naming};
 use context::{Context, Ctx};
@@ -357,7 +357,8 @@ async fn run_controllers(
     };
     let mut policy_ctls = Vec::new();
     let mut grant_ctls = Vec::new();
-    let (mut policy_stores, mut grant_stores) = (Vec::new(), Vec::new());
+    let (mut policy_stores, mut grant_stores, mut approval_stores) =
+        (Vec::new(), Vec::new(), Vec::new());
     for ns in &scopes {
         let ns = ns.as_deref();
         let (policies_store, policies_writer) = reflector::store::<JitPolicy>();
@@ -383,8 +384,22 @@ async fn run_controllers(
             seen_tx.clone(),
         )
         .applied_objects();
+        // A decision wakes the grant it names.
+        let (approvals_store, approvals_writer) = reflector::store::<AccessApproval>();
+        let approvals = decode::typed_events::<AccessApproval>(
+            raw_watch(decode::raw_api::<AccessApproval>(client.clone(), ns)),
+            OnUndecodable::Drop,
+            seen_tx.clone(),
+        )
+        .reflect(approvals_writer)
+        .applied_objects();
         let grants_of = grants_store.clone();
-        let grant_ctl = Controller::for_stream(grants, grants_store.clone()).watches_stream(
+        let grant_ctl = Controller::for_stream(grants, grants_store.clone())
+            .watches_stream(approvals, |approval: AccessApproval| {
+                let ns = approval.namespace()?;
+                Some(ObjectRef::<AccessGrant>::new(&approval.spec.grant_ref.name).within(&ns))
+            })
+            .watches_stream(
             policy_changes,
             move |policy: JitPolicy| {
                 let ns = policy.namespace();
@@ -401,9 +416,10 @@ async fn run_controllers(
         grant_ctls.push(grant_ctl);
         policy_stores.push(policies_store);
         grant_stores.push(grants_store);
+        approval_stores.push(approvals_store);
     }
     drop(seen_tx);
-    let world = WorldView::new(policy_stores, grant_stores);
+    let world = WorldView::new(policy_stores, grant_stores, approval_stores);
 
     let ctx: Ctx = Arc::new(Context::new(
         client,
@@ -411,6 +427,7 @@ async fn run_controllers(
         world,
         settings.resync,
         telemetry,
+        settings.stamp_key.clone(),
     ));
     let reporter = tokio::spawn(quarantine::run(seen_rx, ctx.clone()));
     let config = kube::runtime::controller::Config::default().concurrency(settings.concurrency);

@@ -41,7 +41,7 @@ pub async fn run(mut seen: UnboundedReceiver<Seen>, ctx: Ctx) {
                 ctx.world.forget(&uid);
             }
         }
-        for kind in ["AccessGrant", "JitPolicy"] {
+        for kind in ["AccessGrant", "JitPolicy", "AccessApproval"] {
             let n = undecodable.values().filter(|u| u.kind == kind).count();
             ctx.telemetry.set_undecodable(kind, n);
         }
@@ -49,10 +49,10 @@ pub async fn run(mut seen: UnboundedReceiver<Seen>, ctx: Ctx) {
 }
 
 async fn quarantined(ctx: &Ctx, report: &Undecodable) {
-    let consequence = if report.kind == "JitPolicy" {
-        "its Deny rules stay as they stand; no grant activates under it"
-    } else {
-        "it is treated as gone: whatever it opened is closed"
+    let consequence = match report.kind {
+        "JitPolicy" => "its Deny rules stay as they stand; no grant activates under it",
+        "AccessApproval" => "it does not count as a decision",
+        _ => "it is treated as gone: whatever it opened is closed",
     };
     let note = format!(
         "cannot decode this object ({}); {consequence}. Fix or delete it.",

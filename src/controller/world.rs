@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 
-use crate::api::{AccessGrant, JitPolicy};
+use crate::api::{AccessApproval, AccessGrant, JitPolicy};
 
 /// A consistent snapshot of policies and grants.
 #[derive(Clone, Default)]
@@ -18,6 +18,7 @@ pub struct World {
     pub grants: Vec<AccessGrant>,
     /// Policies that exist but do not decode: their rules are kept as they stand in Azure.
     pub quarantined_policies: Vec<String>,
+    pub approvals: Vec<Arc<AccessApproval>>,
 }
 
 impl World {
@@ -25,6 +26,15 @@ impl World {
         self.policies
             .iter()
             .find(|p| p.namespace().as_deref() == Some(namespace) && p.name_any() == name)
+    }
+
+    /// The approvals (unverified: the caller checks their stamps) naming a grant.
+    pub fn approvals_for(&self, namespace: &str, grant: &str) -> Vec<AccessApproval> {
+        self.approvals
+            .iter()
+            .filter(|a| a.namespace().as_deref() == Some(namespace) && a.spec.grant_ref.name == grant)
+            .map(|a| a.as_ref().clone())
+            .collect()
     }
 }
 
@@ -43,6 +53,7 @@ pub struct WorldView {
     /// One store per watched scope (namespace, or the whole cluster).
     policies: Vec<Store<JitPolicy>>,
     grants: Vec<Store<AccessGrant>>,
+    approvals: Vec<Store<AccessApproval>>,
     overlay: Mutex<Overlay>,
     /// Objects that exist but do not decode, by uid: true for a policy, false for a grant.
     undecodable: Mutex<HashMap<String, bool>>,
@@ -90,10 +101,15 @@ fn merge<K: ResourceExt + Clone>(
 }
 
 impl WorldView {
-    pub fn new(policies: Vec<Store<JitPolicy>>, grants: Vec<Store<AccessGrant>>) -> Self {
+    pub fn new(
+        policies: Vec<Store<JitPolicy>>,
+        grants: Vec<Store<AccessGrant>>,
+        approvals: Vec<Store<AccessApproval>>,
+    ) -> Self {
         WorldView {
             policies,
             grants,
+            approvals,
             overlay: Mutex::new(Overlay::default()),
             undecodable: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -123,7 +139,7 @@ impl WorldView {
         };
     }
 
-    /// Waits until both stores hold their initial listing: planning an NSG from a partial view
+    /// Waits until every store holds their initial listing: planning an NSG from a partial view
     /// would delete rules of objects not seen yet. Returns false if the controllers began to
     /// stop first: once graceful shutdown starts the watches are no longer polled, so the stores
     /// may never fill, and a reconcile waiting for them would hold the shutdown forever.
@@ -138,6 +154,9 @@ impl WorldView {
                     let _ = store.wait_until_ready().await;
                 }
                 for store in &self.grants {
+                    let _ = store.wait_until_ready().await;
+                }
+                for store in &self.approvals {
                     let _ = store.wait_until_ready().await;
                 }
             };
@@ -190,6 +209,7 @@ impl WorldView {
                 .filter(|(_, is_policy)| **is_policy)
                 .map(|(uid, _)| uid.clone())
                 .collect(),
+            approvals: self.approvals.iter().flat_map(Store::state).collect(),
         }
     }
 

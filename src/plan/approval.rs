@@ -53,6 +53,40 @@ pub fn validate_approval(what: &str, approval: &ApprovalPolicy) -> Result<(), De
     Ok(())
 }
 
+/// May this person request access under the policy? `requester` is the verified one (`None`
+/// when no stamp verified). A policy that lists requesters, or that needs approval (whose
+/// rules depend on who asked), refuses a grant nobody can be held to. What a refused requester
+/// is told does not list who else may ask.
+pub fn check_requester(
+    policy_name: &str,
+    policy: &JitPolicySpec,
+    requester: Option<&UserRef>,
+    needs_approval: bool,
+) -> Result<(), Denial> {
+    use DenialReason as R;
+    let Some(requester) = requester else {
+        if policy.requesters.is_some() || needs_approval {
+            return deny(
+                R::RequesterUnverified,
+                format!(
+                    "policy {policy_name} needs to know who asked, and this grant carries no                      requester stamp from the admission webhook (was it bypassed?)"
+                ),
+            );
+        }
+        return Ok(());
+    };
+    match &policy.requesters {
+        Some(allowed) if !allowed.includes(requester) => deny(
+            R::RequesterNotAllowed,
+            format!(
+                "{} may not request access under policy {policy_name}",
+                requester.username
+            ),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// One approval a grant needs: `required` distinct people among `approvers`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Requirement {
@@ -358,6 +392,31 @@ mod tests {
         // Only port 22: one approval suffices.
         let r22 = requirements(&p, &grant("vm1", &[22], "203.0.113.7", "PT1H"));
         assert_eq!(approval_state(&r22, "alice", &both[..1], t(0), t(5)), ApprovalState::Approved);
+    }
+
+    #[test]
+    fn requesters_are_checked() {
+        let alice = UserRef {
+            username: "alice".into(),
+            groups: vec!["devs".into()],
+        };
+        let bob = UserRef {
+            username: "bob".into(),
+            groups: vec![],
+        };
+        let open = policy();
+        assert!(check_requester("p", &open, None, false).is_ok());
+        assert!(check_requester("p", &open, Some(&bob), false).is_ok());
+        let unverified = check_requester("p", &open, None, true).unwrap_err();
+        assert_eq!(unverified.reason, DenialReason::RequesterUnverified);
+        let mut listed = policy();
+        listed.requesters = Some(subjects(&[], &["devs"]));
+        assert!(check_requester("p", &listed, Some(&alice), false).is_ok());
+        let refused = check_requester("p", &listed, Some(&bob), false).unwrap_err();
+        assert_eq!(refused.reason, DenialReason::RequesterNotAllowed);
+        assert!(!refused.message.contains("devs"), "{}", refused.message);
+        let unknown = check_requester("p", &listed, None, false).unwrap_err();
+        assert_eq!(unknown.reason, DenialReason::RequesterUnverified);
     }
 
     #[test]
