@@ -89,7 +89,7 @@ async fn example_roles_are_valid_and_give_requesters_grants_but_not_policies_or_
     let ns = fresh_namespace(&client, "rbac").await;
 
     // Valid: the server accepts both files (dry run first, as for every example).
-    for file in ["requester.yaml", "policy-admin.yaml"] {
+    for file in ["requester.yaml", "policy-admin.yaml", "approver.yaml"] {
         let out = kubectl(
             &["apply", "--dry-run=server", "-n", &ns, "-f", &example(file)],
             None,
@@ -98,7 +98,7 @@ async fn example_roles_are_valid_and_give_requesters_grants_but_not_policies_or_
         assert!(text(&out).contains("(server dry run)"));
     }
     // Then for real; the RoleBindings bind the example groups in this namespace only.
-    for file in ["requester.yaml", "policy-admin.yaml"] {
+    for file in ["requester.yaml", "policy-admin.yaml", "approver.yaml"] {
         assert_ok(
             &format!("apply of {file}"),
             &kubectl(
