@@ -114,6 +114,11 @@ struct RunArgs {
     /// Watch only these namespaces, comma-separated (default: all namespaces).
     #[arg(long, env = "PORTCULLIS_NAMESPACES", value_delimiter = ',')]
     namespaces: Vec<String>,
+    /// Write audit records (one JSON object per line: requested, approved, activated, expired,
+    /// ...) to this file, e.g. /dev/stderr to keep them apart from the logs on stdout. Default:
+    /// into the log, under the target `portcullis::audit`.
+    #[arg(long, env = "PORTCULLIS_AUDIT_LOG")]
+    audit_log: Option<std::path::PathBuf>,
     #[arg(
         long,
         env = "PORTCULLIS_LOG_FORMAT",
@@ -221,6 +226,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         inventory_name: args.inventory_name.clone(),
         // Set once the webhook's key is loaded (the webhook work wires it).
         stamp_key: None,
+        audit_log: args.audit_log.clone(),
     };
     let credential_config =
         CredentialConfig::from_env().map_err(|e| format!("Azure credential: {e}"))?;

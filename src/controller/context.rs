@@ -23,6 +23,7 @@ pub struct Context {
     pub telemetry: Arc<Telemetry>,
     /// Verifies the webhook's stamps; `None` verifies nothing (see `Settings::stamp_key`).
     pub stamp_key: Option<crate::admission::StampKey>,
+    pub audit: super::audit::AuditLog,
     recorder: Recorder,
     /// Consecutive failed reconciles per object (uid), for its backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -36,6 +37,7 @@ impl Context {
         resync: Duration,
         telemetry: Arc<Telemetry>,
         stamp_key: Option<crate::admission::StampKey>,
+        audit: super::audit::AuditLog,
     ) -> Self {
         let reporter = Reporter {
             controller: "portcullis".into(),
@@ -49,6 +51,7 @@ impl Context {
             resync,
             telemetry,
             stamp_key,
+            audit,
             recorder,
             failures: Mutex::new(HashMap::new()),
         }

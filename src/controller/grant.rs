@@ -15,16 +15,17 @@ use kube::runtime::finalizer::Event as Finalizer;
 use tracing::{info, warn};
 
 use super::Error;
+use super::audit::Step;
 use super::context::Ctx;
 use super::nsg::NsgOutcome;
 use super::status::apply_status;
-use crate::api::condition::{READY, set_condition};
 use crate::admission::verify;
+use crate::api::condition::{READY, set_condition};
 use crate::api::{
-    AccessGrant, AccessGrantStatus, GrantPhase, GrantedRule, JitPolicy, RecordedDecision,
+    AccessGrant, AccessGrantStatus, Decision, GrantPhase, GrantedRule, JitPolicy, RecordedDecision,
 };
-use crate::plan::approval::{self, ApprovalState};
 use crate::azure::AzureError;
+use crate::plan::approval::{self, ApprovalState};
 use crate::plan::{
     DenialReason, Naming, check_address_family, granted_access, live_grant, nsgs_of_grant,
     validate_grant,
@@ -221,9 +222,10 @@ async fn close(
             now,
         );
     }
+    let mut current = grant.clone();
     if grant.status.as_ref() != Some(&status) {
-        let updated = apply_status(api, grant, &status).await?;
-        ctx.world.record_grant(&updated);
+        current = apply_status(api, grant, &status).await?;
+        ctx.world.record_grant(&current);
     }
     if !failures.is_empty() {
         warn!(failed = %describe(&failures), "grant not fully closed");
@@ -238,6 +240,7 @@ async fn close(
         if let (GrantPhase::Expired, Some(lag)) = (phase, lag) {
             ctx.telemetry.grant_closed_at_expiry(lag);
         }
+        audit_close(&current, &before, phase, reason, &message, lag, ctx);
         info!(
             phase = phase.as_str(),
             reason,
@@ -248,6 +251,43 @@ async fn close(
             .await;
     }
     Ok(())
+}
+
+/// How long past `expiresAt` a close may come before the audit trail calls it late.
+const CLOSED_LATE_AFTER_SECONDS: f64 = 2.0;
+
+/// Audit records of a close: expired or revoked (with the rules that were closed), and closed
+/// late when the last rule went more than [`CLOSED_LATE_AFTER_SECONDS`] past expiry.
+fn audit_close(
+    closed: &AccessGrant,
+    before: &AccessGrantStatus,
+    phase: GrantPhase,
+    reason: &str,
+    message: &str,
+    lag: Option<f64>,
+    ctx: &Ctx,
+) {
+    // The record lists the rules that were closed.
+    let mut record = closed.clone();
+    if let Some(status) = record.status.as_mut() {
+        status.rules = before.rules.clone();
+    }
+    let step = match phase {
+        GrantPhase::Expired => Step::Expired,
+        _ => Step::Revoked,
+    };
+    // A denied or pending grant that is deleted never opened anything: nothing to audit here.
+    if before.activated_at.is_none() && before.rules.is_empty() {
+        return;
+    }
+    ctx.audit.record(&record, step, reason, message);
+    if let (Step::Expired, Some(lag)) = (step, lag)
+        && lag > CLOSED_LATE_AFTER_SECONDS
+    {
+        let late = format!("the last rule closed {lag:.1} s after expiresAt");
+        ctx.audit
+            .record(&record, Step::ClosedLate, "ClosedLate", &late);
+    }
 }
 
 /// What activation decided: go on with the activated grant, or stop here with this action.
@@ -337,8 +377,9 @@ async fn activate(
         Err(denial) => return deny(grant, api, ctx, denial).await,
         Ok(v) => v,
     };
-    let (grant, approval) = attribute(grant, policy, &world, ctx, now);
-    let grant = &grant;
+    let (attributed, approval) = attribute(grant, policy, &world, ctx, now);
+    audit_request_and_decisions(grant, &attributed, ctx);
+    let grant = &attributed;
     match approval {
         ApprovalState::Approved => {}
         ApprovalState::Denied(denial) => return deny(grant, api, ctx, denial).await,
@@ -443,10 +484,44 @@ fn attribute(
                 .as_ref()
                 .map_or(now, |t| t.0);
             let username = requester.as_ref().map(|r| r.username.as_str());
-            approval::approval_state(&needed, username.unwrap_or_default(), &decisions, since, now)
+            approval::approval_state(
+                &needed,
+                username.unwrap_or_default(),
+                &decisions,
+                since,
+                now,
+            )
         }
     };
     (attributed, state)
+}
+
+/// Audit records for a grant seen for the first time, and for each decision not seen before.
+fn audit_request_and_decisions(before: &AccessGrant, attributed: &AccessGrant, ctx: &Ctx) {
+    let seen = before.status.as_ref();
+    if seen.and_then(|s| s.phase).is_none() {
+        ctx.audit.record(
+            attributed,
+            Step::Requested,
+            "Requested",
+            "a grant was requested",
+        );
+    }
+    let known = seen.map(|s| s.approvals.as_slice()).unwrap_or_default();
+    let decisions = attributed
+        .status
+        .as_ref()
+        .map(|s| s.approvals.as_slice())
+        .unwrap_or_default();
+    for d in decisions.iter().filter(|d| !known.contains(d)) {
+        let (step, verb) = match d.decision {
+            Decision::Approve => (Step::Approved, "approved"),
+            Decision::Reject => (Step::Rejected, "rejected"),
+        };
+        let message = format!("{verb} by {}", d.approver);
+        ctx.audit
+            .record(attributed, step, d.decision.as_str(), &message);
+    }
 }
 
 /// A grant activated by a version that kept no record of what it opened gets one, from its
@@ -505,6 +580,8 @@ async fn deny(
     let updated = apply_status(api, grant, &status).await?;
     ctx.world.record_grant(&updated);
     warn!(reason, message = %denial.message, "grant denied");
+    ctx.audit
+        .record(&updated, Step::Denied, reason, &denial.message);
     ctx.event(grant, true, "Denied", "Validate", denial.message)
         .await;
     Ok(Activation::Stop(Action::await_change()))
@@ -587,19 +664,15 @@ async fn open_and_heal(
         now,
     );
     let edited = report_frozen_spec(grant, &mut status, now);
+    let mut current = grant.clone();
     if grant.status.as_ref() != Some(&status) {
-        let updated = apply_status(api, grant, &status).await?;
-        ctx.world.record_grant(&updated);
+        current = apply_status(api, grant, &status).await?;
+        ctx.world.record_grant(&current);
     }
     if ready && !was_ready {
-        ctx.event(
-            grant,
-            false,
-            "Activated",
-            "Open",
-            activated_note(grant, expires_at),
-        )
-        .await;
+        let note = activated_note(grant, expires_at);
+        ctx.audit.record(&current, Step::Activated, "Opened", &note);
+        ctx.event(grant, false, "Activated", "Open", note).await;
     }
     if let Some(note) = edited {
         ctx.event(grant, true, "SpecIgnored", "Validate", note)
@@ -607,6 +680,8 @@ async fn open_and_heal(
     }
     if !drift.is_empty() {
         let note = format!("put back or removed: {}", drift.join(", "));
+        ctx.audit
+            .record(&current, Step::DriftCorrected, "DriftCorrected", &note);
         ctx.event(grant, false, "DriftCorrected", "Heal", note)
             .await;
     }
@@ -618,13 +693,27 @@ fn activated_note(grant: &AccessGrant, expires_at: Timestamp) -> String {
         return format!("opened until {expires_at}");
     };
     let ports: Vec<String> = g.ports.iter().map(|p| p.number.to_string()).collect();
-    format!(
+    let mut note = format!(
         "opened port(s) {} on {} from {} until {expires_at}: {}",
         ports.join(","),
         crate::plan::validate::vm_name(&g.virtual_machine),
         g.source_address_prefix,
         g.justification
-    )
+    );
+    let status = grant.status.clone().unwrap_or_default();
+    if let Some(who) = &status.requested_by {
+        note.push_str(&format!("; requested by {}", who.username));
+    }
+    let approvers: Vec<&str> = status
+        .approvals
+        .iter()
+        .filter(|d| d.decision == Decision::Approve)
+        .map(|d| d.approver.as_str())
+        .collect();
+    if !approvers.is_empty() {
+        note.push_str(&format!("; approved by {}", approvers.join(", ")));
+    }
+    note
 }
 
 /// An active grant's spec is frozen at activation: an edit changes nothing in Azure. Says so

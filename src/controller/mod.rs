@@ -1,6 +1,7 @@
 //! The reconcile loops: a thin shell around the pure planner. Two kube-runtime `Controller`s
 //! (JitPolicy, AccessGrant) share one view of the cluster and one NSG syncer.
 
+pub mod audit;
 pub mod context;
 pub mod decode;
 pub mod error;
@@ -67,6 +68,9 @@ pub struct Settings {
     /// `None`: no stamp can be verified, so no grant is attributed to anyone, and a policy that
     /// restricts requesters or needs approval denies every grant.
     pub stamp_key: Option<crate::admission::StampKey>,
+    /// Where audit records go: a file of their own (one JSON object per line), or `None` for the
+    /// log under the target `portcullis::audit`.
+    pub audit_log: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -93,6 +97,7 @@ impl Default for Settings {
             inventory_name: inventory::DEFAULT_NAME.to_string(),
             flush_connections: false,
             stamp_key: None,
+            audit_log: None,
         }
     }
 }
@@ -269,6 +274,11 @@ pub async fn run(
         cfg.validate()?;
     }
     inventory::validate_name(&settings.inventory_name)?;
+    let audit = match &settings.audit_log {
+        None => audit::AuditLog::to_log(),
+        Some(path) => audit::AuditLog::to_file(path)
+            .map_err(|e| Error::Config(format!("audit log {}: {e}", path.display())))?,
+    };
     let elector = settings
         .leader_election
         .clone()
@@ -284,7 +294,14 @@ pub async fn run(
     telemetry.set_leader(true);
     let nsgs = NsgSyncer::new(azure, settings.bands.clone(), settings.naming.clone())
         .with_flush_connections(settings.flush_connections);
-    let controllers = run_controllers(client, nsgs, settings, telemetry.clone(), shutdown.clone());
+    let controllers = run_controllers(
+        client,
+        nsgs,
+        settings,
+        audit,
+        telemetry.clone(),
+        shutdown.clone(),
+    );
     let (Some(elector), Some(acquired_at)) = (elector, acquired_at) else {
         return controllers.await;
     };
@@ -327,6 +344,7 @@ async fn run_controllers(
     client: Client,
     nsgs: NsgSyncer,
     settings: Settings,
+    audit: audit::AuditLog,
     telemetry: Arc<Telemetry>,
     shutdown: futures::future::Shared<impl Future<Output = ()> + Send + 'static>,
 ) -> Result<(), Error> {
@@ -399,9 +417,7 @@ async fn run_controllers(
                 let ns = approval.namespace()?;
                 Some(ObjectRef::<AccessGrant>::new(&approval.spec.grant_ref.name).within(&ns))
             })
-            .watches_stream(
-            policy_changes,
-            move |policy: JitPolicy| {
+            .watches_stream(policy_changes, move |policy: JitPolicy| {
                 let ns = policy.namespace();
                 let name = policy.name_any();
                 grants_of
@@ -410,8 +426,7 @@ async fn run_controllers(
                     .filter(|g| g.namespace() == ns && g.policy_name() == name)
                     .map(|g| ObjectRef::from_obj(g.as_ref()))
                     .collect::<Vec<_>>()
-            },
-        );
+            });
         policy_ctls.push(Controller::for_stream(policies, policies_store.clone()));
         grant_ctls.push(grant_ctl);
         policy_stores.push(policies_store);
@@ -428,6 +443,7 @@ async fn run_controllers(
         settings.resync,
         telemetry,
         settings.stamp_key.clone(),
+        audit,
     ));
     let reporter = tokio::spawn(quarantine::run(seen_rx, ctx.clone()));
     let config = kube::runtime::controller::Config::default().concurrency(settings.concurrency);
