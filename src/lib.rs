@@ -8,3 +8,4 @@ pub mod api;
 pub mod azure;
 pub mod controller;
 pub mod plan;
+pub mod webhook;

@@ -11,7 +11,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 
 use crate::api::{AccessApproval, AccessGrant, JitPolicy};
-pub use stamp::{StampKey, StampError};
+pub use stamp::{StampError, StampKey};
 
 /// Reads the objects an admission decision depends on (the webhook serves them from the API
 /// server). An error makes the webhook refuse the request: with `failurePolicy: Fail`, nothing
