@@ -402,3 +402,156 @@ async fn the_stamp_key_is_created_once_and_read_back() {
         .expect("other");
     assert_ne!(other.as_bytes(), a.as_bytes());
 }
+
+/// A CA and a certificate it issued for 127.0.0.1, as PEM: (ca, cert, key).
+fn issue_for_localhost(ca_name: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name.to_string());
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("certificate");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+fn https_trusting(ca_pem: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA"))
+        .build()
+        .expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_manager_files_are_served_and_reloaded_when_they_change() {
+    let client = client().await;
+    let ns = fresh_namespace(&client, "wh-certdir").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (ca1, cert1, key1) = issue_for_localhost("first CA");
+    let (ca2, cert2, key2) = issue_for_localhost("second CA");
+    std::fs::write(dir.path().join("tls.crt"), &cert1).expect("write");
+    std::fs::write(dir.path().join("tls.key"), &key1).expect("write");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = futures::FutureExt::shared(async move {
+        let _ = rx.await;
+    });
+    let key = load_or_create_stamp_key(&client, &ns, "stamp")
+        .await
+        .expect("key");
+    let running = webhook::start(
+        client.clone(),
+        key,
+        webhook::WebhookConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            certs: webhook::CertSource::Dir(dir.path().to_path_buf()),
+        },
+        shutdown,
+    )
+    .await
+    .expect("webhook starts");
+    let url = format!("https://{}/mutate", running.addr);
+    let call = |ca: String| {
+        let url = url.clone();
+        async move {
+            https_trusting(&ca)
+                .post(&url)
+                .body("not a review")
+                .send()
+                .await
+        }
+    };
+    let answer = call(ca1.clone())
+        .await
+        .expect("the mounted certificate is served");
+    let review: serde_json::Value = answer.json().await.expect("json");
+    assert_eq!(
+        review["response"]["allowed"], false,
+        "not a review: refused"
+    );
+    assert!(call(ca2.clone()).await.is_err(), "not yet the second one");
+    assert_eq!(running.stats.invalid.load(Ordering::Relaxed), 1);
+
+    assert!(
+        CertStore::new()
+            .set_pem(cert1.as_bytes(), key2.as_bytes())
+            .is_err(),
+        "a key that does not match its certificate is refused"
+    );
+    // cert-manager renews (the files may be caught between the two writes: a mismatched pair
+    // is refused and the previous one kept).
+    std::fs::write(dir.path().join("tls.key"), &key2).expect("write");
+    std::fs::write(dir.path().join("tls.crt"), &cert2).expect("write");
+    support::wait_for(
+        "the renewed certificate to be served",
+        Duration::from_secs(30),
+        || {
+            let call = call(ca2.clone());
+            async move { call.await.ok() }
+        },
+    )
+    .await;
+    assert!(call(ca1).await.is_err(), "the old one is no longer served");
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), running.task)
+        .await
+        .expect("stops on shutdown")
+        .expect("task");
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_before_admission() {
+    let client = client().await;
+    let ns = fresh_namespace(&client, "wh-limits").await;
+    let cert = load_or_create_certificates(&client, &certs(&ns))
+        .await
+        .expect("certificate");
+    let store = CertStore::new();
+    store
+        .set_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())
+        .expect("certificate loads");
+    let admission = Arc::new(Admission::new(
+        StampKey::generate().expect("key"),
+        Arc::new(KubeLookup::new(client)),
+    ));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = webhook::serve(
+        "127.0.0.1:0".parse().expect("address"),
+        admission,
+        store,
+        async move {
+            let _ = rx.await;
+        },
+    )
+    .await
+    .expect("binds");
+    let (addr, stats) = (server.addr, server.stats.clone());
+    let task = tokio::spawn(server.run());
+    let http = https_trusting(&cert.ca_bundle_pem);
+    let big = vec![b' '; webhook::server::MAX_BODY_BYTES + 1];
+    let response = http
+        .post(format!("https://{addr}/validate"))
+        .body(big)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), reqwest::StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(stats.requests(), 0, "never reached admission");
+    assert_eq!(stats.invalid.load(Ordering::Relaxed), 0);
+    let response = http
+        .get(format!("https://{addr}/validate"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), reqwest::StatusCode::METHOD_NOT_ALLOWED);
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("stops")
+        .expect("task");
+}

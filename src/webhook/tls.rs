@@ -66,7 +66,17 @@ fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Webhoo
         .map_err(|e| WebhookError::Tls(format!("private key PEM: {e}")))?;
     let signer =
         any_supported_type(&key).map_err(|e| WebhookError::Tls(format!("private key: {e}")))?;
-    Ok(CertifiedKey::new(chain, signer))
+    let certified = CertifiedKey::new(chain, signer);
+    // A key from one renewal and a certificate from another (files caught mid-rotation) would
+    // fail every handshake: refuse the pair and keep serving the previous one.
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(certified)
+        }
+        Err(e) => Err(WebhookError::Tls(format!(
+            "the private key does not match the certificate: {e}"
+        ))),
+    }
 }
 
 /// How often the mounted files are checked for a new certificate.
