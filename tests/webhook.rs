@@ -60,7 +60,7 @@ async fn with_the_webhook_down_grants_cannot_be_created_and_nothing_opens() {
     env.create_policy("prod", standard_policy()).await;
     env.wait_policy_ready("prod", T).await;
     let writes = env.writes().await;
-    env.webhook().stop().await;
+    env.webhook_mut().stop().await;
 
     let obj: portcullis::api::AccessGrant = serde_json::from_value(serde_json::json!({
         "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGrant",
@@ -554,4 +554,94 @@ async fn oversized_bodies_are_refused_before_admission() {
         .await
         .expect("stops")
         .expect("task");
+}
+
+#[tokio::test]
+async fn the_lookup_reads_grants_policies_and_the_approvals_naming_a_grant() {
+    use portcullis::admission::Lookup;
+    let client = client().await;
+    support::kube::install_these_crds(
+        &client,
+        [<portcullis::api::AccessApproval as kube::CustomResourceExt>::crd()],
+    )
+    .await;
+    let ns = fresh_namespace(&client, "wh-lookup").await;
+    let apply = |kind: &str, name: &str, spec: serde_json::Value| {
+        let client = client.clone();
+        let ns = ns.clone();
+        let (kind, name) = (kind.to_string(), name.to_string());
+        async move {
+            let obj: kube::core::DynamicObject = serde_json::from_value(serde_json::json!({
+                "apiVersion": "portcullis.dev/v1alpha1", "kind": kind,
+                "metadata": {"name": name, "namespace": ns}, "spec": spec,
+            }))
+            .expect("object");
+            let plural = format!("{}s", kind.to_ascii_lowercase());
+            let ar = kube::core::ApiResource {
+                group: "portcullis.dev".into(),
+                version: "v1alpha1".into(),
+                api_version: "portcullis.dev/v1alpha1".into(),
+                kind: kind.clone(),
+                plural: if kind == "JitPolicy" {
+                    "jitpolicies".into()
+                } else {
+                    plural
+                },
+            };
+            Api::<kube::core::DynamicObject>::namespaced_with(client, &ns, &ar)
+                .create(&Default::default(), &obj)
+                .await
+                .unwrap_or_else(|e| panic!("create {kind} {name}: {e}"));
+        }
+    };
+    apply("JitPolicy", "prod", standard_policy()).await;
+    apply(
+        "AccessGrant",
+        "alice",
+        grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"),
+    )
+    .await;
+    for (name, grant, decision) in [
+        ("bob-on-alice", "alice", "Approve"),
+        ("carol-on-alice", "alice", "Reject"),
+        ("bob-on-dave", "dave", "Approve"),
+    ] {
+        apply(
+            "AccessApproval",
+            name,
+            serde_json::json!({"grantRef": {"name": grant}, "decision": decision}),
+        )
+        .await;
+    }
+    let lookup = KubeLookup::new(client.clone());
+    let grant = lookup
+        .grant(&ns, "alice")
+        .await
+        .expect("read")
+        .expect("found");
+    assert_eq!(grant.spec.virtual_machine, "vm1");
+    assert!(lookup.grant(&ns, "nobody").await.expect("read").is_none());
+    assert!(lookup.policy(&ns, "prod").await.expect("read").is_some());
+    assert!(lookup.policy(&ns, "other").await.expect("read").is_none());
+    let mut names: Vec<String> = lookup
+        .approvals(&ns, "alice")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|a| kube::ResourceExt::name_any(&a))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bob-on-alice", "carol-on-alice"]);
+    assert!(
+        lookup
+            .approvals(&ns, "nobody")
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    // An error is an error, not "absent": a client that may read nothing.
+    let denied = KubeLookup::new(support::webhook::client_as("nobody", &[]).await);
+    let err = denied.grant(&ns, "alice").await.expect_err("forbidden");
+    assert!(err.to_string().contains("AccessGrant"), "{err}");
+    assert!(denied.approvals(&ns, "alice").await.is_err());
 }

@@ -247,7 +247,12 @@ impl Env {
     }
 
     /// The running webhook (panics when the Env has none).
-    pub fn webhook(&mut self) -> &mut Webhook {
+    pub fn webhook(&self) -> &Webhook {
+        self.webhook.as_ref().expect("Env::with_webhook")
+    }
+
+    /// As [`Env::webhook`], to stop it.
+    pub fn webhook_mut(&mut self) -> &mut Webhook {
         self.webhook.as_mut().expect("Env::with_webhook")
     }
 
