@@ -307,7 +307,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     info!(secret = %format!("{own_namespace}/{}", args.stamp_key_secret), "stamp key loaded");
     settings.stamp_key = Some(key.clone());
     let webhook = if args.webhook {
-        let config = webhook_config(&args, &own_namespace);
+        let config = webhook_config(&args, &own_namespace, telemetry.clone());
         let running = webhook::start(client.clone(), key, config, shutdown.clone())
             .await
             .map_err(|e| format!("admission webhook: {e}"))?;
@@ -327,7 +327,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
     result
 }
 
-fn webhook_config(args: &RunArgs, namespace: &str) -> webhook::WebhookConfig {
+fn webhook_config(
+    args: &RunArgs,
+    namespace: &str,
+    telemetry: Arc<Telemetry>,
+) -> webhook::WebhookConfig {
     let certs = match &args.webhook_cert_dir {
         Some(dir) => webhook::CertSource::Dir(dir.clone()),
         None => {
@@ -353,6 +357,7 @@ fn webhook_config(args: &RunArgs, namespace: &str) -> webhook::WebhookConfig {
     webhook::WebhookConfig {
         listen: args.webhook_listen,
         certs,
+        telemetry: Some(telemetry),
     }
 }
 

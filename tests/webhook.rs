@@ -49,6 +49,15 @@ async fn a_grant_create_goes_through_both_webhooks_and_is_admitted() {
         "the API server called /validate"
     );
     assert_eq!(stats.invalid.load(Ordering::Relaxed), 0);
+    let metrics = env.webhook().telemetry.encode().expect("metrics");
+    for path in ["/mutate", "/validate"] {
+        assert!(
+            metrics.contains(&format!(
+                "portcullis_webhook_admissions_total{{path=\"{path}\",result=\"allowed\"}}"
+            )),
+            "{path} counted: {metrics}"
+        );
+    }
     env.wait_grant_phase("alice", GrantPhase::Active, T).await;
     env.stop_operator().await;
 }
@@ -130,6 +139,7 @@ async fn assert_served_and_trusted(cert: &webhook::ServingCert, ca_bundle_pem: &
         "127.0.0.1:0".parse().expect("address"),
         admission,
         store,
+        None,
         async move {
             let _ = rx.await;
         },
@@ -444,12 +454,14 @@ async fn cert_manager_files_are_served_and_reloaded_when_they_change() {
     let key = load_or_create_stamp_key(&client, &ns, "stamp")
         .await
         .expect("key");
+    let telemetry = portcullis::controller::telemetry::Telemetry::new(None);
     let running = webhook::start(
         client.clone(),
         key,
         webhook::WebhookConfig {
             listen: "127.0.0.1:0".parse().expect("address"),
             certs: webhook::CertSource::Dir(dir.path().to_path_buf()),
+            telemetry: Some(telemetry.clone()),
         },
         shutdown,
     )
@@ -476,6 +488,12 @@ async fn cert_manager_files_are_served_and_reloaded_when_they_change() {
     );
     assert!(call(ca2.clone()).await.is_err(), "not yet the second one");
     assert_eq!(running.stats.invalid.load(Ordering::Relaxed), 1);
+    let metrics = telemetry.encode().expect("metrics");
+    assert!(
+        metrics
+            .contains("portcullis_webhook_admissions_total{path=\"/mutate\",result=\"invalid\"} 1"),
+        "{metrics}"
+    );
 
     assert!(
         CertStore::new()
@@ -524,6 +542,7 @@ async fn oversized_bodies_are_refused_before_admission() {
         "127.0.0.1:0".parse().expect("address"),
         admission,
         store,
+        None,
         async move {
             let _ = rx.await;
         },

@@ -105,6 +105,8 @@ pub enum CertSource {
 pub struct WebhookConfig {
     pub listen: SocketAddr,
     pub certs: CertSource,
+    /// Where answers are counted (the operator's `/metrics`).
+    pub telemetry: Option<Arc<crate::controller::telemetry::Telemetry>>,
 }
 
 /// A webhook server running in the background.
@@ -152,7 +154,7 @@ pub async fn start(
         }
     };
     let admission = Arc::new(Admission::new(key, Arc::new(KubeLookup::new(client))));
-    let server = serve(config.listen, admission, store, shutdown).await?;
+    let server = serve(config.listen, admission, store, config.telemetry, shutdown).await?;
     let addr = server.addr;
     let stats = server.stats.clone();
     let task = tokio::spawn(async move {

@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::WebhookError;
 use super::tls::CertStore;
 use crate::admission::Admission;
+use crate::controller::telemetry::Telemetry;
 
 /// Largest AdmissionReview accepted: an object and its old version, each at most the API
 /// server's 3 MiB request limit, plus the envelope.
@@ -77,6 +78,15 @@ impl Path {
 struct Shared {
     admission: Arc<Admission>,
     stats: Arc<WebhookStats>,
+    telemetry: Option<Arc<Telemetry>>,
+}
+
+impl Shared {
+    fn count(&self, path: Path, result: &'static str) {
+        if let Some(t) = &self.telemetry {
+            t.webhook_admission(path.as_str(), result);
+        }
+    }
 }
 
 /// A bound webhook server, not yet running: [`WebhookServer::run`] serves until shutdown.
@@ -96,11 +106,13 @@ impl WebhookServer {
 }
 
 /// Binds `listen` and prepares the server; TLS with whatever certificate `certs` holds at each
-/// handshake.
+/// handshake. Answers are counted in `telemetry` (`portcullis_webhook_admissions_total`) when
+/// given.
 pub async fn serve(
     listen: SocketAddr,
     admission: Arc<Admission>,
     certs: Arc<CertStore>,
+    telemetry: Option<Arc<Telemetry>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<WebhookServer, WebhookError> {
     let listener = TcpListener::bind(listen)
@@ -135,6 +147,7 @@ pub async fn serve(
         .with_state(Arc::new(Shared {
             admission,
             stats: stats.clone(),
+            telemetry,
         }));
     info!(%addr, "serving admission webhooks (/mutate, /validate)");
     let server = accept_loop(listener, acceptor, app, shutdown);
@@ -224,6 +237,7 @@ async fn handle(shared: &Shared, path: Path, body: &[u8]) -> AdmissionReview<Dyn
         Ok(request) => request,
         Err(problem) => {
             shared.stats.invalid.fetch_add(1, Ordering::Relaxed);
+            shared.count(path, "invalid");
             warn!(path = path.as_str(), %problem, "not an AdmissionReview");
             return AdmissionResponse::invalid(problem).into_review();
         }
@@ -250,9 +264,11 @@ async fn handle(shared: &Shared, path: Path, body: &[u8]) -> AdmissionReview<Dyn
             Path::Validate => shared.admission.validate(&request).await,
         };
         if response.allowed {
+            shared.count(path, "allowed");
             debug!("admitted");
         } else {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            shared.count(path, "refused");
             info!(reason = %response.result.reason, message = %response.result.message, "refused");
         }
         response.into_review()

@@ -20,6 +20,7 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, Config};
 use portcullis::admission::StampKey;
+use portcullis::controller::telemetry::Telemetry;
 use portcullis::webhook::{self, CertSource, SelfManaged, WebhookConfig, WebhookStats};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -42,6 +43,8 @@ pub struct Webhook {
     /// The name of both configurations (the namespace's name).
     pub configuration_name: String,
     pub key: StampKey,
+    /// Where the server counts its answers (`portcullis_webhook_admissions_total`).
+    pub telemetry: Arc<Telemetry>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -65,6 +68,7 @@ impl Webhook {
             .unwrap_or_else(|e| panic!("webhook certificate: {e}"));
         let (tx, rx) = oneshot::channel::<()>();
         let shutdown = rx.map(|_| ()).shared();
+        let telemetry = Telemetry::new(None);
         let running = webhook::start(
             client.clone(),
             key.clone(),
@@ -74,6 +78,7 @@ impl Webhook {
                     certs,
                     configuration_name: Some(ns.to_string()),
                 },
+                telemetry: Some(telemetry.clone()),
             },
             shutdown,
         )
@@ -85,6 +90,7 @@ impl Webhook {
             ca_bundle_pem: cert.ca_bundle_pem.clone(),
             configuration_name: ns.to_string(),
             key,
+            telemetry,
             shutdown: Some(tx),
             task: Some(running.task),
         };
