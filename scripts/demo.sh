@@ -44,11 +44,41 @@ for _ in $(seq 1 100); do curl -fsS "$AZ/_emulator/health" >/dev/null 2>&1 && br
 curl -fsS "$AZ/_emulator/health" >/dev/null || { cat "$DEMO/emulator.log"; exit 1; }
 echo "ARM endpoint: $AZ"
 
-say "operator (log: .demo/operator.log)"
+say "operator with its admission webhook (log: .demo/operator.log)"
+wport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 AZURE_TENANT_ID=demo-tenant AZURE_CLIENT_ID=portcullis-demo AZURE_CLIENT_SECRET=demo-secret \
 AZURE_AUTHORITY_HOST="$AZ/" PORTCULLIS_AZURE_ENDPOINT="$AZ" PORTCULLIS_RESYNC_SECONDS=30 \
+PORTCULLIS_WEBHOOK_LISTEN="127.0.0.1:$wport" PORTCULLIS_WEBHOOK_CONFIGURATION_NAME=portcullis-demo \
   target/debug/portcullis run >"$DEMO/operator.log" 2>&1 &
 echo $! >"$DEMO/operator.pid"
+
+say "registering the webhooks (https://127.0.0.1:$wport; the operator patches in its CA)"
+# As the chart registers them, but by URL: this API server runs outside any cluster network.
+webhook() { # kind, webhook name, path
+  cat <<YAML
+apiVersion: admissionregistration.k8s.io/v1
+kind: $1
+metadata: { name: portcullis-demo }
+webhooks:
+  - name: $2
+    clientConfig: { url: "https://127.0.0.1:$wport$3" }
+    rules:
+      - { apiGroups: [portcullis.dev], apiVersions: ["*"], operations: [CREATE, UPDATE], resources: [accessgrants, accessapprovals], scope: Namespaced }
+    failurePolicy: Fail
+    sideEffects: None
+    admissionReviewVersions: [v1]
+    timeoutSeconds: 10
+YAML
+}
+{ webhook MutatingWebhookConfiguration mutate.portcullis.dev /mutate; echo ---
+  webhook ValidatingWebhookConfiguration validate.portcullis.dev /validate; } | kubectl apply -f - >/dev/null
+# Ready when a server-side dry run of a grant goes through both webhooks (CA patched, picked up).
+for _ in $(seq 1 120); do
+  kubectl apply --dry-run=server -f examples/accessgrant.yaml >/dev/null 2>&1 && break
+  sleep 0.5
+done
+kubectl apply --dry-run=server -f examples/accessgrant.yaml >/dev/null || { tail -n 30 "$DEMO/operator.log"; exit 1; }
+kubectl get mutatingwebhookconfigurations,validatingwebhookconfigurations portcullis-demo
 
 say "applying examples/ (the Kubernetes manifests)"
 for manifest in examples/*.yaml; do kubectl apply -f "$manifest"; done

@@ -9,3 +9,4 @@ pub mod azure;
 pub mod cli;
 pub mod controller;
 pub mod plan;
+pub mod webhook;

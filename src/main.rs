@@ -12,6 +12,7 @@ use portcullis::controller::leader::LeaseConfig;
 use portcullis::controller::telemetry::Telemetry;
 use portcullis::controller::{self, Settings, http};
 use portcullis::plan::{Bands, Installation, Naming};
+use portcullis::webhook;
 
 /// Portcullis: just-in-time network access to Azure VMs, as a Kubernetes operator.
 #[derive(Parser)]
@@ -119,6 +120,56 @@ struct RunArgs {
     /// into the log, under the target `portcullis::audit`.
     #[arg(long, env = "PORTCULLIS_AUDIT_LOG")]
     audit_log: Option<std::path::PathBuf>,
+    /// Serve the admission webhooks (turn off only for installs without the webhook
+    /// configurations; grants then carry no verified requester).
+    #[arg(long, env = "PORTCULLIS_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
+    webhook: bool,
+    /// Address of the HTTPS admission webhook server.
+    #[arg(
+        long,
+        env = "PORTCULLIS_WEBHOOK_LISTEN",
+        default_value = "0.0.0.0:9443"
+    )]
+    webhook_listen: std::net::SocketAddr,
+    /// Directory with `tls.crt` and `tls.key` (cert-manager's Secret mount), reloaded when they
+    /// change. Unset: the operator generates and renews its own CA and certificate.
+    #[arg(long, env = "PORTCULLIS_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<std::path::PathBuf>,
+    /// Secret (in the operator's namespace) holding the self-managed CA and certificate.
+    #[arg(
+        long,
+        env = "PORTCULLIS_WEBHOOK_CERT_SECRET",
+        default_value = "portcullis-webhook-cert"
+    )]
+    webhook_cert_secret: String,
+    /// The webhook's Service, for the certificate's default names
+    /// (`<service>.<namespace>.svc`, `<service>.<namespace>.svc.cluster.local`).
+    #[arg(
+        long,
+        env = "PORTCULLIS_WEBHOOK_SERVICE_NAME",
+        default_value = "portcullis-webhook"
+    )]
+    webhook_service_name: String,
+    /// Names (and IP addresses) the self-managed certificate is issued for, comma-separated
+    /// (default: the Service's names, localhost and 127.0.0.1).
+    #[arg(long, env = "PORTCULLIS_WEBHOOK_DNS_NAMES", value_delimiter = ',')]
+    webhook_dns_names: Vec<String>,
+    /// Name of the Mutating- and ValidatingWebhookConfiguration whose `caBundle` the operator
+    /// patches with its self-managed CA (empty: patch nothing).
+    #[arg(
+        long,
+        env = "PORTCULLIS_WEBHOOK_CONFIGURATION_NAME",
+        default_value = "portcullis"
+    )]
+    webhook_configuration_name: String,
+    /// Secret (in the operator's namespace) holding the key that signs the webhook's stamps;
+    /// created with a random key when absent.
+    #[arg(
+        long,
+        env = "PORTCULLIS_STAMP_KEY_SECRET",
+        default_value = "portcullis-stamp-key"
+    )]
+    stamp_key_secret: String,
     #[arg(
         long,
         env = "PORTCULLIS_LOG_FORMAT",
@@ -205,7 +256,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     bands
         .validate()
         .map_err(|e| format!("priority bands: {e}"))?;
-    let settings = Settings {
+    let mut settings = Settings {
         bands,
         naming: Naming::new(args.installation.clone(), args.adopt_legacy_rules),
         flush_connections: args.flush_connections,
@@ -224,7 +275,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .filter(|n| !n.is_empty()),
         inventory_name: args.inventory_name.clone(),
-        // Set once the webhook's key is loaded (the webhook work wires it).
+        // Loaded below, once there is a client.
         stamp_key: None,
         audit_log: args.audit_log.clone(),
     };
@@ -254,11 +305,66 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("Kubernetes client: {e}"))?;
     info!(azure_endpoint = %args.azure_endpoint, credential = ?credential_config, installation = %args.installation, adopt_legacy_rules = args.adopt_legacy_rules, "starting");
+    // The operator's own namespace: the inventory's, which holds its Secrets too.
+    let own_namespace = settings.inventory_namespace();
+    let key = webhook::load_or_create_stamp_key(&client, &own_namespace, &args.stamp_key_secret)
+        .await
+        .map_err(|e| format!("stamp key: {e}"))?;
+    info!(secret = %format!("{own_namespace}/{}", args.stamp_key_secret), "stamp key loaded");
+    settings.stamp_key = Some(key.clone());
+    let webhook = if args.webhook {
+        let config = webhook_config(&args, &own_namespace, telemetry.clone());
+        let running = webhook::start(client.clone(), key, config, shutdown.clone())
+            .await
+            .map_err(|e| format!("admission webhook: {e}"))?;
+        Some(running.task)
+    } else {
+        info!("admission webhook turned off (--webhook=false)");
+        None
+    };
     let result = controller::run(client, Arc::new(azure), settings, telemetry, shutdown)
         .await
         .map_err(|e| e.to_string());
+    if let Some(task) = webhook {
+        // The shutdown future has resolved: the server is draining its last requests.
+        let _ = task.await;
+    }
     http.abort();
     result
+}
+
+fn webhook_config(
+    args: &RunArgs,
+    namespace: &str,
+    telemetry: Arc<Telemetry>,
+) -> webhook::WebhookConfig {
+    let certs = match &args.webhook_cert_dir {
+        Some(dir) => webhook::CertSource::Dir(dir.clone()),
+        None => {
+            let names: Vec<String> = args
+                .webhook_dns_names
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
+            let names = if names.is_empty() {
+                webhook::default_dns_names(&args.webhook_service_name, namespace)
+            } else {
+                names
+            };
+            let configuration_name =
+                Some(args.webhook_configuration_name.trim().to_string()).filter(|n| !n.is_empty());
+            webhook::CertSource::SelfManaged {
+                certs: webhook::SelfManaged::new(namespace, &args.webhook_cert_secret, names),
+                configuration_name,
+            }
+        }
+    };
+    webhook::WebhookConfig {
+        listen: args.webhook_listen,
+        certs,
+        telemetry: Some(telemetry),
+    }
 }
 
 fn main() -> ExitCode {

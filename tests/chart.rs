@@ -402,8 +402,13 @@ fn optional_service_monitor_and_network_policy_render_when_enabled() {
     assert_eq!(endpoint["interval"], "15s");
     let np = one(&docs, "NetworkPolicy");
     let ingress = np["spec"]["ingress"].as_array().expect("ingress rules");
-    assert_eq!(ingress.len(), 1, "ingress only to the metrics port");
+    assert_eq!(
+        ingress.len(),
+        2,
+        "ingress only to the metrics and webhook ports"
+    );
     assert_eq!(ingress[0]["ports"][0]["port"], "http-metrics");
+    assert_eq!(ingress[1]["ports"][0]["port"], "https-webhook");
     let egress_ports: Vec<Value> = np["spec"]["egress"]
         .as_array()
         .expect("egress rules")
@@ -417,6 +422,124 @@ fn optional_service_monitor_and_network_policy_render_when_enabled() {
             "egress to {port}: {egress_ports:?}"
         );
     }
+}
+
+/// Limits the chart's webhooks to the test's own namespace: the tests share one API server,
+/// and webhooks that fail closed with no pod behind them would refuse every other test's grants.
+fn only_this_namespace(ns: &str) -> Vec<String> {
+    strings(&[
+        "--set",
+        &format!("webhook.namespaceSelector.matchLabels.portcullis\\.dev/test-namespace={ns}"),
+    ])
+}
+
+#[test]
+fn webhook_modes_render_their_certificate_wiring() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let render = |extra: &[&str]| {
+        let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+        args.extend(mode_values("workloadIdentity"));
+        args.extend(strings(extra));
+        documents(&helm.ok(&args))
+    };
+    let deployment_container = |docs: &[Value]| -> Value {
+        one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0].clone()
+    };
+
+    // cert-manager: a Certificate for the Service's names from a self-signed Issuer, its
+    // Secret mounted and named to the operator, the CA injected by the ca-injector, and no
+    // permission to patch the configurations.
+    let docs = render(&["--set", "webhook.certManager.enabled=true"]);
+    let cert = one(&docs, "Certificate");
+    assert_eq!(cert["apiVersion"], "cert-manager.io/v1");
+    assert_eq!(cert["spec"]["secretName"], "rel-portcullis-webhook-tls");
+    assert_eq!(
+        cert["spec"]["dnsNames"],
+        serde_json::json!([
+            "rel-portcullis-webhook.ops.svc",
+            "rel-portcullis-webhook.ops.svc.cluster.local"
+        ])
+    );
+    let issuer = one(&docs, "Issuer");
+    assert!(issuer["spec"]["selfSigned"].is_object());
+    assert_eq!(
+        cert["spec"]["issuerRef"]["name"],
+        issuer["metadata"]["name"]
+    );
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
+        let config = one(&docs, kind);
+        assert_eq!(
+            config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+            "ops/rel-portcullis-webhook",
+            "{kind}"
+        );
+        assert!(config["webhooks"][0]["clientConfig"]["caBundle"].is_null());
+    }
+    let container = deployment_container(&docs);
+    assert_eq!(
+        env_var(&container, "PORTCULLIS_WEBHOOK_CERT_DIR").expect("cert dir")["value"],
+        "/webhook-tls"
+    );
+    assert!(env_var(&container, "PORTCULLIS_WEBHOOK_CONFIGURATION_NAME").is_none());
+    let pod = &one(&docs, "Deployment")["spec"]["template"]["spec"];
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "rel-portcullis-webhook-tls")
+    );
+    assert!(
+        !find(&docs, "ClusterRole")
+            .iter()
+            .any(|r| r.to_string().contains("webhookconfigurations")),
+        "nothing to patch with cert-manager"
+    );
+
+    // An issuer of one's own: no Issuer rendered.
+    let docs = render(&[
+        "--set",
+        "webhook.certManager.enabled=true",
+        "--set",
+        "webhook.certManager.issuerRef.name=corp-ca",
+        "--set",
+        "webhook.certManager.issuerRef.kind=ClusterIssuer",
+    ]);
+    assert!(find(&docs, "Issuer").is_empty());
+    assert_eq!(
+        one(&docs, "Certificate")["spec"]["issuerRef"],
+        serde_json::json!({"name": "corp-ca", "kind": "ClusterIssuer"})
+    );
+
+    // Watched namespaces: the webhooks select them (by kubernetes.io/metadata.name).
+    let docs = render(&["--set", "watchNamespaces={team-a,team-b}"]);
+    let selector =
+        &one(&docs, "ValidatingWebhookConfiguration")["webhooks"][0]["namespaceSelector"];
+    assert_eq!(
+        selector["matchExpressions"][0]["values"],
+        serde_json::json!(["team-a", "team-b"])
+    );
+
+    // Turned off: no webhooks, no Service, no certificate wiring; the stamp key stays.
+    let docs = render(&["--set", "webhook.enabled=false"]);
+    assert!(find(&docs, "MutatingWebhookConfiguration").is_empty());
+    assert!(find(&docs, "ValidatingWebhookConfiguration").is_empty());
+    assert!(
+        !find(&docs, "Service")
+            .iter()
+            .any(|s| s["metadata"]["name"] == "rel-portcullis-webhook")
+    );
+    let container = deployment_container(&docs);
+    assert_eq!(
+        env_var(&container, "PORTCULLIS_WEBHOOK").expect("webhook flag")["value"],
+        "false"
+    );
+    assert!(env_var(&container, "PORTCULLIS_STAMP_KEY_SECRET").is_some());
+    assert!(env_var(&container, "PORTCULLIS_WEBHOOK_CERT_SECRET").is_none());
 }
 
 #[test]
@@ -493,6 +616,18 @@ fn wrong_values_fail_naming_the_value() {
         (
             strings(&["--set", "leaderElection.enabled=false"]),
             "leaderElection.enabled",
+        ),
+        (
+            strings(&["--set", "webhook.timeoutSeconds=60"]),
+            "webhook.timeoutSeconds",
+        ),
+        (
+            strings(&["--set", "webhook.certManager.issuerRef.kind=Vault"]),
+            "webhook.certManager.issuerRef.kind",
+        ),
+        (
+            strings(&["--set", "stampKeySecretName=Not_A_Name"]),
+            "stampKeySecretName",
         ),
         (
             strings(&[
@@ -610,6 +745,7 @@ async fn install_creates_the_operator_objects_and_uninstall_removes_them() {
 
     let mut args = strings(&["install", &release, &chart, "--namespace", &ns]);
     args.extend(mode_values("workloadIdentity"));
+    args.extend(only_this_namespace(&ns));
     helm.ok(&args);
 
     let deploy = must_get("deployment", &full, Some(&ns));
@@ -754,6 +890,115 @@ async fn install_creates_the_operator_objects_and_uninstall_removes_them() {
     let pdb = must_get("poddisruptionbudget", &full, Some(&ns));
     assert_eq!(pdb["spec"]["minAvailable"], 1);
 
+    // The admission webhooks: a Service on 443 to the pods' webhook port, both
+    // configurations calling it, failing closed, with the self-managed certificate's wiring.
+    let webhook_svc = format!("{full}-webhook");
+    let svc = must_get("service", &webhook_svc, Some(&ns));
+    assert_eq!(svc["spec"]["ports"][0]["port"], 443);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "https-webhook");
+    let port = container["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == "https-webhook")
+        .expect("the webhook port");
+    assert_eq!(port["containerPort"], 9443);
+    let webhook_configuration = cluster_name.clone();
+    for (kind, path) in [
+        ("mutatingwebhookconfiguration", "/mutate"),
+        ("validatingwebhookconfiguration", "/validate"),
+    ] {
+        let config = must_get(kind, &webhook_configuration, None);
+        let hooks = config["webhooks"].as_array().expect("webhooks");
+        assert_eq!(hooks.len(), 1, "{config}");
+        let hook = &hooks[0];
+        assert_eq!(hook["failurePolicy"], "Fail");
+        assert_eq!(hook["sideEffects"], "None");
+        assert_eq!(hook["admissionReviewVersions"], serde_json::json!(["v1"]));
+        assert_eq!(hook["timeoutSeconds"], 10);
+        let service = &hook["clientConfig"]["service"];
+        assert_eq!(service["name"], webhook_svc);
+        assert_eq!(service["namespace"], ns);
+        assert_eq!(service["path"], path);
+        assert_eq!(service["port"], 443);
+        let rule = &hook["rules"][0];
+        assert_eq!(rule["apiGroups"], serde_json::json!(["portcullis.dev"]));
+        assert_eq!(
+            rule["resources"],
+            serde_json::json!(["accessgrants", "accessapprovals"])
+        );
+        assert_eq!(rule["operations"], serde_json::json!(["CREATE", "UPDATE"]));
+        assert!(
+            config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].is_null(),
+            "self-managed: the operator patches the bundle, no ca-injector"
+        );
+    }
+    for (var, value) in [
+        ("PORTCULLIS_WEBHOOK", "true".to_string()),
+        ("PORTCULLIS_WEBHOOK_LISTEN", "0.0.0.0:9443".to_string()),
+        ("PORTCULLIS_WEBHOOK_SERVICE_NAME", webhook_svc.clone()),
+        (
+            "PORTCULLIS_WEBHOOK_CONFIGURATION_NAME",
+            webhook_configuration.clone(),
+        ),
+        (
+            "PORTCULLIS_WEBHOOK_CERT_SECRET",
+            format!("{full}-webhook-cert"),
+        ),
+        ("PORTCULLIS_STAMP_KEY_SECRET", format!("{full}-stamp-key")),
+    ] {
+        assert_eq!(
+            env_var(container, var).unwrap_or_else(|| panic!("{var}"))["value"],
+            value,
+            "{var}"
+        );
+    }
+    assert!(env_var(container, "PORTCULLIS_WEBHOOK_CERT_DIR").is_none());
+    // Its Secrets by name only; its two configurations by name only.
+    let webhook_role = format!("{full}-webhook");
+    must_get("role", &webhook_role, Some(&ns));
+    must_get("rolebinding", &webhook_role, Some(&ns));
+    must_get("clusterrole", &format!("{cluster_name}-webhook"), None);
+    must_get(
+        "clusterrolebinding",
+        &format!("{cluster_name}-webhook"),
+        None,
+    );
+    assert!(can_i("create", "secrets", &ns));
+    for secret in [format!("{full}-stamp-key"), format!("{full}-webhook-cert")] {
+        assert!(can_i("get", &format!("secrets/{secret}"), &ns), "{secret}");
+        assert!(
+            can_i("update", &format!("secrets/{secret}"), &ns),
+            "{secret}"
+        );
+        assert!(
+            !can_i("delete", &format!("secrets/{secret}"), &ns),
+            "{secret}"
+        );
+    }
+    assert!(
+        !can_i("get", "secrets/other", &ns),
+        "other Secrets stay unreadable"
+    );
+    assert!(!can_i(
+        "get",
+        &format!("secrets/{full}-stamp-key"),
+        "default"
+    ));
+    for kind in [
+        "mutatingwebhookconfigurations",
+        "validatingwebhookconfigurations",
+    ] {
+        assert!(can_i(
+            "patch",
+            &format!("{kind}/{webhook_configuration}"),
+            &ns
+        ));
+        assert!(!can_i("patch", &format!("{kind}/someone-elses"), &ns));
+        assert!(!can_i("create", kind, &ns));
+    }
+    assert!(can_i("list", "accessapprovals.portcullis.dev", &ns));
+
     helm.ok(&strings(&[
         "uninstall",
         &release,
@@ -772,6 +1017,21 @@ async fn install_creates_the_operator_objects_and_uninstall_removes_them() {
         ("rolebinding", &inventory_name, Some(&ns)),
         ("service", &svc_name, Some(&ns)),
         ("poddisruptionbudget", &full, Some(&ns)),
+        ("service", &webhook_svc, Some(&ns)),
+        ("mutatingwebhookconfiguration", &webhook_configuration, None),
+        (
+            "validatingwebhookconfiguration",
+            &webhook_configuration,
+            None,
+        ),
+        ("role", &webhook_role, Some(&ns)),
+        ("rolebinding", &webhook_role, Some(&ns)),
+        ("clusterrole", &format!("{cluster_name}-webhook"), None),
+        (
+            "clusterrolebinding",
+            &format!("{cluster_name}-webhook"),
+            None,
+        ),
     ] {
         assert!(
             kubectl_get(kind, name, namespace).is_none(),

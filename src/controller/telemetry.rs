@@ -32,6 +32,12 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    path: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -79,6 +85,7 @@ pub struct Telemetry {
     leader: Gauge,
     inventory_nsgs: Gauge,
     sweep_failures: Counter,
+    webhook_admissions: Family<WebhookLabels, Counter>,
     caches_synced: AtomicBool,
     azure_reachable: AtomicBool,
     standby: AtomicBool,
@@ -152,6 +159,12 @@ impl Telemetry {
             "Inventoried NSGs the orphan sweep could not sync (or an inventory it could not read)",
             sweep_failures.clone(),
         );
+        let webhook_admissions = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "webhook_admissions",
+            "Admission requests answered by the webhook, by path and result (allowed, refused, invalid)",
+            webhook_admissions.clone(),
+        );
         if let Some(stats) = azure {
             registry.register_collector(Box::new(AzureRequests(stats)));
         }
@@ -167,6 +180,7 @@ impl Telemetry {
             leader,
             inventory_nsgs,
             sweep_failures,
+            webhook_admissions,
             caches_synced: AtomicBool::new(false),
             azure_reachable: AtomicBool::new(true),
             standby: AtomicBool::new(false),
@@ -233,6 +247,14 @@ impl Telemetry {
 
     pub fn sweep_failed(&self) {
         self.sweep_failures.inc();
+    }
+
+    /// One admission request answered: `path` `/mutate` or `/validate`, `result` `allowed`,
+    /// `refused` or `invalid` (not an AdmissionReview).
+    pub fn webhook_admission(&self, path: &'static str, result: &'static str) {
+        self.webhook_admissions
+            .get_or_create(&WebhookLabels { path, result })
+            .inc();
     }
 
     pub fn sweep_failures(&self) -> u64 {

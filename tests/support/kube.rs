@@ -91,7 +91,9 @@ pub async fn fresh_namespace(client: &Client, prefix: &str) -> String {
     let name = format!("{prefix}-{suffix:08x}");
     let ns: Api<Namespace> = Api::all(client.clone());
     let obj: Namespace = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+        "apiVersion": "v1", "kind": "Namespace",
+        // What the test webhooks select their own namespace by (support::webhook).
+        "metadata": {"name": name, "labels": {super::webhook::NAMESPACE_LABEL: name}}
     }))
     .unwrap_or_else(|e| panic!("namespace object: {e}"));
     ns.create(&PostParams::default(), &obj)

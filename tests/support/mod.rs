@@ -6,6 +6,7 @@ pub mod kube;
 pub mod operator;
 pub mod process;
 pub mod rng;
+pub mod webhook;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

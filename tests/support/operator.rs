@@ -75,6 +75,8 @@ pub struct Env {
     /// The fixture's user rules as the emulator served them before the operator ran.
     pub user_rules_at_start: Vec<Value>,
     operator: Option<RunningOperator>,
+    /// The admission webhook, when started (`Env::with_webhook`, `Env::start_webhook`).
+    pub(crate) webhook: Option<super::webhook::Webhook>,
 }
 
 impl Env {
@@ -123,6 +125,7 @@ impl Env {
             settings,
             user_rules_at_start: Vec::new(),
             operator: None,
+            webhook: None,
         };
         env.user_rules_at_start = env.foreign_rules().await;
         assert!(

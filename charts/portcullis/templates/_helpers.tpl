@@ -159,3 +159,46 @@ namespace names (the schema says the same; this also holds under --skip-schema-v
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/* The webhook's Service (its DNS names are in the certificate). */}}
+{{- define "portcullis.webhookServiceName" -}}
+{{- printf "%s-webhook" (include "portcullis.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Mutating- and ValidatingWebhookConfiguration (cluster-scoped, one name for both). */}}
+{{- define "portcullis.webhookConfigurationName" -}}
+{{- include "portcullis.clusterName" . }}
+{{- end }}
+
+{{/* The Secret with the serving certificate: the operator's own, or cert-manager's. */}}
+{{- define "portcullis.webhookCertSecret" -}}
+{{- if .Values.webhook.certManager.enabled }}
+{{- printf "%s-webhook-tls" (include "portcullis.fullname" .) }}
+{{- else }}
+{{- default (printf "%s-webhook-cert" (include "portcullis.fullname" .)) .Values.webhook.certSecretName }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret with the key that signs the webhook's stamps. */}}
+{{- define "portcullis.stampKeySecret" -}}
+{{- default (printf "%s-stamp-key" (include "portcullis.fullname" .)) .Values.stampKeySecretName }}
+{{- end }}
+
+{{/*
+Which namespaces' objects go through the webhooks: webhook.namespaceSelector when set, else
+the watched namespaces by their kubernetes.io/metadata.name label (Kubernetes 1.21+), else all.
+*/}}
+{{- define "portcullis.webhookNamespaceSelector" -}}
+{{- if .Values.webhook.namespaceSelector }}
+{{- toYaml .Values.webhook.namespaceSelector }}
+{{- else }}
+{{- with include "portcullis.watchNamespaces" . }}
+matchExpressions:
+  - key: kubernetes.io/metadata.name
+    operator: In
+    values: {{ splitList "," . | toJson }}
+{{- else }}
+{}
+{{- end }}
+{{- end }}
+{{- end }}
