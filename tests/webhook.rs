@@ -744,3 +744,56 @@ async fn configurations_installed_after_the_operator_get_its_ca_and_then_reach_i
         .expect("stops")
         .expect("task");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impersonated_users_create_through_the_webhook_as_rbac_allows() {
+    let env = Env::with_webhook("wh-users").await;
+    support::webhook::allow_user(&env.client, &env.ns, "alice").await;
+    support::webhook::allow_group(&env.client, &env.ns, "approvers").await;
+    let grant = |name: &str| -> portcullis::api::AccessGrant {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGrant",
+            "metadata": {"name": name},
+            "spec": grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"),
+        }))
+        .expect("grant")
+    };
+    let before = env.webhook().stats.requests();
+    env.grants_as("alice", &["devs"])
+        .await
+        .create(&Default::default(), &grant("by-alice"))
+        .await
+        .expect("alice may create grants");
+    assert!(
+        env.webhook().stats.requests() > before,
+        "through the webhook"
+    );
+    env.grants_as("bob", &["approvers"])
+        .await
+        .create(&Default::default(), &grant("by-bob"))
+        .await
+        .expect("a member of approvers may too");
+    let err = env
+        .grants_as("mallory", &["devs"])
+        .await
+        .create(&Default::default(), &grant("by-mallory"))
+        .await
+        .expect_err("mallory has no RBAC");
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    let approval: portcullis::api::AccessApproval = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessApproval",
+        "metadata": {"name": "bob-on-alice"},
+        "spec": {"grantRef": {"name": "by-alice"}, "decision": "Approve"},
+    }))
+    .expect("approval");
+    let before = env.webhook().stats.requests();
+    env.approvals_as("bob", &["approvers"])
+        .await
+        .create(&Default::default(), &approval)
+        .await
+        .expect("approvals go through RBAC and the webhook too");
+    assert!(
+        env.webhook().stats.requests() > before,
+        "through the webhook"
+    );
+}
