@@ -664,3 +664,136 @@ async fn the_lookup_reads_grants_policies_and_the_approvals_naming_a_grant() {
     assert!(err.to_string().contains("AccessGrant"), "{err}");
     assert!(denied.approvals(&ns, "alice").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configurations_installed_after_the_operator_get_its_ca_and_then_reach_it() {
+    let client = client().await;
+    support::kube::install_crds(&client).await;
+    let ns = fresh_namespace(&client, "wh-late").await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = futures::FutureExt::shared(async move {
+        let _ = rx.await;
+    });
+    let running = webhook::start(
+        client.clone(),
+        StampKey::generate().expect("key"),
+        webhook::WebhookConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            certs: webhook::CertSource::SelfManaged {
+                certs: certs(&ns),
+                configuration_name: Some(ns.clone()),
+            },
+            telemetry: None,
+        },
+        shutdown,
+    )
+    .await
+    .expect("webhook starts");
+    // As `helm install` after the operator is up, or the demo: registered without a bundle.
+    support::webhook::register(&client, &ns, running.addr, None).await;
+    let _cleanup = Cleanup(ns.clone());
+    let bundle = load_or_create_certificates(&client, &certs(&ns))
+        .await
+        .expect("the operator's certificate")
+        .ca_bundle_pem;
+    let m: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let v: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    support::wait_for("the operator to patch both bundles", T, || {
+        let (m, v, ns, bundle) = (m.clone(), v.clone(), ns.clone(), bundle.clone());
+        async move {
+            let has =
+                |b: Option<&k8s_openapi::ByteString>| b.is_some_and(|b| b.0 == bundle.as_bytes());
+            let mc = m.get(&ns).await.ok()?;
+            let vc = v.get(&ns).await.ok()?;
+            (mc.webhooks?
+                .iter()
+                .all(|w| has(w.client_config.ca_bundle.as_ref()))
+                && vc
+                    .webhooks?
+                    .iter()
+                    .all(|w| has(w.client_config.ca_bundle.as_ref())))
+            .then_some(())
+        }
+    })
+    .await;
+    // The API server now trusts it: a server-side dry run goes through both.
+    let grants: Api<portcullis::api::AccessGrant> = Api::namespaced(client.clone(), &ns);
+    let probe: portcullis::api::AccessGrant = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGrant",
+        "metadata": {"name": "probe"},
+        "spec": grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"),
+    }))
+    .expect("grant");
+    let dry = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    support::wait_for("a dry run through both webhooks", T, || {
+        let (grants, probe, dry) = (grants.clone(), probe.clone(), dry.clone());
+        let stats = running.stats.clone();
+        async move {
+            grants.create(&dry, &probe).await.ok()?;
+            (stats.mutate.load(Ordering::Relaxed) > 0 && stats.validate.load(Ordering::Relaxed) > 0)
+                .then_some(())
+        }
+    })
+    .await;
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), running.task)
+        .await
+        .expect("stops")
+        .expect("task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impersonated_users_create_through_the_webhook_as_rbac_allows() {
+    let env = Env::with_webhook("wh-users").await;
+    support::webhook::allow_user(&env.client, &env.ns, "alice").await;
+    support::webhook::allow_group(&env.client, &env.ns, "approvers").await;
+    let grant = |name: &str| -> portcullis::api::AccessGrant {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGrant",
+            "metadata": {"name": name},
+            "spec": grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"),
+        }))
+        .expect("grant")
+    };
+    let before = env.webhook().stats.requests();
+    env.grants_as("alice", &["devs"])
+        .await
+        .create(&Default::default(), &grant("by-alice"))
+        .await
+        .expect("alice may create grants");
+    assert!(
+        env.webhook().stats.requests() > before,
+        "through the webhook"
+    );
+    env.grants_as("bob", &["approvers"])
+        .await
+        .create(&Default::default(), &grant("by-bob"))
+        .await
+        .expect("a member of approvers may too");
+    let err = env
+        .grants_as("mallory", &["devs"])
+        .await
+        .create(&Default::default(), &grant("by-mallory"))
+        .await
+        .expect_err("mallory has no RBAC");
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    let approval: portcullis::api::AccessApproval = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessApproval",
+        "metadata": {"name": "bob-on-alice"},
+        "spec": {"grantRef": {"name": "by-alice"}, "decision": "Approve"},
+    }))
+    .expect("approval");
+    let before = env.webhook().stats.requests();
+    env.approvals_as("bob", &["approvers"])
+        .await
+        .create(&Default::default(), &approval)
+        .await
+        .expect("approvals go through RBAC and the webhook too");
+    assert!(
+        env.webhook().stats.requests() > before,
+        "through the webhook"
+    );
+}

@@ -559,6 +559,7 @@ pub async fn maintain(
 ) {
     tokio::pin!(shutdown);
     let mut next_cert_check = Timestamp::now() + RECHECK;
+    let mut cert_failing = false;
     loop {
         let now = Timestamp::now();
         if now >= next_cert_check.min(current.renew_at) {
@@ -575,22 +576,20 @@ pub async fn maintain(
                         }
                         current = cert;
                     }
+                    cert_failing = false;
                     next_cert_check = now + RECHECK;
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot refresh the webhook certificate; retrying");
+                    cert_failing = true;
                     next_cert_check = now + RETRY;
                 }
             }
         }
-        let mut wait = if now + RECHECK > next_cert_check {
-            RETRY
-        } else {
-            PATCH_CHECK
-        };
+        let mut wait = if cert_failing { RETRY } else { PATCH_CHECK };
         if let Some(patcher) = &patcher {
             match patcher.patch(&current.ca_bundle_pem).await {
-                Ok(p) if p.both() => wait = wait.min(PATCH_CHECK),
+                Ok(p) if p.both() => {}
                 Ok(p) => {
                     debug!(
                         mutating = p.mutating,
@@ -605,6 +604,13 @@ pub async fn maintain(
                 }
             }
         }
+        // Never sleep past the next certificate check or renewal.
+        let until_check = Timestamp::now()
+            .duration_until(next_cert_check.min(current.renew_at))
+            .max(SignedDuration::ZERO)
+            .unsigned_abs()
+            .max(Duration::from_secs(1));
+        let wait = wait.min(until_check);
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tokio::time::sleep(wait) => {}
