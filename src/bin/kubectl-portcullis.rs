@@ -272,7 +272,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Why { grant } => {
             let g = grants.get(grant).await?;
-            let events = events(&client, &ns, grant).await?;
+            // Events are a help, not a need: a user who may not read them still gets the rest.
+            let events = match events(&client, &ns, grant).await {
+                Ok(events) => events,
+                Err(e) => vec![("(not readable)".to_string(), e.to_string())],
+            };
             print(cli.output, &g, || cli::why(&g, &events, now))?;
         }
         Command::Completion { .. } => {}

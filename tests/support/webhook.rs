@@ -334,6 +334,7 @@ async fn allow(client: &Client, ns: &str, kind: &str, subject: &str) {
              "verbs": ["create", "get", "list", "watch", "update", "patch", "delete"]},
             {"apiGroups": ["portcullis.dev"], "resources": ["jitpolicies"],
              "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["get", "list"]},
         ],
     }))
     .expect("role");
