@@ -787,11 +787,18 @@ async fn impersonated_users_create_through_the_webhook_as_rbac_allows() {
     }))
     .expect("approval");
     let before = env.webhook().stats.requests();
-    env.approvals_as("bob", &["approvers"])
+    // RBAC lets bob decide; the webhook refuses the decision (the policy needs no approval),
+    // which shows that approvals reach it.
+    let refused = env
+        .approvals_as("bob", &["approvers"])
         .await
         .create(&Default::default(), &approval)
         .await
-        .expect("approvals go through RBAC and the webhook too");
+        .expect_err("no decision on a grant that is not waiting for one");
+    assert!(
+        refused.to_string().contains("not waiting for a decision"),
+        "{refused}"
+    );
     assert!(
         env.webhook().stats.requests() > before,
         "through the webhook"

@@ -141,8 +141,10 @@ impl WorldView {
         };
     }
 
-    /// Waits until every store holds their initial listing: planning an NSG from a partial view
-    /// would delete rules of objects not seen yet. Returns false if the controllers began to
+    /// Waits until the policy and grant stores hold their initial listing: planning an NSG from
+    /// a partial view would delete rules of objects not seen yet. Approvals are not waited for:
+    /// a decision seen late only delays an activation (fail closed), and an install whose
+    /// AccessApproval CRD is missing must still close what is due. Returns false if the controllers began to
     /// stop first: once graceful shutdown starts the watches are no longer polled, so the stores
     /// may never fill, and a reconcile waiting for them would hold the shutdown forever.
     pub async fn wait_ready(&self) -> bool {
@@ -156,9 +158,6 @@ impl WorldView {
                     let _ = store.wait_until_ready().await;
                 }
                 for store in &self.grants {
-                    let _ = store.wait_until_ready().await;
-                }
-                for store in &self.approvals {
                     let _ = store.wait_until_ready().await;
                 }
             };

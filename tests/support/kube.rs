@@ -36,6 +36,7 @@ pub async fn install_crds(client: &Client) {
         [
             <portcullis::api::JitPolicy as kube::CustomResourceExt>::crd(),
             <portcullis::api::AccessGrant as kube::CustomResourceExt>::crd(),
+            <portcullis::api::AccessApproval as kube::CustomResourceExt>::crd(),
         ],
     )
     .await;
