@@ -24,8 +24,8 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::api::{AccessApproval, AccessGrant, JitPolicy, decode};
-pub use stamp::{StampError, StampKey};
 use stamp::{Binding, DECIDED_BY_ANNOTATION, STAMP_ANNOTATION, Stamp, Who, bound_name};
+pub use stamp::{StampError, StampKey};
 
 /// Reads the objects an admission decision depends on (the webhook serves them from the API
 /// server). An error makes the webhook refuse the request: with `failurePolicy: Fail`, nothing
@@ -84,7 +84,10 @@ fn who(request: &AdmissionRequest<DynamicObject>) -> Who {
     }
 }
 
-fn refuse(request: &AdmissionRequest<DynamicObject>, why: impl std::fmt::Display) -> AdmissionResponse {
+fn refuse(
+    request: &AdmissionRequest<DynamicObject>,
+    why: impl std::fmt::Display,
+) -> AdmissionResponse {
     let response = AdmissionResponse::from(request);
     info!(
         operation = ?request.operation,

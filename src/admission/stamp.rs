@@ -37,7 +37,9 @@ pub enum StampError {
     Missing,
     #[error("the stamp does not parse: {0}")]
     Malformed(String),
-    #[error("the stamp's signature does not match: it was not written by this operator's webhook for this object")]
+    #[error(
+        "the stamp's signature does not match: it was not written by this operator's webhook for this object"
+    )]
     BadSignature,
     #[error("the stamp was made at {at}, too far from the object's creation at {created}")]
     Stale { at: Timestamp, created: Timestamp },
@@ -266,7 +268,10 @@ mod tests {
     fn a_stamp_verifies_for_its_object_only() {
         let s = Stamp::sign(&key(1), &alice(), at(), &grant("g1"));
         let back = Stamp::from_annotation(&s.to_annotation()).unwrap();
-        assert_eq!(back.verify(&key(1), &[grant("g1")], Some(at())), Ok(alice()));
+        assert_eq!(
+            back.verify(&key(1), &[grant("g1")], Some(at())),
+            Ok(alice())
+        );
         assert_eq!(
             back.verify(&key(1), &[grant("g2")], Some(at())),
             Err(StampError::BadSignature)

@@ -24,16 +24,14 @@ fn created(meta: &kube::api::ObjectMeta) -> Option<Timestamp> {
 pub fn requester(key: &StampKey, grant: &AccessGrant) -> Result<Who, StampError> {
     let stamp = stamp_of(grant.annotations())?;
     let namespace = grant.namespace().unwrap_or_default();
-    let bindings: Vec<Binding> = candidate_names(
-        &grant.name_any(),
-        grant.metadata.generate_name.as_deref(),
-    )
-    .into_iter()
-    .map(|name| Binding::Grant {
-        namespace: namespace.clone(),
-        name,
-    })
-    .collect();
+    let bindings: Vec<Binding> =
+        candidate_names(&grant.name_any(), grant.metadata.generate_name.as_deref())
+            .into_iter()
+            .map(|name| Binding::Grant {
+                namespace: namespace.clone(),
+                name,
+            })
+            .collect();
     stamp.verify(key, &bindings, created(&grant.metadata))
 }
 
@@ -66,8 +64,7 @@ pub fn decision(
     approval: &AccessApproval,
     grant: &AccessGrant,
 ) -> Result<VerifiedDecision, StampError> {
-    if approval.spec.grant_ref.name != grant.name_any()
-        || approval.namespace() != grant.namespace()
+    if approval.spec.grant_ref.name != grant.name_any() || approval.namespace() != grant.namespace()
     {
         return Err(StampError::BadSignature);
     }

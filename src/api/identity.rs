@@ -22,8 +22,7 @@ pub struct Subjects {
 impl Subjects {
     /// Whether `user` (with its groups) is one of these subjects.
     pub fn includes(&self, user: &UserRef) -> bool {
-        self.users.contains(&user.username)
-            || self.groups.iter().any(|g| user.groups.contains(g))
+        self.users.contains(&user.username) || self.groups.iter().any(|g| user.groups.contains(g))
     }
 
     pub fn is_empty(&self) -> bool {

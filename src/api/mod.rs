@@ -20,11 +20,11 @@ pub use grant::{
     GrantedRule, PolicyRef, RecordedDecision,
 };
 pub use identity::{ApprovalPolicy, Subjects, UserRef};
-pub use scope::{JitScope, JitScopeSpec};
 pub use policy::{
     JitPolicy, JitPolicySpec, JitPolicyStatus, PolicyPort, PolicyVirtualMachine, Protocol,
     ResolvedTarget,
 };
+pub use scope::{JitScope, JitScopeSpec};
 
 pub const GROUP: &str = "portcullis.dev";
 

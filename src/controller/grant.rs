@@ -18,13 +18,13 @@ use super::Error;
 use super::context::Ctx;
 use super::nsg::NsgOutcome;
 use super::status::apply_status;
-use crate::api::condition::{READY, set_condition};
 use crate::admission::verify;
+use crate::api::condition::{READY, set_condition};
 use crate::api::{
     AccessGrant, AccessGrantStatus, GrantPhase, GrantedRule, JitPolicy, RecordedDecision,
 };
-use crate::plan::approval::{self, ApprovalState};
 use crate::azure::AzureError;
+use crate::plan::approval::{self, ApprovalState};
 use crate::plan::{
     DenialReason, Naming, check_address_family, granted_access, live_grant, nsgs_of_grant,
     validate_grant,
@@ -443,7 +443,13 @@ fn attribute(
                 .as_ref()
                 .map_or(now, |t| t.0);
             let username = requester.as_ref().map(|r| r.username.as_str());
-            approval::approval_state(&needed, username.unwrap_or_default(), &decisions, since, now)
+            approval::approval_state(
+                &needed,
+                username.unwrap_or_default(),
+                &decisions,
+                since,
+                now,
+            )
         }
     };
     (attributed, state)

@@ -419,9 +419,7 @@ async fn run_controllers(
                 let ns = approval.namespace()?;
                 Some(ObjectRef::<AccessGrant>::new(&approval.spec.grant_ref.name).within(&ns))
             })
-            .watches_stream(
-            policy_changes,
-            move |policy: JitPolicy| {
+            .watches_stream(policy_changes, move |policy: JitPolicy| {
                 let ns = policy.namespace();
                 let name = policy.name_any();
                 grants_of
@@ -430,8 +428,7 @@ async fn run_controllers(
                     .filter(|g| g.namespace() == ns && g.policy_name() == name)
                     .map(|g| ObjectRef::from_obj(g.as_ref()))
                     .collect::<Vec<_>>()
-            },
-        );
+            });
         // A JitScope change re-reconciles the policies of the namespaces it names (deleted
         // scopes included: `touched_objects`).
         let jit_scopes = decode::typed_events::<JitScope>(

@@ -48,15 +48,19 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
     }
     // Before any Azure call, reads included: a VM outside the namespace's JitScopes is never
     // resolved (its addresses would show in status) nor given a rule.
+    // The message names the refused VMs only, never what the scopes allow.
     let ns = policy.namespace().unwrap_or_default();
-    let out = ctx
-        .world
-        .snapshot()
-        .scopes()
-        .out_of_scope(&ns, &policy.spec)
-        .join(", ");
+    let world = ctx.world.snapshot();
+    let scopes = world.scopes();
+    let out = scopes.out_of_scope(&ns, &policy.spec).join(", ");
     if !out.is_empty() {
-        let why = format!("names VMs outside the Azure scopes (JitScopes) of namespace {ns}: {out}");
+        let why = if scopes.is_scoped(&ns) {
+            format!("names VMs outside the Azure scopes (JitScopes) of namespace {ns}: {out}")
+        } else {
+            format!(
+                "no JitScope names namespace {ns}, so its policies may name no VM (closed by default): {out}"
+            )
+        };
         return keep_last_valid(policy, api, ctx, status, "OutOfScope", why).await;
     }
     status.enforced_spec = Some(policy.spec.clone());

@@ -38,7 +38,9 @@ impl World {
     pub fn approvals_for(&self, namespace: &str, grant: &str) -> Vec<AccessApproval> {
         self.approvals
             .iter()
-            .filter(|a| a.namespace().as_deref() == Some(namespace) && a.spec.grant_ref.name == grant)
+            .filter(|a| {
+                a.namespace().as_deref() == Some(namespace) && a.spec.grant_ref.name == grant
+            })
             .map(|a| a.as_ref().clone())
             .collect()
     }

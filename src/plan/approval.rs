@@ -147,7 +147,10 @@ pub enum ApprovalState {
     /// Nothing to wait for: approved (or no approval needed).
     Approved,
     /// Waiting until `deadline`; `message` says how many more and from whom.
-    Waiting { deadline: Timestamp, message: String },
+    Waiting {
+        deadline: Timestamp,
+        message: String,
+    },
     /// Refused for good.
     Denied(Denial),
 }
@@ -179,7 +182,9 @@ pub fn approval_state(
     let counted = |d: &&VerifiedDecision| {
         d.approver.username != requester
             && d.at <= deadline
-            && requirements.iter().any(|r| r.approvers.includes(&d.approver))
+            && requirements
+                .iter()
+                .any(|r| r.approvers.includes(&d.approver))
     };
     if let Some(reject) = decisions
         .iter()
@@ -282,7 +287,10 @@ mod tests {
     fn no_approval_setting_needs_nothing() {
         let r = requirements(&policy(), &grant("vm1", &[22], "203.0.113.7", "PT1H"));
         assert!(r.is_empty());
-        assert_eq!(approval_state(&r, "alice", &[], t(0), t(0)), ApprovalState::Approved);
+        assert_eq!(
+            approval_state(&r, "alice", &[], t(0), t(0)),
+            ApprovalState::Approved
+        );
     }
 
     #[test]
@@ -307,7 +315,10 @@ mod tests {
             decided("carol", &[], Decision::Approve, 10),
             decided("dave", &["ops"], Decision::Approve, 12),
         ];
-        assert_eq!(approval_state(&r, "alice", &two, t(0), t(20)), ApprovalState::Approved);
+        assert_eq!(
+            approval_state(&r, "alice", &two, t(0), t(20)),
+            ApprovalState::Approved
+        );
     }
 
     #[test]
@@ -383,7 +394,10 @@ mod tests {
             decided("carol", &[], Decision::Approve, 2),
             decided("dave", &["ops"], Decision::Approve, 3),
         ];
-        assert_eq!(approval_state(&r, "alice", &both, t(0), t(5)), ApprovalState::Approved);
+        assert_eq!(
+            approval_state(&r, "alice", &both, t(0), t(5)),
+            ApprovalState::Approved
+        );
         // The shortest timeout governs the grant.
         match approval_state(&r, "alice", &both[..1], t(0), t(1800)) {
             ApprovalState::Denied(d) => assert_eq!(d.reason, DenialReason::ApprovalTimedOut),
@@ -391,7 +405,10 @@ mod tests {
         }
         // Only port 22: one approval suffices.
         let r22 = requirements(&p, &grant("vm1", &[22], "203.0.113.7", "PT1H"));
-        assert_eq!(approval_state(&r22, "alice", &both[..1], t(0), t(5)), ApprovalState::Approved);
+        assert_eq!(
+            approval_state(&r22, "alice", &both[..1], t(0), t(5)),
+            ApprovalState::Approved
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ pub use desired::{
 };
 pub use diff::{Bands, BandsError, NsgPlan, plan_nsg};
 pub use naming::{Installation, InvalidInstallation, Naming, RULE_PREFIX, RuleName};
-pub use scope::Scopes;
 pub use rule::{Access, Direction, NsgRule, RuleProtocol};
+pub use scope::Scopes;
 pub use validate::{
     AccessWindow, AddressPrefix, Denial, DenialReason, ValidatedGrant, validate_grant,
     validate_policy,

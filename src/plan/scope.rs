@@ -170,7 +170,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn vm(sub: &str, rg: &str, name: &str) -> String {
-        format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}")
+        format!(
+            "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}"
+        )
     }
 
     fn rg(sub: &str, rg: &str) -> String {
@@ -271,7 +273,11 @@ mod tests {
             scope(&["y", "team"], &[], &[rg("s", "rg2")], &[]),
         ];
         let s = closed(&scopes);
-        let p = spec(&[vm("s", "rg1", "a"), vm("s", "rg2", "b"), vm("s", "rg3", "c")]);
+        let p = spec(&[
+            vm("s", "rg1", "a"),
+            vm("s", "rg2", "b"),
+            vm("s", "rg3", "c"),
+        ]);
         assert_eq!(s.out_of_scope("team", &p), vec![vm("s", "rg3", "c")]);
     }
 
@@ -319,7 +325,11 @@ mod tests {
         assert_eq!(view[0].spec, inside.spec);
         assert!(validate_policy(&view[0].spec).is_ok());
         let denial = validate_policy(&view[1].spec).expect_err("out of scope is invalid");
-        assert!(denial.message.contains("outside the Azure scopes of namespace t"));
+        assert!(
+            denial
+                .message
+                .contains("outside the Azure scopes of namespace t")
+        );
         assert_eq!(view[1].spec.virtual_machines[0].id, vm("s", "rg1", "a"));
     }
 
@@ -338,7 +348,11 @@ mod tests {
         assert!(parse_resource_group_id(&rg("s", "rg-web")).is_some());
         assert!(!group.is_match(&rg("s", "rg-*")) && !group.is_match(&rg("s", "rg.")));
         assert!(!group.is_match("/subscriptions/s/resourceGroups/rg/providers"));
-        for ok in [vm("s", "rg", "web-01"), vm("s", "rg", "web-*"), vm("s", "rg", "*")] {
+        for ok in [
+            vm("s", "rg", "web-01"),
+            vm("s", "rg", "web-*"),
+            vm("s", "rg", "*"),
+        ] {
             assert!(vms.is_match(&ok), "{ok}");
         }
         for bad in [

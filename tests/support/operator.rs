@@ -75,6 +75,14 @@ pub struct Env {
     /// The fixture's user rules as the emulator served them before the operator ran.
     pub user_rules_at_start: Vec<Value>,
     operator: Option<RunningOperator>,
+    /// Namespaces given a JitScope of their own (see [`Env::allow_namespace`]).
+    scoped: Vec<String>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        super::kube::forget_namespaces(&self.client, &self.scoped);
+    }
 }
 
 impl Env {
@@ -123,13 +131,23 @@ impl Env {
             settings,
             user_rules_at_start: Vec::new(),
             operator: None,
+            scoped: Vec::new(),
         };
+        let ns = env.ns.clone();
+        env.allow_namespace(&ns).await;
         env.user_rules_at_start = env.foreign_rules().await;
         assert!(
             !env.user_rules_at_start.is_empty(),
             "the fixture has user rules"
         );
         env
+    }
+
+    /// Gives `ns` a JitScope allowing the demo fixture's subscription (as a cluster
+    /// administrator would), deleted when the Env is dropped. The Env's own namespace has one.
+    pub async fn allow_namespace(&mut self, ns: &str) {
+        super::kube::allow_namespace(&self.client, ns).await;
+        self.scoped.push(ns.to_string());
     }
 
     pub fn azure_client(&self) -> AzureNetworkClient {
