@@ -51,6 +51,8 @@ AZURE_AUTHORITY_HOST="$AZ/" PORTCULLIS_AZURE_ENDPOINT="$AZ" PORTCULLIS_RESYNC_SE
 echo $! >"$DEMO/operator.pid"
 
 say "applying examples/ (the Kubernetes manifests)"
+# The namespace's JitScope first: until one names it, its policies are refused (OutOfScope).
+kubectl apply -f examples/jitscope.yaml
 for manifest in examples/*.yaml; do kubectl apply -f "$manifest"; done
 
 nsg=/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-demo/providers/Microsoft.Network/networkSecurityGroups/nsg-vm1

@@ -314,3 +314,98 @@ async fn allow_unscoped_namespaces_opens_only_namespaces_no_scope_names() {
     env.create_policy("prod", standard_policy()).await;
     env.wait_policy_condition("prod", "OutOfScope", T).await;
 }
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("kubectl finishes")
+}
+
+fn outcome(out: &std::process::Output) -> (bool, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn only_cluster_admins_and_bound_scope_admins_write_jitscopes() {
+    let client = support::kube::client().await;
+    support::kube::install_crds(&client).await;
+    let ns = support::kube::fresh_namespace(&client, "scope-rbac").await;
+    let rbac = support::repo_root().join("examples/rbac");
+    for (file, in_ns) in [("policy-admin.yaml", true), ("scope-admin.yaml", false)] {
+        let path = rbac.join(file).display().to_string();
+        let mut args = vec!["apply", "--server-side", "--force-conflicts", "-f", &path];
+        if in_ns {
+            args.extend(["-n", &ns]);
+        }
+        let (ok, text) = outcome(&kubectl(&args, None));
+        assert!(ok, "apply {file}: {text}");
+    }
+    // Even the scope-admin ClusterRole, bound in the namespace, grants nothing on JitScopes.
+    let (ok, text) = outcome(&kubectl(
+        &[
+            "-n",
+            &ns,
+            "create",
+            "rolebinding",
+            "scope-admin-in-namespace",
+            "--clusterrole=portcullis-scope-admin",
+            "--group=team-a-security",
+        ],
+        None,
+    ));
+    assert!(ok, "{text}");
+    let name = format!("rbac-{ns}");
+    let manifest = format!(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: JitScope\nmetadata: {{ name: {name} }}\nspec:\n  namespaces: [{ns}]\n  subscriptions: [\"{SUB}\"]\n"
+    );
+    let policy_admin = ["--as", "bob", "--as-group", "team-a-security"];
+    let scope_admin = ["--as", "carol", "--as-group", "platform-security"];
+    let as_ = |who: &[&str], args: &[&str], stdin: Option<&str>| {
+        let all: Vec<&str> = who.iter().chain(args).copied().collect();
+        outcome(&kubectl(&all, stdin))
+    };
+    let (ok, text) = as_(&policy_admin, &["create", "-f", "-"], Some(&manifest));
+    assert!(
+        !ok && text.contains("forbidden"),
+        "policy admin created a JitScope: {text}"
+    );
+    let (ok, text) = as_(&scope_admin, &["create", "-f", "-"], Some(&manifest));
+    assert!(ok, "scope admin: {text}");
+    let patch = r#"{"spec":{"subscriptions":["99999999-0000-0000-0000-000000000000"]}}"#;
+    let (ok, text) = as_(
+        &policy_admin,
+        &["patch", "jitscope", &name, "--type=merge", "-p", patch],
+        None,
+    );
+    assert!(
+        !ok && text.contains("forbidden"),
+        "policy admin widened a JitScope: {text}"
+    );
+    let (ok, text) = as_(&policy_admin, &["delete", "jitscope", &name], None);
+    assert!(
+        !ok && text.contains("forbidden"),
+        "policy admin deleted a JitScope: {text}"
+    );
+    let (ok, text) = as_(&scope_admin, &["delete", "jitscope", &name], None);
+    assert!(ok, "scope admin delete: {text}");
+}
