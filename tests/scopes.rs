@@ -226,6 +226,85 @@ async fn a_policy_outside_its_namespace_scope_is_refused_until_a_cluster_admin_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_out_of_scope_keeps_the_enforced_deny_rules_and_opens_nothing() {
+    let mut env = Env::with(
+        "scope-edit",
+        fixture_with_web(),
+        portcullis::controller::Settings {
+            resync: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let scopes: Api<JitScope> = Api::all(env.client.clone());
+    scopes
+        .patch(
+            &support::kube::scope_name(&env.ns),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"subscriptions": null, "resourceGroups": [format!("/subscriptions/{SUB}/resourceGroups/rg-demo")]}})),
+        )
+        .await
+        .expect("narrow the scope");
+    env.start_operator();
+    let policy = env.create_policy("prod", standard_policy()).await;
+    env.wait_policy_ready("prod", T).await;
+    let uid = policy.uid().expect("uid");
+    let naming = env.settings.naming.clone();
+    let deny_names = || async {
+        let mut names: Vec<String> = Vec::new();
+        for nsg in ["nsg-vm1", "nsg-subnet"] {
+            names.extend(
+                env.rules(nsg)
+                    .await
+                    .iter()
+                    .map(|r| r["name"].as_str().unwrap_or_default().to_string())
+                    .filter(|n| naming.is_policy_rule_of(n, &uid)),
+            );
+        }
+        names.sort();
+        names
+    };
+    let before = deny_names().await;
+    assert!(!before.is_empty(), "the in-scope policy has Deny rules");
+
+    // The edit adds a VM of rg-web: refused, and nothing of it reaches Azure.
+    let mut edited = standard_policy();
+    edited["virtualMachines"]
+        .as_array_mut()
+        .expect("VMs")
+        .extend(
+            web_policy()["virtualMachines"]
+                .as_array()
+                .expect("VMs")
+                .clone(),
+        );
+    env.patch_policy_spec("prod", edited).await;
+    let refused = env.wait_policy_condition("prod", "OutOfScope", T).await;
+    let message = ready_message(&refused);
+    assert!(
+        message.contains(&web_vm()) && message.contains("Deny rules of the last valid spec stay"),
+        "{message}"
+    );
+    assert_eq!(
+        refused.status.and_then(|s| s.enforced_spec),
+        Some(serde_json::from_value(standard_policy()).expect("spec")),
+        "the enforced spec is still the in-scope one"
+    );
+    // A grant under it, even for an in-scope VM, waits.
+    env.create_grant("carol", grant_spec("vm1", &[22], "203.0.113.9/32", "PT1H"))
+        .await;
+    env.wait_grant_condition("carol", "Ready", "PolicyInvalid", T)
+        .await;
+    assert_eq!(
+        deny_names().await,
+        before,
+        "the enforced Deny rules stay as they were"
+    );
+    assert_eq!(requests_for_rg_web(&env).await, Vec::<String>::new());
+    assert!(rules_in(&env, &web_nsg()).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_no_scope_names_is_refused_by_default() {
     let mut env = Env::new("scope-none").await;
     let unscoped = support::kube::fresh_namespace(&env.client, "scope-none-b").await;

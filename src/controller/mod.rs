@@ -441,17 +441,27 @@ async fn run_controllers(
             None => jit_scopes.touched_objects().boxed(),
         };
         let policies_of = policies_store.clone();
+        // The namespaces each scope named when last seen: an edit that drops a namespace
+        // concerns that namespace too.
+        let named_before =
+            std::sync::Mutex::new(std::collections::HashMap::<String, Vec<String>>::new());
         policy_ctls.push(
             Controller::for_stream(policies, policies_store.clone()).watches_stream(
                 jit_scopes,
                 move |scope: JitScope| {
+                    let mut named = scope.spec.namespaces.clone();
+                    if let Some(uid) = scope.uid() {
+                        let mut before = named_before
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                        if let Some(old) = before.insert(uid, scope.spec.namespaces.clone()) {
+                            named.extend(old);
+                        }
+                    }
                     policies_of
                         .state()
                         .into_iter()
-                        .filter(|p| {
-                            p.namespace()
-                                .is_some_and(|ns| scope.spec.namespaces.contains(&ns))
-                        })
+                        .filter(|p| p.namespace().is_some_and(|ns| named.contains(&ns)))
                         .map(|p| ObjectRef::from_obj(p.as_ref()))
                         .collect::<Vec<_>>()
                 },

@@ -102,6 +102,20 @@ fn covers(scope: &JitScope, vm: &VmId<'_>) -> bool {
             .any(|p| matches_vm_pattern(p, vm))
 }
 
+/// What [`Scopes::restrict`] appends to an out-of-scope VM id in its view (then the namespace
+/// and `)`): no VM id contains a space, so a marked id never validates.
+const MARK: &str = " (outside the Azure scopes of namespace ";
+
+/// The VMs of a policy *as seen through [`Scopes::restrict`]* that were marked out of scope,
+/// with their real ids. Empty for a policy in scope. For callers that read the world's view and
+/// want to say `OutOfScope` rather than `PolicyInvalid`.
+pub fn marked_out_of_scope(spec: &JitPolicySpec) -> Vec<&str> {
+    spec.virtual_machines
+        .iter()
+        .filter_map(|vm| vm.id.find(MARK).map(|at| &vm.id[..at]))
+        .collect()
+}
+
 impl Scopes<'_> {
     /// The scopes that name `namespace` (exact name). Deleting scopes no longer count.
     fn of<'s>(&'s self, namespace: &'s str) -> impl Iterator<Item = &'s JitScope> + 's {
@@ -153,7 +167,7 @@ impl Scopes<'_> {
                     .collect();
                 for vm in policy.spec.virtual_machines.iter_mut() {
                     if out.contains(&vm.id) {
-                        vm.id = format!("{} (outside the Azure scopes of namespace {ns})", vm.id);
+                        vm.id = format!("{}{MARK}{ns})", vm.id);
                     }
                 }
                 policy
@@ -331,6 +345,11 @@ mod tests {
                 .contains("outside the Azure scopes of namespace t")
         );
         assert_eq!(view[1].spec.virtual_machines[0].id, vm("s", "rg1", "a"));
+        assert!(marked_out_of_scope(&view[0].spec).is_empty());
+        assert_eq!(
+            marked_out_of_scope(&view[1].spec),
+            vec![vm("s", "rg2", "b")]
+        );
     }
 
     #[test]
@@ -402,7 +421,7 @@ mod tests {
                 prop_assert!(!closed(&scopes).allows("t", &vm(&sub, &other_group, &name)));
             }
             // An exact VM id matches that VM only; a `*` pattern, the names it prefixes.
-            let scopes = [scope(&["t"], &[], &[], &[id.clone()])];
+            let scopes = [scope(&["t"], &[], &[], std::slice::from_ref(&id))];
             if !other_name.eq_ignore_ascii_case(&name) {
                 prop_assert!(!closed(&scopes).allows("t", &vm(&sub, &group, &other_name)));
             }
