@@ -81,6 +81,8 @@ kubectl apply --dry-run=server -f examples/accessgrant.yaml >/dev/null || { tail
 kubectl get mutatingwebhookconfigurations,validatingwebhookconfigurations portcullis-demo
 
 say "applying examples/ (the Kubernetes manifests)"
+# The namespace's JitScope first: until one names it, its policies are refused (OutOfScope).
+kubectl apply -f examples/jitscope.yaml
 for manifest in examples/*.yaml; do kubectl apply -f "$manifest"; done
 
 nsg=/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-demo/providers/Microsoft.Network/networkSecurityGroups/nsg-vm1

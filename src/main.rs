@@ -68,6 +68,11 @@ struct RunArgs {
     /// change in such an NSG, by anyone, then re-evaluates every flow through it: see SECURITY.md.
     #[arg(long, env = "PORTCULLIS_FLUSH_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set)]
     flush_connections: bool,
+    /// DANGEROUS opt-in: a namespace that no JitScope names may name ANY VM the operator's Azure
+    /// identity reaches in its policies. Off (the default), such a namespace's policies are
+    /// refused (`OutOfScope`). `--allow-unscoped-namespaces` alone means true.
+    #[arg(long, env = "PORTCULLIS_ALLOW_UNSCOPED_NAMESPACES", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    allow_unscoped_namespaces: bool,
     /// Seconds between reconciles of an unchanged object (bounds how long drift can stand).
     #[arg(long, env = "PORTCULLIS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
@@ -260,6 +265,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         bands,
         naming: Naming::new(args.installation.clone(), args.adopt_legacy_rules),
         flush_connections: args.flush_connections,
+        allow_unscoped_namespaces: args.allow_unscoped_namespaces,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         concurrency: args.concurrency.max(1),
         namespaces: args

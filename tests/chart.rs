@@ -804,6 +804,8 @@ async fn install_creates_the_operator_objects_and_uninstall_removes_them() {
         ["get", "list", "watch", "patch", "update"]
     );
     assert_eq!(verbs_for("jitpolicies/status"), ["patch"]);
+    // JitScopes are read, never written: cluster administrators write them.
+    assert_eq!(verbs_for("jitscopes"), ["get", "list", "watch"]);
     assert_eq!(verbs_for("events"), ["create", "patch"]);
     assert!(
         !rules
@@ -1044,7 +1046,7 @@ async fn install_creates_the_operator_objects_and_uninstall_removes_them() {
 }
 
 #[tokio::test]
-async fn watch_namespaces_install_uses_a_role_in_each_and_no_cluster_role() {
+async fn watch_namespaces_install_uses_a_role_in_each_and_a_cluster_role_only_to_read_scopes() {
     let client = client().await;
     install_crds(&client).await;
     let ns = fresh_namespace(&client, "chart-ns").await;
@@ -1113,6 +1115,19 @@ async fn watch_namespaces_install_uses_a_role_in_each_and_no_cluster_role() {
     must_get("role", &format!("{full}-inventory"), Some(&ns));
     assert!(kubectl_get("clusterrole", &format!("{full}-{ns}"), None).is_none());
     assert!(kubectl_get("clusterrolebinding", &format!("{full}-{ns}"), None).is_none());
+    // JitScopes are cluster-scoped, which no Role can grant: one ClusterRole reads them, and
+    // nothing else.
+    let scopes_name = format!("{full}-{ns}-scopes");
+    let scopes_role = must_get("clusterrole", &scopes_name, None);
+    assert_eq!(
+        scopes_role["rules"],
+        serde_json::json!([{"apiGroups": ["portcullis.dev"], "resources": ["jitscopes"], "verbs": ["get", "list", "watch"]}]),
+        "{scopes_role}"
+    );
+    let scopes_binding = must_get("clusterrolebinding", &scopes_name, None);
+    assert_eq!(scopes_binding["roleRef"]["name"], scopes_name);
+    assert_eq!(scopes_binding["subjects"][0]["name"], full);
+    assert_eq!(scopes_binding["subjects"][0]["namespace"], ns);
     assert!(
         kubectl_get("poddisruptionbudget", &full, Some(&ns)).is_none(),
         "no PDB with a single replica"
@@ -1129,5 +1144,7 @@ async fn watch_namespaces_install_uses_a_role_in_each_and_no_cluster_role() {
         assert!(kubectl_get("role", &full, Some(watched)).is_none());
         assert!(kubectl_get("rolebinding", &full, Some(watched)).is_none());
     }
+    assert!(kubectl_get("clusterrole", &scopes_name, None).is_none());
+    assert!(kubectl_get("clusterrolebinding", &scopes_name, None).is_none());
     assert!(kubectl_get("deployment", &full, Some(&ns)).is_none());
 }

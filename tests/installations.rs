@@ -120,6 +120,7 @@ async fn two_installations_sharing_nsgs_keep_each_others_rules() {
     env.settings.naming = blue_naming.clone();
     let blue_ns = env.ns.clone();
     let green_ns = support::kube::fresh_namespace(&env.client, "inst-green").await;
+    env.allow_namespace(&green_ns).await;
     let blue = env.spawn_replica(env.settings.clone());
     let green = env.spawn_replica(Settings {
         naming: green_naming.clone(),

@@ -662,6 +662,7 @@ async fn a_grant_waits_for_its_policy_and_proceeds_when_it_appears() {
 async fn one_operator_watching_two_namespaces_keeps_both_namespaces_rules_in_a_shared_nsg() {
     let mut env = Env::new("multi-a").await;
     let other = support::kube::fresh_namespace(&env.client, "multi-b").await;
+    env.allow_namespace(&other).await;
     env.settings.namespaces.push(other.clone());
     env.start_operator();
     let policies_b: kube::Api<portcullis::api::JitPolicy> =

@@ -1,4 +1,5 @@
-//! The custom resources: `JitPolicy`, `AccessGrant` and `AccessApproval` (group `portcullis.dev`, `v1alpha1`).
+//! The custom resources: `JitPolicy`, `AccessGrant`, `AccessApproval` and the cluster-scoped
+//! `JitScope` (group `portcullis.dev`, `v1alpha1`).
 //!
 //! Syntactic rules live in the OpenAPI schema (so the API server refuses malformed objects);
 //! the controller enforces every one of them again, since v1.20-era servers and old clients
@@ -11,6 +12,7 @@ pub mod grant;
 pub mod identity;
 pub mod policy;
 pub mod schema;
+pub mod scope;
 
 pub use approval::{AccessApproval, AccessApprovalSpec, Decision, GrantRef};
 pub use grant::{
@@ -22,6 +24,7 @@ pub use policy::{
     JitPolicy, JitPolicySpec, JitPolicyStatus, PolicyPort, PolicyVirtualMachine, Protocol,
     ResolvedTarget,
 };
+pub use scope::{JitScope, JitScopeSpec};
 
 pub const GROUP: &str = "portcullis.dev";
 
@@ -30,7 +33,12 @@ pub const GROUP: &str = "portcullis.dev";
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     let mut out = String::new();
-    for crd in [JitPolicy::crd(), AccessGrant::crd(), AccessApproval::crd()] {
+    for crd in [
+        JitPolicy::crd(),
+        AccessGrant::crd(),
+        AccessApproval::crd(),
+        JitScope::crd(),
+    ] {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd)?);
     }

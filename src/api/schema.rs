@@ -24,6 +24,22 @@ pub fn address_prefix_pattern() -> String {
 /// VM: 1-64 of letters, digits, `_ . -`. `validate::is_vm_resource_id` checks the same.
 pub const VM_RESOURCE_ID: &str = r"^/subscriptions/[0-9A-Za-z-]{1,64}/resourceGroups/[-A-Za-z0-9_.()]{0,89}[-A-Za-z0-9_()]/providers/Microsoft\.Compute/virtualMachines/[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$";
 
+/// A Kubernetes namespace name (DNS-1123 label).
+pub const NAMESPACE_NAME: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+
+/// A subscription id, as the subscription segment of [`VM_RESOURCE_ID`].
+pub const SUBSCRIPTION_ID: &str = r"^[0-9A-Za-z-]{1,64}$";
+
+/// A resource group id, `/subscriptions/<id>/resourceGroups/<name>`, with the segments of
+/// [`VM_RESOURCE_ID`]. `scope::parse_resource_group_id` checks the same.
+pub const RESOURCE_GROUP_ID: &str =
+    r"^/subscriptions/[0-9A-Za-z-]{1,64}/resourceGroups/[-A-Za-z0-9_.()]{0,89}[-A-Za-z0-9_()]$";
+
+/// A full VM resource ID as [`VM_RESOURCE_ID`], or one whose name is a prefix followed by a
+/// single trailing `*` (`.../virtualMachines/web-*`, or `.../virtualMachines/*` for the whole
+/// resource group). `scope::parse_vm_pattern` checks the same.
+pub const VM_RESOURCE_ID_PATTERN: &str = r"^/subscriptions/[0-9A-Za-z-]{1,64}/resourceGroups/[-A-Za-z0-9_.()]{0,89}[-A-Za-z0-9_()]/providers/Microsoft\.Compute/virtualMachines/([A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]|[A-Za-z0-9_.-]{0,63}\*)$";
+
 /// A VM name (as in [`VM_RESOURCE_ID`]) or a full VM resource ID.
 pub const VM_REFERENCE: &str = r"^([A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]|/subscriptions/[0-9A-Za-z-]{1,64}/resourceGroups/[-A-Za-z0-9_.()]{0,89}[-A-Za-z0-9_()]/providers/Microsoft\.Compute/virtualMachines/[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-])$";
 

@@ -141,6 +141,7 @@ fn kind_label<K: Resource<DynamicType = ()>>() -> &'static str {
         "AccessGrant" => "AccessGrant",
         "JitPolicy" => "JitPolicy",
         "AccessApproval" => "AccessApproval",
+        "JitScope" => "JitScope",
         _ => "Other",
     }
 }

@@ -31,7 +31,7 @@ use tracing::{Instrument, info, warn};
 
 pub use error::Error;
 
-use crate::api::{AccessApproval, AccessGrant, JitPolicy};
+use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
 use crate::azure::NetworkApi;
 use crate::plan::{Bands, Naming};
 use context::{Context, Ctx};
@@ -71,6 +71,9 @@ pub struct Settings {
     /// Where audit records go: a file of their own (one JSON object per line), or `None` for the
     /// log under the target `portcullis::audit`.
     pub audit_log: Option<std::path::PathBuf>,
+    /// Open mode: a namespace that no JitScope names may name any VM in its policies. Off (the
+    /// default), such a namespace's policies are refused (`OutOfScope`).
+    pub allow_unscoped_namespaces: bool,
 }
 
 impl Settings {
@@ -98,6 +101,7 @@ impl Default for Settings {
             flush_connections: false,
             stamp_key: None,
             audit_log: None,
+            allow_unscoped_namespaces: false,
         }
     }
 }
@@ -361,7 +365,19 @@ async fn run_controllers(
         &settings.inventory_name,
     ));
     let nsgs = nsgs.with_inventory(inventory.clone());
-    startup::close_lapsed_grants(&client, &scopes, &nsgs, &telemetry).await;
+    if settings.allow_unscoped_namespaces {
+        warn!(
+            "--allow-unscoped-namespaces is on: the policies of a namespace that no JitScope names may name ANY VM the operator's Azure identity reaches"
+        );
+    }
+    startup::close_lapsed_grants(
+        &client,
+        &scopes,
+        &nsgs,
+        &telemetry,
+        settings.allow_unscoped_namespaces,
+    )
+    .await;
 
     // A pair of controllers per scope; one world view over all their stores, since an NSG can
     // carry rules of objects from several namespaces. Every watch decodes object by object.
@@ -377,6 +393,10 @@ async fn run_controllers(
     let mut grant_ctls = Vec::new();
     let (mut policy_stores, mut grant_stores, mut approval_stores) =
         (Vec::new(), Vec::new(), Vec::new());
+    // JitScopes are cluster-scoped: one store, fed by the first policy controller's watch of
+    // them (an undecodable scope allows nothing).
+    let (scope_store, scope_writer) = reflector::store::<JitScope>();
+    let mut scope_writer = Some(scope_writer);
     for ns in &scopes {
         let ns = ns.as_deref();
         let (policies_store, policies_writer) = reflector::store::<JitPolicy>();
@@ -427,14 +447,52 @@ async fn run_controllers(
                     .map(|g| ObjectRef::from_obj(g.as_ref()))
                     .collect::<Vec<_>>()
             });
-        policy_ctls.push(Controller::for_stream(policies, policies_store.clone()));
+        // A JitScope change re-reconciles the policies of the namespaces it names (deleted
+        // scopes included: `touched_objects`).
+        let jit_scopes = decode::typed_events::<JitScope>(
+            raw_watch(decode::raw_api::<JitScope>(client.clone(), None)),
+            OnUndecodable::Drop,
+            seen_tx.clone(),
+        );
+        let jit_scopes = match scope_writer.take() {
+            Some(writer) => jit_scopes.reflect(writer).touched_objects().boxed(),
+            None => jit_scopes.touched_objects().boxed(),
+        };
+        let policies_of = policies_store.clone();
+        // The namespaces each scope named when last seen: an edit that drops a namespace
+        // concerns that namespace too.
+        let named_before =
+            std::sync::Mutex::new(std::collections::HashMap::<String, Vec<String>>::new());
+        policy_ctls.push(
+            Controller::for_stream(policies, policies_store.clone()).watches_stream(
+                jit_scopes,
+                move |scope: JitScope| {
+                    let mut named = scope.spec.namespaces.clone();
+                    if let Some(uid) = scope.uid() {
+                        let mut before = named_before
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                        if let Some(old) = before.insert(uid, scope.spec.namespaces.clone()) {
+                            named.extend(old);
+                        }
+                    }
+                    policies_of
+                        .state()
+                        .into_iter()
+                        .filter(|p| p.namespace().is_some_and(|ns| named.contains(&ns)))
+                        .map(|p| ObjectRef::from_obj(p.as_ref()))
+                        .collect::<Vec<_>>()
+                },
+            ),
+        );
         grant_ctls.push(grant_ctl);
         policy_stores.push(policies_store);
         grant_stores.push(grants_store);
         approval_stores.push(approvals_store);
     }
     drop(seen_tx);
-    let world = WorldView::new(policy_stores, grant_stores, approval_stores);
+    let world = WorldView::new(policy_stores, grant_stores, approval_stores)
+        .with_scopes(scope_store, settings.allow_unscoped_namespaces);
 
     let ctx: Ctx = Arc::new(Context::new(
         client,

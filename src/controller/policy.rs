@@ -44,7 +44,24 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
     status.observed_generation = generation;
 
     if let Err(denial) = validate_policy(&policy.spec) {
-        return keep_last_valid(policy, api, ctx, status, denial.message).await;
+        return keep_last_valid(policy, api, ctx, status, "InvalidPolicy", denial.message).await;
+    }
+    // Before any Azure call, reads included: a VM outside the namespace's JitScopes is never
+    // resolved (its addresses would show in status) nor given a rule.
+    // The message names the refused VMs only, never what the scopes allow.
+    let ns = policy.namespace().unwrap_or_default();
+    let world = ctx.world.snapshot();
+    let scopes = world.scopes();
+    let out = scopes.out_of_scope(&ns, &policy.spec).join(", ");
+    if !out.is_empty() {
+        let why = if scopes.is_scoped(&ns) {
+            format!("names VMs outside the Azure scopes (JitScopes) of namespace {ns}: {out}")
+        } else {
+            format!(
+                "no JitScope names namespace {ns}, so its policies may name no VM (closed by default): {out}"
+            )
+        };
+        return keep_last_valid(policy, api, ctx, status, "OutOfScope", why).await;
     }
     status.enforced_spec = Some(policy.spec.clone());
 
@@ -157,13 +174,16 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
     Ok(Action::requeue(ctx.resync))
 }
 
-/// The spec is invalid: fail closed. The Deny rules of the last valid spec stay (and are healed),
-/// no new grant activates under it, and `Ready` says why until the spec is fixed.
+/// The spec is invalid (`InvalidPolicy`) or names VMs outside its namespace's JitScopes
+/// (`OutOfScope`): fail closed. The Deny rules of the last valid spec stay (and are healed), no
+/// new grant activates under it (the world's view of it does not validate), and `Ready` says
+/// why until the spec is fixed.
 async fn keep_last_valid(
     policy: &JitPolicy,
     api: &Api<JitPolicy>,
     ctx: &Ctx,
     mut status: JitPolicyStatus,
+    reason: &str,
     why: String,
 ) -> Result<Action, Error> {
     let now = Timestamp::now();
@@ -178,16 +198,15 @@ async fn keep_last_valid(
         &mut status.conditions,
         READY,
         false,
-        "InvalidPolicy",
+        reason,
         &message,
         generation,
         now,
     );
     if policy.status.as_ref() != Some(&status) {
         write_status(policy, api, ctx, &status).await?;
-        warn!(%message, "policy invalid");
-        ctx.event(policy, true, "InvalidPolicy", "Validate", message)
-            .await;
+        warn!(reason, %message, "policy refused");
+        ctx.event(policy, true, reason, "Validate", message).await;
     }
     for nsg in nsgs_of_policy(policy) {
         ctx.nsgs.sync(&nsg, || ctx.world.snapshot(), now).await?;

@@ -41,7 +41,7 @@ pub async fn run(mut seen: UnboundedReceiver<Seen>, ctx: Ctx) {
                 ctx.world.forget(&uid);
             }
         }
-        for kind in ["AccessGrant", "JitPolicy", "AccessApproval"] {
+        for kind in ["AccessGrant", "JitPolicy", "AccessApproval", "JitScope"] {
             let n = undecodable.values().filter(|u| u.kind == kind).count();
             ctx.telemetry.set_undecodable(kind, n);
         }
@@ -52,6 +52,7 @@ async fn quarantined(ctx: &Ctx, report: &Undecodable) {
     let consequence = match report.kind {
         "JitPolicy" => "its Deny rules stay as they stand; no grant activates under it",
         "AccessApproval" => "it does not count as a decision",
+        "JitScope" => "it allows nothing: a policy only it allowed is refused (OutOfScope)",
         _ => "it is treated as gone: whatever it opened is closed",
     };
     let note = format!(

@@ -17,17 +17,33 @@ use super::nsg::NsgSyncer;
 use super::status::apply_status;
 use super::telemetry::Telemetry;
 use super::world::World;
-use crate::api::{AccessGrant, GrantPhase, JitPolicy};
-use crate::plan::nsgs_of_grant;
+use crate::api::{AccessGrant, GrantPhase, JitPolicy, JitScope};
+use crate::plan::{Scopes, nsgs_of_grant};
 
 /// How long start-up may spend closing before the controllers take over.
 const STARTUP_BUDGET: Duration = Duration::from_secs(10);
 
 /// Reads every policy and grant of the watched scopes, object by object. A scope that cannot be
 /// listed is skipped: planning from a partial world would delete live grants' rules, so NSGs
-/// are only synced when every scope was read.
-async fn read_world(client: &Client, scopes: &[Option<String>]) -> Option<World> {
-    let mut world = World::default();
+/// are only synced when every scope was read. Policies are restricted to their namespaces'
+/// JitScopes as in the controllers' view (a policy outside them never gets its new rules).
+async fn read_world(
+    client: &Client,
+    scopes: &[Option<String>],
+    allow_unscoped: bool,
+) -> Option<World> {
+    let mut world = World {
+        allow_unscoped,
+        ..World::default()
+    };
+    match decode::list::<JitScope>(&decode::raw_api::<JitScope>(client.clone(), None)).await {
+        // An undecodable scope allows nothing.
+        Ok((jit_scopes, _)) => world.scopes = jit_scopes,
+        Err(e) => {
+            warn!(error = %e, "start-up: could not list JitScopes; the controllers will close lapsed grants");
+            return None;
+        }
+    }
     for ns in scopes {
         let policies_api = decode::raw_api::<JitPolicy>(client.clone(), ns.as_deref());
         let grants_api = decode::raw_api::<AccessGrant>(client.clone(), ns.as_deref());
@@ -49,6 +65,11 @@ async fn read_world(client: &Client, scopes: &[Option<String>]) -> Option<World>
             }
         }
     }
+    world.policies = Scopes {
+        scopes: &world.scopes,
+        allow_unscoped,
+    }
+    .restrict(std::mem::take(&mut world.policies));
     Some(world)
 }
 
@@ -58,10 +79,11 @@ pub async fn close_lapsed_grants(
     scopes: &[Option<String>],
     nsgs: &NsgSyncer,
     telemetry: &Telemetry,
+    allow_unscoped: bool,
 ) -> usize {
     let started = Instant::now();
     let work = async {
-        let world = read_world(client, scopes).await?;
+        let world = read_world(client, scopes, allow_unscoped).await?;
         Some(close_in(client, &world, nsgs, telemetry).await)
     };
     let closed = match tokio::time::timeout(STARTUP_BUDGET, work).await {

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 
-use crate::api::{AccessApproval, AccessGrant, JitPolicy};
+use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
+use crate::plan::Scopes;
 
 /// A consistent snapshot of policies and grants.
 #[derive(Clone, Default)]
@@ -19,6 +20,11 @@ pub struct World {
     /// Policies that exist but do not decode: their rules are kept as they stand in Azure.
     pub quarantined_policies: Vec<String>,
     pub approvals: Vec<Arc<AccessApproval>>,
+    /// The cluster's JitScopes. `policies` above are already restricted by them (see
+    /// [`Scopes::restrict`]).
+    pub scopes: Vec<JitScope>,
+    /// Whether a namespace no JitScope names may name any VM (`--allow-unscoped-namespaces`).
+    pub allow_unscoped: bool,
 }
 
 impl World {
@@ -38,6 +44,14 @@ impl World {
             .map(|a| a.as_ref().clone())
             .collect()
     }
+
+    /// The scopes, as the pure checks take them.
+    pub fn scopes(&self) -> Scopes<'_> {
+        Scopes {
+            scopes: &self.scopes,
+            allow_unscoped: self.allow_unscoped,
+        }
+    }
 }
 
 /// How long a deleted object's tombstone keeps a lagging store from reviving it.
@@ -56,6 +70,9 @@ pub struct WorldView {
     policies: Vec<Store<JitPolicy>>,
     grants: Vec<Store<AccessGrant>>,
     approvals: Vec<Store<AccessApproval>>,
+    /// The JitScopes (cluster-wide), and the default for namespaces none of them names.
+    scopes: Option<Store<JitScope>>,
+    allow_unscoped: bool,
     overlay: Mutex<Overlay>,
     /// Objects that exist but do not decode, by uid: true for a policy, false for a grant.
     undecodable: Mutex<HashMap<String, bool>>,
@@ -112,10 +129,21 @@ impl WorldView {
             policies,
             grants,
             approvals,
+            scopes: None,
+            allow_unscoped: false,
             overlay: Mutex::new(Overlay::default()),
             undecodable: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Restricts every policy to its namespace's JitScopes from `store`; a namespace no scope
+    /// names may name any VM only with `allow_unscoped`. Without this call there are no scopes:
+    /// every namespace is unscoped.
+    pub fn with_scopes(mut self, store: Store<JitScope>, allow_unscoped: bool) -> Self {
+        self.scopes = Some(store);
+        self.allow_unscoped = allow_unscoped;
+        self
     }
 
     /// The controllers are stopping: nobody waits for the stores any more.
@@ -160,6 +188,10 @@ impl WorldView {
                 for store in &self.grants {
                     let _ = store.wait_until_ready().await;
                 }
+                // Before the scopes are listed every namespace would look unscoped.
+                if let Some(store) = &self.scopes {
+                    let _ = store.wait_until_ready().await;
+                }
             };
             if tokio::time::timeout(Duration::from_millis(200), both)
                 .await
@@ -198,12 +230,24 @@ impl WorldView {
             tombstones,
         );
         grants.retain(|g| !g.uid().is_some_and(|uid| undecodable.contains_key(&uid)));
+        let scopes: Vec<JitScope> = self
+            .scopes
+            .iter()
+            .flat_map(Store::state)
+            .map(|s| s.as_ref().clone())
+            .collect();
+        let policies = merge(
+            self.policies.iter().flat_map(Store::state).collect(),
+            policies,
+            tombstones,
+        );
+        let policies = Scopes {
+            scopes: &scopes,
+            allow_unscoped: self.allow_unscoped,
+        }
+        .restrict(policies);
         World {
-            policies: merge(
-                self.policies.iter().flat_map(Store::state).collect(),
-                policies,
-                tombstones,
-            ),
+            policies,
             grants,
             quarantined_policies: undecodable
                 .iter()
@@ -211,6 +255,8 @@ impl WorldView {
                 .map(|(uid, _)| uid.clone())
                 .collect(),
             approvals: self.approvals.iter().flat_map(Store::state).collect(),
+            scopes,
+            allow_unscoped: self.allow_unscoped,
         }
     }
 

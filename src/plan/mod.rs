@@ -2,6 +2,7 @@
 //!
 //! - [`validate`]: is a policy well formed; may a grant be honoured under its policy?
 //! - [`approval`]: who must approve a grant, and where its approvals stand.
+//! - [`scope`]: which VMs a namespace's policies may name (the cluster's `JitScope`s).
 //! - [`naming`]: rule names that encode ownership, and their descriptions.
 //! - [`desired`]: the rules one NSG should hold, from every policy and grant in the cluster.
 //! - [`diff`]: the minimal per-rule change that gets an NSG there, never touching others' rules.
@@ -11,6 +12,7 @@ pub mod desired;
 pub mod diff;
 pub mod naming;
 pub mod rule;
+pub mod scope;
 pub mod validate;
 
 pub use desired::{
@@ -20,6 +22,7 @@ pub use desired::{
 pub use diff::{Bands, BandsError, NsgPlan, plan_nsg};
 pub use naming::{Installation, InvalidInstallation, Naming, RULE_PREFIX, RuleName};
 pub use rule::{Access, Direction, NsgRule, RuleProtocol};
+pub use scope::Scopes;
 pub use validate::{
     AccessWindow, AddressPrefix, Denial, DenialReason, ValidatedGrant, validate_grant,
     validate_policy,

@@ -37,6 +37,7 @@ pub async fn install_crds(client: &Client) {
             <portcullis::api::JitPolicy as kube::CustomResourceExt>::crd(),
             <portcullis::api::AccessGrant as kube::CustomResourceExt>::crd(),
             <portcullis::api::AccessApproval as kube::CustomResourceExt>::crd(),
+            <portcullis::api::JitScope as kube::CustomResourceExt>::crd(),
         ],
     )
     .await;
@@ -84,6 +85,49 @@ pub async fn install_these_crds(
         }
     })
     .await;
+}
+
+/// The name of the JitScope [`allow_namespace`] creates for `ns`.
+pub fn scope_name(ns: &str) -> String {
+    format!("test-{ns}")
+}
+
+/// Lets the policies of `ns` name every VM of the demo fixture's subscription, as a cluster
+/// administrator would with a JitScope (the operator refuses namespaces no JitScope names).
+pub async fn allow_namespace(client: &Client, ns: &str) {
+    let api: Api<portcullis::api::JitScope> = Api::all(client.clone());
+    let scope = portcullis::api::JitScope::new(
+        &scope_name(ns),
+        portcullis::api::JitScopeSpec {
+            namespaces: vec![ns.to_string()],
+            subscriptions: vec![super::operator::SUB.to_string()],
+            ..Default::default()
+        },
+    );
+    api.create(&PostParams::default(), &scope)
+        .await
+        .unwrap_or_else(|e| panic!("creating JitScope for {ns}: {e}"));
+}
+
+/// Deletes the JitScopes [`allow_namespace`] made for `namespaces`, at a test's teardown (from a
+/// `Drop`): waited for on a multi-threaded runtime, else only started. Best effort: the
+/// namespaces themselves are left behind too.
+pub fn forget_namespaces(client: &Client, namespaces: &[String]) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let api: Api<portcullis::api::JitScope> = Api::all(client.clone());
+    let names: Vec<String> = namespaces.iter().map(|ns| scope_name(ns)).collect();
+    let delete = async move {
+        for name in names {
+            let _ = api.delete(&name, &Default::default()).await;
+        }
+    };
+    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| handle.block_on(delete));
+    } else {
+        handle.spawn(delete);
+    }
 }
 
 /// A namespace of the test's own, so tests can run in parallel on one API server.

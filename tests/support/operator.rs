@@ -77,6 +77,14 @@ pub struct Env {
     operator: Option<RunningOperator>,
     /// The admission webhook, when started (`Env::with_webhook`, `Env::start_webhook`).
     pub(crate) webhook: Option<super::webhook::Webhook>,
+    /// Namespaces given a JitScope of their own (see [`Env::allow_namespace`]).
+    scoped: Vec<String>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        super::kube::forget_namespaces(&self.client, &self.scoped);
+    }
 }
 
 impl Env {
@@ -126,13 +134,23 @@ impl Env {
             user_rules_at_start: Vec::new(),
             operator: None,
             webhook: None,
+            scoped: Vec::new(),
         };
+        let ns = env.ns.clone();
+        env.allow_namespace(&ns).await;
         env.user_rules_at_start = env.foreign_rules().await;
         assert!(
             !env.user_rules_at_start.is_empty(),
             "the fixture has user rules"
         );
         env
+    }
+
+    /// Gives `ns` a JitScope allowing the demo fixture's subscription (as a cluster
+    /// administrator would), deleted when the Env is dropped. The Env's own namespace has one.
+    pub async fn allow_namespace(&mut self, ns: &str) {
+        super::kube::allow_namespace(&self.client, ns).await;
+        self.scoped.push(ns.to_string());
     }
 
     pub fn azure_client(&self) -> AzureNetworkClient {

@@ -173,6 +173,7 @@ pub struct ProcEnv {
 
 impl Drop for ProcEnv {
     fn drop(&mut self) {
+        super::kube::forget_namespaces(&self.client, std::slice::from_ref(&self.ns));
         if std::thread::panicking() {
             self.logs.disable_cleanup(true);
             eprintln!("operator log kept: {}", self.cmd.log.display());
@@ -199,6 +200,7 @@ impl ProcEnv {
         let client = client_for(&kubeconfig).await;
         super::kube::install_crds(&client).await;
         let ns = super::kube::fresh_namespace(&client, prefix).await;
+        super::kube::allow_namespace(&client, &ns).await;
         let emu = spawn(emulator, "127.0.0.1:0".parse().expect("literal address"))
             .await
             .unwrap_or_else(|e| panic!("emulator: {e}"));

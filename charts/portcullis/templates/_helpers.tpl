@@ -145,6 +145,16 @@ namespace names (the schema says the same; this also holds under --skip-schema-v
 {{- end }}
 
 {{/* The operator's rules on its own resources and Events (Role or ClusterRole). */}}
+{{- /*
+JitScopes are cluster-scoped: the operator reads them cluster-wide in either mode (a Role in a
+watched namespace cannot grant reads of cluster-scoped objects). Read only: JitScopes are
+written by cluster administrators alone.
+*/ -}}
+{{- define "portcullis.scopeRules" -}}
+- apiGroups: ["portcullis.dev"]
+  resources: ["jitscopes"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
 {{- define "portcullis.rbacRules" -}}
 - apiGroups: ["portcullis.dev"]
   resources: ["jitpolicies", "accessgrants"]
