@@ -157,7 +157,7 @@ async fn a_policy_outside_its_namespace_scope_is_refused_until_a_cluster_admin_w
     let note = env.wait_event("web", "OutOfScope", T).await;
     assert!(note.contains(&web_vm()), "{note}");
     let waiting = env
-        .wait_grant_condition("alice", "Ready", "PolicyInvalid", T)
+        .wait_grant_condition("alice", "Ready", "OutOfScope", T)
         .await;
     assert_eq!(
         waiting.status.and_then(|s| s.phase),
@@ -223,6 +223,38 @@ async fn a_policy_outside_its_namespace_scope_is_refused_until_a_cluster_admin_w
             .any(|r| naming.is_grant_rule_of(r["name"].as_str().unwrap_or_default(), &alice_uid)),
         "alice's Allow rule stands in nsg-web"
     );
+
+    // Narrowed again: the active grant on a VM no longer in scope is revoked and its rule closed
+    // at once, not at its expiry an hour from now.
+    scopes
+        .patch(
+            &scope_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resourceGroups": [rg_demo_again()]}})),
+        )
+        .await
+        .expect("narrow the scope again");
+    let revoked = env
+        .wait_grant_condition("alice", "Ready", "OutOfScope", T)
+        .await;
+    assert_eq!(
+        revoked.status.as_ref().and_then(|s| s.phase),
+        Some(GrantPhase::Revoked)
+    );
+    wait_for("alice's rule gone from nsg-web", T, || async {
+        let standing = rules_in(&env, &web_nsg())
+            .await
+            .into_iter()
+            .any(|r| naming.is_grant_rule_of(r["name"].as_str().unwrap_or_default(), &alice_uid));
+        (!standing).then_some(())
+    })
+    .await;
+    // bob's grant, in scope, stays open.
+    env.wait_grant_condition("bob", "Ready", "Opened", T).await;
+}
+
+fn rg_demo_again() -> String {
+    format!("/subscriptions/{SUB}/resourceGroups/rg-demo")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +325,7 @@ async fn an_edit_out_of_scope_keeps_the_enforced_deny_rules_and_opens_nothing() 
     // A grant under it, even for an in-scope VM, waits.
     env.create_grant("carol", grant_spec("vm1", &[22], "203.0.113.9/32", "PT1H"))
         .await;
-    env.wait_grant_condition("carol", "Ready", "PolicyInvalid", T)
+    env.wait_grant_condition("carol", "Ready", "OutOfScope", T)
         .await;
     assert_eq!(
         deny_names().await,

@@ -18,6 +18,7 @@ use super::Error;
 use super::audit::Step;
 use super::context::Ctx;
 use super::nsg::NsgOutcome;
+use super::policy::SCOPES_NOT_LISTED_RETRY;
 use super::status::apply_status;
 use crate::admission::verify;
 use crate::api::condition::{READY, set_condition};
@@ -26,6 +27,7 @@ use crate::api::{
 };
 use crate::azure::AzureError;
 use crate::plan::approval::{self, ApprovalState};
+use crate::plan::scope::marked_out_of_scope;
 use crate::plan::{
     DenialReason, Naming, check_address_family, granted_access, live_grant, nsgs_of_grant,
     validate_grant,
@@ -333,6 +335,12 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
     let policy = world
         .policy(&ns, grant.policy_name())
         .filter(|p| p.metadata.deletion_timestamp.is_none());
+    if let Some(vm) = out_of_scope_now(&grant, &world) {
+        let message =
+            format!("{vm} is no longer inside the Azure scopes (JitScopes) of namespace {ns}");
+        close(&grant, api, ctx, GrantPhase::Revoked, "OutOfScope", message).await?;
+        return Ok(Action::await_change());
+    }
     if live_grant(&grant, policy, now).is_none() {
         let message = match policy {
             None => format!("JitPolicy {ns}/{} was deleted", grant.policy_name()),
@@ -346,6 +354,14 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
     }
     open_and_heal(&grant, policy, api, ctx, expires_at).await?;
     Ok(Action::requeue(until(expires_at).min(ctx.resync)))
+}
+
+/// The VM of an active grant, if a JitScope change took it out of the namespace's scopes (never
+/// judged before the scopes are listed).
+fn out_of_scope_now(grant: &AccessGrant, world: &super::world::World) -> Option<String> {
+    let vm = &grant.granted()?.virtual_machine;
+    let ns = grant.namespace().unwrap_or_default();
+    (world.scopes_listed && !world.scopes().allows(&ns, vm)).then(|| vm.clone())
 }
 
 /// Validates a grant that has not activated yet against its policy, and activates it: the
@@ -369,6 +385,18 @@ async fn activate(
         let msg = format!("JitPolicy {ns}/{policy_name} does not exist (yet)");
         return pending(grant, api, ctx, "PolicyNotFound", msg).await;
     };
+    if !world.scopes_listed {
+        return Ok(Activation::Stop(Action::requeue(SCOPES_NOT_LISTED_RETRY)));
+    }
+    let out_of_scope = marked_out_of_scope(&policy.spec);
+    if !out_of_scope.is_empty() {
+        let msg = format!(
+            "JitPolicy {ns}/{policy_name} names VMs outside the namespace's Azure scopes ({}); \
+             nothing under it activates until a cluster admin's JitScope covers them",
+            out_of_scope.join(", ")
+        );
+        return pending(grant, api, ctx, "OutOfScope", msg).await;
+    }
     let valid = match validate_grant(policy_name, &policy.spec, &grant.spec, now) {
         // Not the grant's fault: it waits until the policy is fixed.
         Err(d) if d.reason == DenialReason::PolicyInvalid => {

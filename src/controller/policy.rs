@@ -37,6 +37,9 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Ctx) -> Result<Action, Error
     .await
 }
 
+/// How soon an object judged by its scope is looked at again while the JitScopes are not listed.
+pub const SCOPES_NOT_LISTED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Action, Error> {
     let now = Timestamp::now();
     let generation = policy.metadata.generation;
@@ -51,6 +54,10 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
     // The message names the refused VMs only, never what the scopes allow.
     let ns = policy.namespace().unwrap_or_default();
     let world = ctx.world.snapshot();
+    if !world.scopes_listed {
+        // Not refused, not enforced anew: judged once the JitScopes are known.
+        return Ok(Action::requeue(SCOPES_NOT_LISTED_RETRY));
+    }
     let scopes = world.scopes();
     let out = scopes.out_of_scope(&ns, &policy.spec).join(", ");
     if !out.is_empty() {

@@ -38,7 +38,10 @@ async fn read_world(
     };
     match decode::list::<JitScope>(&decode::raw_api::<JitScope>(client.clone(), None)).await {
         // An undecodable scope allows nothing.
-        Ok((jit_scopes, _)) => world.scopes = jit_scopes,
+        Ok((jit_scopes, _)) => {
+            world.scopes = jit_scopes;
+            world.scopes_listed = true;
+        }
         Err(e) => {
             warn!(error = %e, "start-up: could not list JitScopes; the controllers will close lapsed grants");
             return None;

@@ -25,6 +25,11 @@ pub struct World {
     pub scopes: Vec<JitScope>,
     /// Whether a namespace no JitScope names may name any VM (`--allow-unscoped-namespaces`).
     pub allow_unscoped: bool,
+    /// Whether the JitScopes have been listed. Until then every namespace looks unscoped:
+    /// nothing may be refused, activated or revoked for its scope (the controllers wait). The
+    /// start does not wait for them, so that an install whose JitScope CRD is missing (Helm
+    /// does not upgrade CRDs) still closes what is due.
+    pub scopes_listed: bool,
 }
 
 impl World {
@@ -188,10 +193,6 @@ impl WorldView {
                 for store in &self.grants {
                     let _ = store.wait_until_ready().await;
                 }
-                // Before the scopes are listed every namespace would look unscoped.
-                if let Some(store) = &self.scopes {
-                    let _ = store.wait_until_ready().await;
-                }
             };
             if tokio::time::timeout(Duration::from_millis(200), both)
                 .await
@@ -257,6 +258,9 @@ impl WorldView {
             approvals: self.approvals.iter().flat_map(Store::state).collect(),
             scopes,
             allow_unscoped: self.allow_unscoped,
+            scopes_listed: self.scopes.as_ref().is_none_or(|store| {
+                futures::FutureExt::now_or_never(store.wait_until_ready()).is_some()
+            }),
         }
     }
 
