@@ -1148,3 +1148,74 @@ async fn watch_namespaces_install_uses_a_role_in_each_and_a_cluster_role_only_to
     assert!(kubectl_get("clusterrolebinding", &scopes_name, None).is_none());
     assert!(kubectl_get("deployment", &full, Some(&ns)).is_none());
 }
+
+/// The rules of the ClusterRole in an `examples/rbac/` file.
+fn example_rules(file: &str) -> Value {
+    let path = support::repo_root().join("examples/rbac").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let docs = documents(&text);
+    one(&docs, "ClusterRole")["rules"].clone()
+}
+
+#[test]
+fn user_roles_match_the_examples_and_aggregate_only_when_asked() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let render = |extra: &[&str]| {
+        let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+        args.extend(mode_values("workloadIdentity"));
+        args.extend(strings(extra));
+        documents(&helm.ok(&args))
+    };
+    let role = |docs: &[Value], name: &str| -> Value {
+        find(docs, "ClusterRole")
+            .into_iter()
+            .find(|r| r["metadata"]["labels"]["portcullis.dev/user-role"] == name)
+            .unwrap_or_else(|| panic!("no {name} user role"))
+            .clone()
+    };
+    let docs = render(&[]);
+    for (name, file) in [
+        ("requester", "requester.yaml"),
+        ("approver", "approver.yaml"),
+        ("policy-admin", "policy-admin.yaml"),
+        ("scope-admin", "scope-admin.yaml"),
+    ] {
+        let r = role(&docs, name);
+        assert_eq!(r["metadata"]["name"], format!("rel-portcullis-ops-{name}"));
+        assert_eq!(
+            r["rules"],
+            example_rules(file),
+            "{name} differs from examples/rbac/{file}"
+        );
+        let labels = r["metadata"]["labels"].as_object().expect("labels");
+        assert!(
+            !labels
+                .keys()
+                .any(|k| k.starts_with("rbac.authorization.k8s.io/aggregate-to")),
+            "{name} aggregates by default"
+        );
+    }
+    let docs = render(&["--set", "userRoles.aggregateToDefaultRoles=true"]);
+    let aggregated = |name: &str, to: &str| {
+        role(&docs, name)["metadata"]["labels"]
+            [format!("rbac.authorization.k8s.io/aggregate-to-{to}")]
+            == "true"
+    };
+    assert!(aggregated("requester", "edit") && aggregated("requester", "admin"));
+    assert!(aggregated("approver", "admin") && !aggregated("approver", "edit"));
+    assert!(aggregated("policy-admin", "admin"));
+    assert!(aggregated("viewer", "view"));
+    for to in ["view", "edit", "admin"] {
+        assert!(
+            !aggregated("scope-admin", to),
+            "the scope admin never aggregates"
+        );
+    }
+    let none = render(&["--set", "userRoles.create=false"]);
+    assert!(
+        find(&none, "ClusterRole")
+            .iter()
+            .all(|r| r["metadata"]["labels"]["portcullis.dev/user-role"].is_null())
+    );
+}
