@@ -273,13 +273,7 @@ async fn a_rejection_denies_with_zero_writes() {
     decide(&env, "carol", &[], "alice-ssh", Decision::Reject)
         .await
         .expect("carol rejects");
-    let g = env
-        .wait_grant_condition("alice-ssh", "Ready", "Rejected", T)
-        .await;
-    assert_eq!(
-        g.status.as_ref().and_then(|s| s.phase),
-        Some(GrantPhase::Denied)
-    );
+    let g = denied_without_writes(&env, "alice-ssh", "Rejected", writes).await;
     let msg = g
         .status
         .as_ref()
@@ -287,11 +281,6 @@ async fn a_rejection_denies_with_zero_writes() {
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert_eq!(msg, "rejected by carol: carol looked");
-    assert_eq!(
-        env.writes().await,
-        writes,
-        "a rejected grant writes nothing"
-    );
 }
 
 #[tokio::test]
@@ -302,18 +291,7 @@ async fn the_approval_timeout_denies() {
     let env = ready("timeout", policy, &["alice", "carol"]).await;
     let writes = env.writes().await;
     request(&env, "alice", &[], "alice-ssh").await;
-    let g = env
-        .wait_grant_condition("alice-ssh", "Ready", "ApprovalTimedOut", T)
-        .await;
-    assert_eq!(
-        g.status.as_ref().and_then(|s| s.phase),
-        Some(GrantPhase::Denied)
-    );
-    assert_eq!(
-        env.writes().await,
-        writes,
-        "a timed-out grant writes nothing"
-    );
+    denied_without_writes(&env, "alice-ssh", "ApprovalTimedOut", writes).await;
     // Too late to decide now.
     assert_refused(
         "a decision after the timeout",
@@ -373,6 +351,22 @@ async fn an_edit_of_the_grant_voids_its_approvals() {
         .await;
 }
 
+/// Waits for the grant to be `Denied` with `reason`; nothing was written to Azure since
+/// `writes` were counted.
+async fn denied_without_writes(env: &Env, name: &str, reason: &str, writes: u64) -> AccessGrant {
+    let g = env.wait_grant_condition(name, "Ready", reason, T).await;
+    assert_eq!(
+        g.status.as_ref().and_then(|s| s.phase),
+        Some(GrantPhase::Denied)
+    );
+    assert_eq!(
+        env.writes().await,
+        writes,
+        "{name}: denied ({reason}) writes nothing"
+    );
+    g
+}
+
 async fn wait_approvals(env: &Env, name: &str, n: usize) -> AccessGrant {
     let api = env.grants();
     support::wait_for(&format!("{n} approval(s) counted on {name}"), T, || {
@@ -393,18 +387,7 @@ async fn requesters_outside_the_policy_and_unverified_requesters_are_denied() {
     let env = ready("requesters", policy, &["alice", "bob"]).await;
     let writes = env.writes().await;
     request(&env, "bob", &["devs"], "bob-ssh").await;
-    let g = env
-        .wait_grant_condition("bob-ssh", "Ready", "RequesterNotAllowed", T)
-        .await;
-    assert_eq!(
-        g.status.as_ref().and_then(|s| s.phase),
-        Some(GrantPhase::Denied)
-    );
-    assert_eq!(
-        env.writes().await,
-        writes,
-        "a refused requester writes nothing"
-    );
+    denied_without_writes(&env, "bob-ssh", "RequesterNotAllowed", writes).await;
     request(&env, "alice", &["oncall"], "alice-ssh").await;
     env.wait_grant_phase("alice-ssh", GrantPhase::Active, T)
         .await;
@@ -557,12 +540,7 @@ async fn plugin(env: &Env, user: &str, args: &[&str]) -> (bool, String) {
     })
     .await
     .expect("plugin thread");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    (out.status.success(), support::output_text(&out))
 }
 
 #[tokio::test]

@@ -426,34 +426,10 @@ async fn allow_unscoped_namespaces_opens_only_namespaces_no_scope_names() {
     env.wait_policy_condition("prod", "OutOfScope", T).await;
 }
 
-fn kubectl(args: &[&str], stdin: Option<&str>) -> std::process::Output {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write stdin");
-    }
-    child.wait_with_output().expect("kubectl finishes")
-}
+use support::kubectl;
 
 fn outcome(out: &std::process::Output) -> (bool, String) {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    (out.status.success(), support::output_text(out))
 }
 
 #[tokio::test]
