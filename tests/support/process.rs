@@ -66,6 +66,10 @@ impl OperatorProcess {
             .arg(cmd.namespaces.join(","))
             .arg("--http-listen")
             .arg(http.to_string())
+            // Tests run operators side by side: each serves its (unregistered) webhook on a port
+            // of its own.
+            .arg("--webhook-listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
             .args(&cmd.extra_args)
             .env("KUBECONFIG", &cmd.kubeconfig)
             .env("AZURE_TENANT_ID", "crash-tenant")
