@@ -158,6 +158,22 @@ async fn a_requester_stamp_written_in_the_manifest_is_overwritten_and_cannot_be_
             "cannot be changed",
         );
     }
+    // An apply that drops the annotation (server-side apply by a GitOps tool whose manager owns
+    // it) keeps the stamp instead of failing.
+    let dropped = json!({"metadata": {"annotations": {"portcullis.dev/stamp": null}}});
+    let kept = grants
+        .patch(
+            "alice-ssh",
+            &PatchParams::default(),
+            &Patch::Merge(&dropped),
+        )
+        .await
+        .expect("an update dropping the stamp is admitted");
+    assert_eq!(
+        kept.annotations().get("portcullis.dev/stamp"),
+        Some(&stamp),
+        "the stamp is put back"
+    );
     // kubectl shows it.
     let out = std::process::Command::new("kubectl")
         .args(["get", "accessgrants", "-n", &env.ns, "alice-ssh"])

@@ -125,6 +125,39 @@ fn annotate(
     serde_json::from_value(Value::Array(ops))
 }
 
+/// An UPDATE that drops the stamps puts them back. A GitOps tool applying its manifest with
+/// server-side apply owns the annotation the webhook added under its field manager, and so
+/// removes it on the next apply; that must neither erase who asked nor fail the sync. A changed
+/// stamp is not restored here: the validating webhook refuses it.
+fn restore_stamps(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let response = AdmissionResponse::from(request);
+    let (Some(old), Some(new)) = (&request.old_object, &request.object) else {
+        return response;
+    };
+    let kept = |key: &str| old.metadata.annotations.as_ref().and_then(|a| a.get(key));
+    let dropped: Vec<(&str, String)> = [STAMP_ANNOTATION, DECIDED_BY_ANNOTATION]
+        .into_iter()
+        .filter_map(|key| {
+            let value = kept(key)?;
+            let now = new.metadata.annotations.as_ref().and_then(|a| a.get(key));
+            now.is_none().then(|| (key, value.clone()))
+        })
+        .collect();
+    if dropped.is_empty() {
+        return response;
+    }
+    match annotate(new.metadata.annotations.as_ref(), &dropped)
+        .map_err(|e| e.to_string())
+        .and_then(|p| response.with_patch(p).map_err(|e| e.to_string()))
+    {
+        Ok(restored) => restored,
+        Err(e) => {
+            warn!(error = %e, "could not build the patch restoring a stamp");
+            refuse(request, "internal error: could not keep the stamp")
+        }
+    }
+}
+
 impl Admission {
     pub fn new(key: StampKey, lookup: Arc<dyn Lookup>) -> Self {
         Admission { key, lookup }
@@ -132,6 +165,9 @@ impl Admission {
 
     /// The mutating webhook (`/mutate`): stamps who created a grant or an approval.
     pub async fn mutate(&self, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+        if request.operation == Operation::Update && Kind::of(request).is_some() {
+            return restore_stamps(request);
+        }
         let (Some(kind), Operation::Create, Some(object)) =
             (Kind::of(request), &request.operation, &request.object)
         else {
