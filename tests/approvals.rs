@@ -599,6 +599,9 @@ async fn the_plugin_requests_approves_explains_and_revokes() {
         ok && out.contains("alice-plugin") && out.contains("AwaitingApproval"),
         "{out}"
     );
+    // alice may not decide on her own grant: it is not pending for her.
+    let (ok, out) = plugin(&env, "alice", &["pending"]).await;
+    assert!(ok && !out.contains("alice-plugin"), "{out}");
     let (ok, out) = plugin(
         &env,
         "alice",

@@ -56,7 +56,8 @@ enum Command {
     Approve(DecideArgs),
     /// Reject a grant waiting for approval.
     Reject(DecideArgs),
-    /// Grants waiting for a decision.
+    /// Grants waiting for a decision that you may make (asked of the admission webhook with a
+    /// dry run).
     Pending,
     /// Grants in the namespace.
     List,
@@ -165,6 +166,23 @@ async fn events(client: &Client, ns: &str, name: &str) -> Result<Vec<(String, St
         .collect())
 }
 
+/// Whether the caller may decide on the grant: the admission webhook says so for a server-side
+/// dry run of a decision (its rules, who may approve what, live there and nowhere else).
+async fn may_decide(approvals: &Api<AccessApproval>, grant: &str) -> bool {
+    let Ok(probe) = serde_json::from_value::<AccessApproval>(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessApproval",
+        "metadata": {"generateName": format!("{grant}-")},
+        "spec": {"grantRef": {"name": grant}, "decision": "Approve"},
+    })) else {
+        return false;
+    };
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    approvals.create(&dry_run, &probe).await.is_ok()
+}
+
 /// Waits until the grant is open, denied, waiting for approval or over.
 async fn outcome(
     api: &Api<AccessGrant>,
@@ -259,11 +277,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 )
             })?;
         }
-        Command::Pending | Command::List => {
-            let mut items = grants.list(&ListParams::default()).await?.items;
-            if matches!(cli.command, Command::Pending) {
-                items.retain(cli::is_waiting);
+        Command::Pending => {
+            let approvals: Api<AccessApproval> = Api::namespaced(client.clone(), &ns);
+            let mut mine = Vec::new();
+            for g in grants.list(&ListParams::default()).await?.items {
+                if cli::is_waiting(&g) && may_decide(&approvals, &g.name_any()).await {
+                    mine.push(g);
+                }
             }
+            print(cli.output, &mine, || cli::table(&mine, now))?;
+        }
+        Command::List => {
+            let items = grants.list(&ListParams::default()).await?.items;
             print(cli.output, &items, || cli::table(&items, now))?;
         }
         Command::Revoke { grant } => {
