@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::App;
 use crate::faults::{Faults, NsgFault};
 use crate::locks::{self, Lock};
-use crate::model::{self, Rule, SUCCEEDED};
+use crate::model;
 use crate::state::{ConfigUpdate, Stats, parse_rule_props};
 
 pub fn routes() -> Router<App> {
@@ -45,6 +45,7 @@ pub fn routes() -> Router<App> {
             get(get_rule).put(put_rule).delete(delete_rule),
         )
         .route("/_emulator/rules", get(rules))
+        .route("/_emulator/interleave", axum::routing::post(interleave))
         .route("/_emulator/state", get(dump))
 }
 
@@ -303,6 +304,28 @@ async fn get_rule(State(app): State<App>, Query(q): Query<IdQuery>) -> Response 
 }
 
 /// Drift: create or replace a rule directly (no validation, async, throttling or counting).
+/// Someone else's write between a caller's read and its write: the rule (`?id=` a rule id,
+/// body as for `PUT /_emulator/rule`) is put into its NSG just before the next ARM PUT of that
+/// NSG is handled, so a PUT with `If-Match` on the etag read before gets 412.
+async fn interleave(State(app): State<App>, Query(q): Query<IdQuery>, body: Bytes) -> Response {
+    let Some(id) = model::parse_rule_id(&q.id) else {
+        return admin_error(
+            StatusCode::BAD_REQUEST,
+            format!("not a security rule id: {}", q.id),
+        );
+    };
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    let props = match parse_rule_props(&v) {
+        Ok(p) => p,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid rule: {e}")),
+    };
+    app.inner.lock().interleaved.push((id, props));
+    StatusCode::NO_CONTENT.into_response()
+}
+
 async fn put_rule(State(app): State<App>, Query(q): Query<IdQuery>, body: Bytes) -> Response {
     let Some(id) = model::parse_rule_id(&q.id) else {
         return admin_error(
@@ -320,30 +343,12 @@ async fn put_rule(State(app): State<App>, Query(q): Query<IdQuery>, body: Bytes)
     };
     let mut g = app.inner.lock();
     g.settle(Instant::now());
-    let Some(nsg) = g
-        .world
-        .nsg_mut(&id.subscription, &id.resource_group, &id.nsg)
-    else {
+    if !g.put_rule_directly(&id, props) {
         return admin_error(
             StatusCode::NOT_FOUND,
             format!("no such network security group for {}", q.id),
         );
-    };
-    let etag = model::new_etag();
-    match nsg.rule_mut(&id.rule) {
-        Some(r) => {
-            r.props = props;
-            r.etag = etag;
-            r.provisioning_state = SUCCEEDED.into();
-        }
-        None => nsg.rules.push(Rule {
-            name: id.rule.clone(),
-            etag,
-            provisioning_state: SUCCEEDED.into(),
-            props,
-        }),
     }
-    nsg.etag = model::new_etag();
     g.save_logged();
     tracing::info!(rule = %q.id, "drift: rule put directly");
     StatusCode::NO_CONTENT.into_response()

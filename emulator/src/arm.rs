@@ -1014,6 +1014,7 @@ fn put_nsg(
     nsg: &str,
     body: &[u8],
 ) -> Result<Response, ArmError> {
+    g.interleave(sub, rg, nsg);
     let (s, r) = rg_of(g, sub, rg)?;
     let (sub_id, rg_name) = (s.id.clone(), r.name.clone());
     let existing = r.nsg(nsg);

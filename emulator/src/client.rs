@@ -173,6 +173,24 @@ impl AdminClient {
         Ok(())
     }
 
+    /// Someone else's write just before the next PUT of the rule's NSG (see
+    /// `POST /_emulator/interleave`).
+    pub async fn interleave_rule(
+        &self,
+        rule_id: &str,
+        rule: &serde_json::Value,
+    ) -> Result<(), EmulatorError> {
+        let resp = self
+            .http
+            .post(self.url("interleave"))
+            .query(&[("id", rule_id)])
+            .json(rule)
+            .send()
+            .await?;
+        Self::check(resp).await?;
+        Ok(())
+    }
+
     /// Drift: deletes a rule directly; an error when it does not exist.
     pub async fn delete_rule_directly(&self, rule_id: &str) -> Result<(), EmulatorError> {
         let resp = self

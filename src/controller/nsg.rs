@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use jiff::Timestamp;
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, instrument, warn};
 
 use super::Error;
 use super::inventory::Inventory;
 use super::world::World;
 use crate::azure::{AzureError, NetworkApi, NsgSnapshot};
 use crate::plan::rule::NsgRule;
-use crate::plan::{Bands, Naming, RuleIntent, desired_rules, plan_nsg};
+use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, desired_rules, plan_nsg};
 
 /// What a sync did and what now stands in the NSG.
 #[derive(Clone, Debug, Default)]
@@ -31,6 +31,31 @@ pub struct NsgOutcome {
     /// Rules of ours that were deleted: closed grants, removed policies, orphans.
     pub deleted: Vec<String>,
     pub writes: usize,
+}
+
+impl NsgOutcome {
+    fn new(nsg_id: &str) -> NsgOutcome {
+        NsgOutcome {
+            nsg_id: nsg_id.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// What stands once `plan` is applied; nothing written yet.
+    fn planned(nsg_id: &str, plan: &NsgPlan) -> NsgOutcome {
+        NsgOutcome {
+            placed: plan.placed.clone(),
+            unplaced: plan.unplaced.clone(),
+            ..NsgOutcome::new(nsg_id)
+        }
+    }
+}
+
+/// What one whole-NSG write changes among the rules.
+#[derive(Default)]
+struct RuleEdits {
+    deletes: Vec<String>,
+    puts: Vec<NsgRule>,
 }
 
 /// The last successful sync of an NSG: when it began, and what it did.
@@ -103,7 +128,7 @@ impl NsgSyncer {
             }
             props.insert("flushConnection".into(), serde_json::Value::Bool(true));
             info!("setting flushConnection on the NSG (opt-in)");
-            Ok(Some(Vec::new()))
+            Ok(Some(RuleEdits::default()))
         })
         .await?;
         flushed().insert(key);
@@ -111,24 +136,24 @@ impl NsgSyncer {
     }
 
     /// One conditional write of the whole NSG: read it, let `edit` change the snapshot and name
-    /// the rules to drop (`None`: nothing to write), PUT it with `If-Match` on the etag just read,
-    /// and on 412 read and decide again, a few times. Every other property and rule goes back as
-    /// read. Returns the number of writes made.
+    /// the rules to drop and to put (`None`: nothing to write), PUT it with `If-Match` on the etag
+    /// just read, and on 412 read and decide again, a few times. Every other property and rule
+    /// goes back as read. Returns the number of writes made.
     async fn write_whole_nsg(
         &self,
         nsg_id: &str,
-        mut edit: impl FnMut(&mut NsgSnapshot) -> Result<Option<Vec<String>>, Error>,
+        mut edit: impl FnMut(&mut NsgSnapshot) -> Result<Option<RuleEdits>, Error>,
     ) -> Result<usize, Error> {
         const ATTEMPTS: usize = 3;
         let mut writes = 0;
         for attempt in 1..=ATTEMPTS {
             let mut snapshot = self.azure.read_nsg(nsg_id).await?;
-            let Some(deletes) = edit(&mut snapshot)? else {
+            let Some(RuleEdits { deletes, puts }) = edit(&mut snapshot)? else {
                 return Ok(writes);
             };
             self.check_writes_allowed()?;
             writes += 1;
-            match self.azure.put_nsg(&snapshot, &deletes, &[]).await {
+            match self.azure.put_nsg(&snapshot, &deletes, &puts).await {
                 Ok(()) => return Ok(writes),
                 Err(e) if e.is_precondition_failed() && attempt < ATTEMPTS => continue,
                 Err(e) => return Err(e.into()),
@@ -208,7 +233,10 @@ impl NsgSyncer {
                 return Ok(None);
             }
             info!(rules = ?present, "rule DELETE refused by a lock: removing by a conditional NSG PUT");
-            Ok(Some(present))
+            Ok(Some(RuleEdits {
+                deletes: present,
+                puts: Vec::new(),
+            }))
         })
         .await
     }
@@ -251,25 +279,97 @@ impl NsgSyncer {
         let now = now.max(Timestamp::now());
         let world = world();
         let desired = desired_rules(nsg_id, &world.policies, &world.grants, now, &self.naming);
-        let existing = self.azure.list_rules(nsg_id).await?;
-        let mut plan = plan_nsg(&existing, &desired, &self.bands, &self.naming);
-        plan.keep_rules_of_policies(&self.naming, &world.quarantined_policies);
+        let plan_for = |existing: &[NsgRule]| {
+            let mut plan = plan_nsg(existing, &desired, &self.bands, &self.naming);
+            plan.keep_rules_of_policies(&self.naming, &world.quarantined_policies);
+            plan
+        };
+        let mut existing = self.azure.list_rules(nsg_id).await?;
+        let mut plan = plan_for(&existing);
+        if plan.is_noop() {
+            debug!(rules = existing.len(), "NSG already matches the plan");
+            return Ok(NsgOutcome::planned(nsg_id, &plan));
+        }
+        self.record(nsg_id).await?;
+        self.ensure_flush_connection(nsg_id).await?;
+        if plan.deletes.len() + plan.puts.len() > 1 {
+            match self.apply_in_one_write(nsg_id, &plan_for).await {
+                Ok(outcome) => return Ok(outcome),
+                // Azure refused the write as a whole (one rule it will not take): apply the
+                // changes one by one, so that the others, and every close, still happen.
+                Err(e)
+                    if e.azure()
+                        .is_some_and(|a| a.is_permanent() && !a.is_scope_locked()) =>
+                {
+                    warn!(error = %e, "the NSG refused one write of all changes: writing them one by one");
+                    existing = self.azure.list_rules(nsg_id).await?;
+                    plan = plan_for(&existing);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.apply_rule_by_rule(nsg_id, &existing, &plan).await
+    }
+
+    /// Applies a plan of several changes in one conditional write of the whole NSG (one ARM
+    /// write and one long-running operation instead of one per rule; Azure serialises writes to
+    /// an NSG anyway). On 412 the plan is made again from the fresh read, so a rule someone else
+    /// added in between stays.
+    async fn apply_in_one_write(
+        &self,
+        nsg_id: &str,
+        plan_for: &impl Fn(&[NsgRule]) -> NsgPlan,
+    ) -> Result<NsgOutcome, Error> {
+        let mut applied: Option<(NsgPlan, HashSet<String>)> = None;
+        let writes = self
+            .write_whole_nsg(nsg_id, |snapshot| {
+                let plan = plan_for(&snapshot.rules);
+                let existing = snapshot
+                    .rules
+                    .iter()
+                    .map(|r| r.name.to_ascii_lowercase())
+                    .collect();
+                let edits = (!plan.is_noop()).then(|| RuleEdits {
+                    deletes: plan.deletes.clone(),
+                    puts: plan.puts.clone(),
+                });
+                if edits.is_some() {
+                    info!(deletes = ?plan.deletes, puts = plan.puts.len(), "one conditional write of the NSG");
+                }
+                applied = Some((plan, existing));
+                Ok(edits)
+            })
+            .await?;
+        let Some((plan, existing)) = applied else {
+            return Ok(NsgOutcome::new(nsg_id));
+        };
+        let mut outcome = NsgOutcome::planned(nsg_id, &plan);
+        outcome.writes = writes;
+        if writes > 0 {
+            outcome.deleted = plan.deletes.clone();
+            for rule in &plan.puts {
+                if existing.contains(&rule.name.to_ascii_lowercase()) {
+                    outcome.corrected.push(rule.name.clone());
+                } else {
+                    outcome.created.push(rule.name.clone());
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Applies a plan rule by rule: deletes first, then puts.
+    async fn apply_rule_by_rule(
+        &self,
+        nsg_id: &str,
+        existing: &[NsgRule],
+        plan: &NsgPlan,
+    ) -> Result<NsgOutcome, Error> {
         let existing_names: HashSet<String> = existing
             .iter()
             .map(|r| r.name.to_ascii_lowercase())
             .collect();
-        let mut outcome = NsgOutcome {
-            nsg_id: nsg_id.to_string(),
-            placed: plan.placed.clone(),
-            unplaced: plan.unplaced.clone(),
-            ..Default::default()
-        };
-        if plan.is_noop() {
-            debug!(rules = existing.len(), "NSG already matches the plan");
-            return Ok(outcome);
-        }
-        self.record(nsg_id).await?;
-        self.ensure_flush_connection(nsg_id).await?;
+        let mut outcome = NsgOutcome::planned(nsg_id, plan);
         // Deletes first: a rule being replaced never holds a priority another put wants.
         let mut locked = Vec::new();
         for name in &plan.deletes {

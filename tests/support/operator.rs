@@ -54,7 +54,7 @@ impl Replica {
         self.stats
             .snapshot()
             .iter()
-            .filter(|((op, _), _)| op == "put_rule" || op == "delete_rule")
+            .filter(|((op, _), _)| matches!(op.as_str(), "put_rule" | "delete_rule" | "put_nsg"))
             .map(|(_, n)| n)
             .sum()
     }
