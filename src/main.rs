@@ -68,6 +68,11 @@ struct RunArgs {
     /// change in such an NSG, by anyone, then re-evaluates every flow through it: see SECURITY.md.
     #[arg(long, env = "PORTCULLIS_FLUSH_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set)]
     flush_connections: bool,
+    /// Opt-in, experimental: make several changes to an NSG in one conditional write of the
+    /// whole NSG (If-Match, re-planned on 412) instead of one write per rule. Fewer ARM writes
+    /// and long-running operations; every rule of the NSG gets a new etag on each such write.
+    #[arg(long, env = "PORTCULLIS_ONE_WRITE_PER_NSG", default_value_t = false, action = clap::ArgAction::Set)]
+    one_write_per_nsg: bool,
     /// DANGEROUS opt-in: a namespace that no JitScope names may name ANY VM the operator's Azure
     /// identity reaches in its policies. Off (the default), such a namespace's policies are
     /// refused (`OutOfScope`). `--allow-unscoped-namespaces` alone means true.
@@ -265,6 +270,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         bands,
         naming: Naming::new(args.installation.clone(), args.adopt_legacy_rules),
         flush_connections: args.flush_connections,
+        one_write_per_nsg: args.one_write_per_nsg,
         allow_unscoped_namespaces: args.allow_unscoped_namespaces,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         concurrency: args.concurrency.max(1),

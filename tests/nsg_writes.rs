@@ -1,6 +1,7 @@
-//! How the operator writes an NSG: a round with several changes goes to Azure as one
-//! conditional write of the whole NSG (`If-Match` on the etag just read), re-planned from a
-//! fresh read on 412, so that a rule someone else wrote in between survives.
+//! How the operator writes an NSG with `--one-write-per-nsg` (opt-in): a round with several
+//! changes goes to Azure as one conditional write of the whole NSG (`If-Match` on the etag just
+//! read), re-planned from a fresh read on 412, so that a rule someone else wrote in between
+//! survives.
 
 mod support;
 
@@ -14,6 +15,7 @@ const T: Duration = Duration::from_secs(30);
 #[tokio::test]
 async fn several_changes_go_in_one_conditional_write_that_keeps_a_rule_written_in_between() {
     let mut env = Env::new("onewrite").await;
+    env.settings.one_write_per_nsg = true;
     // Someone else writes a rule into nsg-vm1 between the operator's read and its write.
     let foreign = format!("{}/securityRules/someone-elses-rule", nsg_id("nsg-vm1"));
     env.admin

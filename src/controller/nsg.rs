@@ -76,6 +76,7 @@ pub struct NsgSyncer {
     /// Opt-in: set `flushConnection` on every NSG before writing to it, so that closing a rule
     /// also cuts the connections it allowed. The NSGs known to have it set.
     flush_connections: Option<Mutex<HashSet<String>>>,
+    one_write_per_nsg: bool,
 }
 
 impl NsgSyncer {
@@ -88,11 +89,19 @@ impl NsgSyncer {
             writes_allowed: AtomicBool::new(true),
             inventory: None,
             flush_connections: None,
+            one_write_per_nsg: false,
         }
     }
 
     /// Sets the NSG's `flushConnection` before the first write to it (see SECURITY.md for the
     /// cost: every rule change in that NSG, by anyone, re-evaluates every flow through it).
+    /// Several changes to an NSG in one conditional write of the whole NSG (see
+    /// `Settings::one_write_per_nsg`).
+    pub fn with_one_write_per_nsg(mut self, enabled: bool) -> Self {
+        self.one_write_per_nsg = enabled;
+        self
+    }
+
     pub fn with_flush_connections(mut self, enabled: bool) -> Self {
         self.flush_connections = enabled.then(|| Mutex::new(HashSet::new()));
         self
@@ -292,7 +301,7 @@ impl NsgSyncer {
         }
         self.record(nsg_id).await?;
         self.ensure_flush_connection(nsg_id).await?;
-        if plan.deletes.len() + plan.puts.len() > 1 {
+        if self.one_write_per_nsg && plan.deletes.len() + plan.puts.len() > 1 {
             match self.apply_in_one_write(nsg_id, &plan_for).await {
                 Ok(outcome) => return Ok(outcome),
                 // Azure refused the write as a whole (one rule it will not take): apply the
