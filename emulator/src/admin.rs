@@ -303,43 +303,39 @@ async fn get_rule(State(app): State<App>, Query(q): Query<IdQuery>) -> Response 
     }
 }
 
-/// Drift: create or replace a rule directly (no validation, async, throttling or counting).
+/// The rule a `?id=` and JSON body name, or the admin error saying why not.
+fn rule_request(q: &IdQuery, body: &[u8]) -> Result<(model::RuleId, model::RuleProps), Response> {
+    let Some(id) = model::parse_rule_id(&q.id) else {
+        return Err(admin_error(
+            StatusCode::BAD_REQUEST,
+            format!("not a security rule id: {}", q.id),
+        ));
+    };
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| admin_error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
+    let props = parse_rule_props(&v)
+        .map_err(|e| admin_error(StatusCode::BAD_REQUEST, format!("invalid rule: {e}")))?;
+    Ok((id, props))
+}
+
 /// Someone else's write between a caller's read and its write: the rule (`?id=` a rule id,
 /// body as for `PUT /_emulator/rule`) is put into its NSG just before the next ARM PUT of that
 /// NSG is handled, so a PUT with `If-Match` on the etag read before gets 412.
 async fn interleave(State(app): State<App>, Query(q): Query<IdQuery>, body: Bytes) -> Response {
-    let Some(id) = model::parse_rule_id(&q.id) else {
-        return admin_error(
-            StatusCode::BAD_REQUEST,
-            format!("not a security rule id: {}", q.id),
-        );
-    };
-    let v: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
-    };
-    let props = match parse_rule_props(&v) {
-        Ok(p) => p,
-        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid rule: {e}")),
-    };
-    app.inner.lock().interleaved.push((id, props));
-    StatusCode::NO_CONTENT.into_response()
+    match rule_request(&q, &body) {
+        Ok(rule) => {
+            app.inner.lock().interleaved.push(rule);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(response) => response,
+    }
 }
 
+/// Drift: create or replace a rule directly (no validation, async, throttling or counting).
 async fn put_rule(State(app): State<App>, Query(q): Query<IdQuery>, body: Bytes) -> Response {
-    let Some(id) = model::parse_rule_id(&q.id) else {
-        return admin_error(
-            StatusCode::BAD_REQUEST,
-            format!("not a security rule id: {}", q.id),
-        );
-    };
-    let v: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
-    };
-    let props = match parse_rule_props(&v) {
-        Ok(p) => p,
-        Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid rule: {e}")),
+    let (id, props) = match rule_request(&q, &body) {
+        Ok(rule) => rule,
+        Err(response) => return response,
     };
     let mut g = app.inner.lock();
     g.settle(Instant::now());

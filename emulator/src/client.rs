@@ -162,15 +162,8 @@ impl AdminClient {
         rule_id: &str,
         rule: &serde_json::Value,
     ) -> Result<(), EmulatorError> {
-        let resp = self
-            .http
-            .put(self.url("rule"))
-            .query(&[("id", rule_id)])
-            .json(rule)
-            .send()
-            .await?;
-        Self::check(resp).await?;
-        Ok(())
+        self.send_rule(self.http.put(self.url("rule")), rule_id, rule)
+            .await
     }
 
     /// Someone else's write just before the next PUT of the rule's NSG (see
@@ -180,13 +173,17 @@ impl AdminClient {
         rule_id: &str,
         rule: &serde_json::Value,
     ) -> Result<(), EmulatorError> {
-        let resp = self
-            .http
-            .post(self.url("interleave"))
-            .query(&[("id", rule_id)])
-            .json(rule)
-            .send()
-            .await?;
+        self.send_rule(self.http.post(self.url("interleave")), rule_id, rule)
+            .await
+    }
+
+    async fn send_rule(
+        &self,
+        request: reqwest::RequestBuilder,
+        rule_id: &str,
+        rule: &serde_json::Value,
+    ) -> Result<(), EmulatorError> {
+        let resp = request.query(&[("id", rule_id)]).json(rule).send().await?;
         Self::check(resp).await?;
         Ok(())
     }
