@@ -303,18 +303,12 @@ async fn get_rule(State(app): State<App>, Query(q): Query<IdQuery>) -> Response 
     }
 }
 
-/// The rule a `?id=` and JSON body name, or the admin error saying why not.
-fn rule_request(q: &IdQuery, body: &[u8]) -> Result<(model::RuleId, model::RuleProps), Response> {
-    let Some(id) = model::parse_rule_id(&q.id) else {
-        return Err(admin_error(
-            StatusCode::BAD_REQUEST,
-            format!("not a security rule id: {}", q.id),
-        ));
-    };
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| admin_error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
-    let props = parse_rule_props(&v)
-        .map_err(|e| admin_error(StatusCode::BAD_REQUEST, format!("invalid rule: {e}")))?;
+/// The rule a `?id=` and JSON body name, or why not (a 400 for the caller).
+fn rule_request(q: &IdQuery, body: &[u8]) -> Result<(model::RuleId, model::RuleProps), String> {
+    let id =
+        model::parse_rule_id(&q.id).ok_or_else(|| format!("not a security rule id: {}", q.id))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let props = parse_rule_props(&v).map_err(|e| format!("invalid rule: {e}"))?;
     Ok((id, props))
 }
 
@@ -327,7 +321,7 @@ async fn interleave(State(app): State<App>, Query(q): Query<IdQuery>, body: Byte
             app.inner.lock().interleaved.push(rule);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(response) => response,
+        Err(why) => admin_error(StatusCode::BAD_REQUEST, why),
     }
 }
 
@@ -335,7 +329,7 @@ async fn interleave(State(app): State<App>, Query(q): Query<IdQuery>, body: Byte
 async fn put_rule(State(app): State<App>, Query(q): Query<IdQuery>, body: Bytes) -> Response {
     let (id, props) = match rule_request(&q, &body) {
         Ok(rule) => rule,
-        Err(response) => return response,
+        Err(why) => return admin_error(StatusCode::BAD_REQUEST, why),
     };
     let mut g = app.inner.lock();
     g.settle(Instant::now());

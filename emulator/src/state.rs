@@ -541,6 +541,51 @@ fn mac_from_guid(guid: &str) -> String {
     out
 }
 
+impl Inner {
+    /// Puts a rule into its NSG as someone else would (a new rule etag, a new NSG etag). False
+    /// when the NSG does not exist.
+    pub fn put_rule_directly(&mut self, id: &model::RuleId, props: RuleProps) -> bool {
+        let Some(nsg) = self
+            .world
+            .nsg_mut(&id.subscription, &id.resource_group, &id.nsg)
+        else {
+            return false;
+        };
+        let etag = model::new_etag();
+        match nsg.rule_mut(&id.rule) {
+            Some(r) => {
+                r.props = props;
+                r.etag = etag;
+                r.provisioning_state = model::SUCCEEDED.into();
+            }
+            None => nsg.rules.push(model::Rule {
+                name: id.rule.clone(),
+                etag,
+                provisioning_state: model::SUCCEEDED.into(),
+                props,
+            }),
+        }
+        nsg.etag = model::new_etag();
+        true
+    }
+
+    /// Makes the interleaved writes waiting for this NSG, just before a PUT of it is handled.
+    pub fn interleave(&mut self, sub: &str, rg: &str, nsg: &str) {
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.interleaved)
+            .into_iter()
+            .partition(|(id, _)| {
+                id.subscription.eq_ignore_ascii_case(sub)
+                    && id.resource_group.eq_ignore_ascii_case(rg)
+                    && id.nsg.eq_ignore_ascii_case(nsg)
+            });
+        self.interleaved = later;
+        for (id, props) in now {
+            tracing::info!(rule = %id.rule, "interleaved write: someone else put a rule before this NSG PUT");
+            self.put_rule_directly(&id, props);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,50 +685,5 @@ subscriptions:
         assert_eq!(loaded, inner.world);
         std::fs::write(&path, "{").unwrap();
         assert!(load_state_file(&path).is_err());
-    }
-}
-
-impl Inner {
-    /// Puts a rule into its NSG as someone else would (a new rule etag, a new NSG etag). False
-    /// when the NSG does not exist.
-    pub fn put_rule_directly(&mut self, id: &model::RuleId, props: RuleProps) -> bool {
-        let Some(nsg) = self
-            .world
-            .nsg_mut(&id.subscription, &id.resource_group, &id.nsg)
-        else {
-            return false;
-        };
-        let etag = model::new_etag();
-        match nsg.rule_mut(&id.rule) {
-            Some(r) => {
-                r.props = props;
-                r.etag = etag;
-                r.provisioning_state = model::SUCCEEDED.into();
-            }
-            None => nsg.rules.push(model::Rule {
-                name: id.rule.clone(),
-                etag,
-                provisioning_state: model::SUCCEEDED.into(),
-                props,
-            }),
-        }
-        nsg.etag = model::new_etag();
-        true
-    }
-
-    /// Makes the interleaved writes waiting for this NSG, just before a PUT of it is handled.
-    pub fn interleave(&mut self, sub: &str, rg: &str, nsg: &str) {
-        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.interleaved)
-            .into_iter()
-            .partition(|(id, _)| {
-                id.subscription.eq_ignore_ascii_case(sub)
-                    && id.resource_group.eq_ignore_ascii_case(rg)
-                    && id.nsg.eq_ignore_ascii_case(nsg)
-            });
-        self.interleaved = later;
-        for (id, props) in now {
-            tracing::info!(rule = %id.rule, "interleaved write: someone else put a rule before this NSG PUT");
-            self.put_rule_directly(&id, props);
-        }
     }
 }
