@@ -367,11 +367,21 @@ impl Env {
                 })
                 .collect()
         };
-        assert_eq!(
-            without_etags(self.foreign_rules().await),
-            without_etags(self.user_rules_at_start.clone()),
-            "user rules must be unchanged but for their etags"
-        );
+        let expected = without_etags(self.user_rules_at_start.clone());
+        // A whole-NSG write still in flight shows every rule `Updating` for its long-running
+        // operation: judge the NSG once it has settled (or show the difference at the deadline).
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = without_etags(self.foreign_rules().await);
+            if now == expected || std::time::Instant::now() > deadline {
+                assert_eq!(
+                    now, expected,
+                    "user rules must be unchanged but for their etags"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub async fn writes(&self) -> u64 {
