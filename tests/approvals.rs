@@ -105,6 +105,15 @@ async fn ready(prefix: &str, policy: Value, users: &[&str]) -> Env {
     env
 }
 
+/// The message of the grant's Ready condition.
+fn ready_message(g: &AccessGrant) -> String {
+    g.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
 fn approvals_of(g: &AccessGrant) -> Vec<(String, Decision)> {
     g.status
         .as_ref()
@@ -224,12 +233,7 @@ async fn two_of_n_approve_while_self_approval_strangers_and_second_decisions_are
     );
     // One approval of two: nothing opened.
     assert_eq!(env.writes().await, writes, "a waiting grant writes nothing");
-    let msg = g
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let msg = ready_message(&g);
     assert!(msg.contains("1 more from"), "{msg}");
 
     // An approval cannot be edited.
@@ -290,12 +294,7 @@ async fn a_rejection_denies_with_zero_writes() {
         .await
         .expect("carol rejects");
     let g = denied_without_writes(&env, "alice-ssh", "Rejected", writes).await;
-    let msg = g
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let msg = ready_message(&g);
     assert_eq!(msg, "rejected by carol: carol looked");
 }
 

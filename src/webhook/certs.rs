@@ -445,70 +445,60 @@ impl CaBundlePatcher {
     pub async fn patch(&self, ca_bundle_pem: &str) -> Result<Patched, WebhookError> {
         let mutating: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         let validating: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-        let m = match mutating.get_opt(&self.name).await.map_err(|e| {
-            WebhookError::kube(format!("MutatingWebhookConfiguration {}", self.name), e)
-        })? {
-            None => None,
-            Some(c) => Some(
-                c.webhooks
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|w| (w.name, w.client_config.ca_bundle))
-                    .collect::<Vec<_>>(),
-            ),
-        };
-        let v = match validating.get_opt(&self.name).await.map_err(|e| {
-            WebhookError::kube(format!("ValidatingWebhookConfiguration {}", self.name), e)
-        })? {
-            None => None,
-            Some(c) => Some(
-                c.webhooks
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|w| (w.name, w.client_config.ca_bundle))
-                    .collect::<Vec<_>>(),
-            ),
-        };
-        let mutating_done = match m {
-            None => false,
-            Some(hooks) => {
-                self.patch_one(
-                    &mutating,
-                    "MutatingWebhookConfiguration",
-                    hooks,
-                    ca_bundle_pem,
-                )
-                .await?
-            }
-        };
-        let validating_done = match v {
-            None => false,
-            Some(hooks) => {
-                self.patch_one(
-                    &validating,
-                    "ValidatingWebhookConfiguration",
-                    hooks,
-                    ca_bundle_pem,
-                )
-                .await?
-            }
-        };
+        let mutating = self
+            .patch_one(
+                &mutating,
+                "MutatingWebhookConfiguration",
+                ca_bundle_pem,
+                |c| {
+                    c.webhooks
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|w| (w.name, w.client_config.ca_bundle))
+                        .collect()
+                },
+            )
+            .await?;
+        let validating = self
+            .patch_one(
+                &validating,
+                "ValidatingWebhookConfiguration",
+                ca_bundle_pem,
+                |c| {
+                    c.webhooks
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|w| (w.name, w.client_config.ca_bundle))
+                        .collect()
+                },
+            )
+            .await?;
         Ok(Patched {
-            mutating: mutating_done,
-            validating: validating_done,
+            mutating,
+            validating,
         })
     }
 
+    /// Reads one configuration (`hooks` names its webhooks and their bundles) and sets the
+    /// bundle where it differs; false when the configuration does not exist (yet).
     async fn patch_one<K>(
         &self,
         api: &Api<K>,
         kind: &str,
-        hooks: Vec<(String, Option<ByteString>)>,
         ca_bundle_pem: &str,
+        hooks: impl FnOnce(K) -> Vec<(String, Option<ByteString>)>,
     ) -> Result<bool, WebhookError>
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
+        let Some(configuration) = api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| WebhookError::kube(format!("{kind} {}", self.name), e))?
+        else {
+            return Ok(false);
+        };
+        let hooks = hooks(configuration);
         let stale: Vec<&String> = hooks
             .iter()
             .filter(|(_, b)| b.as_ref().map(|b| b.0.as_slice()) != Some(ca_bundle_pem.as_bytes()))
