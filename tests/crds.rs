@@ -20,3 +20,56 @@ fn committed_crds_match_what_the_binary_generates() {
         "crds/ is stale: regenerate it with `cargo run -- crd > crds/portcullis.dev.yaml`"
     );
 }
+
+/// `kubectl explain` prints each field's description: every property of every CRD has one.
+#[test]
+fn every_crd_field_has_a_description_for_kubectl_explain() {
+    use kube::CustomResourceExt;
+    use portcullis::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
+
+    fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
+        let Some(props) = schema.get("properties").and_then(|p| p.as_object()) else {
+            if let Some(items) = schema.get("items") {
+                walk(&format!("{path}[]"), items, missing);
+            }
+            return;
+        };
+        for (name, prop) in props {
+            let here = format!("{path}.{name}");
+            let described = prop
+                .get("description")
+                .and_then(|d| d.as_str())
+                .is_some_and(|d| !d.trim().is_empty());
+            // apiVersion, kind and metadata are described by the API server itself.
+            let standard =
+                path.is_empty() && ["apiVersion", "kind", "metadata"].contains(&name.as_str());
+            if !described && !standard {
+                missing.push(here.clone());
+            }
+            walk(&here, prop, missing);
+        }
+    }
+
+    let mut missing = Vec::new();
+    for crd in [
+        JitPolicy::crd(),
+        AccessGrant::crd(),
+        AccessApproval::crd(),
+        JitScope::crd(),
+    ] {
+        let kind = crd.spec.names.kind.clone();
+        for version in &crd.spec.versions {
+            let schema = version
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .map(|s| serde_json::to_value(s).expect("a schema serialises"))
+                .expect("every version has a schema");
+            walk(&kind, &schema, &mut missing);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "fields without a description (kubectl explain shows nothing for them): {missing:#?}"
+    );
+}

@@ -31,9 +31,11 @@ use super::schema;
     )
 )]
 #[serde(rename_all = "camelCase")]
+/// One approver's decision on one grant. The webhook records who made it; it cannot be edited.
 pub struct AccessApprovalSpec {
     /// The AccessGrant (same namespace) decided on.
     pub grant_ref: GrantRef,
+    /// Approve or Reject. One Reject denies the grant.
     pub decision: Decision,
     /// Why; recorded in the grant's status, Events and the audit trail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,6 +45,7 @@ pub struct AccessApprovalSpec {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct GrantRef {
+    /// The AccessGrant's name.
     #[schemars(regex(pattern = schema::OBJECT_NAME), length(min = 1, max = 253))]
     pub name: String,
 }

@@ -22,6 +22,11 @@ use super::schema;
     doc = "A request for just-in-time network access to one Azure VM.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
         name = "Requester",
         type_ = "string",
         json_path = ".status.requestedBy.username"
@@ -46,6 +51,7 @@ use super::schema;
     )
 )]
 #[serde(rename_all = "camelCase")]
+/// What is asked for: a VM, ports, one source and a window, under a policy. Frozen once active.
 pub struct AccessGrantSpec {
     /// The JitPolicy (same namespace) this grant is made under.
     pub policy_ref: PolicyRef,
@@ -90,6 +96,7 @@ impl AccessGrant {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct PolicyRef {
+    /// The JitPolicy's name.
     #[schemars(regex(pattern = schema::OBJECT_NAME), length(min = 1, max = 253))]
     pub name: String,
 }
@@ -127,10 +134,14 @@ impl GrantPhase {
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+/// Where the grant stands; written by the operator only.
 pub struct AccessGrantStatus {
+    /// Pending (validating, awaiting approval or opening), Active (open), Expired, Revoked,
+    /// Denied (refused, nothing opened) or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "GrantPhase")]
     pub phase: Option<GrantPhase>,
+    /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// When the grant first became active. Set once.
@@ -176,30 +187,40 @@ pub struct GrantedAccess {
     pub ports: Vec<GrantedPort>,
     /// The source, in canonical form.
     pub source_address_prefix: String,
+    /// Why access was asked for, as the requester wrote it.
     pub justification: String,
 }
 
 /// One approver's decision, as counted.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct RecordedDecision {
+    /// Who decided, as the API server authenticated them.
     pub approver: String,
+    /// Approve or Reject.
     pub decision: Decision,
+    /// When the decision was made.
     #[schemars(extend("pattern" = schema::RFC3339_DATE_TIME))]
     pub at: Time,
+    /// The approver's comment, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct GrantedPort {
+    /// The port number.
     pub number: u16,
+    /// `TCP`, `UDP`, or `*` (both), as the policy lists the port.
     pub protocol: crate::api::Protocol,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GrantedRule {
+    /// The NSG's full resource ID.
     pub network_security_group: String,
+    /// The security rule's name.
     pub name: String,
+    /// The rule's priority, inside the installation's Allow band.
     pub priority: u16,
 }

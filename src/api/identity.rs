@@ -49,7 +49,9 @@ impl Subjects {
 /// A person as the API server authenticated them, as recorded on grants (`status.requestedBy`).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct UserRef {
+    /// The user name.
     pub username: String,
+    /// The groups the API server placed the user in at that request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
 }

@@ -45,6 +45,8 @@ use super::schema;
     )
 )]
 #[serde(rename_all = "camelCase")]
+/// Which VMs may be opened, on which ports, from where, for how long, for whom, and with whose
+/// approval. Every listed port is closed by a Deny rule while no grant opens it.
 pub struct JitPolicySpec {
     /// The VMs this policy governs, as Defender's `virtualMachines`.
     #[schemars(length(min = 1, max = 100))]
@@ -82,8 +84,10 @@ pub enum Protocol {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyPort {
+    /// The port number, 1-65535.
     #[schemars(range(min = 1, max = 65535))]
     pub number: u16,
+    /// `TCP`, `UDP`, or `*` (both).
     pub protocol: Protocol,
     /// One source prefix (Defender's singular form); mutually exclusive with
     /// `allowedSourceAddressPrefixes`.
@@ -117,7 +121,9 @@ impl PolicyPort {
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+/// What the operator found and enforces; written by the operator only.
 pub struct JitPolicyStatus {
+    /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default)]
@@ -138,9 +144,12 @@ pub struct JitPolicyStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResolvedTarget {
+    /// The VM's full resource ID.
     pub virtual_machine: String,
+    /// The private IP addresses of its network interfaces: the destinations of its rules.
     #[serde(default)]
     pub private_ip_addresses: Vec<String>,
+    /// The NSGs on its network interfaces and their subnets: where its rules are written.
     #[serde(default)]
     pub network_security_groups: Vec<String>,
 }

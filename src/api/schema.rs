@@ -68,6 +68,7 @@ pub const RFC3339_DATE_TIME: &str = r"^([0-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9
 /// cannot decode) and bounds on the strings and the list.
 pub fn conditions(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
+        "description": "The latest observations of the object's state (Ready, with a reason and a message).",
         "type": "array",
         "maxItems": 16,
         "items": {

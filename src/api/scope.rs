@@ -30,6 +30,7 @@ use super::schema;
     )
 )]
 #[serde(rename_all = "camelCase")]
+/// Which VMs the policies of some namespaces may name. Set by the platform team.
 pub struct JitScopeSpec {
     /// The namespaces this scope applies to, by exact name.
     #[schemars(length(min = 1, max = 256), extend("items" = { "type": "string", "pattern": schema::NAMESPACE_NAME, "maxLength": 63 }))]
