@@ -1219,3 +1219,220 @@ fn user_roles_match_the_examples_and_aggregate_only_when_asked() {
             .all(|r| r["metadata"]["labels"]["portcullis.dev/user-role"].is_null())
     );
 }
+
+/// Every sample name the operator exports, from its own registry (counters carry `_total`,
+/// histograms `_bucket`, `_sum` and `_count`).
+fn exported_metrics() -> std::collections::BTreeSet<String> {
+    let telemetry = portcullis::controller::telemetry::Telemetry::new(Some(
+        portcullis::azure::AzureStats::new(),
+    ));
+    // A family shows in the text only once it has a series: give each one.
+    let active: portcullis::api::AccessGrant = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AccessGrant",
+        "metadata": {"name": "g", "namespace": "ns"},
+        "spec": {"policyRef": {"name": "p"}, "virtualMachine": "vm1", "ports": [22],
+                 "sourceAddressPrefix": "203.0.113.7", "duration": "PT1H",
+                 "justification": "metrics"},
+        "status": {"phase": "Active"}
+    }))
+    .expect("a grant");
+    telemetry.observe_world(&portcullis::controller::world::World {
+        grants: vec![active],
+        ..Default::default()
+    });
+    telemetry.reconciled("grant", "ok", 0.1);
+    telemetry.set_undecodable("AccessGrant", 0);
+    telemetry.webhook_admission("/validate", "allowed");
+    telemetry.set_band_usage(
+        "nsg",
+        portcullis::plan::BandUsage {
+            allow: 0.1,
+            deny: 0.1,
+        },
+    );
+    let text = telemetry.encode().expect("the metrics encode");
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').expect("# TYPE <name> <type>");
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Parses a PromQL expression (as Prometheus would) and returns the metric names it selects.
+fn promql_metrics(expr: &str) -> Vec<String> {
+    use promql_parser::parser::{Expr, parse};
+    use promql_parser::util::{ExprVisitor, walk_expr};
+    struct Names(Vec<String>);
+    impl ExprVisitor for Names {
+        type Error = String;
+        fn pre_visit(&mut self, e: &Expr) -> Result<bool, String> {
+            let selector = match e {
+                Expr::VectorSelector(vs) => Some(vs),
+                Expr::MatrixSelector(ms) => Some(&ms.vs),
+                _ => None,
+            };
+            if let Some(vs) = selector {
+                let name = vs
+                    .name
+                    .clone()
+                    .ok_or_else(|| format!("a selector without a metric name: {vs}"))?;
+                self.0.push(name);
+            }
+            Ok(true)
+        }
+    }
+    let ast = parse(expr).unwrap_or_else(|e| panic!("PromQL does not parse: {e}\n{expr}"));
+    let mut names = Names(Vec::new());
+    walk_expr(&mut names, &ast).unwrap_or_else(|e| panic!("{e}\n{expr}"));
+    names.0
+}
+
+fn assert_names_exported_metrics(what: &str, expr: &str) {
+    let exported = exported_metrics();
+    let names = promql_metrics(expr);
+    assert!(!names.is_empty(), "{what} selects no metric: {expr}");
+    for name in names {
+        assert!(
+            exported.contains(&name),
+            "{what} names {name}, which the operator does not export ({exported:?}): {expr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dashboard_and_alert_rules_parse_name_only_exported_metrics_and_have_runbooks() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let render = |extra: &[&str]| {
+        let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+        args.extend(mode_values("workloadIdentity"));
+        args.extend(strings(&[
+            "--set",
+            "metrics.dashboard.enabled=true",
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+            "--set",
+            "metrics.prometheusRule.runbookBaseUrl=https://runbooks.example/portcullis",
+        ]));
+        args.extend(strings(extra));
+        documents(&helm.ok(&args))
+    };
+    let docs = render(&[]);
+
+    // The dashboard: a ConfigMap Grafana's sidecar picks up, holding JSON whose every query
+    // parses and names only what the operator exports.
+    let dashboards: Vec<&Value> = find(&docs, "ConfigMap")
+        .into_iter()
+        .filter(|c| c["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .collect();
+    assert_eq!(dashboards.len(), 1, "one dashboard ConfigMap");
+    let json = dashboards[0]["data"]["portcullis.json"]
+        .as_str()
+        .expect("the dashboard JSON");
+    let dashboard: Value = serde_json::from_str(json).expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
+    for wanted in [
+        "Open grants by namespace and VM",
+        "Grants by phase",
+        "Time to close after expiry",
+        "Azure requests and throttling",
+        "Reconcile errors",
+        "Leader and Azure reachability",
+    ] {
+        assert!(titles.contains(&wanted), "a panel {wanted:?}: {titles:?}");
+    }
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            // Grafana's own variable, replaced before Prometheus sees the query.
+            let expr = expr.replace("$__rate_interval", "5m");
+            assert_names_exported_metrics(&format!("panel {:?}", panel["title"]), &expr);
+        }
+    }
+
+    // The alerts.
+    let rule = one(&docs, "PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    let rules = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("rules");
+    let readme = std::fs::read_to_string(chart_dir().join("README.md")).expect("chart README");
+    let runbooks = readme
+        .split_once("## Runbooks")
+        .map(|(_, r)| r.to_string())
+        .expect("the chart README has a Runbooks section");
+    let mut alerts = Vec::new();
+    for r in rules {
+        let alert = r["alert"].as_str().expect("alert name");
+        alerts.push(alert);
+        assert_names_exported_metrics(alert, r["expr"].as_str().expect("expr"));
+        assert!(
+            ["warning", "critical"].contains(&r["labels"]["severity"].as_str().unwrap_or("")),
+            "{alert} has a severity"
+        );
+        assert_eq!(
+            r["annotations"]["runbook_url"],
+            format!(
+                "https://runbooks.example/portcullis#{}",
+                alert.to_ascii_lowercase()
+            )
+        );
+        assert!(
+            runbooks.contains(&format!("### {alert}\n")),
+            "the chart README has a runbook for {alert}"
+        );
+    }
+    for wanted in [
+        "PortcullisGrantOverdue",
+        "PortcullisAzureUnreachable",
+        "PortcullisReconcileErrors",
+        "PortcullisNoLeader",
+        "PortcullisBandNearlyFull",
+        "PortcullisWebhookCertificateExpiring",
+    ] {
+        assert!(alerts.contains(&wanted), "an alert {wanted}: {alerts:?}");
+    }
+    // Without webhooks there is no certificate to watch.
+    let without = render(&["--set", "webhook.enabled=false"]);
+    let names: Vec<Value> = one(&without, "PrometheusRule")["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| r["alert"].clone())
+        .collect();
+    assert!(!names.contains(&Value::from("PortcullisWebhookCertificateExpiring")));
+
+    // The API server takes the dashboard ConfigMap (a server-side dry run in a namespace of
+    // its own; the PrometheusRule needs the Prometheus Operator's CRD, which is not here).
+    let kube = client().await;
+    let ns = fresh_namespace(&kube, "dashboard").await;
+    let mut cm = dashboards[0].clone();
+    cm["metadata"]["namespace"] = Value::from(ns.clone());
+    let out = kubectl(
+        &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+        Some(&serde_json::to_string(&cm).expect("json")),
+    );
+    assert!(
+        out.status.success(),
+        "the dashboard ConfigMap is refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -303,7 +303,8 @@ pub async fn run(
     telemetry.set_leader(true);
     let nsgs = NsgSyncer::new(azure, settings.bands.clone(), settings.naming.clone())
         .with_flush_connections(settings.flush_connections)
-        .with_one_write_per_nsg(settings.one_write_per_nsg);
+        .with_one_write_per_nsg(settings.one_write_per_nsg)
+        .with_telemetry(telemetry.clone());
     let controllers = run_controllers(
         client,
         nsgs,

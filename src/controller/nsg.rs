@@ -11,6 +11,7 @@ use tracing::{debug, info, instrument, warn};
 
 use super::Error;
 use super::inventory::Inventory;
+use super::telemetry::Telemetry;
 use super::world::World;
 use crate::azure::{AzureError, NetworkApi, NsgSnapshot};
 use crate::plan::rule::NsgRule;
@@ -77,6 +78,8 @@ pub struct NsgSyncer {
     /// also cuts the connections it allowed. The NSGs known to have it set.
     flush_connections: Option<Mutex<HashSet<String>>>,
     one_write_per_nsg: bool,
+    /// Where band fullness is reported after each sync.
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl NsgSyncer {
@@ -90,6 +93,7 @@ impl NsgSyncer {
             inventory: None,
             flush_connections: None,
             one_write_per_nsg: false,
+            telemetry: None,
         }
     }
 
@@ -99,6 +103,11 @@ impl NsgSyncer {
     /// `Settings::one_write_per_nsg`).
     pub fn with_one_write_per_nsg(mut self, enabled: bool) -> Self {
         self.one_write_per_nsg = enabled;
+        self
+    }
+
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = Some(telemetry);
         self
     }
 
@@ -295,6 +304,9 @@ impl NsgSyncer {
         };
         let mut existing = self.azure.list_rules(nsg_id).await?;
         let mut plan = plan_for(&existing);
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.set_band_usage(nsg_id, plan.band_usage(&existing, &self.bands));
+        }
         if plan.is_noop() {
             debug!(rules = existing.len(), "NSG already matches the plan");
             return Ok(NsgOutcome::planned(nsg_id, &plan));

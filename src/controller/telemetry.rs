@@ -2,7 +2,7 @@
 //! server that exposes them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -35,6 +35,18 @@ struct KindLabels {
 struct WebhookLabels {
     path: &'static str,
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpenGrantLabels {
+    namespace: String,
+    virtual_machine: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BandLabels {
+    nsg: String,
+    band: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +98,10 @@ pub struct Telemetry {
     inventory_nsgs: Gauge,
     sweep_failures: Counter,
     webhook_admissions: Family<WebhookLabels, Counter>,
+    open_grants: Family<OpenGrantLabels, Gauge>,
+    band_usage: Family<BandLabels, Gauge<f64, AtomicU64>>,
+    azure_reachable_gauge: Gauge,
+    webhook_certificate_expiry: Gauge,
     caches_synced: AtomicBool,
     azure_reachable: AtomicBool,
     standby: AtomicBool,
@@ -165,6 +181,31 @@ impl Telemetry {
             "Admission requests answered by the webhook, by path and result (allowed, refused, invalid)",
             webhook_admissions.clone(),
         );
+        let open_grants = Family::<OpenGrantLabels, Gauge>::default();
+        registry.register(
+            "open_grants",
+            "Active grants by namespace and VM (the VM's name)",
+            open_grants.clone(),
+        );
+        let band_usage = Family::<BandLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "band_usage_ratio",
+            "How full each priority band of each NSG is after its last sync (1 = full; above 1, rules found no priority)",
+            band_usage.clone(),
+        );
+        let azure_reachable_gauge = Gauge::default();
+        azure_reachable_gauge.set(1);
+        registry.register(
+            "azure_reachable",
+            "0 since a reconcile found Azure unreachable (connection, timeout) or refusing the credential; 1 again after a reconcile succeeds",
+            azure_reachable_gauge.clone(),
+        );
+        let webhook_certificate_expiry = Gauge::default();
+        registry.register(
+            "webhook_certificate_expiry_timestamp_seconds",
+            "When the self-managed webhook serving certificate expires (Unix time; 0 when not self-managed)",
+            webhook_certificate_expiry.clone(),
+        );
         if let Some(stats) = azure {
             registry.register_collector(Box::new(AzureRequests(stats)));
         }
@@ -181,6 +222,10 @@ impl Telemetry {
             inventory_nsgs,
             sweep_failures,
             webhook_admissions,
+            open_grants,
+            band_usage,
+            azure_reachable_gauge,
+            webhook_certificate_expiry,
             caches_synced: AtomicBool::new(false),
             azure_reachable: AtomicBool::new(true),
             standby: AtomicBool::new(false),
@@ -221,6 +266,7 @@ impl Telemetry {
             .map(|s| s.rules.len())
             .sum();
         self.open_rules.set(open as i64);
+        self.observe_open_grants(world);
         let now = jiff::Timestamp::now();
         let overdue = world
             .grants
@@ -232,6 +278,52 @@ impl Telemetry {
             })
             .count();
         self.overdue.set(overdue as i64);
+    }
+
+    /// Active grants counted by namespace and VM name. Rebuilt from the world each time, so a
+    /// VM whose last grant closed leaves the metric.
+    fn observe_open_grants(&self, world: &World) {
+        let mut counts: std::collections::HashMap<OpenGrantLabels, i64> = Default::default();
+        for g in &world.grants {
+            let Some(status) = g
+                .status
+                .as_ref()
+                .filter(|s| s.phase == Some(GrantPhase::Active))
+            else {
+                continue;
+            };
+            let vm = status
+                .granted
+                .as_ref()
+                .map_or(g.spec.virtual_machine.as_str(), |a| {
+                    a.virtual_machine.as_str()
+                });
+            let labels = OpenGrantLabels {
+                namespace: g.metadata.namespace.clone().unwrap_or_default(),
+                virtual_machine: vm.rsplit('/').next().unwrap_or(vm).to_string(),
+            };
+            *counts.entry(labels).or_default() += 1;
+        }
+        self.open_grants.clear();
+        for (labels, n) in counts {
+            self.open_grants.get_or_create(&labels).set(n);
+        }
+    }
+
+    /// How full the NSG's bands are after its last sync.
+    pub fn set_band_usage(&self, nsg_id: &str, usage: crate::plan::BandUsage) {
+        for (band, share) in [("allow", usage.allow), ("deny", usage.deny)] {
+            self.band_usage
+                .get_or_create(&BandLabels {
+                    nsg: nsg_id.to_ascii_lowercase(),
+                    band,
+                })
+                .set(share);
+        }
+    }
+
+    pub fn set_webhook_certificate_expiry(&self, not_after: jiff::Timestamp) {
+        self.webhook_certificate_expiry.set(not_after.as_second());
     }
 
     /// How many objects of `kind` are skipped because they do not decode.
@@ -280,6 +372,7 @@ impl Telemetry {
 
     pub fn set_azure_reachable(&self, reachable: bool) {
         self.azure_reachable.store(reachable, Ordering::Relaxed);
+        self.azure_reachable_gauge.set(i64::from(reachable));
     }
 
     /// Ready: a standby is ready to take over; the leader once its caches are synced and Azure

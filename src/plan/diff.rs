@@ -130,6 +130,45 @@ impl NsgPlan {
     }
 }
 
+/// How full an NSG's bands are once a plan is applied, as a share of each band's size: inbound
+/// priorities held by anyone (other people's rules in the band count), plus rules of ours that
+/// found no priority. 1.0 is full; above it, some rules are not placed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BandUsage {
+    pub allow: f64,
+    pub deny: f64,
+}
+
+impl NsgPlan {
+    pub fn band_usage(&self, existing: &[NsgRule], bands: &Bands) -> BandUsage {
+        let key = |s: &str| s.to_ascii_lowercase();
+        let replaced: HashSet<String> = self
+            .deletes
+            .iter()
+            .map(|n| key(n))
+            .chain(self.placed.iter().map(|r| key(&r.name)))
+            .collect();
+        let held: HashSet<u16> = existing
+            .iter()
+            .filter(|r| !replaced.contains(&key(&r.name)))
+            .chain(&self.placed)
+            .filter(|r| r.direction == Direction::Inbound)
+            .map(|r| r.priority)
+            .collect();
+        let share = |access: Access| {
+            let band = bands.for_access(access);
+            let size = band.clone().count().max(1);
+            let used = held.iter().filter(|p| band.contains(p)).count();
+            let unplaced = self.unplaced.iter().filter(|i| i.access == access).count();
+            (used + unplaced) as f64 / size as f64
+        };
+        BandUsage {
+            allow: share(Access::Allow),
+            deny: share(Access::Deny),
+        }
+    }
+}
+
 /// The minimal change for one NSG. See the module documentation; in short:
 /// - a rule `naming` does not own is never put or deleted, and an intent whose name is not
 ///   `naming`'s own current name is refused (unplaced);
@@ -577,6 +616,38 @@ mod tests {
             unplaced,
             vec![allow_name(2).as_str(), deny_name(1).as_str()]
         );
+    }
+
+    #[test]
+    fn band_usage_counts_everyone_in_the_band_and_what_found_no_room() {
+        let bands = Bands {
+            allow: 100..=103,
+            deny: 4000..=4001,
+        };
+        let existing = [
+            foreign("x", 100, Direction::Inbound),
+            // Outbound priorities and rules outside the bands take no inbound slot.
+            foreign("out", 101, Direction::Outbound),
+            foreign("low", 300, Direction::Inbound),
+            foreign("y", 4000, Direction::Inbound),
+            // An orphan of ours: deleted by the plan, so its slot is free again.
+            foreign(&allow_name(9), 102, Direction::Inbound),
+        ];
+        let desired = [
+            intent(&allow_name(1), Access::Allow, 22),
+            intent(&deny_name(1), Access::Deny, 22),
+            intent(&deny_name(2), Access::Deny, 23),
+        ];
+        let plan = plan_default(&existing, &desired, &bands);
+        assert_eq!(plan.deletes, vec![allow_name(9)]);
+        let usage = plan.band_usage(&existing, &bands);
+        // x and the new allow rule: 2 of 4. y, one placed Deny and one unplaced: 3 of 2.
+        assert_eq!(usage.allow, 0.5);
+        assert_eq!(usage.deny, 1.5);
+        // Once applied, planning again sees the same fullness.
+        let after = apply(&existing, &plan);
+        let again = plan_default(&after, &desired, &bands);
+        assert_eq!(again.band_usage(&after, &bands), usage);
     }
 
     #[test]

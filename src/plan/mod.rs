@@ -19,7 +19,7 @@ pub use desired::{
     LiveGrant, Owner, RuleIntent, check_address_family, desired_rules, effective_spec,
     granted_access, live_grant, nsgs_of_grant, nsgs_of_policy, policy_of,
 };
-pub use diff::{Bands, BandsError, NsgPlan, plan_nsg};
+pub use diff::{BandUsage, Bands, BandsError, NsgPlan, plan_nsg};
 pub use naming::{Installation, InvalidInstallation, Naming, RULE_PREFIX, RuleName};
 pub use rule::{Access, Direction, NsgRule, RuleProtocol};
 pub use scope::Scopes;

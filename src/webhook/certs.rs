@@ -545,9 +545,16 @@ pub async fn maintain(
     store: Arc<CertStore>,
     patcher: Option<CaBundlePatcher>,
     mut current: ServingCert,
+    telemetry: Option<Arc<crate::controller::telemetry::Telemetry>>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let report_expiry = |cert: &ServingCert| {
+        if let Some(t) = &telemetry {
+            t.set_webhook_certificate_expiry(cert.serving_not_after);
+        }
+    };
+    report_expiry(&current);
     let mut next_cert_check = Timestamp::now() + RECHECK;
     let mut cert_failing = false;
     loop {
@@ -565,6 +572,7 @@ pub async fn maintain(
                             }
                         }
                         current = cert;
+                        report_expiry(&current);
                     }
                     cert_failing = false;
                     next_cert_check = now + RECHECK;

@@ -149,6 +149,7 @@ pub async fn start(
                 store.clone(),
                 patcher,
                 current,
+                config.telemetry.clone(),
                 shutdown.clone(),
             ))
         }
