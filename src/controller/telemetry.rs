@@ -38,6 +38,11 @@ struct WebhookLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -86,6 +91,7 @@ pub struct Telemetry {
     inventory_nsgs: Gauge,
     sweep_failures: Counter,
     webhook_admissions: Family<WebhookLabels, Counter>,
+    notifications: Family<ResultLabels, Counter>,
     caches_synced: AtomicBool,
     azure_reachable: AtomicBool,
     standby: AtomicBool,
@@ -165,6 +171,12 @@ impl Telemetry {
             "Admission requests answered by the webhook, by path and result (allowed, refused, invalid)",
             webhook_admissions.clone(),
         );
+        let notifications = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "notifications",
+            "Notifications by result: sent, failed (refused by the receiver or retries exhausted), dropped (queue full), refused (an invalid target Secret)",
+            notifications.clone(),
+        );
         if let Some(stats) = azure {
             registry.register_collector(Box::new(AzureRequests(stats)));
         }
@@ -181,6 +193,7 @@ impl Telemetry {
             inventory_nsgs,
             sweep_failures,
             webhook_admissions,
+            notifications,
             caches_synced: AtomicBool::new(false),
             azure_reachable: AtomicBool::new(true),
             standby: AtomicBool::new(false),
@@ -255,6 +268,20 @@ impl Telemetry {
         self.webhook_admissions
             .get_or_create(&WebhookLabels { path, result })
             .inc();
+    }
+
+    /// One notification (or refused target) with `result` `sent`, `failed`, `dropped` or
+    /// `refused`.
+    pub fn notification(&self, result: &'static str) {
+        self.notifications
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn notifications(&self, result: &'static str) -> u64 {
+        self.notifications
+            .get_or_create(&ResultLabels { result })
+            .get()
     }
 
     pub fn sweep_failures(&self) -> u64 {
