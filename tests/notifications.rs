@@ -47,10 +47,13 @@ impl Delivery {
     }
 }
 
-/// Answers each request with the next scripted response (status, Retry-After), then 200.
+/// A scripted answer: status and `Retry-After`.
+type Response = (u16, Option<&'static str>);
+
+/// Answers each request with the next scripted response, then 200.
 #[derive(Clone, Default)]
 struct Script {
-    responses: Arc<Mutex<Vec<(u16, Option<&'static str>)>>>,
+    responses: Arc<Mutex<Vec<Response>>>,
     got: Arc<Mutex<Vec<Delivery>>>,
 }
 
@@ -89,7 +92,7 @@ async fn record(
 }
 
 impl Receiver {
-    async fn start(responses: Vec<(u16, Option<&'static str>)>) -> Receiver {
+    async fn start(responses: Vec<Response>) -> Receiver {
         let script = Script::default();
         *script.responses.lock().expect("lock") = responses;
         let app = axum::Router::new()
