@@ -8,5 +8,6 @@ pub mod api;
 pub mod azure;
 pub mod cli;
 pub mod controller;
+pub mod notify;
 pub mod plan;
 pub mod webhook;

@@ -130,6 +130,12 @@ struct RunArgs {
     /// into the log, under the target `portcullis::audit`.
     #[arg(long, env = "PORTCULLIS_AUDIT_LOG")]
     audit_log: Option<std::path::PathBuf>,
+    /// Send notifications (Slack, Teams, signed generic JSON webhooks) about grants, to the
+    /// targets described by Secrets labelled `portcullis.dev/notification-target` in the
+    /// watched namespaces. Off by default: it needs read access (get/list/watch) to Secrets
+    /// there. `--notifications` alone means true.
+    #[arg(long, env = "PORTCULLIS_NOTIFICATIONS", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    notifications: bool,
     /// Serve the admission webhooks (turn off only for installs without the webhook
     /// configurations; grants then carry no verified requester).
     #[arg(long, env = "PORTCULLIS_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
@@ -290,6 +296,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         // Loaded below, once there is a client.
         stamp_key: None,
         audit_log: args.audit_log.clone(),
+        notifications: args.notifications,
     };
     let credential_config =
         CredentialConfig::from_env().map_err(|e| format!("Azure credential: {e}"))?;

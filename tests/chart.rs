@@ -379,6 +379,56 @@ fn installation_id_and_legacy_adoption_reach_the_operator() {
     }
 }
 
+/// Whether a rendered Role/ClusterRole rule grants `verbs` on core Secrets (any names).
+fn reads_all_secrets(role: &Value) -> bool {
+    role["rules"].as_array().into_iter().flatten().any(|r| {
+        r["apiGroups"] == serde_json::json!([""])
+            && r["resources"] == serde_json::json!(["secrets"])
+            && r.get("resourceNames").is_none()
+            && r["verbs"] == serde_json::json!(["get", "list", "watch"])
+    })
+}
+
+#[test]
+fn notifications_add_the_flag_and_read_access_to_secrets_only_when_enabled() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    for (watch, kind) in [(None, "ClusterRole"), (Some("team-a"), "Role")] {
+        for enabled in [false, true] {
+            let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+            args.extend(mode_values("workloadIdentity"));
+            args.extend(strings(&[
+                "--set",
+                &format!("notifications.enabled={enabled}"),
+            ]));
+            if let Some(ns) = watch {
+                args.extend(strings(&["--set", &format!("watchNamespaces={{{ns}}}")]));
+            }
+            let docs = documents(&helm.ok(&args));
+            let container = &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(
+                env_var(container, "PORTCULLIS_NOTIFICATIONS").map(|e| &e["value"]),
+                Some(&Value::from(enabled.to_string())),
+            );
+            let operator_roles: Vec<&Value> = find(&docs, kind)
+                .into_iter()
+                .filter(|r| {
+                    r["rules"].as_array().into_iter().flatten().any(|rule| {
+                        rule["resources"] == serde_json::json!(["jitpolicies", "accessgrants"])
+                    })
+                })
+                .collect();
+            assert_eq!(operator_roles.len(), 1, "{kind} for {watch:?}");
+            assert_eq!(
+                reads_all_secrets(operator_roles[0]),
+                enabled,
+                "{kind} (watch {watch:?}, notifications {enabled}): {}",
+                operator_roles[0]
+            );
+        }
+    }
+}
+
 #[test]
 fn optional_service_monitor_and_network_policy_render_when_enabled() {
     let helm = Helm::new();
@@ -570,6 +620,14 @@ fn wrong_values_fail_naming_the_value() {
             "priorityBands.allow",
         ),
         (strings(&["--set", "logFormat=xml"]), "logFormat"),
+        (
+            strings(&["--set-string", "notifications.enabled=yes"]),
+            "notifications.enabled",
+        ),
+        (
+            strings(&["--set", "notifications.url=https://x"]),
+            "notifications",
+        ),
         (strings(&["--set", "installation=Blue"]), "installation"),
         (
             strings(&["--set", "installation=toolongid"]),

@@ -66,12 +66,18 @@ impl StampKey {
     }
 
     fn mac(&self, message: &[u8]) -> Hmac<Sha256> {
-        // HMAC takes a key of any length; `new_from_slice` cannot fail for it.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-        mac.update(message);
-        mac
+        hmac_sha256(&self.0, message)
     }
+}
+
+/// HMAC-SHA256 of `message` under `key`, ready to `finalize` or `verify_slice` (constant
+/// time). Shared by the stamps and the notifications' signatures.
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> Hmac<Sha256> {
+    // HMAC takes a key of any length; `new_from_slice` cannot fail for it.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(message);
+    mac
 }
 
 impl std::fmt::Debug for StampKey {

@@ -21,8 +21,8 @@ pub use grant::{
 };
 pub use identity::{ApprovalPolicy, Subjects, UserRef};
 pub use policy::{
-    JitPolicy, JitPolicySpec, JitPolicyStatus, PolicyPort, PolicyVirtualMachine, Protocol,
-    ResolvedTarget,
+    JitPolicy, JitPolicySpec, JitPolicyStatus, NotificationRef, PolicyPort, PolicyVirtualMachine,
+    Protocol, ResolvedTarget,
 };
 pub use scope::{JitScope, JitScopeSpec};
 

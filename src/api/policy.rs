@@ -58,6 +58,25 @@ pub struct JitPolicySpec {
     /// Approval needed before a grant activates. Absent or `required: 0`: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalPolicy>,
+    /// Outgoing webhooks told about the grants under this policy (waiting for approval,
+    /// approved, rejected, activated, expired, revoked, close overdue), besides those of the
+    /// whole namespace. Each names a Secret in this namespace that describes the target
+    /// (`data.url`, `data.format`, `data.signingKey`, `data.events`) and carries the label
+    /// `portcullis.dev/notification-target: policy` (the operator reads only Secrets with that
+    /// label). Sent only when the operator runs with `--notifications`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub notifications: Option<Vec<NotificationRef>>,
+}
+
+/// A notification target: a Secret in the policy's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationRef {
+    /// The Secret's name. It must carry the label `portcullis.dev/notification-target`
+    /// (`policy`, or `true` to apply to every grant of the namespace).
+    #[schemars(regex(pattern = schema::OBJECT_NAME), length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

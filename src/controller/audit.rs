@@ -4,6 +4,8 @@
 //! rules. Records go to their own file when `--audit-log` names one (e.g. `/dev/stderr`, apart
 //! from the operator's logs on stdout), else to the log under the target `portcullis::audit`.
 //! Delivery is at least once: a step may be recorded again after a crash mid-reconcile.
+//! With notifications on, every record is also offered to the notification queue (a second
+//! sink fed the same records; see `crate::notify`), which never blocks the caller.
 
 use std::io::Write;
 use std::path::Path;
@@ -14,7 +16,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::api::{AccessGrant, GrantedPort, GrantedRule, RecordedDecision, UserRef};
+use crate::api::{AccessGrant, GrantedPort, GrantedRule, RecordedDecision, Subjects, UserRef};
 
 /// The log target of audit records when they share the operator's log.
 pub const TARGET: &str = "portcullis::audit";
@@ -25,6 +27,8 @@ pub const SCHEMA: &str = "portcullis.dev/audit/v1";
 #[serde(rename_all = "camelCase")]
 pub enum Step {
     Requested,
+    /// The grant waits for approvals (recorded when it starts waiting); `approvers` says from whom.
+    AwaitingApproval,
     Approved,
     Rejected,
     Denied,
@@ -32,11 +36,33 @@ pub enum Step {
     DriftCorrected,
     Expired,
     ClosedLate,
+    /// Past `expiresAt` with a rule still standing for longer than the grace period (see
+    /// `grant::CLOSE_OVERDUE_AFTER`): recorded once per grant while it stays overdue.
+    CloseOverdue,
     Revoked,
 }
 
+impl Step {
+    /// The name in records (`awaitingApproval`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Requested => "requested",
+            Step::AwaitingApproval => "awaitingApproval",
+            Step::Approved => "approved",
+            Step::Rejected => "rejected",
+            Step::Denied => "denied",
+            Step::Activated => "activated",
+            Step::DriftCorrected => "driftCorrected",
+            Step::Expired => "expired",
+            Step::ClosedLate => "closedLate",
+            Step::CloseOverdue => "closeOverdue",
+            Step::Revoked => "revoked",
+        }
+    }
+}
+
 /// One step. Field names are documented in the README's "Audit trail".
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Clone, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct Record {
     pub schema: &'static str,
@@ -49,6 +75,8 @@ pub struct Record {
     pub policy: String,
     pub requested_by: Option<UserRef>,
     pub approvals: Vec<RecordedDecision>,
+    /// Who may still decide (on `awaitingApproval`); `null` on other steps.
+    pub approvers: Option<Subjects>,
     pub virtual_machine: String,
     pub ports: Vec<GrantedPort>,
     pub source_address_prefix: String,
@@ -100,6 +128,7 @@ impl Record {
             policy: grant.policy_name().to_string(),
             requested_by: status.requested_by.clone(),
             approvals: status.approvals.clone(),
+            approvers: None,
             virtual_machine,
             ports,
             source_address_prefix: source,
@@ -116,12 +145,17 @@ impl Record {
 /// Where records go.
 pub struct AuditLog {
     file: Option<Mutex<std::fs::File>>,
+    /// The second sink: the notification queue, when notifications are on.
+    notify: Option<crate::notify::Queue>,
 }
 
 impl AuditLog {
     /// Records into the log (target [`TARGET`]).
     pub fn to_log() -> AuditLog {
-        AuditLog { file: None }
+        AuditLog {
+            file: None,
+            notify: None,
+        }
     }
 
     /// Records appended to `path`, one JSON object per line.
@@ -132,12 +166,30 @@ impl AuditLog {
             .open(path)?;
         Ok(AuditLog {
             file: Some(Mutex::new(file)),
+            notify: None,
         })
     }
 
+    /// Also offers every record to the notification queue.
+    pub fn with_notifications(mut self, queue: crate::notify::Queue) -> AuditLog {
+        self.notify = Some(queue);
+        self
+    }
+
     pub fn record(&self, grant: &AccessGrant, step: Step, reason: &str, message: &str) {
-        let record = Record::of(grant, step, reason, message);
-        let line = match serde_json::to_string(&record) {
+        self.emit(Record::of(grant, step, reason, message));
+    }
+
+    /// Records a record built by the caller (one with `approvers`, say).
+    pub fn emit(&self, record: Record) {
+        self.write(&record);
+        if let Some(queue) = &self.notify {
+            queue.offer(&record);
+        }
+    }
+
+    fn write(&self, record: &Record) {
+        let line = match serde_json::to_string(record) {
             Ok(line) => line,
             Err(e) => {
                 warn!(error = %e, "could not serialise an audit record");

@@ -1,6 +1,6 @@
 //! What every reconcile shares: the Kubernetes client, the Azure edge, the world view, Events.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ pub struct Context {
     recorder: Recorder,
     /// Consecutive failed reconciles per object (uid), for its backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Grants (uids) whose overdue close was recorded, while they stay overdue.
+    overdue_recorded: Mutex<HashSet<String>>,
 }
 
 impl Context {
@@ -54,7 +56,15 @@ impl Context {
             audit,
             recorder,
             failures: Mutex::new(HashMap::new()),
+            overdue_recorded: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The grants whose overdue close was recorded (see `grant::record_overdue`).
+    pub fn overdue_recorded(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.overdue_recorded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {

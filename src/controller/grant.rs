@@ -412,6 +412,7 @@ async fn activate(
         ApprovalState::Approved => {}
         ApprovalState::Denied(denial) => return deny(grant, api, ctx, denial).await,
         ApprovalState::Waiting { deadline, message } => {
+            audit_awaiting_approval(grant, policy, &message, ctx);
             pending(grant, api, ctx, "AwaitingApproval", message).await?;
             return Ok(Activation::Stop(Action::requeue(
                 until(deadline).min(ctx.resync),
@@ -522,6 +523,89 @@ fn attribute(
         }
     };
     (attributed, state)
+}
+
+/// The audit record (and notification) of a grant that starts waiting for approval, naming
+/// who may approve; once per wait, not again while it keeps waiting.
+fn audit_awaiting_approval(grant: &AccessGrant, policy: &JitPolicy, message: &str, ctx: &Ctx) {
+    let waiting = grant
+        .status
+        .as_ref()
+        .and_then(|s| crate::api::condition::find(&s.conditions, READY))
+        .is_some_and(|c| c.reason == "AwaitingApproval");
+    if waiting {
+        return;
+    }
+    let mut approvers = crate::api::Subjects::default();
+    for r in approval::requirements(&policy.spec, &grant.spec) {
+        for user in r.approvers.users {
+            if !approvers.users.contains(&user) {
+                approvers.users.push(user);
+            }
+        }
+        for group in r.approvers.groups {
+            if !approvers.groups.contains(&group) {
+                approvers.groups.push(group);
+            }
+        }
+    }
+    let mut record =
+        super::audit::Record::of(grant, Step::AwaitingApproval, "AwaitingApproval", message);
+    record.approvers = Some(approvers);
+    ctx.audit.emit(record);
+}
+
+/// How long a grant may stay open past `expiresAt` before its close is reported overdue (audit
+/// step `closeOverdue`, and a notification). Closes normally land within 2 s.
+pub const CLOSE_OVERDUE_AFTER: Duration = Duration::from_secs(10);
+
+/// Whether the grant is past `expiresAt` by more than `grace` with a rule still standing (or
+/// not closed yet): the overdue gauge's test, after a grace period.
+pub fn overdue(grant: &AccessGrant, now: Timestamp, grace: Duration) -> bool {
+    let Some(status) = grant.status.as_ref() else {
+        return false;
+    };
+    let open = status.phase == Some(GrantPhase::Active) || !status.rules.is_empty();
+    let late = ts(&status.expires_at).is_some_and(|e| past_expiry(e, now) > grace);
+    open && late
+}
+
+fn past_expiry(expires_at: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(expires_at)).unwrap_or(Duration::ZERO)
+}
+
+/// Records `closeOverdue` once for each grant that turned overdue (see [`overdue`]), and
+/// forgets the ones that no longer are, so a grant that turns overdue again is recorded again.
+pub fn record_overdue(ctx: &Ctx, world: &super::world::World, now: Timestamp) {
+    let late: Vec<&AccessGrant> = world
+        .grants
+        .iter()
+        .filter(|g| overdue(g, now, CLOSE_OVERDUE_AFTER))
+        .collect();
+    let mut recorded = ctx.overdue_recorded();
+    recorded.retain(|uid| {
+        late.iter()
+            .any(|g| g.uid().as_deref() == Some(uid.as_str()))
+    });
+    for grant in late {
+        let Some(uid) = grant.uid() else { continue };
+        if !recorded.insert(uid) {
+            continue;
+        }
+        let status = grant.status.clone().unwrap_or_default();
+        let expires_at = ts(&status.expires_at).unwrap_or(now);
+        let why = crate::api::condition::find(&status.conditions, READY)
+            .map(|c| format!(": {}", c.message))
+            .unwrap_or_default();
+        let message = format!(
+            "still open {} s after expiresAt {expires_at}, {} rule(s) standing{why}",
+            past_expiry(expires_at, now).as_secs(),
+            status.rules.len()
+        );
+        warn!(grant = %format!("{}/{}", grant.namespace().unwrap_or_default(), grant.name_any()), %message, "close overdue");
+        ctx.audit
+            .record(grant, Step::CloseOverdue, "CloseOverdue", &message);
+    }
 }
 
 /// Audit records for a grant seen for the first time, and for each decision not seen before.

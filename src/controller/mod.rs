@@ -78,6 +78,10 @@ pub struct Settings {
     /// Open mode: a namespace that no JitScope names may name any VM in its policies. Off (the
     /// default), such a namespace's policies are refused (`OutOfScope`).
     pub allow_unscoped_namespaces: bool,
+    /// Send notifications to the targets that Secrets labelled
+    /// `portcullis.dev/notification-target` describe (needs read access to Secrets in the
+    /// watched namespaces). Off: no Secret is read and nothing is sent.
+    pub notifications: bool,
 }
 
 impl Settings {
@@ -107,6 +111,7 @@ impl Default for Settings {
             stamp_key: None,
             audit_log: None,
             allow_unscoped_namespaces: false,
+            notifications: false,
         }
     }
 }
@@ -498,6 +503,14 @@ async fn run_controllers(
         approval_stores.push(approvals_store);
     }
     drop(seen_tx);
+    let (audit, notifications) = if settings.notifications {
+        let (queue, rx) =
+            crate::notify::sender::queue(crate::notify::sender::QUEUE_CAPACITY, telemetry.clone());
+        let (stores, watches) = notification_target_watches(&client, &scopes);
+        (audit.with_notifications(queue), Some((rx, stores, watches)))
+    } else {
+        (audit, None)
+    };
     let world = WorldView::new(policy_stores, grant_stores, approval_stores)
         .with_scopes(scope_store, settings.allow_unscoped_namespaces);
 
@@ -511,6 +524,33 @@ async fn run_controllers(
         audit,
     ));
     let reporter = tokio::spawn(quarantine::run(seen_rx, ctx.clone()));
+    let (dispatcher, target_watches) = match notifications {
+        None => (None, futures::future::pending().boxed()),
+        Some((rx, stores, watches)) => {
+            // A weak reference: the dispatcher must not keep the context (and its queue) alive.
+            let weak = Arc::downgrade(&ctx);
+            let policies: crate::notify::sender::PolicyTargets = Arc::new(move |ns, name| {
+                let ctx = weak.upgrade()?;
+                let world = ctx.world.snapshot();
+                let policy = world.policy(ns, name)?;
+                Some(policy.spec.notifications.clone().unwrap_or_default())
+            });
+            let dispatcher = crate::notify::Dispatcher::new(
+                ctx.client.clone(),
+                stores,
+                policies,
+                ctx.telemetry.clone(),
+                crate::notify::RetryPolicy::default(),
+            )
+            .map_err(|e| Error::Config(e.to_string()))?;
+            info!("notifications on");
+            let watches = async {
+                futures::future::join_all(watches).await;
+                std::future::pending::<()>().await
+            };
+            (Some(tokio::spawn(dispatcher.run(rx))), watches.boxed())
+        }
+    };
     let config = kube::runtime::controller::Config::default().concurrency(settings.concurrency);
     let policies = policy_ctls.into_iter().map(|ctl| {
         ctl.with_config(config.clone())
@@ -564,7 +604,9 @@ async fn run_controllers(
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            ctx.telemetry.observe_world(&ctx.world.snapshot());
+            let world = ctx.world.snapshot();
+            ctx.telemetry.observe_world(&world);
+            grant::record_overdue(&ctx, &world, jiff::Timestamp::now());
         }
     };
     // Orphans in NSGs no live object names: swept once the caches are synced, then every
@@ -576,12 +618,47 @@ async fn run_controllers(
         _ = async { futures::join!(controllers, synced) } => {}
         _ = observe => {}
         _ = sweeps => {}
+        _ = target_watches => {}
         _ = async { stop_waiting_on_shutdown.await; std::future::pending::<()>().await } => {}
     }
     drop(stop_writes_on_drop);
     reporter.abort();
+    if let Some(dispatcher) = dispatcher {
+        dispatcher.abort();
+    }
     info!("controllers stopped");
     Ok(())
+}
+
+/// The label-selected watches of notification target Secrets, one per watched scope, and the
+/// stores they fill.
+fn notification_target_watches(
+    client: &Client,
+    scopes: &[Option<String>],
+) -> (
+    Vec<reflector::Store<k8s_openapi::api::core::v1::Secret>>,
+    Vec<futures::future::BoxFuture<'static, ()>>,
+) {
+    use k8s_openapi::api::core::v1::Secret;
+    let mut stores = Vec::new();
+    let mut watches = Vec::new();
+    for ns in scopes {
+        let api: Api<Secret> = match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let (store, writer) = reflector::store::<Secret>();
+        let config = watcher::Config::default().labels(crate::notify::target::SELECTOR);
+        let watch = watcher(api, config)
+            .backoff(WatchBackoff::default())
+            .reflect(writer)
+            .applied_objects()
+            .for_each(log_stream_error)
+            .boxed();
+        stores.push(store);
+        watches.push(watch);
+    }
+    (stores, watches)
 }
 
 /// Clears the write permission when the controllers stop for any reason, including being

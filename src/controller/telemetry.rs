@@ -50,6 +50,11 @@ struct BandLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -102,6 +107,7 @@ pub struct Telemetry {
     band_usage: Family<BandLabels, Gauge<f64, AtomicU64>>,
     azure_reachable_gauge: Gauge,
     webhook_certificate_expiry: Gauge,
+    notifications: Family<ResultLabels, Counter>,
     caches_synced: AtomicBool,
     azure_reachable: AtomicBool,
     standby: AtomicBool,
@@ -206,6 +212,12 @@ impl Telemetry {
             "When the self-managed webhook serving certificate expires (Unix time; 0 when not self-managed)",
             webhook_certificate_expiry.clone(),
         );
+        let notifications = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "notifications",
+            "Notifications by result: sent, failed (refused by the receiver or retries exhausted), dropped (queue full), refused (an invalid target Secret)",
+            notifications.clone(),
+        );
         if let Some(stats) = azure {
             registry.register_collector(Box::new(AzureRequests(stats)));
         }
@@ -226,6 +238,7 @@ impl Telemetry {
             band_usage,
             azure_reachable_gauge,
             webhook_certificate_expiry,
+            notifications,
             caches_synced: AtomicBool::new(false),
             azure_reachable: AtomicBool::new(true),
             standby: AtomicBool::new(false),
@@ -347,6 +360,20 @@ impl Telemetry {
         self.webhook_admissions
             .get_or_create(&WebhookLabels { path, result })
             .inc();
+    }
+
+    /// One notification (or refused target) with `result` `sent`, `failed`, `dropped` or
+    /// `refused`.
+    pub fn notification(&self, result: &'static str) {
+        self.notifications
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn notifications(&self, result: &'static str) -> u64 {
+        self.notifications
+            .get_or_create(&ResultLabels { result })
+            .get()
     }
 
     pub fn sweep_failures(&self) -> u64 {

@@ -168,6 +168,13 @@ written by cluster administrators alone.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if (.Values.notifications).enabled }}
+# Notifications: the operator watches Secrets labelled portcullis.dev/notification-target (RBAC
+# cannot be limited by label, so this reads every Secret in the watched namespaces).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
 {{- end }}
 
 {{/* The webhook's Service (its DNS names are in the certificate). */}}
