@@ -141,7 +141,11 @@ pub fn import(input: &str, options: &ImportOptions) -> Result<Imported, ImportEr
             .clone()
             .or_else(|| policy.name.clone())
             .unwrap_or(at);
-        let (spec, annotations, findings) = import_policy(&policy, &source)?;
+        let MappedPolicy {
+            spec,
+            annotations,
+            findings,
+        } = import_policy(&policy, &source)?;
         let name = kubernetes_name(&name_base(&policy, &spec), &mut used);
         let mut manifest = JitPolicy::new(&name, spec);
         manifest.metadata = ObjectMeta {
@@ -258,12 +262,20 @@ fn decode_policy(at: &str, raw: Value) -> Result<JitNetworkAccessPolicy, ImportE
     })
 }
 
+/// One Defender policy mapped onto a spec, before it gets a name.
+#[derive(Clone, Debug)]
+pub struct MappedPolicy {
+    pub spec: JitPolicySpec,
+    /// The annotations to put on the manifest (see [`annotations`]).
+    pub annotations: BTreeMap<String, String>,
+    pub findings: Vec<Finding>,
+}
+
 /// Maps one decoded Defender policy onto a spec; `source` names it in findings and errors.
-/// Returns the spec, the annotations to put on the manifest, and the findings.
 pub fn import_policy(
     policy: &JitNetworkAccessPolicy,
     source: &str,
-) -> Result<(JitPolicySpec, BTreeMap<String, String>, Vec<Finding>), ImportError> {
+) -> Result<MappedPolicy, ImportError> {
     let mut findings = Vec::new();
     let mut notes = Vec::new();
     let mut ann = BTreeMap::new();
@@ -533,7 +545,11 @@ pub fn import_policy(
             not_carried_fields.join(", "),
         );
     }
-    Ok((spec, ann, findings))
+    Ok(MappedPolicy {
+        spec,
+        annotations: ann,
+        findings,
+    })
 }
 
 /// What the Kubernetes name is made from: the resource group and name from the policy id

@@ -11,7 +11,9 @@ pub mod model;
 use std::fmt;
 
 pub use export::{ExportError, Exported, ExportedPolicy, export, export_policy};
-pub use import::{ImportError, ImportOptions, Imported, ImportedPolicy, import, import_policy};
+pub use import::{
+    ImportError, ImportOptions, Imported, ImportedPolicy, MappedPolicy, import, import_policy,
+};
 
 /// Annotations an import writes and an export reads back.
 pub mod annotations {
@@ -98,3 +100,6 @@ pub(crate) fn one_line(s: &str) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;
