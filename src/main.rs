@@ -12,7 +12,7 @@ use portcullis::controller::leader::LeaseConfig;
 use portcullis::controller::telemetry::Telemetry;
 use portcullis::controller::{self, Settings, http};
 use portcullis::plan::{Bands, Installation, Naming};
-use portcullis::webhook;
+use portcullis::{defender, webhook};
 
 /// Portcullis: just-in-time network access to Azure VMs, as a Kubernetes operator.
 #[derive(Parser)]
@@ -29,6 +29,50 @@ enum Command {
     /// Run the operator (kubeconfig from KUBECONFIG or in-cluster; Azure credential from the
     /// SDK's usual AZURE_* variables).
     Run(Box<RunArgs>),
+    /// Turn another system's JIT policies into JitPolicy manifests.
+    #[command(subcommand)]
+    Import(ImportCommand),
+    /// Turn JitPolicy manifests into another system's JIT policies.
+    #[command(subcommand)]
+    Export(ExportCommand),
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// Read Defender for Cloud `jitNetworkAccessPolicies` JSON (one policy, a list, or a
+    /// `{"value": [...]}` page, as the REST API or `az security jit-policy list -o json`
+    /// returns it) and print one JitPolicy manifest per policy as YAML. What Portcullis does
+    /// not serve is reported on stderr and in each manifest's comments and annotations.
+    Defender(ImportDefenderArgs),
+}
+
+#[derive(Args)]
+struct ImportDefenderArgs {
+    /// The JSON file, or `-` for stdin.
+    file: String,
+    /// `metadata.namespace` of every manifest.
+    #[arg(short, long, default_value = "default")]
+    namespace: String,
+    /// Fail (printing no manifest) when anything in the input is not carried.
+    #[arg(long)]
+    strict: bool,
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// Read JitPolicy manifests (YAML, one or many documents) and print Defender for Cloud
+    /// `jitNetworkAccessPolicies` PUT bodies (api-version 2020-01-01): one JSON object, or an
+    /// array of them for several manifests. Each body's PUT path is printed on stderr.
+    Defender(ExportDefenderArgs),
+}
+
+#[derive(Args)]
+struct ExportDefenderArgs {
+    /// The YAML file, or `-` for stdin.
+    file: String,
+    /// Fail (printing no JSON) when anything in the manifests is not carried.
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -386,6 +430,77 @@ fn webhook_config(
     }
 }
 
+/// The text of FILE, or of stdin for `-`.
+fn read_input(file: &str) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    if file == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("reading stdin: {e}"))?;
+    } else {
+        text = std::fs::read_to_string(file).map_err(|e| format!("reading {file}: {e}"))?;
+    }
+    Ok(text)
+}
+
+/// Prints the findings on stderr; under `strict`, any that is not a note fails the command.
+fn report<'a>(
+    findings: impl Iterator<Item = &'a defender::Finding>,
+    strict: bool,
+) -> Result<(), String> {
+    let mut not_carried = 0;
+    for f in findings {
+        if f.severity == defender::Severity::NotCarried {
+            not_carried += 1;
+        }
+        eprintln!("{f}");
+    }
+    if not_carried > 0 {
+        eprintln!(
+            "{not_carried} field(s) NOT CARRIED: read the lines above before relying on the result"
+        );
+        if strict {
+            return Err(format!("--strict: {not_carried} field(s) not carried"));
+        }
+    }
+    Ok(())
+}
+
+fn import_defender(args: &ImportDefenderArgs) -> Result<String, String> {
+    let text = read_input(&args.file)?;
+    let options = defender::ImportOptions {
+        namespace: args.namespace.clone(),
+    };
+    let imported = defender::import(&text, &options).map_err(|e| e.to_string())?;
+    report(imported.all_findings(), args.strict)?;
+    imported.to_yaml().map_err(|e| e.to_string())
+}
+
+fn export_defender(args: &ExportDefenderArgs) -> Result<String, String> {
+    let text = read_input(&args.file)?;
+    let exported = defender::export(&text).map_err(|e| e.to_string())?;
+    report(exported.all_findings(), args.strict)?;
+    for p in &exported.policies {
+        eprintln!("{}: PUT {}", p.source, p.target);
+    }
+    exported.to_json().map_err(|e| e.to_string())
+}
+
+/// Prints a command's output, or its error on stderr with a failing exit code.
+fn print_result(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -399,6 +514,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Import(ImportCommand::Defender(args)) => print_result(import_defender(&args)),
+        Command::Export(ExportCommand::Defender(args)) => print_result(export_defender(&args)),
         Command::Run(args) => {
             let args = *args;
             init_logging(args.log_format);
