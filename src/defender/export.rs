@@ -170,6 +170,12 @@ pub fn export_policy(
             "Defender has no approvals: a request opens at once".into(),
         );
     }
+    if spec.notifications.is_some() {
+        not_carried(
+            "spec.notifications".into(),
+            "Defender has no notification targets of its own (use Azure Monitor alerts on its activity log)".into(),
+        );
+    }
     let public_ips: BTreeMap<String, String> = annotations
         .get(annotations::PUBLIC_IP_ADDRESSES)
         .and_then(|s| serde_json::from_str(s).ok())

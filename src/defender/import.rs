@@ -515,6 +515,7 @@ pub fn import_policy(
         virtual_machines: vms,
         requesters: None,
         approval: None,
+        notifications: None,
     };
     if let Err(denial) = validate_policy(&spec) {
         use crate::plan::validate::DenialReason as R;

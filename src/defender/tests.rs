@@ -172,6 +172,7 @@ fn arb_spec() -> impl Strategy<Value = JitPolicySpec> {
             .collect(),
         requesters: None,
         approval: None,
+        notifications: None,
     })
 }
 
@@ -452,6 +453,7 @@ metadata: {{name: p, namespace: team-a}}
 spec:
   requesters: {{groups: [oncall]}}
   approval: {{required: 1, approvers: {{users: [carol]}}}}
+  notifications: [{{secretName: team-a-slack}}]
   virtualMachines:
     - id: {a}
       ports:
@@ -469,6 +471,7 @@ spec:
         "kind",
         "spec.requesters",
         "spec.approval",
+        "spec.notifications",
         "spec.virtualMachines[0].ports[0].maxRequestAccessDuration",
         "spec.virtualMachines",
     ] {
