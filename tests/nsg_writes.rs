@@ -7,8 +7,9 @@ mod support;
 
 use std::time::Duration;
 
+use portcullis::api::GrantPhase;
 use serde_json::json;
-use support::operator::{Env, nsg_id, standard_policy};
+use support::operator::{Env, grant_spec, nsg_id, standard_policy};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -76,4 +77,76 @@ async fn several_changes_go_in_one_conditional_write_that_keeps_a_rule_written_i
         rule_writes, 0,
         "no per-rule write for a round of several changes"
     );
+}
+
+/// In a quiet steady state each NSG is read about once per resync period, however many grants
+/// and policies touch it: a sync asked for the same rules as the last one, which found the NSG
+/// in line, answers without reading Azure until the period has passed.
+#[tokio::test]
+async fn a_quiet_steady_state_reads_each_nsg_once_per_resync_whatever_the_number_of_grants() {
+    let mut env = Env::new("steady").await;
+    let resync = env.settings.resync;
+    env.start_operator();
+    env.create_policy("prod", standard_policy()).await;
+    env.wait_policy_ready("prod", T).await;
+    let mut names = Vec::new();
+    for i in 1..=4 {
+        let vm1 = format!("ssh-vm1-{i}");
+        env.create_grant(
+            &vm1,
+            grant_spec("vm1", &[22], &format!("203.0.113.{i}"), "PT1H"),
+        )
+        .await;
+        let vm2 = format!("ssh-vm2-{i}");
+        env.create_grant(
+            &vm2,
+            grant_spec("vm2", &[22], &format!("198.51.100.{i}"), "PT1H"),
+        )
+        .await;
+        names.extend([vm1, vm2]);
+    }
+    for name in &names {
+        env.wait_grant_phase(name, GrantPhase::Active, T).await;
+        env.wait_grant_condition(name, "Ready", "Opened", T).await;
+    }
+    // Nine objects touch the two NSGs. Watch until each NSG was read three times: at least two
+    // resync periods when reads are shared, a fraction of one when every object reads.
+    env.admin.clear_requests().await.expect("clear requests");
+    let since = std::time::Instant::now();
+    let lists = |requests: &[portcullis_azure_emulator::RequestRecord], nsg: &str| {
+        let path = format!("/networkSecurityGroups/{nsg}/securityRules?");
+        requests
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains(&path))
+            .count()
+    };
+    let deadline = since + T;
+    let requests = loop {
+        let requests = env.admin.requests().await.expect("requests");
+        if ["nsg-vm1", "nsg-subnet"]
+            .iter()
+            .all(|nsg| lists(&requests, nsg) >= 3)
+        {
+            break requests;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "each NSG read three times within {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let periods = since.elapsed().as_secs_f64() / resync.as_secs_f64();
+    for nsg in ["nsg-vm1", "nsg-subnet"] {
+        let n = lists(&requests, nsg) as f64;
+        assert!(
+            n <= periods + 2.0,
+            "{nsg} read {n} times in {periods:.1} resync periods: reads grow with the objects touching it"
+        );
+    }
+    let writes: Vec<_> = requests
+        .iter()
+        .filter(|r| r.method != "GET" && r.path.contains("/networkSecurityGroups/"))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(writes.is_empty(), "no writes in a steady state: {writes:?}");
 }

@@ -309,7 +309,8 @@ pub async fn run(
     let nsgs = NsgSyncer::new(azure, settings.bands.clone(), settings.naming.clone())
         .with_flush_connections(settings.flush_connections)
         .with_one_write_per_nsg(settings.one_write_per_nsg)
-        .with_telemetry(telemetry.clone());
+        .with_telemetry(telemetry.clone())
+        .with_read_sharing(settings.resync);
     let controllers = run_controllers(
         client,
         nsgs,
