@@ -229,6 +229,113 @@ async fn resolve_unknown_vm_is_not_found() {
     emu.shutdown().await;
 }
 
+/// vm1's NICs as the Compute API lists them: one in rg1, one in rg2 (its own VNet and NSG).
+fn cross_rg_config() -> EmulatorConfig {
+    let mut fixture = Fixture::from_yaml_str(FIXTURE).expect("fixture parses");
+    let rg2 = Fixture::from_yaml_str(&format!(
+        r#"
+subscriptions:
+  - id: {SUB}
+    resourceGroups:
+      - name: rg1
+        location: westeurope
+      - name: rg2
+        location: westeurope
+        networkSecurityGroups:
+          - name: nsg-rg2
+        virtualNetworks:
+          - name: vnet2
+            subnets:
+              - name: data
+                addressPrefix: 10.2.0.0/24
+        networkInterfaces:
+          - name: vm1-data-nic
+            virtualMachine: {}
+            networkSecurityGroup: nsg-rg2
+            ipConfigurations:
+              - name: ipconfig1
+                privateIPAddress: 10.2.0.7
+                subnet: vnet2/data
+"#,
+        vm_id("vm1")
+    ))
+    .expect("rg2 parses")
+    .subscriptions[0]
+        .resource_groups[1]
+        .clone();
+    fixture.subscriptions[0].resource_groups.push(rg2);
+    EmulatorConfig {
+        fixture,
+        ..config()
+    }
+}
+
+#[tokio::test]
+async fn resolve_vm_reads_the_vm_and_finds_a_nic_in_another_resource_group() {
+    let emu = start(cross_rg_config()).await;
+    let api = client(&emu);
+    emu.admin().clear_requests().await.expect("clear");
+    let t = api.resolve_vm(&vm_id("vm1")).await.expect("vm1 resolves");
+    assert_eq!(
+        t.private_ips,
+        vec!["10.0.1.4", "10.0.1.14", "10.0.2.4", "10.2.0.7"]
+    );
+    let rg2_nsg = format!(
+        "/subscriptions/{SUB}/resourceGroups/rg2/providers/Microsoft.Network/networkSecurityGroups/nsg-rg2"
+    );
+    assert!(
+        same_ids(
+            &t.nsg_ids,
+            &[nsg_id("nsg-nic"), nsg_id("nsg-subnet"), rg2_nsg]
+        ),
+        "{:?}",
+        t.nsg_ids
+    );
+    // One VM GET with Compute's api-version, one GET per NIC, no NIC list of a resource group.
+    let paths: Vec<String> = emu
+        .admin()
+        .requests()
+        .await
+        .expect("requests")
+        .into_iter()
+        .filter(|r| r.method == "GET" && !r.path.contains("/oauth2/"))
+        .map(|r| r.path.to_ascii_lowercase())
+        .collect();
+    let vm_gets: Vec<&String> = paths
+        .iter()
+        .filter(|p| p.contains("/microsoft.compute/virtualmachines/vm1?"))
+        .collect();
+    assert_eq!(vm_gets.len(), 1, "{paths:#?}");
+    assert!(vm_gets[0].contains("api-version=2024-07-01"), "{paths:#?}");
+    assert!(
+        !paths.iter().any(|p| p.contains("/networkinterfaces?")),
+        "no NIC listing: {paths:#?}"
+    );
+    let nic_gets = paths
+        .iter()
+        .filter(|p| p.contains("/networkinterfaces/"))
+        .count();
+    assert_eq!(nic_gets, 3, "{paths:#?}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_changed_private_ip_shows_on_the_next_resolve() {
+    let emu = start(config()).await;
+    let api = client(&emu);
+    let nic = format!(
+        "{}/providers/Microsoft.Network/networkInterfaces/vm1-nic",
+        rg_id()
+    );
+    emu.admin()
+        .set_nic_private_ip(&nic, Some("ipconfig2"), "10.0.1.99")
+        .await
+        .expect("new address");
+    let t = api.resolve_vm(&vm_id("vm1")).await.expect("vm1 resolves");
+    assert_eq!(t.private_ips, vec!["10.0.1.4", "10.0.1.99", "10.0.2.4"]);
+    emu.shutdown().await;
+}
+
 #[tokio::test]
 async fn create_update_delete_rule() {
     let emu = start(config()).await;

@@ -737,3 +737,205 @@ async fn one_operator_watching_two_namespaces_keeps_both_namespaces_rules_in_a_s
     );
     env.assert_user_rules_untouched().await;
 }
+
+/// The destinations of a rule (singular or plural field).
+fn destinations(rule: &Value) -> Vec<String> {
+    prefixes(
+        rule,
+        "destinationAddressPrefix",
+        "destinationAddressPrefixes",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_private_ip_moves_deny_and_allow_rules_within_one_resync() {
+    let env = ready_env("ipmove").await;
+    // A second policy naming vm1: both share one resolution per resync period.
+    env.create_policy(
+        "web",
+        json!({"virtualMachines": [{"id": vm_id("vm1"), "ports": [
+            {"number": 8443, "protocol": "TCP", "allowedSourceAddressPrefixes": ["203.0.113.0/24"], "maxRequestAccessDuration": "PT1H"}
+        ]}]}),
+    )
+    .await;
+    env.wait_policy_ready("web", T).await;
+    env.create_grant("ivy", grant_spec("vm1", &[22], "203.0.113.14/32", "PT1H"))
+        .await;
+    let ivy = env.wait_grant_phase("ivy", GrantPhase::Active, T).await;
+    // vm1's Deny rules (3 + 1 ports) and ivy's Allow rule, in both NSGs.
+    let vm1_rules_at = |ip: &'static str| {
+        let env = &env;
+        let ivy = &ivy;
+        async move {
+            for nsg in ["nsg-vm1", "nsg-subnet"] {
+                let allow = env.grant_names_in_nsg(nsg, ivy).await;
+                if allow.len() != 1 || destinations(&allow[0]) != [ip] {
+                    return None;
+                }
+                let deny_vm1 = env
+                    .owned_rules(nsg)
+                    .await
+                    .into_iter()
+                    .filter(|r| prop(r, "access") == "Deny")
+                    .filter(|r| destinations(r) != ["10.0.1.5"]) // vm2's
+                    .map(|r| destinations(&r))
+                    .collect::<Vec<_>>();
+                if deny_vm1.len() != 4 || deny_vm1.iter().any(|d| d != &[ip]) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    };
+    wait_for("vm1's rules at 10.0.1.4", T, || vm1_rules_at("10.0.1.4")).await;
+
+    // Deallocate and restart: the NIC comes back with another address.
+    let nic = nsg_id("x").replace("networkSecurityGroups/x", "networkInterfaces/vm1-nic");
+    env.admin
+        .set_nic_private_ip(&nic, None, "10.0.1.40")
+        .await
+        .expect("new address");
+    let changed = std::time::Instant::now();
+    wait_for("vm1's rules at 10.0.1.40", T, || vm1_rules_at("10.0.1.40")).await;
+    let took = changed.elapsed();
+    // At most one resync period (2 s) for the resolution to go stale, plus one sync.
+    let bound = env.settings.resync + Duration::from_secs(3);
+    assert!(
+        took <= bound,
+        "rules followed the new address after {took:?} (bound {bound:?})"
+    );
+    for name in ["prod", "web"] {
+        let status = env.policies().get(name).await.expect("policy").status;
+        let target = status
+            .expect("status")
+            .targets
+            .into_iter()
+            .find(|t| t.virtual_machine == vm_id("vm1"))
+            .expect("vm1 target");
+        assert_eq!(target.private_ip_addresses, ["10.0.1.40"], "{name}");
+    }
+    let ivy_now = env.grants().get("ivy").await.expect("ivy");
+    assert_eq!(
+        ivy_now.status.and_then(|s| s.phase),
+        Some(GrantPhase::Active)
+    );
+
+    // Cached: vm1 is read once per resync period, however many policies name it and however
+    // often they reconcile. Watch three reads go by and check their spacing.
+    env.admin.clear_requests().await.expect("clear log");
+    let reads = wait_for("three reads of vm1", T, || async {
+        let log = env.admin.requests().await.ok()?;
+        let at: Vec<i64> = log
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains("/virtualMachines/vm1?"))
+            .map(|r| r.at_unix_ms)
+            .collect();
+        (at.len() >= 3).then_some(at)
+    })
+    .await;
+    let resync_ms = env.settings.resync.as_millis() as i64;
+    for pair in reads.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= resync_ms - 100,
+            "vm1 read {gap} ms after the previous read (resync {resync_ms} ms): {reads:?}"
+        );
+    }
+    env.assert_user_rules_untouched().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nic_in_another_resource_group_is_governed_too() {
+    let mut fixture = demo_fixture();
+    let other = portcullis_azure_emulator::Fixture::from_yaml_str(&format!(
+        r#"
+subscriptions:
+  - id: {SUB}
+    resourceGroups:
+      - name: rg-demo
+        location: westeurope
+      - name: rg-other
+        location: westeurope
+        networkSecurityGroups:
+          - name: nsg-other
+        virtualNetworks:
+          - name: vnet-other
+            subnets:
+              - name: data
+                addressPrefix: 10.9.0.0/24
+        networkInterfaces:
+          - name: vm1-data-nic
+            virtualMachine: {vm1}
+            networkSecurityGroup: nsg-other
+            ipConfigurations:
+              - name: ipconfig1
+                privateIPAddress: 10.9.0.7
+                subnet: vnet-other/data
+"#,
+        SUB = support::operator::SUB,
+        vm1 = vm_id("vm1")
+    ))
+    .expect("rg-other");
+    // Only rg-other: rg-demo is there for the fixture's cross-reference check.
+    fixture.subscriptions[0]
+        .resource_groups
+        .push(other.subscriptions[0].resource_groups[1].clone());
+    let mut env = Env::with(
+        "otherrg",
+        EmulatorConfig {
+            fixture,
+            ..Default::default()
+        },
+        portcullis::controller::Settings {
+            resync: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.start_operator();
+    env.create_policy("prod", standard_policy()).await;
+    let policy = env.wait_policy_ready("prod", T).await;
+    let nsg_other = nsg_id("nsg-other").replace("/rg-demo/", "/rg-other/");
+    let target = policy
+        .status
+        .expect("status")
+        .targets
+        .into_iter()
+        .find(|t| t.virtual_machine == vm_id("vm1"))
+        .expect("vm1 target");
+    assert_eq!(target.private_ip_addresses, ["10.0.1.4", "10.9.0.7"]);
+    assert!(
+        target
+            .network_security_groups
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(&nsg_other)),
+        "{target:?}"
+    );
+
+    env.create_grant("jo", grant_spec("vm1", &[22], "203.0.113.15/32", "PT1H"))
+        .await;
+    env.wait_grant_phase("jo", GrantPhase::Active, T).await;
+    // vm1's 3 Deny rules and jo's Allow rule stand in the other resource group's NSG, aimed at
+    // both of vm1's addresses.
+    let rules = wait_for("vm1's rules in nsg-other", T, || async {
+        let rules = env.admin.rules(&nsg_other).await.ok()?;
+        let deny = rules.iter().filter(|r| prop(r, "access") == "Deny").count();
+        let allow = rules
+            .iter()
+            .filter(|r| prop(r, "access") == "Allow")
+            .count();
+        (deny == 3 && allow == 1).then_some(rules)
+    })
+    .await;
+    for rule in &rules {
+        assert!(env.settings.naming.is_owned(rule_name(rule)), "{rule:#?}");
+        assert_eq!(destinations(rule), ["10.0.1.4", "10.9.0.7"], "{rule:#?}");
+    }
+    // Resolution never lists a resource group's NICs.
+    let log = env.admin.requests().await.expect("log");
+    assert!(
+        !log.iter().any(|r| r.path.contains("/networkInterfaces?")),
+        "a NIC listing was made"
+    );
+    env.assert_user_rules_untouched().await;
+}

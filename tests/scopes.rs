@@ -63,6 +63,7 @@ fn fixture_with_web() -> EmulatorConfig {
                     primary: None,
                 }],
             }],
+            ..Default::default()
         });
     EmulatorConfig {
         fixture,

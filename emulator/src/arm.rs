@@ -17,7 +17,7 @@ use crate::server::DropConnection;
 use crate::state::{Inner, OpKind, RequestRecord, parse_rule_props};
 use crate::throttle::Take;
 use crate::validate::{self, Violation};
-use crate::{API_VERSION, App};
+use crate::{API_VERSION, App, COMPUTE_API_VERSION};
 
 /// Middleware: records every non-admin request (method, path with query, status, time).
 pub async fn record(State(app): State<App>, req: Request, next: Next) -> Response {
@@ -177,6 +177,12 @@ fn dispatch(
             .and_then(|v| v.to_str().ok())
             .map(|v| v.trim().to_string()),
     };
+    // Each resource provider has its own api-versions: Compute for VMs, Network for the rest.
+    let (namespace, api_version) = if is_compute_path(uri.path()) {
+        ("Microsoft.Compute", COMPUTE_API_VERSION)
+    } else {
+        ("Microsoft.Network", API_VERSION)
+    };
     match ctx.query("api-version") {
         None => {
             return ArmError::bad_request(
@@ -185,11 +191,11 @@ fn dispatch(
             )
             .into_response();
         }
-        Some(v) if v != API_VERSION => {
+        Some(v) if v != api_version => {
             return ArmError::bad_request(
                 "InvalidApiVersionParameter",
                 format!(
-                    "The api-version '{v}' is invalid. The supported versions are '{API_VERSION}'."
+                    "The api-version '{v}' is invalid. The supported versions are '{api_version}'."
                 ),
             )
             .into_response();
@@ -203,7 +209,7 @@ fn dispatch(
             StatusCode::NOT_FOUND,
             "InvalidResourceType",
             format!(
-                "The resource type could not be found in the namespace 'Microsoft.Network' for api version '{API_VERSION}' (path {}).",
+                "The resource type could not be found in the namespace '{namespace}' for api version '{api_version}' (path {}).",
                 uri.path()
             ),
         )
@@ -220,6 +226,14 @@ fn dispatch(
     } else {
         method_not_allowed(method)
     }
+}
+
+/// Whether the path is under `providers/Microsoft.Compute` (case-insensitive, as ARM).
+fn is_compute_path(path: &str) -> bool {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    segs.windows(2).any(|w| {
+        w[0].eq_ignore_ascii_case("providers") && w[1].eq_ignore_ascii_case("Microsoft.Compute")
+    })
 }
 
 fn method_not_allowed(method: &Method) -> Response {
@@ -251,6 +265,8 @@ enum Route<'a> {
     Nic(&'a str, &'a str, &'a str),
     Subnets(&'a str, &'a str, &'a str),
     Subnet(&'a str, &'a str, &'a str, &'a str),
+    /// `Microsoft.Compute/virtualMachines/{vm}` (GET only).
+    Vm(&'a str, &'a str, &'a str),
 }
 
 impl<'a> Route<'a> {
@@ -276,6 +292,14 @@ impl<'a> Route<'a> {
                 }
                 _ => None,
             };
+        }
+        if lit(2, "resourceGroups")
+            && lit(4, "providers")
+            && lit(5, "Microsoft.Compute")
+            && lit(6, "virtualMachines")
+            && segs.len() == 8
+        {
+            return Some(Route::Vm(sub, seg(3)?, seg(7)?));
         }
         if !(lit(2, "resourceGroups") && lit(4, "providers") && lit(5, "Microsoft.Network")) {
             return None;
@@ -437,10 +461,14 @@ fn rg_of<'w>(
 }
 
 fn resource_not_found(kind: &str, name: &str, rg: &str) -> ArmError {
+    provider_resource_not_found("Microsoft.Network", kind, name, rg)
+}
+
+fn provider_resource_not_found(provider: &str, kind: &str, name: &str, rg: &str) -> ArmError {
     not_found(
         "ResourceNotFound",
         format!(
-            "The Resource 'Microsoft.Network/{kind}/{name}' under resource group '{rg}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
+            "The Resource '{provider}/{kind}/{name}' under resource group '{rg}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
         ),
     )
 }
@@ -661,6 +689,13 @@ fn read(g: &mut Inner, ctx: &Ctx, route: Route<'_>) -> Result<Response, ArmError
             })?;
             Ok(json_ok(model::subnet_json(s, r, v, x)))
         }
+        Route::Vm(sub, rg, vm) => {
+            let (s, r) = rg_of(g, sub, rg)?;
+            let v = r.vm(vm).ok_or_else(|| {
+                provider_resource_not_found("Microsoft.Compute", "virtualMachines", vm, rg)
+            })?;
+            Ok(json_ok(model::vm_json(&g.world, s, r, v)))
+        }
     }
 }
 
@@ -684,7 +719,8 @@ fn subscription_of(route: &Route<'_>) -> String {
         | Route::NicsInRg(s, _)
         | Route::Nic(s, _, _)
         | Route::Subnets(s, _, _)
-        | Route::Subnet(s, _, _, _) => (*s).to_string(),
+        | Route::Subnet(s, _, _, _)
+        | Route::Vm(s, _, _) => (*s).to_string(),
     }
 }
 

@@ -228,6 +228,30 @@ impl AdminClient {
         Ok(())
     }
 
+    /// Topology: gives the NIC's IP configuration `ip_configuration` (`None`: the primary one)
+    /// the private address `ip`, as a deallocate and restart of its VM can. The address must
+    /// lie in the configuration's subnet.
+    pub async fn set_nic_private_ip(
+        &self,
+        nic_id: &str,
+        ip_configuration: Option<&str>,
+        ip: &str,
+    ) -> Result<(), EmulatorError> {
+        let mut body = serde_json::json!({ "privateIPAddress": ip });
+        if let Some(name) = ip_configuration {
+            body["ipConfiguration"] = serde_json::json!(name);
+        }
+        let resp = self
+            .http
+            .post(self.url("nic"))
+            .query(&[("id", nic_id)])
+            .json(&body)
+            .send()
+            .await?;
+        Self::check(resp).await?;
+        Ok(())
+    }
+
     /// The next `n` async operations are accepted as usual and end `Failed`.
     pub async fn fail_next_operations(&self, n: u32) -> Result<(), EmulatorError> {
         let resp = self

@@ -35,6 +35,22 @@ pub struct FixtureResourceGroup {
     pub virtual_networks: Vec<FixtureVnet>,
     #[serde(default)]
     pub network_interfaces: Vec<FixtureNic>,
+    /// VMs declared explicitly (optional: a VM a NIC names exists anyway). Useful for a VM
+    /// without NICs, or to set its size.
+    #[serde(default)]
+    pub virtual_machines: Vec<FixtureVm>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FixtureVm {
+    pub name: String,
+    /// Defaults to the resource group's location.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// `hardwareProfile.vmSize`, default `Standard_B2s`.
+    #[serde(default)]
+    pub vm_size: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -71,7 +87,9 @@ pub struct FixtureSubnet {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FixtureNic {
     pub name: String,
-    /// Name of a VM in the same resource group (`.../Microsoft.Compute/virtualMachines/<name>`).
+    /// The VM it is attached to: a name (a VM in the same resource group,
+    /// `.../Microsoft.Compute/virtualMachines/<name>`), or a full VM id in another resource group
+    /// (or subscription) of the fixture.
     #[serde(default)]
     pub virtual_machine: Option<String>,
     /// Name of an NSG in the same resource group.
@@ -146,7 +164,36 @@ impl Fixture {
                         }
                     }
                 }
+                let mut vm_names = std::collections::HashSet::new();
+                for vm in &rg.virtual_machines {
+                    if !vm_names.insert(vm.name.to_ascii_lowercase()) {
+                        return Err(EmulatorError::Fixture(format!(
+                            "VM {} is declared twice in resource group {}",
+                            vm.name, rg.name
+                        )));
+                    }
+                }
                 for nic in &rg.network_interfaces {
+                    if let Some(vm) = nic
+                        .virtual_machine
+                        .as_deref()
+                        .filter(|v| v.starts_with('/'))
+                    {
+                        let known = crate::model::parse_vm_id(vm).is_some_and(|(s, r, _)| {
+                            self.subscriptions.iter().any(|x| {
+                                x.id.eq_ignore_ascii_case(&s)
+                                    && x.resource_groups
+                                        .iter()
+                                        .any(|g| g.name.eq_ignore_ascii_case(&r))
+                            })
+                        });
+                        if !known {
+                            return Err(EmulatorError::Fixture(format!(
+                                "NIC {} in resource group {} names VM {vm}: not a VM id in a resource group of the fixture",
+                                nic.name, rg.name
+                            )));
+                        }
+                    }
                     if let Some(nsg) = &nic.network_security_group
                         && !has_nsg(nsg)
                     {
@@ -214,6 +261,22 @@ subscriptions:
 "#;
         let err = Fixture::from_yaml_str(text).unwrap_err();
         assert!(err.to_string().contains("unknown NSG nope"), "{err}");
+    }
+
+    #[test]
+    fn vm_in_an_unknown_resource_group_is_refused() {
+        let text = r#"
+subscriptions:
+  - id: s
+    resourceGroups:
+      - name: rg
+        location: westeurope
+        networkInterfaces:
+          - name: nic
+            virtualMachine: /subscriptions/s/resourceGroups/nope/providers/Microsoft.Compute/virtualMachines/vm
+"#;
+        let err = Fixture::from_yaml_str(text).unwrap_err();
+        assert!(err.to_string().contains("not a VM id"), "{err}");
     }
 
     #[test]

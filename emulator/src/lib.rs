@@ -48,14 +48,18 @@ pub use error::{ArmError, EmulatorError};
 pub use faults::{Faults, NsgFault};
 pub use fixture::{
     Fixture, FixtureIpConfig, FixtureNic, FixtureNsg, FixtureResourceGroup, FixtureSubnet,
-    FixtureSubscription, FixtureVnet,
+    FixtureSubscription, FixtureVm, FixtureVnet,
 };
 pub use locks::{Lock, LockLevel};
 pub use model::RuleProps;
 pub use state::{ConfigUpdate, RequestRecord, Stats};
 
-/// The only api-version the emulator serves.
+/// The api-version the emulator serves for `Microsoft.Network`.
 pub const API_VERSION: &str = "2024-03-01";
+
+/// The api-version the emulator serves for `Microsoft.Compute` (VM GET), as in the
+/// `ComputeRP/stable/2024-07-01` spec.
+pub const COMPUTE_API_VERSION: &str = "2024-07-01";
 
 /// How to start an emulator.
 #[derive(Debug, Clone)]

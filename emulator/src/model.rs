@@ -1,5 +1,6 @@
-//! The in-memory Azure world (subscriptions, resource groups, NSGs, rules, NICs, subnets) and
-//! its rendering to ARM JSON as the 2024-03-01 network API returns it.
+//! The in-memory Azure world (subscriptions, resource groups, NSGs, rules, NICs, subnets, VMs)
+//! and its rendering to ARM JSON as the 2024-03-01 network API (and, for VMs, the 2024-07-01
+//! compute API) returns it.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
@@ -116,6 +117,25 @@ pub struct ResourceGroup {
     pub nsgs: Vec<Nsg>,
     pub vnets: Vec<Vnet>,
     pub nics: Vec<Nic>,
+    /// Absent from state files written before VMs were modelled: [`World::ensure_vms`] derives
+    /// them from the NICs then.
+    #[serde(default)]
+    pub vms: Vec<Vm>,
+}
+
+/// A virtual machine. Its NICs are not stored here: they are the NICs (anywhere in the world)
+/// whose `virtual_machine` names it, so the NIC -> VM link has one source of truth.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Vm {
+    pub name: String,
+    pub location: String,
+    /// `properties.vmId`.
+    pub vm_id: String,
+    pub vm_size: String,
+    /// RFC 3339, `properties.timeCreated`.
+    pub time_created: String,
+    /// Compute etags are quoted counters (`"1"`); the emulator has no VM writes.
+    pub etag: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -169,6 +189,8 @@ pub struct Nic {
     pub etag: String,
     pub resource_guid: String,
     pub mac_address: String,
+    /// The VM it is attached to: a name (a VM in the NIC's resource group) or a full VM id (a VM
+    /// in another resource group or subscription).
     pub virtual_machine: Option<String>,
     pub nsg: Option<String>,
     pub ip_configurations: Vec<IpConfig>,
@@ -228,6 +250,67 @@ impl ResourceGroup {
     }
     pub fn vnet(&self, name: &str) -> Option<&Vnet> {
         find(&self.vnets, name, |n| &n.name)
+    }
+    pub fn vm(&self, name: &str) -> Option<&Vm> {
+        find(&self.vms, name, |n| &n.name)
+    }
+}
+
+impl World {
+    /// The NICs attached to the VM `vm_id` (compared case-insensitively), as (NIC id, NIC), in
+    /// world order.
+    pub fn nics_of_vm(&self, vm_id: &str) -> Vec<(String, &Nic)> {
+        let mut out = Vec::new();
+        for s in &self.subscriptions {
+            for r in &s.resource_groups {
+                for n in &r.nics {
+                    if nic_vm_id(s, r, n).is_some_and(|v| v.eq_ignore_ascii_case(vm_id)) {
+                        out.push((nic_id(s, r, &n.name), n));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every VM a NIC names exists (in its resource group, when that resource group exists; a
+    /// reference to an unknown resource group stays dangling, and its VM is not found).
+    pub fn ensure_vms(&mut self) {
+        let mut wanted = Vec::new();
+        for s in &self.subscriptions {
+            for r in &s.resource_groups {
+                for n in &r.nics {
+                    if let Some(id) = nic_vm_id(s, r, n) {
+                        wanted.push(id);
+                    }
+                }
+            }
+        }
+        for id in wanted {
+            let Some((sub, rg, name)) = parse_vm_id(&id) else {
+                continue;
+            };
+            let Some(r) = self.sub_mut(&sub).and_then(|s| s.rg_mut(&rg)) else {
+                continue;
+            };
+            if r.vm(&name).is_none() {
+                let location = r.location.clone();
+                r.vms.push(Vm::new(&name, &location, None));
+            }
+        }
+    }
+}
+
+impl Vm {
+    pub fn new(name: &str, location: &str, vm_size: Option<&str>) -> Vm {
+        Vm {
+            name: name.to_string(),
+            location: location.to_string(),
+            vm_id: new_guid(),
+            vm_size: vm_size.unwrap_or("Standard_B2s").to_string(),
+            time_created: jiff::Timestamp::now().to_string(),
+            etag: "\"1\"".to_string(),
+        }
     }
 }
 
@@ -421,6 +504,71 @@ pub fn vm_id(sub: &Subscription, rg: &ResourceGroup, vm: &str) -> String {
     )
 }
 
+/// The full id of the VM a NIC is attached to, if any.
+pub fn nic_vm_id(sub: &Subscription, rg: &ResourceGroup, nic: &Nic) -> Option<String> {
+    let vm = nic.virtual_machine.as_deref()?;
+    Some(if vm.starts_with('/') {
+        vm.to_string()
+    } else {
+        vm_id(sub, rg, vm)
+    })
+}
+
+/// A parsed `.../Microsoft.Compute/virtualMachines/{vm}` id: (subscription, resource group, vm).
+pub fn parse_vm_id(id: &str) -> Option<(String, String, String)> {
+    let segs: Vec<&str> = id.trim_matches('/').split('/').collect();
+    let lit = |i: usize, s: &str| segs.get(i).is_some_and(|x| x.eq_ignore_ascii_case(s));
+    (segs.len() == 8
+        && lit(0, "subscriptions")
+        && lit(2, "resourceGroups")
+        && lit(4, "providers")
+        && lit(5, "Microsoft.Compute")
+        && lit(6, "virtualMachines")
+        && segs.iter().all(|x| !x.is_empty()))
+    .then(|| {
+        (
+            segs[1].to_string(),
+            segs[3].to_string(),
+            segs[7].to_string(),
+        )
+    })
+}
+
+/// A VM as `GET .../virtualMachines/{vm}?api-version=2024-07-01` returns it (the model view):
+/// the fields of the `VirtualMachine_Get` example that the emulator models, and
+/// `networkProfile.networkInterfaces` listing every NIC attached to it, wherever it lives
+/// (`properties.primary` on each when there are several, as Azure requires then).
+pub fn vm_json(world: &World, sub: &Subscription, rg: &ResourceGroup, vm: &Vm) -> Value {
+    let id = vm_id(sub, rg, &vm.name);
+    let nics = world.nics_of_vm(&id);
+    let several = nics.len() > 1;
+    let refs: Vec<Value> = nics
+        .iter()
+        .enumerate()
+        .map(|(i, (nic_id, _))| {
+            if several {
+                json!({ "id": nic_id, "properties": { "primary": i == 0 } })
+            } else {
+                json!({ "id": nic_id })
+            }
+        })
+        .collect();
+    json!({
+        "name": vm.name,
+        "id": id,
+        "type": "Microsoft.Compute/virtualMachines",
+        "location": vm.location,
+        "etag": vm.etag,
+        "properties": {
+            "vmId": vm.vm_id,
+            "hardwareProfile": { "vmSize": vm.vm_size },
+            "networkProfile": { "networkInterfaces": refs },
+            "provisioningState": SUCCEEDED,
+            "timeCreated": vm.time_created,
+        },
+    })
+}
+
 fn canonical_name<'a>(rg: &'a ResourceGroup, nsg: &'a str) -> &'a str {
     rg.nsg(nsg).map_or(nsg, |n| n.name.as_str())
 }
@@ -468,8 +616,8 @@ pub fn nic_json(sub: &Subscription, rg: &ResourceGroup, nic: &Nic) -> Value {
     if let Some(nsg) = &nic.nsg {
         props["networkSecurityGroup"] = json!({ "id": nsg_id(sub, rg, canonical_name(rg, nsg)) });
     }
-    if let Some(vm) = &nic.virtual_machine {
-        props["virtualMachine"] = json!({ "id": vm_id(sub, rg, vm) });
+    if let Some(vm) = nic_vm_id(sub, rg, nic) {
+        props["virtualMachine"] = json!({ "id": vm });
     }
     json!({
         "name": nic.name,

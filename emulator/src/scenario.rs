@@ -1,6 +1,7 @@
 //! Admin routes for fault scenarios beyond `/_emulator/faults`: change the network topology
 //! under the operator as a person with the portal would (move a NIC to another NSG or detach
-//! it), and make the next async operations end `Failed`. No ARM validation, async
+//! it; give it another private IP, as a deallocate and restart of its VM does), and make the
+//! next async operations end `Failed`. No ARM validation, async
 //! operation, throttling or counting for these calls themselves.
 
 use std::time::Instant;
@@ -32,11 +33,24 @@ struct IdQuery {
     id: String,
 }
 
-/// `{"networkSecurityGroup": "<NSG name in the NIC's resource group>" | null}`.
+/// `{"networkSecurityGroup": "<NSG name in the NIC's resource group>" | null,
+///   "privateIPAddress": "<ip>", "ipConfiguration": "<name>"}`; each optional, absent =
+/// unchanged. The address goes to the named IP configuration, else the primary one.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct NicUpdate {
-    network_security_group: Option<String>,
+    /// Absent: unchanged; `null`: detach.
+    #[serde(default, deserialize_with = "present")]
+    network_security_group: Option<Option<String>>,
+    #[serde(rename = "privateIPAddress", default)]
+    private_ip_address: Option<String>,
+    #[serde(default)]
+    ip_configuration: Option<String>,
+}
+
+/// A field that is present (even as `null`) is `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 /// `/subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.Network/networkInterfaces/{nic}`
@@ -59,7 +73,8 @@ fn parse_nic_id(id: &str) -> Option<(String, String, String)> {
     })
 }
 
-/// Moves a NIC to another NSG of its resource group, or detaches it (`null`).
+/// Moves a NIC to another NSG of its resource group, or detaches it (`null`); and/or gives one
+/// of its IP configurations another private address within its subnet.
 async fn set_nic_nsg(State(app): State<App>, Query(q): Query<IdQuery>, body: Bytes) -> Response {
     let Some((sub, rg, nic)) = parse_nic_id(&q.id) else {
         return admin_error(
@@ -71,14 +86,25 @@ async fn set_nic_nsg(State(app): State<App>, Query(q): Query<IdQuery>, body: Byt
         Ok(u) => u,
         Err(e) => return admin_error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
     };
+    let ip = match update.private_ip_address.as_deref().map(str::parse) {
+        None => None,
+        Some(Ok(ip)) => Some::<std::net::IpAddr>(ip),
+        Some(Err(_)) => {
+            return admin_error(
+                StatusCode::BAD_REQUEST,
+                "privateIPAddress is not an IP address",
+            );
+        }
+    };
     let mut g = app.inner.lock();
     g.settle(Instant::now());
     let Some(r) = g.world.sub_mut(&sub).and_then(|s| s.rg_mut(&rg)) else {
         return admin_error(StatusCode::NOT_FOUND, "no such resource group");
     };
     let nsg = match update.network_security_group {
-        Some(name) => match r.nsg(&name) {
-            Some(n) => Some(n.name.clone()),
+        None => None,
+        Some(Some(name)) => match r.nsg(&name) {
+            Some(n) => Some(Some(n.name.clone())),
             None => {
                 return admin_error(
                     StatusCode::NOT_FOUND,
@@ -86,8 +112,17 @@ async fn set_nic_nsg(State(app): State<App>, Query(q): Query<IdQuery>, body: Byt
                 );
             }
         },
-        None => None,
+        Some(None) => Some(None),
     };
+    let prefixes: Vec<(String, String, String)> = r
+        .vnets
+        .iter()
+        .flat_map(|v| {
+            v.subnets
+                .iter()
+                .map(|s| (v.name.clone(), s.name.clone(), s.address_prefix.clone()))
+        })
+        .collect();
     let Some(n) = r
         .nics
         .iter_mut()
@@ -95,10 +130,41 @@ async fn set_nic_nsg(State(app): State<App>, Query(q): Query<IdQuery>, body: Byt
     else {
         return admin_error(StatusCode::NOT_FOUND, format!("no such NIC {}", q.id));
     };
-    n.nsg = nsg;
-    n.etag = model::new_etag();
+    let etag = model::new_etag();
+    if let Some(ip) = ip {
+        let wanted = update.ip_configuration.as_deref();
+        let Some(c) = n.ip_configurations.iter_mut().find(|c| match wanted {
+            Some(name) => c.name.eq_ignore_ascii_case(name),
+            None => c.primary,
+        }) else {
+            return admin_error(
+                StatusCode::NOT_FOUND,
+                format!("no such IP configuration on {}", q.id),
+            );
+        };
+        let in_subnet = prefixes.iter().any(|(v, s, prefix)| {
+            v.eq_ignore_ascii_case(&c.vnet)
+                && s.eq_ignore_ascii_case(&c.subnet)
+                && prefix
+                    .parse::<ipnet::IpNet>()
+                    .is_ok_and(|net| net.contains(&ip))
+        });
+        if !in_subnet {
+            return admin_error(
+                StatusCode::BAD_REQUEST,
+                format!("{ip} is not in subnet {}/{}", c.vnet, c.subnet),
+            );
+        }
+        c.private_ip_address = ip.to_string();
+        c.etag = etag.clone();
+        tracing::info!(nic = %q.id, ipconfig = %c.name, %ip, "topology: NIC's private IP changed");
+    }
+    if let Some(nsg) = nsg {
+        n.nsg = nsg;
+        tracing::info!(nic = %q.id, "topology: NIC's network security group changed");
+    }
+    n.etag = etag;
     g.save_logged();
-    tracing::info!(nic = %q.id, "topology: NIC's network security group changed");
     StatusCode::NO_CONTENT.into_response()
 }
 

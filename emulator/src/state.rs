@@ -333,7 +333,10 @@ pub fn load_state_file(path: &Path) -> Result<Option<World>, EmulatorError> {
             message: format!("unsupported version {}", file.version),
         });
     }
-    Ok(Some(file.world))
+    let mut world = file.world;
+    // State files written before VMs were modelled have none: derive them from the NICs.
+    world.ensure_vms();
+    Ok(Some(world))
 }
 
 /// Applies the completion effect of an operation.
@@ -520,10 +523,20 @@ pub fn world_from_fixture(f: &Fixture) -> Result<World, EmulatorError> {
                         .collect(),
                 });
             }
+            for fvm in &frg.virtual_machines {
+                rg.vms.push(model::Vm::new(
+                    &fvm.name,
+                    fvm.location.as_deref().unwrap_or(&frg.location),
+                    fvm.vm_size.as_deref(),
+                ));
+            }
             sub.resource_groups.push(rg);
         }
         world.subscriptions.push(sub);
     }
+    // The VMs the NICs name and the fixture does not declare. `check` refused references to
+    // resource groups the fixture lacks.
+    world.ensure_vms();
     Ok(world)
 }
 
@@ -685,5 +698,27 @@ subscriptions:
         assert_eq!(loaded, inner.world);
         std::fs::write(&path, "{").unwrap();
         assert!(load_state_file(&path).is_err());
+    }
+
+    #[test]
+    fn state_file_from_before_vms_gets_them_from_the_nics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut old = serde_json::to_value(StateFile {
+            version: 1,
+            world: demo(),
+        })
+        .unwrap();
+        for rg in old["world"]["subscriptions"][0]["resource_groups"]
+            .as_array_mut()
+            .unwrap()
+        {
+            rg.as_object_mut().unwrap().remove("vms").unwrap();
+        }
+        std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+        let loaded = load_state_file(&path).unwrap().unwrap();
+        let rg = loaded.subscriptions[0].rg("rg-demo").unwrap();
+        let names: Vec<&str> = rg.vms.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["vm1", "vm2"]);
     }
 }

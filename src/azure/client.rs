@@ -1,4 +1,5 @@
-//! [`AzureNetworkClient`]: [`NetworkApi`] on `azure_mgmt_network`.
+//! [`AzureNetworkClient`]: [`NetworkApi`] on `azure_mgmt_network` (and `azure_mgmt_compute`
+//! for the one read of a VM's NIC list).
 //!
 //! - Requests go through an azure_core pipeline with retries OFF and our own transport policy
 //!   ([`ArmTransport`]), so a 429 reaches us at once with its `Retry-After`.
@@ -84,6 +85,8 @@ impl Default for AzureClientOptions {
 /// The real [`NetworkApi`].
 pub struct AzureNetworkClient {
     sdk: azure_mgmt_network::Client,
+    /// Compute (2024-07-01), for reading a VM's NIC list; same pipeline policies as `sdk`.
+    compute: azure_mgmt_compute::package_2024_07_01::Client,
     /// Same policies as the SDK client's; used to poll operation URLs.
     pipeline: Pipeline,
     credential: Arc<dyn TokenCredential>,
@@ -138,6 +141,13 @@ impl AzureNetworkClient {
             .transport(transport.clone())
             .build()
             .map_err(AzureError::from)?;
+        let compute = azure_mgmt_compute::package_2024_07_01::Client::builder(credential.clone())
+            .endpoint(endpoint.clone())
+            .scopes(&scopes)
+            .retry(RetryOptions::none())
+            .transport(transport.clone())
+            .build()
+            .map_err(AzureError::from)?;
         let pipeline = Pipeline::new(
             Some("portcullis"),
             Some(env!("CARGO_PKG_VERSION")),
@@ -147,6 +157,7 @@ impl AzureNetworkClient {
         );
         Ok(Self {
             sdk,
+            compute,
             pipeline,
             credential,
             endpoint,
@@ -613,20 +624,64 @@ impl AzureNetworkClient {
         result
     }
 
-    async fn list_nics(
+    /// The ids of the NICs a VM lists in `properties.networkProfile.networkInterfaces` (they may
+    /// live in another resource group or subscription). A missing VM is [`AzureError::NotFound`].
+    async fn vm_nic_ids(&self, vm: &ResourceId) -> Result<Vec<String>, AzureError> {
+        let rsp = with_operation(
+            "get_vm",
+            self.compute
+                .virtual_machines_client()
+                .get(
+                    vm.resource_group.clone(),
+                    vm.name(),
+                    vm.subscription.clone(),
+                )
+                .send(),
+        )
+        .await?;
+        let model = rsp.into_body().await?;
+        Ok(model
+            .properties
+            .and_then(|p| p.network_profile)
+            .map(|n| n.network_interfaces)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|nic| nic.sub_resource.id)
+            .collect())
+    }
+
+    /// One NIC, by the id its VM gave. A NIC the VM lists but ARM does not know is not a missing
+    /// VM: that would drop the VM's Deny rules, so it is an error the caller retries.
+    async fn get_nic(
         &self,
-        vm: &ResourceId,
-    ) -> Result<Vec<azure_mgmt_network::models::NetworkInterface>, AzureError> {
-        let mut stream = self
-            .sdk
-            .network_interfaces_client()
-            .list(vm.resource_group.clone(), vm.subscription.clone())
-            .into_stream();
-        let mut out = Vec::new();
-        while let Some(page) = with_operation("list_nics", stream.next()).await {
-            out.extend(page?.value);
+        vm_id: &str,
+        nic_id: &str,
+    ) -> Result<azure_mgmt_network::models::NetworkInterface, AzureError> {
+        let nic = ResourceId::parse_typed(nic_id, "Microsoft.Network", &["networkInterfaces"])
+            .map_err(|e| {
+                AzureError::InvalidResponse(format!("VM {vm_id} lists a NIC with a bad id: {e}"))
+            })?;
+        let sent = with_operation(
+            "get_nic",
+            self.sdk
+                .network_interfaces_client()
+                .get(
+                    nic.resource_group.clone(),
+                    nic.name(),
+                    nic.subscription.clone(),
+                )
+                .send(),
+        )
+        .await;
+        match sent {
+            Ok(rsp) => Ok(rsp.into_body().await?),
+            Err(e) => match AzureError::from(e) {
+                AzureError::NotFound { what } => Err(AzureError::InvalidResponse(format!(
+                    "VM {vm_id} lists NIC {nic_id}, which ARM does not find ({what})"
+                ))),
+                other => Err(other),
+            },
         }
-        Ok(out)
     }
 
     async fn subnet_nsg(&self, subnet_id: &str) -> Result<Option<String>, AzureError> {
@@ -657,31 +712,18 @@ impl AzureNetworkClient {
     }
 
     async fn resolve_once(&self, vm_id: &str, vm: &ResourceId) -> Result<VmTargets, AzureError> {
-        let wanted = vm_id.trim().trim_end_matches('/');
-        let mut nics: Vec<_> = self
-            .list_nics(vm)
-            .await?
-            .into_iter()
-            .filter(|nic| {
-                nic.properties
-                    .as_ref()
-                    .and_then(|p| p.virtual_machine.as_ref())
-                    .and_then(|v| v.id.as_deref())
-                    .is_some_and(|id| id.trim_end_matches('/').eq_ignore_ascii_case(wanted))
-            })
-            .collect();
-        if nics.is_empty() {
+        let mut nic_ids = self.vm_nic_ids(vm).await?;
+        if nic_ids.is_empty() {
             return Err(AzureError::NotFound {
-                what: format!("no network interface is attached to VM {vm_id}"),
+                what: format!("VM {vm_id} has no network interface"),
             });
         }
-        nics.sort_by_key(|n| {
-            n.resource
-                .id
-                .clone()
-                .unwrap_or_default()
-                .to_ascii_lowercase()
-        });
+        nic_ids.sort_by_key(|id| id.to_ascii_lowercase());
+        nic_ids.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+        let mut nics = Vec::with_capacity(nic_ids.len());
+        for nic_id in &nic_ids {
+            nics.push(self.get_nic(vm_id, nic_id).await?);
+        }
 
         let mut targets = VmTargets {
             vm_id: vm_id.to_string(),

@@ -1,7 +1,7 @@
 //! The Azure edge: what the reconcile loop needs from Azure, behind a small object-safe trait,
 //! with the real implementation on `azure_mgmt_network`/`azure_identity`.
 //!
-//! - [`NetworkApi`]: resolve a VM to its NSGs and private IPs; list, put and delete rules; read
+//! - [`NetworkApi`]: resolve a VM (through Compute) to its NSGs and private IPs; list, put and delete rules; read
 //!   an NSG whole and write it back whole under `If-Match` ([`NsgSnapshot`]).
 //! - [`AzureNetworkClient`]: the implementation. Writes hold a per-NSG lock, drive the
 //!   long-running operation themselves (`Azure-AsyncOperation` / `Location`), and retry 429s,
@@ -55,8 +55,11 @@ pub struct NsgSnapshot {
 /// What the controller needs from Azure. Object-safe: use it as `Arc<dyn NetworkApi>`.
 #[async_trait]
 pub trait NetworkApi: Send + Sync {
-    /// Finds the NICs attached to `vm_id` (listing NICs in the VM's resource group), their
-    /// private IPs, their NSGs and their subnets' NSGs. No NIC -> [`AzureError::NotFound`].
+    /// Reads the VM (`Microsoft.Compute/virtualMachines`), then each NIC its
+    /// `networkProfile.networkInterfaces` lists (in any resource group or subscription), their
+    /// private IPs, their NSGs and their subnets' NSGs. A VM that does not exist, or lists no
+    /// NIC -> [`AzureError::NotFound`]; a NIC it lists that does not exist is another error
+    /// (retried, never taken for a missing VM).
     async fn resolve_vm(&self, vm_id: &str) -> Result<VmTargets, AzureError>;
 
     /// All user (non-default) security rules of an NSG, following `nextLink` paging.

@@ -10,6 +10,7 @@ use kube::{Client, Resource};
 use tracing::warn;
 
 use super::nsg::NsgSyncer;
+use super::resolve::Resolutions;
 use super::telemetry::Telemetry;
 use super::world::WorldView;
 
@@ -20,6 +21,8 @@ pub struct Context {
     pub nsgs: NsgSyncer,
     pub world: WorldView,
     pub resync: Duration,
+    /// VM resolutions, each used for one resync period.
+    pub resolutions: Resolutions,
     pub telemetry: Arc<Telemetry>,
     /// Verifies the webhook's stamps; `None` verifies nothing (see `Settings::stamp_key`).
     pub stamp_key: Option<crate::admission::StampKey>,
@@ -51,6 +54,7 @@ impl Context {
             nsgs,
             world,
             resync,
+            resolutions: Resolutions::new(resync),
             telemetry,
             stamp_key,
             audit,

@@ -12,6 +12,7 @@ pub mod leader;
 pub mod nsg;
 pub mod policy;
 pub mod quarantine;
+pub mod resolve;
 pub mod startup;
 pub mod status;
 pub mod telemetry;

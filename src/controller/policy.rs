@@ -37,6 +37,9 @@ pub async fn reconcile(policy: Arc<JitPolicy>, ctx: Ctx) -> Result<Action, Error
     .await
 }
 
+/// Past the instant a resolution goes stale, so the requeued reconcile reads Azure again.
+const STALE_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How soon an object judged by its scope is looked at again while the JitScopes are not listed.
 pub const SCOPES_NOT_LISTED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -72,13 +75,21 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
     }
     status.enforced_spec = Some(policy.spec.clone());
 
-    // Resolve every VM in Azure (reads only).
+    // Resolve every VM (reads only; each resolution is used for one resync period, and the
+    // policy comes back when the first of them goes stale).
     let mut targets = Vec::new();
     let mut missing = Vec::new();
     let mut without_nsg = Vec::new();
+    let mut requeue = ctx.resync;
     for vm in &policy.spec.virtual_machines {
-        match ctx.nsgs.azure().resolve_vm(&vm.id).await {
-            Ok(t) => {
+        match ctx
+            .resolutions
+            .resolve(ctx.nsgs.azure().as_ref(), &vm.id)
+            .await
+        {
+            Ok((t, stale_at)) => {
+                let left = stale_at.saturating_duration_since(tokio::time::Instant::now());
+                requeue = requeue.min(left + STALE_MARGIN);
                 if t.nsg_ids.is_empty() {
                     without_nsg.push(vm.id.clone());
                 }
@@ -131,7 +142,10 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
         (
             false,
             "VirtualMachineNotFound",
-            format!("no network interface found for {}", missing.join(", ")),
+            format!(
+                "not found in Azure, or without a network interface: {}",
+                missing.join(", ")
+            ),
         )
     } else if !without_nsg.is_empty() {
         (
@@ -178,7 +192,7 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
         )
         .await;
     }
-    Ok(Action::requeue(ctx.resync))
+    Ok(Action::requeue(requeue))
 }
 
 /// The spec is invalid (`InvalidPolicy`) or names VMs outside its namespace's JitScopes
