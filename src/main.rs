@@ -112,10 +112,11 @@ struct RunArgs {
     /// change in such an NSG, by anyone, then re-evaluates every flow through it: see SECURITY.md.
     #[arg(long, env = "PORTCULLIS_FLUSH_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set)]
     flush_connections: bool,
-    /// Opt-in, experimental: make several changes to an NSG in one conditional write of the
-    /// whole NSG (If-Match, re-planned on 412) instead of one write per rule. Fewer ARM writes
-    /// and long-running operations; every rule of the NSG gets a new etag on each such write.
-    #[arg(long, env = "PORTCULLIS_ONE_WRITE_PER_NSG", default_value_t = false, action = clap::ArgAction::Set)]
+    /// Make several changes to an NSG in one conditional write of the whole NSG (If-Match,
+    /// re-planned on 412) instead of one write per rule: one ARM write and one long-running
+    /// operation per round, so expiries due together close together. Every rule of the NSG,
+    /// other people's included, gets a new etag on each such write; `false` writes rule by rule.
+    #[arg(long, env = "PORTCULLIS_ONE_WRITE_PER_NSG", default_value_t = true, action = clap::ArgAction::Set)]
     one_write_per_nsg: bool,
     /// DANGEROUS opt-in: a namespace that no JitScope names may name ANY VM the operator's Azure
     /// identity reaches in its policies. Off (the default), such a namespace's policies are

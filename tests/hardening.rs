@@ -489,7 +489,7 @@ async fn closing_under_a_cannotdelete_lock_succeeds_by_the_write_azure_allows() 
     // The policy's Deny rules and the users' rules are all still there.
     assert_eq!(env.owned_rules("nsg-vm1").await.len(), 3);
     assert_eq!(env.owned_rules("nsg-subnet").await.len(), 4);
-    env.assert_user_rules_untouched_but_etags().await;
+    env.assert_user_rules_untouched().await;
 }
 
 // Defect 2: an NSG deleted under a grant holds nothing: the grant counts as closed.
@@ -574,7 +574,7 @@ async fn start_up_closes_what_it_can_and_starts_the_controllers_regardless() {
         },
     )
     .await;
-    env.assert_user_rules_untouched_but_etags().await;
+    env.assert_user_rules_untouched().await;
 }
 
 /// The CRDs as an older release shipped them: `format: date-time` without the strict RFC 3339
@@ -803,5 +803,5 @@ async fn the_flush_connections_opt_in_sets_flush_connection_on_every_nsg_written
             "{nsg}"
         );
     }
-    env.assert_user_rules_untouched_but_etags().await;
+    env.assert_user_rules_untouched().await;
 }

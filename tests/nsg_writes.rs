@@ -1,4 +1,4 @@
-//! How the operator writes an NSG with `--one-write-per-nsg` (opt-in): a round with several
+//! How the operator writes and reads an NSG. A round with several
 //! changes goes to Azure as one conditional write of the whole NSG (`If-Match` on the etag just
 //! read), re-planned from a fresh read on 412, so that a rule someone else wrote in between
 //! survives.

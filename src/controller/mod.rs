@@ -65,9 +65,9 @@ pub struct Settings {
     /// Opt-in: set `flushConnection` on every NSG written to, so closing a rule also cuts the
     /// connections it allowed (see SECURITY.md for the cost).
     pub flush_connections: bool,
-    /// Opt-in (issue 10, not yet the default): a sync with several changes for an NSG makes them
-    /// in one conditional write of the whole NSG instead of one write per rule. Azure gives every
-    /// rule of the NSG a new etag on such a write, other people's included.
+    /// A sync with several changes for an NSG makes them in one conditional write of the whole
+    /// NSG instead of one write per rule (the default). Azure gives every rule of the NSG a new
+    /// etag on such a write, other people's included; `false` writes rule by rule.
     pub one_write_per_nsg: bool,
     /// The key that signs the admission webhook's stamps (who created a grant or an approval).
     /// `None`: no stamp can be verified, so no grant is attributed to anyone, and a policy that
@@ -108,7 +108,7 @@ impl Default for Settings {
             inventory_namespace: None,
             inventory_name: inventory::DEFAULT_NAME.to_string(),
             flush_connections: false,
-            one_write_per_nsg: false,
+            one_write_per_nsg: true,
             stamp_key: None,
             audit_log: None,
             allow_unscoped_namespaces: false,
