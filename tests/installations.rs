@@ -173,7 +173,7 @@ async fn two_installations_sharing_nsgs_keep_each_others_rules() {
         writes,
         "steady state: no installation writes"
     );
-    assert_eq!(env.foreign_rules().await, user_before);
+    env.assert_foreign_rules_as(&user_before).await;
 
     // Blue closes its grant: only blue's Allow rule goes.
     env.delete_grant("alice").await;
@@ -190,7 +190,7 @@ async fn two_installations_sharing_nsgs_keep_each_others_rules() {
         rules_where(&env, |n| green_naming.is_owned(n)).await,
         green_rules
     );
-    assert_eq!(env.foreign_rules().await, user_before);
+    env.assert_foreign_rules_as(&user_before).await;
 
     for replica in [blue, green] {
         let _ = replica.shutdown.send(());
@@ -278,6 +278,6 @@ async fn legacy_named_rules_are_migrated_only_where_adopted() {
         1,
         "one Allow rule for alice"
     );
-    assert_eq!(env.foreign_rules().await, user_before);
+    env.assert_foreign_rules_as(&user_before).await;
     env.stop_operator().await;
 }

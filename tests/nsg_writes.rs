@@ -150,3 +150,63 @@ async fn a_quiet_steady_state_reads_each_nsg_once_per_resync_whatever_the_number
         .collect();
     assert!(writes.is_empty(), "no writes in a steady state: {writes:?}");
 }
+
+/// Grants expiring at the same instant in one NSG close together: one write of each NSG that
+/// holds their rules, not one delete per rule one after another (Azure serialises writes to an
+/// NSG, each a long-running operation).
+#[tokio::test]
+async fn expiries_due_at_the_same_instant_close_in_one_write_per_nsg() {
+    let mut env = Env::new("closeone").await;
+    env.start_operator();
+    env.create_policy("prod", standard_policy()).await;
+    env.wait_policy_ready("prod", T).await;
+    let not_after = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(10))
+        .round(jiff::Unit::Second)
+        .expect("round")
+        .to_string();
+    let names: Vec<String> = (1..=4).map(|i| format!("ssh-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let mut spec = grant_spec("vm1", &[22], &format!("203.0.113.{}", i + 1), "PT1H");
+        let o = spec.as_object_mut().expect("object");
+        o.remove("duration");
+        o.insert("notAfter".into(), json!(not_after));
+        env.create_grant(name, spec).await;
+    }
+    for name in &names {
+        env.wait_grant_condition(name, "Ready", "Opened", T).await;
+    }
+    env.admin.clear_requests().await.expect("clear requests");
+    for name in &names {
+        env.wait_grant_phase(name, GrantPhase::Expired, T).await;
+    }
+    let requests = env.admin.requests().await.expect("requests");
+    for nsg in ["nsg-vm1", "nsg-subnet"] {
+        let writes: Vec<String> = requests
+            .iter()
+            .filter(|r| {
+                r.method != "GET"
+                    && (r.path.contains(&format!("/networkSecurityGroups/{nsg}?"))
+                        || r.path
+                            .contains(&format!("/networkSecurityGroups/{nsg}/securityRules/")))
+            })
+            .map(|r| format!("{} {} -> {}", r.method, r.path, r.status))
+            .collect();
+        assert_eq!(
+            writes.len(),
+            1,
+            "the four rules in {nsg} close in one write: {writes:#?}"
+        );
+        assert!(
+            writes[0].starts_with("PUT ")
+                && (writes[0].ends_with("-> 200") || writes[0].ends_with("-> 201")),
+            "one accepted PUT of the NSG: {writes:?}"
+        );
+    }
+    for name in &names {
+        let g = env.grants().get(name).await.expect("grant");
+        assert!(
+            g.status.map(|s| s.rules.is_empty()).unwrap_or(false),
+            "{name} lists no standing rule"
+        );
+    }
+}

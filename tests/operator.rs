@@ -453,11 +453,7 @@ async fn drift_is_healed_and_foreign_rules_are_respected() {
             .then_some(())
     })
     .await;
-    assert_eq!(
-        env.foreign_rules().await,
-        foreign_before,
-        "user rules must be untouched"
-    );
+    env.assert_foreign_rules_as(&foreign_before).await;
     env.stop_operator().await;
 }
 

@@ -348,13 +348,19 @@ impl Env {
     /// `flushConnection` opt-in) gives every rule of the NSG a new etag while changing nothing
     /// else.
     pub async fn assert_user_rules_untouched(&self) {
-        let content = |rules: Vec<Value>| -> Vec<Value> {
+        self.assert_foreign_rules_as(&self.user_rules_at_start)
+            .await;
+    }
+
+    /// As [`Env::assert_user_rules_untouched`], against rules read at another moment.
+    pub async fn assert_foreign_rules_as(&self, before: &[Value]) {
+        let content = |rules: &[Value]| -> Vec<Value> {
             rules
                 .iter()
                 .map(super::invariants::content_of_rule)
                 .collect()
         };
-        let expected = content(self.user_rules_at_start.clone());
+        let expected = content(before);
         // A whole-NSG write still in flight shows every rule `Updating` for its long-running
         // operation: judge the NSG once it has settled (or show the difference at the deadline).
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -363,7 +369,7 @@ impl Env {
             let settled = now
                 .iter()
                 .all(|r| r["properties"]["provisioningState"] == "Succeeded");
-            let now = content(now);
+            let now = content(&now);
             if (settled && now == expected) || std::time::Instant::now() > deadline {
                 assert_eq!(
                     now, expected,
