@@ -123,6 +123,11 @@ struct RunArgs {
     /// refused (`OutOfScope`). `--allow-unscoped-namespaces` alone means true.
     #[arg(long, env = "PORTCULLIS_ALLOW_UNSCOPED_NAMESPACES", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     allow_unscoped_namespaces: bool,
+    /// Delete a grant this long after it finished (Expired, Revoked or Denied, with nothing left
+    /// open in Azure), like a Job's `ttlSecondsAfterFinished`: `24h`, `30m`, `1h30m`, `7d`, `0s`
+    /// or seconds. Its audit records keep its history. Unset (the default): never deleted.
+    #[arg(long, env = "PORTCULLIS_FINISHED_GRANT_TTL", value_parser = parse_ttl)]
+    finished_grant_ttl: Option<Duration>,
     /// Seconds between reconciles of an unchanged object (bounds how long drift can stand).
     #[arg(long, env = "PORTCULLIS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
@@ -249,6 +254,10 @@ fn parse_band(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    portcullis::api::duration::parse_setting(s).map_err(|e| e.to_string())
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,azure_core=warn"));
@@ -342,6 +351,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         stamp_key: None,
         audit_log: args.audit_log.clone(),
         notifications: args.notifications,
+        finished_grant_ttl: args.finished_grant_ttl,
     };
     let credential_config =
         CredentialConfig::from_env().map_err(|e| format!("Azure credential: {e}"))?;
@@ -368,7 +378,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("Kubernetes client: {e}"))?;
-    info!(azure_endpoint = %args.azure_endpoint, credential = ?credential_config, installation = %args.installation, adopt_legacy_rules = args.adopt_legacy_rules, "starting");
+    info!(azure_endpoint = %args.azure_endpoint, credential = ?credential_config, installation = %args.installation, adopt_legacy_rules = args.adopt_legacy_rules, finished_grant_ttl = ?args.finished_grant_ttl, "starting");
     // The operator's own namespace: the inventory's, which holds its Secrets too.
     let own_namespace = settings.inventory_namespace();
     let key = webhook::load_or_create_stamp_key(&client, &own_namespace, &args.stamp_key_secret)

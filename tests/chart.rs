@@ -429,6 +429,76 @@ fn notifications_add_the_flag_and_read_access_to_secrets_only_when_enabled() {
     }
 }
 
+fn deletes_grants(role: &Value) -> bool {
+    role["rules"].as_array().into_iter().flatten().any(|r| {
+        r["apiGroups"] == serde_json::json!(["portcullis.dev"])
+            && r["resources"] == serde_json::json!(["accessgrants"])
+            && r["verbs"] == serde_json::json!(["delete"])
+    })
+}
+
+#[test]
+fn finished_grant_ttl_reaches_the_operator_and_adds_delete_only_when_set() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    // (the --set argument, the env var the operator gets)
+    let cases: [(Option<&str>, Option<&str>); 5] = [
+        (None, None),
+        (Some("finishedGrantTTL=24h"), Some("24h")),
+        (Some("finishedGrantTTL=1h30m"), Some("1h30m")),
+        // An integer is seconds; 0 deletes at once, it is not "off".
+        (Some("finishedGrantTTL=3600"), Some("3600")),
+        (Some("finishedGrantTTL=0"), Some("0")),
+    ];
+    for (watch, kind) in [(None, "ClusterRole"), (Some("team-a"), "Role")] {
+        for (set, expected) in cases {
+            let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+            args.extend(mode_values("workloadIdentity"));
+            if let Some(set) = set {
+                args.extend(strings(&["--set", set]));
+            }
+            if let Some(ns) = watch {
+                args.extend(strings(&["--set", &format!("watchNamespaces={{{ns}}}")]));
+            }
+            let docs = documents(&helm.ok(&args));
+            let container = &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(
+                env_var(container, "PORTCULLIS_FINISHED_GRANT_TTL").map(|e| &e["value"]),
+                expected.map(Value::from).as_ref(),
+                "{set:?}"
+            );
+            // The value the chart passes is one the operator's parser takes.
+            if let Some(value) = expected {
+                assert!(portcullis::api::duration::parse_setting(value).is_ok());
+            }
+            let operator_roles: Vec<&Value> = find(&docs, kind)
+                .into_iter()
+                .filter(|r| {
+                    r["rules"].as_array().into_iter().flatten().any(|rule| {
+                        rule["resources"] == serde_json::json!(["jitpolicies", "accessgrants"])
+                    })
+                })
+                .collect();
+            assert_eq!(operator_roles.len(), 1, "{kind} for {watch:?}");
+            assert_eq!(
+                deletes_grants(operator_roles[0]),
+                expected.is_some(),
+                "{kind} (watch {watch:?}, {set:?}): {}",
+                operator_roles[0]
+            );
+        }
+    }
+    // The schema's pattern is the operator's own.
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.schema.json")).expect("schema"),
+    )
+    .expect("schema is JSON");
+    assert_eq!(
+        schema["properties"]["finishedGrantTTL"]["pattern"],
+        portcullis::api::duration::SETTING_DURATION
+    );
+}
+
 #[test]
 fn optional_service_monitor_and_network_policy_render_when_enabled() {
     let helm = Helm::new();
@@ -627,6 +697,22 @@ fn wrong_values_fail_naming_the_value() {
         (
             strings(&["--set", "notifications.url=https://x"]),
             "notifications",
+        ),
+        (
+            strings(&["--set", "finishedGrantTTL=1.5h"]),
+            "finishedGrantTTL",
+        ),
+        (
+            strings(&["--set-string", "finishedGrantTTL=-1h"]),
+            "finishedGrantTTL",
+        ),
+        (
+            strings(&["--set", "finishedGrantTTL=-5"]),
+            "finishedGrantTTL",
+        ),
+        (
+            strings(&["--set", "finishedGrantTTL=24H"]),
+            "finishedGrantTTL",
         ),
         (strings(&["--set", "installation=Blue"]), "installation"),
         (

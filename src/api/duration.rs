@@ -67,6 +67,63 @@ pub fn parse_iso8601(input: &str) -> Result<Duration, DurationError> {
     Ok(Duration::from_secs(seconds))
 }
 
+/// The operator's own duration settings (`--finished-grant-ttl`), as people write them for
+/// Kubernetes tools: `24h`, `30m`, `1h30m`, `7d`, `0s`, or a bare number of seconds (`3600`).
+/// Units come largest first, each at most once; nothing negative or fractional.
+pub const SETTING_DURATION: &str = "^([0-9]+|([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?)$";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{input}` is not a duration such as 24h, 30m, 1h30m, 7d, 0s or 3600 (seconds): {why}")]
+pub struct SettingDurationError {
+    pub input: String,
+    pub why: &'static str,
+}
+
+pub fn parse_setting(input: &str) -> Result<Duration, SettingDurationError> {
+    let err = |why| SettingDurationError {
+        input: input.to_string(),
+        why,
+    };
+    if input.is_empty() {
+        return Err(err("it is empty"));
+    }
+    if input.bytes().all(|b| b.is_ascii_digit()) {
+        let n: u64 = input.parse().map_err(|_| err("number too large"))?;
+        return Ok(Duration::from_secs(n));
+    }
+    const UNITS: [(char, u64); 4] = [('d', 86_400), ('h', 3_600), ('m', 60), ('s', 1)];
+    let mut seconds: u64 = 0;
+    let mut number = String::new();
+    let mut last_unit = None;
+    for c in input.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let pos = UNITS
+            .iter()
+            .position(|(u, _)| *u == c)
+            .ok_or_else(|| err("units are d, h, m and s"))?;
+        if number.is_empty() {
+            return Err(err("a unit without a number"));
+        }
+        if last_unit.is_some_and(|l| pos <= l) {
+            return Err(err("units out of order or repeated"));
+        }
+        last_unit = Some(pos);
+        let n: u64 = number.parse().map_err(|_| err("number too large"))?;
+        seconds = n
+            .checked_mul(UNITS[pos].1)
+            .and_then(|s| seconds.checked_add(s))
+            .ok_or_else(|| err("duration too large"))?;
+        number.clear();
+    }
+    if !number.is_empty() {
+        return Err(err("a number without a unit"));
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
 /// The shortest ISO 8601 spelling of a whole number of seconds (`PT1H30M`, `P1D`).
 pub fn format_iso8601(d: Duration) -> String {
     let mut s = d.as_secs();
@@ -123,6 +180,49 @@ mod tests {
         }
         for s in ["P", "PT", "P1DT", "PT1M1H", "P1H", "P1W", "PT1H1H"] {
             assert!(!re.is_match(s) && parse_iso8601(s).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn parses_setting_spellings() {
+        let secs = |s| parse_setting(s).map(|d| d.as_secs());
+        assert_eq!(secs("24h"), Ok(86_400));
+        assert_eq!(secs("30m"), Ok(1_800));
+        assert_eq!(secs("1h30m"), Ok(5_400));
+        assert_eq!(secs("7d"), Ok(604_800));
+        assert_eq!(secs("0s"), Ok(0));
+        assert_eq!(secs("0"), Ok(0));
+        assert_eq!(secs("3600"), Ok(3_600));
+        assert_eq!(secs("1d2h3m4s"), Ok(93_784));
+        for bad in [
+            "",
+            "h",
+            "1x",
+            "-1h",
+            "1.5h",
+            "1m1h",
+            "1h1h",
+            "1h ",
+            " 1h",
+            "PT1H",
+            "1H",
+            "99999999999999999999",
+            "999999999999999999d",
+        ] {
+            assert!(parse_setting(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn setting_pattern_agrees_with_parser() {
+        let re = regex_lite::Regex::new(SETTING_DURATION).expect("valid pattern");
+        for s in ["24h", "30m", "1h30m", "7d", "0s", "0", "3600", "1d2h3m4s"] {
+            assert!(re.is_match(s) && parse_setting(s).is_ok(), "{s}");
+        }
+        for s in [
+            "h", "1x", "-1h", "1.5h", "1m1h", "1h1h", "1h ", "PT1H", "1H",
+        ] {
+            assert!(!re.is_match(s) && parse_setting(s).is_err(), "{s}");
         }
     }
 

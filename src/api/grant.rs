@@ -165,6 +165,11 @@ pub struct AccessGrantStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub approvals: Vec<RecordedDecision>,
+    /// When the grant finished (Expired, Revoked or Denied) with nothing left open in Azure.
+    /// The finished-grant TTL (`--finished-grant-ttl`) counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = schema::RFC3339_DATE_TIME))]
+    pub finished_at: Option<Time>,
     /// The Allow rules this grant opened.
     #[serde(default)]
     pub rules: Vec<GrantedRule>,

@@ -1,7 +1,7 @@
 //! The audit trail: one JSON record per step of a grant's life (requested, approved, rejected,
-//! denied, activated, drift corrected, expired, closed late, revoked), for a SIEM. Each record
-//! names the requester and approvers, the VM, ports, source, window, justification and the NSG
-//! rules. Records go to their own file when `--audit-log` names one (e.g. `/dev/stderr`, apart
+//! denied, activated, drift corrected, expired, closed late, revoked, deleted), for a SIEM.
+//! Each record names the requester and approvers, the VM, ports, source, window, justification
+//! and the NSG rules. Records go to their own file when `--audit-log` names one (e.g. `/dev/stderr`, apart
 //! from the operator's logs on stdout), else to the log under the target `portcullis::audit`.
 //! Delivery is at least once: a step may be recorded again after a crash mid-reconcile.
 //! With notifications on, every record is also offered to the notification queue (a second
@@ -40,6 +40,9 @@ pub enum Step {
     /// `grant::CLOSE_OVERDUE_AFTER`): recorded once per grant while it stays overdue.
     CloseOverdue,
     Revoked,
+    /// The operator deleted the finished grant (reason `FinishedTtl`: `--finished-grant-ttl`
+    /// passed since it finished); this record outlives the object.
+    Deleted,
 }
 
 impl Step {
@@ -57,6 +60,7 @@ impl Step {
             Step::ClosedLate => "closedLate",
             Step::CloseOverdue => "closeOverdue",
             Step::Revoked => "revoked",
+            Step::Deleted => "deleted",
         }
     }
 }

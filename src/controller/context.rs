@@ -27,6 +27,8 @@ pub struct Context {
     /// Verifies the webhook's stamps; `None` verifies nothing (see `Settings::stamp_key`).
     pub stamp_key: Option<crate::admission::StampKey>,
     pub audit: super::audit::AuditLog,
+    /// See `Settings::finished_grant_ttl`.
+    pub finished_grant_ttl: Option<Duration>,
     recorder: Recorder,
     /// Consecutive failed reconciles per object (uid), for its backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -58,10 +60,17 @@ impl Context {
             telemetry,
             stamp_key,
             audit,
+            finished_grant_ttl: None,
             recorder,
             failures: Mutex::new(HashMap::new()),
             overdue_recorded: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Deletes finished grants this long after they finished (`None`: never).
+    pub fn with_finished_grant_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.finished_grant_ttl = ttl;
+        self
     }
 
     /// The grants whose overdue close was recorded (see `grant::record_overdue`).

@@ -9,7 +9,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as Finalizer;
 use tracing::{info, warn};
@@ -27,6 +27,7 @@ use crate::api::{
 };
 use crate::azure::AzureError;
 use crate::plan::approval::{self, ApprovalState};
+use crate::plan::retention::{CLOSE_FAILED, Retention, retention};
 use crate::plan::scope::marked_out_of_scope;
 use crate::plan::{
     DenialReason, Naming, check_address_family, granted_access, live_grant, nsgs_of_grant,
@@ -161,7 +162,8 @@ pub fn closed_status(
     status
 }
 
-/// The grant's status in `phase`, its spec seen, and `Ready=False` saying why.
+/// The grant's status in `phase`, its spec seen, and `Ready=False` saying why. A final phase
+/// records when it was reached (kept while the grant stays in it); any other clears that.
 fn status_in_phase(
     grant: &AccessGrant,
     phase: GrantPhase,
@@ -170,6 +172,13 @@ fn status_in_phase(
     now: Timestamp,
 ) -> AccessGrantStatus {
     let mut status = grant.status.clone().unwrap_or_default();
+    let unchanged =
+        status.phase == Some(phase) && status.observed_generation == grant.metadata.generation;
+    status.finished_at = match (phase.is_final(), unchanged) {
+        (false, _) => None,
+        (true, true) => status.finished_at.or(Some(Time(now))),
+        (true, false) => Some(Time(now)),
+    };
     status.phase = Some(phase);
     status.observed_generation = grant.metadata.generation;
     set_condition(
@@ -209,6 +218,8 @@ async fn close(
     let mut status = closed_status(grant, phase, reason, &message, now);
     if !failures.is_empty() {
         status.rules = standing_in(&before.rules, &failures);
+        // Not finished until Azure confirms the close: the finished-grant TTL waits for it.
+        status.finished_at = None;
         let msg = format!(
             "{message}; rules still standing, retrying: {}",
             describe(&failures)
@@ -218,7 +229,7 @@ async fn close(
             &mut status.conditions,
             READY,
             false,
-            "CloseFailed",
+            CLOSE_FAILED,
             &msg,
             g,
             now,
@@ -305,11 +316,13 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
             if !status.rules.is_empty() {
                 let msg = "closing rules left behind".to_string();
                 close(grant, api, ctx, phase, phase.as_str(), msg).await?;
+                // The status write wakes the grant again, for its finished-grant TTL.
+                return Ok(Action::await_change());
             }
-            return Ok(Action::await_change());
+            return retire(grant, api, ctx).await;
         }
         Some(GrantPhase::Denied) if status.observed_generation == grant.metadata.generation => {
-            return Ok(Action::await_change());
+            return retire(grant, api, ctx).await;
         }
         _ => {}
     }
@@ -354,6 +367,79 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
     }
     open_and_heal(&grant, policy, api, ctx, expires_at).await?;
     Ok(Action::requeue(until(expires_at).min(ctx.resync)))
+}
+
+/// The longest a finished grant's reconcile waits for its TTL before it looks again.
+const MAX_RETENTION_WAIT: Duration = Duration::from_secs(3600);
+
+/// The finished-grant TTL: a finished grant (see [`crate::plan::retention`]) is deleted once
+/// `--finished-grant-ttl` has passed since it finished; until then its reconcile is requeued
+/// for that moment, so the deletion comes on time rather than at a resync.
+async fn retire(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result<Action, Error> {
+    let ttl = ctx.finished_grant_ttl;
+    match retention(grant, ttl, Timestamp::now()) {
+        Retention::Keep => Ok(Action::await_change()),
+        Retention::Unrecorded => {
+            // Finished under a version that kept no `finishedAt`: the TTL counts from now.
+            let mut status = grant.status.clone().unwrap_or_default();
+            status.finished_at = Some(Time(Timestamp::now()));
+            let updated = apply_status(api, grant, &status).await?;
+            ctx.world.record_grant(&updated);
+            let wait = ttl.unwrap_or(MAX_RETENTION_WAIT).min(MAX_RETENTION_WAIT);
+            Ok(Action::requeue(wait))
+        }
+        Retention::DeleteAt(due) => Ok(Action::requeue(until(due).min(MAX_RETENTION_WAIT))),
+        Retention::Due { .. } => delete_finished(grant, api, ctx).await,
+    }
+}
+
+/// Deletes a finished grant whose TTL has passed, judged again on the object as the API server
+/// has it now and deleted only in that version (uid and resourceVersion preconditions): a
+/// change since (a failed close, an edit) keeps it. An Event and an audit record (`deleted`,
+/// reason `FinishedTtl`) say so; the finalizer then runs as for any deletion, finding nothing
+/// open.
+async fn delete_finished(
+    grant: &AccessGrant,
+    api: &Api<AccessGrant>,
+    ctx: &Ctx,
+) -> Result<Action, Error> {
+    let name = grant.name_any();
+    let Some(latest) = api.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    let ttl = ctx.finished_grant_ttl;
+    let Retention::Due { finished_at } = retention(&latest, ttl, Timestamp::now()) else {
+        // Changed since the cache saw it: the watch brings the new version to be judged.
+        return Ok(Action::await_change());
+    };
+    let phase = latest
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .map_or("finished", GrantPhase::as_str);
+    let ttl = crate::api::duration::format_iso8601(ttl.unwrap_or_default());
+    let message =
+        format!("{phase} since {finished_at}; deleted after the finished-grant TTL {ttl}");
+    ctx.event(&latest, false, "FinishedTtl", "Delete", message.clone())
+        .await;
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: latest.uid(),
+            resource_version: latest.resource_version(),
+        }),
+        ..Default::default()
+    };
+    match api.delete(&name, &params).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
+        // Changed between the read and the delete: judged again on the new version.
+        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(Action::await_change()),
+        Err(e) => return Err(e.into()),
+    }
+    ctx.audit
+        .record(&latest, Step::Deleted, "FinishedTtl", &message);
+    info!(%finished_at, "finished grant deleted after its TTL");
+    Ok(Action::await_change())
 }
 
 /// The VM of an active grant, if a JitScope change took it out of the namespace's scopes (never
@@ -439,6 +525,7 @@ async fn activate(
     let expires_at = valid.expires_at(now);
     let mut status = grant.status.clone().unwrap_or_default();
     status.phase = Some(GrantPhase::Active);
+    status.finished_at = None;
     status.activated_at = Some(Time(now));
     status.expires_at = Some(Time(expires_at));
     status.granted = Some(granted_access(

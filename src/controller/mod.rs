@@ -83,6 +83,10 @@ pub struct Settings {
     /// `portcullis.dev/notification-target` describe (needs read access to Secrets in the
     /// watched namespaces). Off: no Secret is read and nothing is sent.
     pub notifications: bool,
+    /// Delete a grant this long after it finished (Expired, Revoked or Denied, with nothing
+    /// left open), like a Job's `ttlSecondsAfterFinished`; its audit records keep its history.
+    /// `None` (the default) never deletes one: the operator removes no user object unasked.
+    pub finished_grant_ttl: Option<Duration>,
 }
 
 impl Settings {
@@ -113,6 +117,7 @@ impl Default for Settings {
             audit_log: None,
             allow_unscoped_namespaces: false,
             notifications: false,
+            finished_grant_ttl: None,
         }
     }
 }
@@ -516,15 +521,18 @@ async fn run_controllers(
     let world = WorldView::new(policy_stores, grant_stores, approval_stores)
         .with_scopes(scope_store, settings.allow_unscoped_namespaces);
 
-    let ctx: Ctx = Arc::new(Context::new(
-        client,
-        nsgs,
-        world,
-        settings.resync,
-        telemetry,
-        settings.stamp_key.clone(),
-        audit,
-    ));
+    let ctx: Ctx = Arc::new(
+        Context::new(
+            client,
+            nsgs,
+            world,
+            settings.resync,
+            telemetry,
+            settings.stamp_key.clone(),
+            audit,
+        )
+        .with_finished_grant_ttl(settings.finished_grant_ttl),
+    );
     let reporter = tokio::spawn(quarantine::run(seen_rx, ctx.clone()));
     let (dispatcher, target_watches) = match notifications {
         None => (None, futures::future::pending().boxed()),

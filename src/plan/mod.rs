@@ -11,6 +11,7 @@ pub mod approval;
 pub mod desired;
 pub mod diff;
 pub mod naming;
+pub mod retention;
 pub mod rule;
 pub mod scope;
 pub mod validate;

@@ -159,6 +159,12 @@ written by cluster administrators alone.
 - apiGroups: ["portcullis.dev"]
   resources: ["jitpolicies", "accessgrants"]
   verbs: ["get", "list", "watch", "patch", "update"]
+{{- if include "portcullis.finishedGrantTTL" . }}
+# The finished-grant TTL: the operator deletes AccessGrants that finished that long ago.
+- apiGroups: ["portcullis.dev"]
+  resources: ["accessgrants"]
+  verbs: ["delete"]
+{{- end }}
 - apiGroups: ["portcullis.dev"]
   resources: ["accessapprovals"]
   verbs: ["get", "list", "watch"]
@@ -217,5 +223,18 @@ matchExpressions:
 {{- else }}
 {}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+finishedGrantTTL as the operator reads it (PORTCULLIS_FINISHED_GRANT_TTL); empty = off. An
+integer (`--set finishedGrantTTL=3600`) is seconds, and 0 is a TTL of zero, not "off".
+*/}}
+{{- define "portcullis.finishedGrantTTL" -}}
+{{- $ttl := .Values.finishedGrantTTL }}
+{{- if kindIs "string" $ttl }}
+{{- $ttl }}
+{{- else if not (kindIs "invalid" $ttl) }}
+{{- int64 $ttl }}
 {{- end }}
 {{- end }}
