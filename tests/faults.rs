@@ -447,8 +447,11 @@ async fn the_api_server_restarted_mid_run_closes_on_time_and_new_grants_open_aft
         env.log_tail(40)
     );
     let back = std::time::Instant::now();
-    // Eventually (the operator's watches back off while the API server is away).
-    env.wait_grant_phase("during", GrantPhase::Active, Duration::from_secs(90))
+    // Eventually (the operator's watches back off while the API server is away). Measured at
+    // 22-63 s depending on the machine's load: after a restart with etcd kept, a watch can sit
+    // silent for tens of seconds after its last 410 before its relist brings new objects (a
+    // known gap, see the eprintln below); the bound leaves room for a loaded CI machine.
+    env.wait_grant_phase("during", GrantPhase::Active, Duration::from_secs(150))
         .await;
     let opened_after = back.elapsed();
     // Not `after_window`: recovery can outlast the `long` grant's minute (see below), so only
