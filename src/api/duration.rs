@@ -30,34 +30,10 @@ pub fn parse_iso8601(input: &str) -> Result<Duration, DurationError> {
     };
     let mut seconds: u64 = 0;
     let mut add = |part: &str, units: &[(char, u64)]| -> Result<(), DurationError> {
-        let mut number = String::new();
-        let mut last_unit = None;
-        for c in part.chars() {
-            if c.is_ascii_digit() {
-                number.push(c);
-                continue;
-            }
-            let pos = units
-                .iter()
-                .position(|(u, _)| *u == c)
-                .ok_or_else(|| err("unknown or misplaced unit"))?;
-            if number.is_empty() {
-                return Err(err("a unit without a number"));
-            }
-            if last_unit.is_some_and(|l| pos <= l) {
-                return Err(err("units out of order or repeated"));
-            }
-            last_unit = Some(pos);
-            let n: u64 = number.parse().map_err(|_| err("number too large"))?;
-            seconds = n
-                .checked_mul(units[pos].1)
-                .and_then(|s| seconds.checked_add(s))
-                .ok_or_else(|| err("duration too large"))?;
-            number.clear();
-        }
-        if !number.is_empty() {
-            return Err(err("a number without a unit"));
-        }
+        let part = sum_units(part, units, "unknown or misplaced unit").map_err(err)?;
+        seconds = seconds
+            .checked_add(part)
+            .ok_or_else(|| err("duration too large"))?;
         Ok(())
     };
     add(date, &[('D', 86_400)])?;
@@ -92,36 +68,47 @@ pub fn parse_setting(input: &str) -> Result<Duration, SettingDurationError> {
         return Ok(Duration::from_secs(n));
     }
     const UNITS: [(char, u64); 4] = [('d', 86_400), ('h', 3_600), ('m', 60), ('s', 1)];
+    let seconds = sum_units(input, &UNITS, "units are d, h, m and s").map_err(err)?;
+    Ok(Duration::from_secs(seconds))
+}
+
+/// Seconds in `part`, a run of `<number><unit>` pairs whose units come in the order of `units`
+/// (largest first), each at most once. The error says why, for the caller's own error type.
+fn sum_units(
+    part: &str,
+    units: &[(char, u64)],
+    unknown_unit: &'static str,
+) -> Result<u64, &'static str> {
     let mut seconds: u64 = 0;
     let mut number = String::new();
     let mut last_unit = None;
-    for c in input.chars() {
+    for c in part.chars() {
         if c.is_ascii_digit() {
             number.push(c);
             continue;
         }
-        let pos = UNITS
+        let pos = units
             .iter()
             .position(|(u, _)| *u == c)
-            .ok_or_else(|| err("units are d, h, m and s"))?;
+            .ok_or(unknown_unit)?;
         if number.is_empty() {
-            return Err(err("a unit without a number"));
+            return Err("a unit without a number");
         }
         if last_unit.is_some_and(|l| pos <= l) {
-            return Err(err("units out of order or repeated"));
+            return Err("units out of order or repeated");
         }
         last_unit = Some(pos);
-        let n: u64 = number.parse().map_err(|_| err("number too large"))?;
+        let n: u64 = number.parse().map_err(|_| "number too large")?;
         seconds = n
-            .checked_mul(UNITS[pos].1)
+            .checked_mul(units[pos].1)
             .and_then(|s| seconds.checked_add(s))
-            .ok_or_else(|| err("duration too large"))?;
+            .ok_or("duration too large")?;
         number.clear();
     }
     if !number.is_empty() {
-        return Err(err("a number without a unit"));
+        return Err("a number without a unit");
     }
-    Ok(Duration::from_secs(seconds))
+    Ok(seconds)
 }
 
 /// The shortest ISO 8601 spelling of a whole number of seconds (`PT1H30M`, `P1D`).
