@@ -1222,23 +1222,21 @@ pub fn settings_table(cfg: &ScaleConfig, build: &str, emulator_mode: &str) -> Ta
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn floors_follow_the_bucket_and_the_busiest_nsg() {
-        let e = EmuSettings::default();
+        let e = super::EmuSettings::default();
         // 25 NSGs once: under the burst, one operation.
-        assert_eq!(floor_secs(&[1; 25], &e), 0.5);
+        assert_eq!(super::floor_secs(&[1; 25], &e), 0.5);
         // 400 writes spread thin: (400 - 200) / 10 + 0.5.
-        assert_eq!(floor_secs(&[1; 400], &e), 20.5);
+        assert_eq!(super::floor_secs(&[1; 400], &e), 20.5);
         // One NSG with 100 writes: serialised, 50 s.
-        assert_eq!(floor_secs(&[100], &e), 50.0);
-        assert_eq!(floor_secs(&[], &e), 0.0);
+        assert_eq!(super::floor_secs(&[100], &e), 50.0);
+        assert_eq!(super::floor_secs(&[], &e), 0.0);
     }
 
     #[test]
     fn topology_puts_each_vm_behind_two_nsgs() {
-        let t = Topology {
+        let t = super::Topology {
             vms: 20,
             per_subnet: 4,
         };
