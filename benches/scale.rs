@@ -33,6 +33,9 @@ struct Args {
     vms: usize,
     #[arg(long, default_value_t = 4)]
     vms_per_subnet: usize,
+    /// Whether each VM's NIC has an NSG of its own (`--nic-nsgs false`: subnet NSGs only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    nic_nsgs: bool,
     /// K: grants expiring at one instant, then K spread over --spread-secs (default min(N, 100)).
     #[arg(long)]
     close: Option<usize>,
@@ -126,6 +129,7 @@ fn main() {
         grants: args.grants,
         vms: args.vms,
         vms_per_subnet: args.vms_per_subnet,
+        nic_nsgs: args.nic_nsgs,
         close_grants: args.close.unwrap_or(args.grants.min(100)),
         spread: Duration::from_secs(args.spread_secs),
         resync: Duration::from_secs(args.resync_secs),

@@ -24,6 +24,7 @@ async fn the_scale_benchmark_runs_every_phase_in_a_small_case() {
         grants: 5,
         vms: 2,
         vms_per_subnet: 2,
+        nic_nsgs: true,
         close_grants: 4,
         spread: Duration::from_secs(3),
         resync: Duration::from_secs(3),
