@@ -145,25 +145,28 @@ fn main() {
         emulator_bin,
         operator_args: args.operator_args,
         log_dir: logs.clone(),
+        live: true,
     };
     eprintln!("logs: {}", logs.display());
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let emulator_mode = match &cfg.emulator_bin {
+        Some(b) if b.exists() => format!("its own process ({})", b.display()),
+        _ => "in the harness's process (no emulator binary beside the operator's)".to_string(),
+    };
+    let settings = scale::settings_table(&cfg, build, &emulator_mode).markdown();
+    println!("{settings}");
+    // Each table is printed as its phase ends.
     let report = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime")
         .block_on(scale::run(&cfg));
-    let build = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    let text = format!(
-        "{}\n{}",
-        scale::settings_table(&cfg, build, &report.emulator_mode).markdown(),
-        report.markdown()
-    );
-    println!("{text}");
+    eprintln!("the emulator ran in {}", report.emulator_mode);
     if let Some(out) = args.out {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
@@ -171,7 +174,7 @@ fn main() {
             .append(true)
             .open(&out)
             .unwrap_or_else(|e| panic!("{}: {e}", out.display()));
-        let _ = writeln!(f, "{text}");
+        let _ = writeln!(f, "{settings}\n{}", report.markdown());
     }
     drop(cluster);
 }

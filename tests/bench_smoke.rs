@@ -42,6 +42,7 @@ async fn the_scale_benchmark_runs_every_phase_in_a_small_case() {
             .map(|d| d.join("portcullis-azure-emulator")),
         operator_args: Vec::new(),
         log_dir: logs.path().to_path_buf(),
+        live: false,
     };
     let report = scale::run(&cfg).await;
     let text = format!(

@@ -82,6 +82,9 @@ pub struct ScaleConfig {
     pub operator_args: Vec<String>,
     /// Where the operator's and the emulator's logs go.
     pub log_dir: PathBuf,
+    /// Print each table to stdout as soon as its phase ends (a long run killed midway keeps
+    /// what it measured).
+    pub live: bool,
 }
 
 /// One markdown table, with the notes (formulas) printed under it.
@@ -612,6 +615,15 @@ impl Run<'_> {
         Api::namespaced(self.client.clone(), &self.ns)
     }
 
+    fn push(&mut self, t: Table) {
+        if self.cfg.live {
+            use std::io::Write;
+            println!("{}", t.markdown());
+            let _ = std::io::stdout().flush();
+        }
+        self.report.tables.push(t);
+    }
+
     fn mark(&mut self, phase: &str, started: Timestamp) {
         let (cpu, hwm) = proc_cost(self.operator.pid(), self.clk_tck);
         self.phases.push((
@@ -746,7 +758,7 @@ impl Run<'_> {
              \"1 rule/write\": w = one Deny rule per VM and port in each NSG of the VM."
         ));
         self.report.policy_ready = ready;
-        self.report.tables.push(t);
+        self.push(t);
         self.mark("policy", t0);
     }
 
@@ -842,7 +854,7 @@ impl Run<'_> {
              burst in that NSG."
         ));
         self.report.opened = opened;
-        self.report.tables.push(t);
+        self.push(t);
         self.mark("open", t0);
         total
     }
@@ -888,7 +900,7 @@ impl Run<'_> {
              counts from the emulator's request counters (reads exclude operation polls).",
             self.cfg.resync.as_secs()
         ));
-        self.report.tables.push(t);
+        self.push(t);
         self.mark("steady", t0);
     }
 
@@ -1053,7 +1065,7 @@ impl Run<'_> {
             self.cfg.sample_every.as_millis(),
             s(a)
         ));
-        self.report.tables.push(t);
+        self.push(t);
     }
 
     /// Deletes every grant of the namespace (ending the burst's lifecycles); waits until no rule
@@ -1136,7 +1148,7 @@ impl Run<'_> {
         ));
         self.report.cpu_seconds = cpu;
         self.report.peak_rss_kib = hwm;
-        self.report.tables.push(t);
+        self.push(t);
     }
 }
 
