@@ -54,7 +54,7 @@ async fn the_scale_benchmark_runs_every_phase_in_a_small_case() {
     let finite = !text.contains("NaN") && !text.contains("inf");
     let sane = report.policy_ready
         && report.opened == 5
-        && report.closed == 8
+        && report.closed == 12
         && report.still_open == 0
         && report.never_open == 0
         && report.teardown_left == 0
@@ -62,7 +62,7 @@ async fn the_scale_benchmark_runs_every_phase_in_a_small_case() {
         && report.writes > 0
         && report.cpu_seconds > 0.0
         && report.peak_rss_kib > 0
-        && report.tables.len() == 5;
+        && report.tables.len() == 6;
     if !(sane && finite) {
         let mut logs = logs;
         logs.disable_cleanup(true);

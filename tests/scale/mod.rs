@@ -127,7 +127,8 @@ pub struct ScaleReport {
     pub policy_ready: bool,
     /// Grants of the burst seen Active with Ready=True, of `grants`.
     pub opened: usize,
-    /// Close grants (both phases) whose rules were seen standing and then gone, of 2K.
+    /// Close grants (both close phases and start-up) whose rules were seen standing and then
+    /// gone, of 3K.
     pub closed: usize,
     /// Close grants whose rules still stood at the phase's deadline.
     pub still_open: usize,
@@ -604,6 +605,9 @@ struct Run<'a> {
     admin: AdminClient,
     board: Board,
     operator: OperatorProcess,
+    cmd: OperatorCmd,
+    /// CPU seconds and peak RSS of the operator's earlier incarnations (the restart phase).
+    cost_before: (f64, u64),
     clk_tck: f64,
     /// (phase, seconds, CPU seconds at its end, peak RSS KiB at its end).
     phases: Vec<(String, f64, f64, u64)>,
@@ -624,8 +628,14 @@ impl Run<'_> {
         self.report.tables.push(t);
     }
 
-    fn mark(&mut self, phase: &str, started: Timestamp) {
+    /// The operator's CPU seconds and peak RSS (KiB) so far, over its incarnations.
+    fn cost(&self) -> (f64, u64) {
         let (cpu, hwm) = proc_cost(self.operator.pid(), self.clk_tck);
+        (self.cost_before.0 + cpu, self.cost_before.1.max(hwm))
+    }
+
+    fn mark(&mut self, phase: &str, started: Timestamp) {
+        let (cpu, hwm) = self.cost();
         self.phases.push((
             phase.to_string(),
             secs_between(started, Timestamp::now()),
@@ -905,8 +915,16 @@ impl Run<'_> {
     }
 
     /// K grants with `notAfter` at `ends[i]`; waits until they are open, then follows their rules
-    /// in the emulator until all are gone. Returns the lags (s) past `expiresAt`.
-    async fn close_phase(&mut self, label: &str, ends: Vec<Timestamp>, first: usize) -> Vec<f64> {
+    /// in the emulator until all are gone. Returns the lags (s) past `expiresAt`. With
+    /// `restart`, the operator is killed once they are open and started again after the last
+    /// `notAfter`: the lags are then from when it was up again, which is also returned.
+    async fn close_phase(
+        &mut self,
+        label: &str,
+        ends: Vec<Timestamp>,
+        first: usize,
+        restart: bool,
+    ) -> (Vec<f64>, Option<Timestamp>) {
         let v = self.topo.vms;
         let specs: Vec<(String, Value)> = ends
             .iter()
@@ -938,6 +956,19 @@ impl Run<'_> {
         };
         let mut tracker = CloseTracker::new(uids);
         let last_end = ends.iter().max().copied().unwrap_or_else(Timestamp::now);
+        let mut up = None;
+        if restart {
+            // Each grant's rules are seen standing before the operator goes down.
+            let now = rules_now(&self.admin).await;
+            tracker.observe(now.at, &now.allow);
+            let (cpu, hwm) = self.cost();
+            self.operator.kill();
+            self.cost_before = (cpu, hwm);
+            let wait = secs_between(Timestamp::now(), last_end).max(0.0) + 1.0;
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            self.operator = OperatorProcess::spawn(&self.cmd);
+            up = Some(self.operator.wait_up(Duration::from_secs(60)).await);
+        }
         let until = std::time::Instant::now()
             + Duration::from_secs_f64(secs_between(Timestamp::now(), last_end).max(0.0))
             + self.cfg.phase_timeout;
@@ -958,11 +989,12 @@ impl Run<'_> {
                 (Some(_), Some(gone)) => {
                     self.report.closed += 1;
                     let end = expires[i].unwrap_or(ends[i]);
-                    lags.push(secs_between(end, gone));
+                    let from = up.map_or(end, |u| u.max(end));
+                    lags.push(secs_between(from, gone));
                 }
             }
         }
-        sorted(lags)
+        (sorted(lags), up)
     }
 
     fn lead(&self, open_secs: f64, k: usize) -> Duration {
@@ -1025,7 +1057,7 @@ impl Run<'_> {
                 "spread"
             };
             let first = if spread.is_zero() { 0 } else { k };
-            let lags = self.close_phase(label, ends, first).await;
+            let (lags, _) = self.close_phase(label, ends, first, false).await;
             let (floor, target) = if spread.is_zero() {
                 (f_instant, 1.0 + a)
             } else {
@@ -1068,6 +1100,67 @@ impl Run<'_> {
         self.push(t);
     }
 
+    /// Start-up after downtime: K grants open, the operator killed, their `notAfter` passes,
+    /// the operator started again; lag from its `/healthz` answering to the last rule gone.
+    async fn restart_phase(&mut self, open_secs: f64) {
+        let k = self.cfg.close_grants;
+        let t0 = Timestamp::now();
+        let closed = self.report.closed;
+        let (never, still) = (self.report.never_open, self.report.still_open);
+        let end = Timestamp::now() + self.lead(open_secs, k);
+        let (lags, up) = self.close_phase("lapsed", vec![end; k], 2 * k, true).await;
+        let mut per_vm = vec![0u64; self.topo.vms];
+        for i in 0..k {
+            per_vm[i % self.topo.vms] += 1;
+        }
+        let floor = floor_secs(
+            &per_nsg_once(&self.topo.per_nsg(&per_vm)),
+            &self.cfg.emulator,
+        );
+        let p99 = percentile(&lags, 0.99);
+        let mut t = Table::new(
+            "Start-up: K grants lapsed while the operator was down, among N open",
+            &[
+                "K lapsed",
+                "N open",
+                "closed",
+                "not open in time",
+                "still open",
+                "start to /healthz (s)",
+                "lag after up p50 (s)",
+                "p99 (s)",
+                "max (s)",
+                "floor 1 write/NSG (s)",
+                "ratio max/floor",
+                "target max ≤ 2x floor",
+            ],
+        );
+        let max = lags.last().copied().unwrap_or(f64::NAN);
+        t.rows.push(vec![
+            k.to_string(),
+            self.report.opened.to_string(),
+            (self.report.closed - closed).to_string(),
+            (self.report.never_open - never).to_string(),
+            (self.report.still_open - still).to_string(),
+            up.map_or("–".into(), |u| s(secs_between(self.operator.spawned, u))),
+            s(percentile(&lags, 0.5)),
+            s(p99),
+            s(max),
+            s(floor),
+            ratio(max, floor),
+            if max <= 2.0 * floor { "met" } else { "missed" }.into(),
+        ]);
+        t.notes.push(format!(
+            "The K grants open, the operator is SIGKILLed, their common notAfter passes, and it is \
+             started again 1 s later (the N burst grants stay open throughout). Lag: from its \
+             /healthz answering to the first read of the emulator (every {} ms) without any of \
+             the grant's rules. Floor: one write per NSG touched ({FLOOR_FORMULA}).",
+            self.cfg.sample_every.as_millis()
+        ));
+        self.push(t);
+        self.mark("start-up after downtime", t0);
+    }
+
     /// Deletes every grant of the namespace (ending the burst's lifecycles); waits until no rule
     /// of the operator's stands.
     async fn teardown_phase(&mut self) -> f64 {
@@ -1101,8 +1194,8 @@ impl Run<'_> {
     }
 
     fn cost_table(&mut self, teardown: f64) {
-        let lifecycles = self.cfg.grants + 2 * self.cfg.close_grants;
-        let (cpu, hwm) = proc_cost(self.operator.pid(), self.clk_tck);
+        let lifecycles = self.cfg.grants + 3 * self.cfg.close_grants;
+        let (cpu, hwm) = self.cost();
         let mut t = Table::new(
             "Cost: the operator process",
             &[
@@ -1142,7 +1235,7 @@ impl Run<'_> {
         t.notes.push(format!(
             "CPU: utime + stime of the operator's process (/proc/<pid>/stat), from its start \
              (including start-up); peak RSS: VmHWM (/proc/<pid>/status). A lifecycle: a grant \
-             created, opened and closed (N by the burst, closed by deletion in {} s; 2K by \
+             created, opened and closed (N by the burst, closed by deletion in {} s; 3K by \
              expiry).",
             s(teardown)
         ));
@@ -1202,6 +1295,8 @@ pub async fn run(cfg: &ScaleConfig) -> ScaleReport {
         admin,
         board,
         operator,
+        cmd: cmd.clone(),
+        cost_before: (0.0, 0),
         clk_tck: clk_tck(),
         phases: Vec::new(),
         report: ScaleReport {
@@ -1214,6 +1309,7 @@ pub async fn run(cfg: &ScaleConfig) -> ScaleReport {
     let open_secs = run.open_phase().await;
     run.steady_phase().await;
     run.close_phases(open_secs).await;
+    run.restart_phase(open_secs).await;
     let teardown = run.teardown_phase().await;
     run.cost_table(teardown);
     run.report.writes = counts(&run.admin).await.since(c0).writes;
