@@ -539,6 +539,31 @@ async fn rules_now(admin: &AdminClient) -> RulesNow {
     }
 }
 
+/// The most accepted writes to one NSG (its rules or itself) in the emulator's request log since
+/// it was last cleared; "≥ n" when the log reached its cap and dropped the oldest records.
+async fn most_writes_in_one_nsg(admin: &AdminClient) -> String {
+    let Ok(log) = admin.requests().await else {
+        return "–".into();
+    };
+    let mut per: HashMap<String, u64> = HashMap::new();
+    for r in &log {
+        if matches!(r.method.as_str(), "PUT" | "DELETE" | "PATCH") && (200..300).contains(&r.status)
+        {
+            let path = r.path.to_ascii_lowercase();
+            let path = path.split('?').next().unwrap_or_default();
+            let nsg = path.split("/securityrules/").next().unwrap_or(path);
+            *per.entry(nsg.to_string()).or_default() += 1;
+        }
+    }
+    let most = per.values().copied().max().unwrap_or(0);
+    // The emulator keeps the last 20,000 requests.
+    if log.len() >= 20_000 {
+        format!("≥ {most}")
+    } else {
+        most.to_string()
+    }
+}
+
 /// Follows tracked grants' rules in the emulator: when each was last seen standing and when it
 /// was first seen gone after that.
 struct CloseTracker {
@@ -776,6 +801,7 @@ impl Run<'_> {
         let (n, v) = (self.cfg.grants, self.topo.vms);
         let t0 = Timestamp::now();
         let c0 = counts(&self.admin).await;
+        let _ = self.admin.clear_requests().await;
         let specs: Vec<(String, Value)> = (0..n)
             .map(|i| {
                 let source = format!("198.18.{}.{}/32", i / 256, i % 256);
@@ -793,6 +819,7 @@ impl Run<'_> {
         let all_at = Timestamp::now();
         let total = secs_between(t0, all_at);
         let c = counts(&self.admin).await.since(c0);
+        let most_writes = most_writes_in_one_nsg(&self.admin).await;
         let per_grant = {
             let board = self.board.lock().expect("board");
             sorted(
@@ -828,6 +855,7 @@ impl Run<'_> {
                 "writes",
                 "429 throttled",
                 "429 busy NSG",
+                "most writes in one NSG",
                 "floor 1 write/NSG (s)",
                 "ratio",
                 "floor 1 rule/write (s)",
@@ -851,6 +879,7 @@ impl Run<'_> {
             c.writes.to_string(),
             c.throttled.to_string(),
             c.conflicts.to_string(),
+            most_writes,
             s(f_nsg),
             ratio(total, f_nsg),
             s(f_rule),
