@@ -1414,6 +1414,28 @@ mod tests {
     }
 
     #[test]
+    fn the_tracker_notes_when_a_grants_last_rule_went() {
+        let naming = portcullis::plan::naming::Naming::default();
+        let rule = |uid: &str| naming.grant_rule_name(uid, portcullis::api::Protocol::Tcp);
+        let mut t = super::CloseTracker::new(vec!["uid-a".into(), "uid-b".into(), "uid-c".into()]);
+        let at = |s: i64| jiff::Timestamp::from_second(1_700_000_000 + s).unwrap();
+        t.observe(at(0), &[rule("uid-a"), rule("uid-b"), "user-rule".into()]);
+        assert!(!t.all_gone());
+        // a goes, b stays; c was never seen.
+        t.observe(at(1), &[rule("uid-b")]);
+        assert_eq!(t.gone_at[0], Some(at(1)));
+        assert_eq!(t.gone_at[1], None);
+        // b goes, then comes back (a rewrite), then goes for good: the last disappearance counts.
+        t.observe(at(2), &[]);
+        t.observe(at(3), &[rule("uid-b")]);
+        assert_eq!(t.gone_at[1], None);
+        t.observe(at(4), &[]);
+        assert_eq!(t.gone_at[1], Some(at(4)));
+        assert_eq!(t.last_present[2], None);
+        assert!(t.all_gone());
+    }
+
+    #[test]
     fn topology_puts_each_vm_behind_two_nsgs() {
         let t = super::Topology {
             vms: 20,
