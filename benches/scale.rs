@@ -59,6 +59,9 @@ struct Args {
     write_burst: u32,
     #[arg(long, default_value_t = 10.0)]
     write_refill_per_sec: f64,
+    /// The operator binary (default: the one `cargo bench` built, release).
+    #[arg(long)]
+    operator_bin: Option<PathBuf>,
     /// The emulator binary (default: beside the operator binary).
     #[arg(long)]
     emulator_bin: Option<PathBuf>,
@@ -113,7 +116,10 @@ fn main() {
             (Some(c), k)
         }
     };
-    let operator = PathBuf::from(env!("CARGO_BIN_EXE_portcullis"));
+    let operator = args
+        .operator_bin
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_portcullis")));
     let emulator_bin = args.emulator_bin.clone().or_else(|| {
         operator
             .parent()
@@ -143,21 +149,23 @@ fn main() {
             write_refill_per_sec: args.write_refill_per_sec,
         },
         emulator_bin,
+        operator_bin: Some(operator.clone()),
         operator_args: args.operator_args,
         log_dir: logs.clone(),
         live: true,
     };
     eprintln!("logs: {}", logs.display());
-    let build = if cfg!(debug_assertions) {
-        "debug"
+    // Cargo puts release (and bench) builds under target/release.
+    let build = if operator.components().any(|c| c.as_os_str() == "release") {
+        format!("release ({})", operator.display())
     } else {
-        "release"
+        format!("debug ({})", operator.display())
     };
     let emulator_mode = match &cfg.emulator_bin {
         Some(b) if b.exists() => format!("its own process ({})", b.display()),
         _ => "in the harness's process (no emulator binary beside the operator's)".to_string(),
     };
-    let settings = scale::settings_table(&cfg, build, &emulator_mode).markdown();
+    let settings = scale::settings_table(&cfg, &build, &emulator_mode).markdown();
     println!("{settings}");
     // Each table is printed as its phase ends.
     let report = tokio::runtime::Builder::new_multi_thread()

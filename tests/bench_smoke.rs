@@ -40,6 +40,7 @@ async fn the_scale_benchmark_runs_every_phase_in_a_small_case() {
         emulator_bin: operator
             .parent()
             .map(|d| d.join("portcullis-azure-emulator")),
+        operator_bin: None,
         operator_args: Vec::new(),
         log_dir: logs.path().to_path_buf(),
         live: false,

@@ -78,6 +78,8 @@ pub struct ScaleConfig {
     pub emulator: EmuSettings,
     /// The emulator binary; `None` (or missing) runs it in this process.
     pub emulator_bin: Option<PathBuf>,
+    /// The operator binary; `None`: the one cargo built with the harness.
+    pub operator_bin: Option<PathBuf>,
     /// More `portcullis run` flags.
     pub operator_args: Vec<String>,
     /// Where the operator's and the emulator's logs go.
@@ -1312,6 +1314,7 @@ pub async fn run(cfg: &ScaleConfig) -> ScaleReport {
         namespaces: vec![ns.clone()],
         extra_args: extra,
         log: cfg.log_dir.join("operator.log"),
+        binary: cfg.operator_bin.clone(),
     };
     let (board, watch) = watch_grants(&client, &ns);
     let mut operator = OperatorProcess::spawn(&cmd);
