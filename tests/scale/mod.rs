@@ -1225,7 +1225,14 @@ impl Run<'_> {
     }
 
     fn cost_table(&mut self, teardown: f64) {
-        let lifecycles = self.cfg.grants + 3 * self.cfg.close_grants;
+        // Only grants that were opened and then closed count: the burst's (closed by the
+        // teardown, when it left no rule) and those seen closing in the close phases.
+        let burst_closed = if self.report.teardown_left == 0 {
+            self.report.opened
+        } else {
+            0
+        };
+        let lifecycles = burst_closed + self.report.closed;
         let (cpu, hwm) = self.cost();
         let mut t = Table::new(
             "Cost: the operator process",
@@ -1266,8 +1273,8 @@ impl Run<'_> {
         t.notes.push(format!(
             "CPU: utime + stime of the operator's process (/proc/<pid>/stat), from its start \
              (including start-up); peak RSS: VmHWM (/proc/<pid>/status). A lifecycle: a grant \
-             created, opened and closed (N by the burst, closed by deletion in {} s; 3K by \
-             expiry).",
+             created, opened and closed (the burst's, closed by deletion in {} s; the close \
+             phases', by expiry); grants that never opened are not counted.",
             s(teardown)
         ));
         self.report.cpu_seconds = cpu;
