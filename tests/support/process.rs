@@ -31,6 +31,8 @@ pub struct OperatorCmd {
     pub extra_args: Vec<String>,
     /// stdout and stderr of every incarnation are appended here.
     pub log: PathBuf,
+    /// The operator binary; `None`: the one cargo built with this test.
+    pub binary: Option<PathBuf>,
 }
 
 /// One incarnation of the operator process.
@@ -58,7 +60,11 @@ impl OperatorProcess {
         let spawned = Timestamp::now();
         let _ = writeln!(log, "===== operator spawned at {spawned} =====");
         let err = log.try_clone().expect("clone log handle");
-        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        let binary = cmd
+            .binary
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_portcullis")));
+        let child = Command::new(binary)
             .arg("run")
             .arg("--azure-endpoint")
             .arg(&cmd.azure)
@@ -221,6 +227,7 @@ impl ProcEnv {
             namespaces: vec![ns.clone()],
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             log: logs.path().join("operator.log"),
+            binary: None,
         };
         ProcEnv {
             client,
