@@ -699,16 +699,29 @@ async fn one_operator_watching_two_namespaces_keeps_both_namespaces_rules_in_a_s
         (a == 1 && b == 1).then_some(())
     };
     wait_for("both grants' rules in the shared subnet NSG", T, both_open).await;
-    // Two policies, one per namespace, each keep their own Deny rules too: 2 x 4 in nsg-subnet.
-    wait_for("both policies' Deny rules in nsg-subnet", T, || async {
-        let deny = env
-            .owned_rules("nsg-subnet")
-            .await
-            .into_iter()
-            .filter(|r| prop(r, "access") == "Deny")
-            .count();
-        (deny == 8).then_some(())
-    })
+    // Two policies, one per namespace, each keep their own Deny rules too: 2 x 4 in nsg-subnet,
+    // 2 x 3 (vm1's ports) in nsg-vm1, where both grants' rules stand as well. Wait for every
+    // write to have finished (all rules `Succeeded`) before judging the steady state: a round
+    // is one write per NSG, and the last one may still be running when the counts first match.
+    wait_for(
+        "both policies' Deny rules written in both NSGs",
+        T,
+        || async {
+            for (nsg, wanted) in [("nsg-subnet", 8), ("nsg-vm1", 6)] {
+                let owned = env.owned_rules(nsg).await;
+                let deny = owned.iter().filter(|r| prop(r, "access") == "Deny").count();
+                let settled = owned
+                    .iter()
+                    .all(|r| prop(r, "provisioningState") == "Succeeded");
+                if deny != wanted || !settled {
+                    return None;
+                }
+            }
+            let a = env.grant_names_in_nsg("nsg-vm1", &alice).await.len();
+            let b = env.grant_names_in_nsg("nsg-vm1", &bob).await.len();
+            (a == 1 && b == 1).then_some(())
+        },
+    )
     .await;
     // Several resyncs later, neither namespace's reconciles removed the other's rules.
     env.admin.clear_requests().await.expect("clear");
