@@ -518,12 +518,14 @@ async fn metrics_count_reconciles_429s_and_expiry_lag_and_health_reports_ready()
         .then_some(body)
     })
     .await;
-    let metric = |name: &str| -> f64 {
+    let value = |name: &str| -> Option<f64> {
         body.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing in:\n{body}"))
+    };
+    let metric = |name: &str| -> f64 {
+        value(name).unwrap_or_else(|| panic!("metric {name} missing in:\n{body}"))
     };
     // Writes are per rule, or one per NSG for a round of several changes (the policy's Deny
     // rules): count both.
@@ -531,13 +533,9 @@ async fn metrics_count_reconciles_429s_and_expiry_lag_and_health_reports_ready()
         ["put_rule", "put_nsg"]
             .iter()
             .filter_map(|op| {
-                let series = format!(
+                value(&format!(
                     "portcullis_azure_requests_total{{operation=\"{op}\",status=\"{status}\"}}"
-                );
-                body.lines()
-                    .find(|l| l.starts_with(&series))
-                    .and_then(|l| l.rsplit(' ').next())
-                    .and_then(|v| v.parse::<f64>().ok())
+                ))
             })
             .sum()
     };

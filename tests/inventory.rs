@@ -225,15 +225,9 @@ async fn the_inventory_lists_written_nsgs_and_drops_one_deleted_out_of_band() {
         .filter(|r| !support::operator::rule_name(r).starts_with("portcullis-"))
         .collect();
     assert!(!foreign_healthy.is_empty());
-    let content = |rules: &[Value]| -> Vec<Value> {
-        rules
-            .iter()
-            .map(support::invariants::content_of_rule)
-            .collect()
-    };
     assert_eq!(
-        content(&now),
-        content(&foreign_healthy),
+        support::invariants::content_of_rules(&now),
+        support::invariants::content_of_rules(&foreign_healthy),
         "user rules of {healthy} untouched (but for etags: the sweep wrote the NSG as a whole)"
     );
 }

@@ -178,6 +178,14 @@ pub struct AccessGrantStatus {
     pub conditions: Vec<Condition>,
 }
 
+impl AccessGrantStatus {
+    /// Whether the grant may still hold a port open: it is Active, or rules of it are recorded
+    /// as standing (a close not yet confirmed).
+    pub fn holds_access_open(&self) -> bool {
+        self.phase == Some(GrantPhase::Active) || !self.rules.is_empty()
+    }
+}
+
 /// The validated request, as it stood at activation.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -652,9 +652,8 @@ pub fn overdue(grant: &AccessGrant, now: Timestamp, grace: Duration) -> bool {
     let Some(status) = grant.status.as_ref() else {
         return false;
     };
-    let open = status.phase == Some(GrantPhase::Active) || !status.rules.is_empty();
     let late = ts(&status.expires_at).is_some_and(|e| past_expiry(e, now) > grace);
-    open && late
+    status.holds_access_open() && late
 }
 
 fn past_expiry(expires_at: Timestamp, now: Timestamp) -> Duration {

@@ -105,11 +105,11 @@ pub struct Telemetry {
     webhook_admissions: Family<WebhookLabels, Counter>,
     open_grants: Family<OpenGrantLabels, Gauge>,
     band_usage: Family<BandLabels, Gauge<f64, AtomicU64>>,
-    azure_reachable_gauge: Gauge,
+    /// 1 while Azure answers (see `set_azure_reachable`); also the readiness probe's source.
+    azure_reachable: Gauge,
     webhook_certificate_expiry: Gauge,
     notifications: Family<ResultLabels, Counter>,
     caches_synced: AtomicBool,
-    azure_reachable: AtomicBool,
     standby: AtomicBool,
 }
 
@@ -199,12 +199,12 @@ impl Telemetry {
             "How full each priority band of each NSG is after its last sync (1 = full; above 1, rules found no priority)",
             band_usage.clone(),
         );
-        let azure_reachable_gauge = Gauge::default();
-        azure_reachable_gauge.set(1);
+        let azure_reachable = Gauge::default();
+        azure_reachable.set(1);
         registry.register(
             "azure_reachable",
             "0 since a reconcile found Azure unreachable (connection, timeout) or refusing the credential; 1 again after a reconcile succeeds",
-            azure_reachable_gauge.clone(),
+            azure_reachable.clone(),
         );
         let webhook_certificate_expiry = Gauge::default();
         registry.register(
@@ -236,11 +236,10 @@ impl Telemetry {
             webhook_admissions,
             open_grants,
             band_usage,
-            azure_reachable_gauge,
+            azure_reachable,
             webhook_certificate_expiry,
             notifications,
             caches_synced: AtomicBool::new(false),
-            azure_reachable: AtomicBool::new(true),
             standby: AtomicBool::new(false),
         })
     }
@@ -285,10 +284,7 @@ impl Telemetry {
             .grants
             .iter()
             .filter_map(|g| g.status.as_ref())
-            .filter(|s| {
-                s.expires_at.as_ref().is_some_and(|e| e.0 <= now)
-                    && (s.phase == Some(GrantPhase::Active) || !s.rules.is_empty())
-            })
+            .filter(|s| s.expires_at.as_ref().is_some_and(|e| e.0 <= now) && s.holds_access_open())
             .count();
         self.overdue.set(overdue as i64);
     }
@@ -398,8 +394,7 @@ impl Telemetry {
     }
 
     pub fn set_azure_reachable(&self, reachable: bool) {
-        self.azure_reachable.store(reachable, Ordering::Relaxed);
-        self.azure_reachable_gauge.set(i64::from(reachable));
+        self.azure_reachable.set(i64::from(reachable));
     }
 
     /// Ready: a standby is ready to take over; the leader once its caches are synced and Azure
@@ -411,7 +406,7 @@ impl Telemetry {
         if !self.caches_synced.load(Ordering::Relaxed) {
             return Err("caches not synced yet");
         }
-        if !self.azure_reachable.load(Ordering::Relaxed) {
+        if self.azure_reachable.get() == 0 {
             return Err("Azure is not reachable");
         }
         Ok(())

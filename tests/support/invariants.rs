@@ -154,6 +154,11 @@ pub fn content_of_rule(rule: &Value) -> Value {
     rule
 }
 
+/// [`content_of_rule`] of each rule, in order.
+pub fn content_of_rules(rules: &[Value]) -> Vec<Value> {
+    rules.iter().map(content_of_rule).collect()
+}
+
 /// Every rule that stood before the operator ran: I3's reference.
 #[derive(Debug, Clone, Default)]
 pub struct Baseline {

@@ -354,13 +354,8 @@ impl Env {
 
     /// As [`Env::assert_user_rules_untouched`], against rules read at another moment.
     pub async fn assert_foreign_rules_as(&self, before: &[Value]) {
-        let content = |rules: &[Value]| -> Vec<Value> {
-            rules
-                .iter()
-                .map(super::invariants::content_of_rule)
-                .collect()
-        };
-        let expected = content(before);
+        use super::invariants::content_of_rules;
+        let expected = content_of_rules(before);
         // A whole-NSG write still in flight shows every rule `Updating` for its long-running
         // operation: judge the NSG once it has settled (or show the difference at the deadline).
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -369,7 +364,7 @@ impl Env {
             let settled = now
                 .iter()
                 .all(|r| r["properties"]["provisioningState"] == "Succeeded");
-            let now = content(&now);
+            let now = content_of_rules(&now);
             if (settled && now == expected) || std::time::Instant::now() > deadline {
                 assert_eq!(
                     now, expected,
