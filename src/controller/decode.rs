@@ -111,10 +111,11 @@ where
     Ok((decoded, failed))
 }
 
-fn undecodable<K>(raw: DynamicObject) -> Result<K, Box<Undecodable>>
+fn undecodable<K>(mut raw: DynamicObject) -> Result<K, Box<Undecodable>>
 where
     K: Resource<DynamicType = ()> + DeserializeOwned,
 {
+    strip_bookkeeping(&mut raw);
     let reference = reference::<K>(&raw);
     let nsgs = raw_nsgs(&raw);
     decode::<K>(raw).map_err(|e| {
@@ -134,6 +135,20 @@ where
         })
     })
 }
+
+/// Drops what the operator never reads and what makes up most of an object's size: the field
+/// managers' records and `kubectl apply`'s copy of the last applied manifest. Every object is held
+/// in the stores (and planned from) for as long as it exists, so this is most of the memory per
+/// grant. Nothing is ever written back from these copies (status goes by server-side apply of the
+/// status alone), so the API server's own fields are untouched.
+fn strip_bookkeeping(raw: &mut DynamicObject) {
+    raw.metadata.managed_fields = None;
+    if let Some(annotations) = raw.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// A `'static` kind label for metrics.
 fn kind_label<K: Resource<DynamicType = ()>>() -> &'static str {

@@ -666,6 +666,7 @@ pub fn record_overdue(ctx: &Ctx, world: &super::world::World, now: Timestamp) {
     let late: Vec<&AccessGrant> = world
         .grants
         .iter()
+        .map(Arc::as_ref)
         .filter(|g| overdue(g, now, CLOSE_OVERDUE_AFTER))
         .collect();
     let mut recorded = ctx.overdue_recorded();

@@ -270,7 +270,8 @@ async fn cleanup(policy: &JitPolicy, ctx: &Ctx) -> Result<Action, Error> {
         let status = closed_status(grant, GrantPhase::Revoked, "PolicyDeleted", &msg, now);
         let updated = apply_status(&grants_api, grant, &status).await?;
         ctx.world.record_grant(&updated);
-        ctx.event(grant, false, "Revoked", "Close", msg).await;
+        ctx.event(grant.as_ref(), false, "Revoked", "Close", msg)
+            .await;
     }
     if let Some(uid) = policy.uid() {
         ctx.world.forget(&uid);

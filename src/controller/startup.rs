@@ -56,8 +56,12 @@ async fn read_world(
             // Undecodable grants are left out of the world: the watch reports each and syncs
             // its NSGs, which closes what it opened.
             (Ok((policies, bad_policies)), Ok((grants, _))) => {
-                world.policies.extend(policies);
-                world.grants.extend(grants);
+                world
+                    .policies
+                    .extend(policies.into_iter().map(std::sync::Arc::new));
+                world
+                    .grants
+                    .extend(grants.into_iter().map(std::sync::Arc::new));
                 world
                     .quarantined_policies
                     .extend(bad_policies.into_iter().filter_map(|u| u.reference.uid));
@@ -118,6 +122,7 @@ async fn close_in(
     let lapsed: Vec<&AccessGrant> = world
         .grants
         .iter()
+        .map(std::sync::Arc::as_ref)
         .filter(|g| {
             let status = g.status.as_ref();
             status.and_then(|s| s.phase) == Some(GrantPhase::Active)

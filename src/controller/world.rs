@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kube::ResourceExt;
 use kube::runtime::reflector::Store;
+use kube::{Resource, ResourceExt};
 
 use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
 use crate::plan::Scopes;
@@ -15,8 +15,9 @@ use crate::plan::Scopes;
 /// A consistent snapshot of policies and grants.
 #[derive(Clone, Default)]
 pub struct World {
-    pub policies: Vec<JitPolicy>,
-    pub grants: Vec<AccessGrant>,
+    /// Shared with the reflector stores: a snapshot copies pointers, never objects.
+    pub policies: Vec<Arc<JitPolicy>>,
+    pub grants: Vec<Arc<AccessGrant>>,
     /// Policies that exist but do not decode: their rules are kept as they stand in Azure.
     pub quarantined_policies: Vec<String>,
     pub approvals: Vec<Arc<AccessApproval>>,
@@ -37,6 +38,7 @@ impl World {
         self.policies
             .iter()
             .find(|p| p.namespace().as_deref() == Some(namespace) && p.name_any() == name)
+            .map(Arc::as_ref)
     }
 
     /// The approvals (unverified: the caller checks their stamps) naming a grant.
@@ -64,8 +66,8 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Default)]
 struct Overlay {
-    policies: HashMap<String, JitPolicy>,
-    grants: HashMap<String, AccessGrant>,
+    policies: HashMap<String, Arc<JitPolicy>>,
+    grants: HashMap<String, Arc<AccessGrant>>,
     tombstones: HashMap<String, Instant>,
 }
 
@@ -93,27 +95,35 @@ fn newer<K: ResourceExt>(candidate: &K, than: &K) -> bool {
     }
 }
 
-fn merge<K: ResourceExt + Clone>(
+fn merge<K: ResourceExt>(
     stored: Vec<Arc<K>>,
-    overlay: &mut HashMap<String, K>,
+    overlay: &mut HashMap<String, Arc<K>>,
     tombstones: &HashMap<String, Instant>,
-) -> Vec<K> {
-    let mut out = Vec::with_capacity(stored.len());
+) -> Vec<Arc<K>> {
+    let mut out = Vec::with_capacity(stored.len() + overlay.len());
+    // Most syncs find no overlay and no tombstone: then the store's pointers are the answer.
+    if overlay.is_empty() && tombstones.is_empty() {
+        out.extend(stored);
+        return out;
+    }
     let mut seen = std::collections::HashSet::new();
     for obj in stored {
-        let uid = obj.uid().unwrap_or_default();
-        if tombstones.contains_key(&uid) {
+        let uid = obj.meta().uid.as_deref().unwrap_or_default();
+        if tombstones.contains_key(uid) {
             continue;
         }
-        seen.insert(uid.clone());
-        match overlay.get(&uid) {
-            Some(mine) if newer(mine, obj.as_ref()) => out.push(mine.clone()),
-            Some(_) => {
+        let mine = overlay
+            .get(uid)
+            .map(|mine| newer(mine.as_ref(), obj.as_ref()));
+        seen.insert(uid.to_string());
+        match mine {
+            Some(true) => out.extend(overlay.get(uid).cloned()),
+            Some(false) => {
                 // The store caught up: our copy is no longer needed.
-                overlay.remove(&uid);
-                out.push(obj.as_ref().clone());
+                overlay.remove(uid);
+                out.push(obj);
             }
-            None => out.push(obj.as_ref().clone()),
+            None => out.push(obj),
         }
     }
     for (uid, mine) in overlay.iter() {
@@ -230,7 +240,14 @@ impl WorldView {
             grants,
             tombstones,
         );
-        grants.retain(|g| !g.uid().is_some_and(|uid| undecodable.contains_key(&uid)));
+        if !undecodable.is_empty() {
+            grants.retain(|g| {
+                !g.meta()
+                    .uid
+                    .as_deref()
+                    .is_some_and(|uid| undecodable.contains_key(uid))
+            });
+        }
         let scopes: Vec<JitScope> = self
             .scopes
             .iter()
@@ -266,13 +283,15 @@ impl WorldView {
 
     pub fn record_policy(&self, policy: &JitPolicy) {
         if let Some(uid) = policy.uid() {
-            self.overlay().policies.insert(uid, policy.clone());
+            self.overlay()
+                .policies
+                .insert(uid, Arc::new(policy.clone()));
         }
     }
 
     pub fn record_grant(&self, grant: &AccessGrant) {
         if let Some(uid) = grant.uid() {
-            self.overlay().grants.insert(uid, grant.clone());
+            self.overlay().grants.insert(uid, Arc::new(grant.clone()));
         }
     }
 

@@ -3,7 +3,8 @@
 //! and 3/4 (a lapsed, deleted or revoked grant, or a deleted policy, simply produces no rule, so
 //! the diff removes it). Pure: the clock is a parameter, the objects come from the caller's cache.
 
-use std::collections::BTreeMap;
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap};
 
 use jiff::Timestamp;
 use kube::ResourceExt;
@@ -205,6 +206,18 @@ pub fn live_grant(
     policy: Option<&JitPolicy>,
     now: Timestamp,
 ) -> Option<LiveGrant> {
+    let policy = policy?;
+    live_grant_under(grant, policy, effective_spec(policy)?, now)
+}
+
+/// [`live_grant`] with the policy's effective spec already found (it is the same for every
+/// grant under the policy, and finding it validates the whole policy).
+fn live_grant_under(
+    grant: &AccessGrant,
+    policy: &JitPolicy,
+    spec: &JitPolicySpec,
+    now: Timestamp,
+) -> Option<LiveGrant> {
     if grant.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -217,7 +230,6 @@ pub fn live_grant(
         return None;
     }
     let activated_at = status.activated_at.as_ref()?.0;
-    let policy = policy?;
     let namespace = grant.namespace()?;
     if policy.metadata.deletion_timestamp.is_some()
         || policy.namespace().as_deref() != Some(namespace.as_str())
@@ -226,7 +238,6 @@ pub fn live_grant(
         return None;
     }
     let uid = grant.uid()?;
-    let spec = effective_spec(policy)?;
     let policy_name = policy.name_any();
     let validated = match grant.granted() {
         Some(record) => revalidate(&policy_name, spec, record, activated_at, expires_at)?,
@@ -404,10 +415,14 @@ pub fn check_address_family(
 }
 
 /// The policy a grant refers to, among `policies` (same namespace, `spec.policyRef.name`).
-pub fn policy_of<'a>(grant: &AccessGrant, policies: &'a [JitPolicy]) -> Option<&'a JitPolicy> {
+pub fn policy_of<'a, P: Borrow<JitPolicy>>(
+    grant: &AccessGrant,
+    policies: &'a [P],
+) -> Option<&'a JitPolicy> {
     let ns = grant.namespace();
     policies
         .iter()
+        .map(Borrow::borrow)
         .find(|p| p.namespace() == ns && p.name_any() == grant.policy_name())
 }
 
@@ -419,19 +434,47 @@ pub fn policy_of<'a>(grant: &AccessGrant, policies: &'a [JitPolicy]) -> Option<&
 /// Rule names are hashes; if two intents ever share a name (a hash collision), two Deny rules
 /// for the same port are merged into one covering both VMs' addresses (the same meaning), and
 /// otherwise the first one (by sort order) wins. Names carry `names`'s installation id.
-pub fn desired_rules(
+///
+/// The cost is linear in the number of objects: each policy is validated once, and a grant is
+/// validated only when its policy governs this NSG for the grant's VM (every NSG is planned from
+/// the whole cluster, so anything more per grant would grow with the square of the grants).
+pub fn desired_rules<P: Borrow<JitPolicy>, G: Borrow<AccessGrant>>(
     nsg_id: &str,
-    policies: &[JitPolicy],
-    grants: &[AccessGrant],
+    policies: &[P],
+    grants: &[G],
     now: Timestamp,
     names: &Naming,
 ) -> Vec<RuleIntent> {
     let mut out = Vec::new();
-    for policy in policies {
+    // By (namespace, name), the first one winning as in `policy_of`; `None`: it governs no VM
+    // here, or has no effective spec, so no grant under it opens anything in this NSG.
+    let mut governing: HashMap<(Option<String>, String), Option<(&JitPolicy, &JitPolicySpec)>> =
+        HashMap::new();
+    for policy in policies.iter().map(Borrow::borrow) {
         policy_intents(nsg_id, policy, names, &mut out);
+        governing
+            .entry((policy.namespace(), policy.name_any()))
+            .or_insert_with(|| {
+                let here = policy.status.iter().flat_map(|s| s.targets.iter());
+                let governs = here
+                    .into_iter()
+                    .any(|t| contains_ci(&t.network_security_groups, nsg_id));
+                governs
+                    .then(|| effective_spec(policy).map(|spec| (policy, spec)))
+                    .flatten()
+            });
     }
-    for grant in grants {
-        if let Some(live) = live_grant(grant, policy_of(grant, policies), now) {
+    for grant in grants.iter().map(Borrow::borrow) {
+        let key = (grant.namespace(), grant.policy_name().to_string());
+        let Some(Some((policy, spec))) = governing.get(&key) else {
+            continue;
+        };
+        let behind_this_nsg = targets_of_grant_vm(grant, policy)
+            .any(|t| contains_ci(&t.network_security_groups, nsg_id));
+        if !behind_this_nsg {
+            continue;
+        }
+        if let Some(live) = live_grant_under(grant, policy, spec, now) {
             grant_intents(nsg_id, &live, names, &mut out);
         }
     }
@@ -483,27 +526,39 @@ pub fn nsgs_of_policy(policy: &JitPolicy) -> Vec<String> {
     out
 }
 
-/// The NSGs a grant's Allow rules live in or lived in: the policy's targets for the grant's VM
-/// (matched by full ID or by name), plus every NSG recorded in `status.rules`, so old rules are
-/// found even after the policy changed. Deduplicated case-insensitively.
-pub fn nsgs_of_grant(grant: &AccessGrant, policy: Option<&JitPolicy>) -> Vec<String> {
-    let mut out = Vec::new();
+/// The policy's resolved targets for the grant's VM (its frozen record's, else its spec's),
+/// matched by full ID or, for a VM named by name alone, by name.
+fn targets_of_grant_vm<'a>(
+    grant: &'a AccessGrant,
+    policy: &'a JitPolicy,
+) -> impl Iterator<Item = &'a ResolvedTarget> + 'a {
     let wanted = grant
         .granted()
         .map(|g| g.virtual_machine.as_str())
         .unwrap_or(&grant.spec.virtual_machine);
-    let same_vm = |t: &&ResolvedTarget| {
+    let targets = policy
+        .status
+        .as_ref()
+        .map(|s| s.targets.as_slice())
+        .unwrap_or_default();
+    targets.iter().filter(move |t| {
         if wanted.contains('/') {
             t.virtual_machine.eq_ignore_ascii_case(wanted)
         } else {
             validate::vm_name(&t.virtual_machine).eq_ignore_ascii_case(wanted)
         }
-    };
-    let targets = policy
-        .and_then(|p| p.status.as_ref())
-        .map(|s| s.targets.as_slice())
-        .unwrap_or_default();
-    for t in targets.iter().filter(same_vm) {
+    })
+}
+
+/// The NSGs a grant's Allow rules live in or lived in: the policy's targets for the grant's VM
+/// (matched by full ID or by name), plus every NSG recorded in `status.rules`, so old rules are
+/// found even after the policy changed. Deduplicated case-insensitively.
+pub fn nsgs_of_grant(grant: &AccessGrant, policy: Option<&JitPolicy>) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in policy
+        .into_iter()
+        .flat_map(|p| targets_of_grant_vm(grant, p))
+    {
         for nsg in &t.network_security_groups {
             push_unique_ci(&mut out, nsg);
         }
@@ -524,6 +579,7 @@ pub(crate) mod tests {
     use jiff::SignedDuration;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+    const NO_GRANTS: &[AccessGrant] = &[];
     pub(crate) const NSG_A: &str = "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.Network/networkSecurityGroups/nsg-a";
     pub(crate) const NSG_B: &str = "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.Network/networkSecurityGroups/nsg-b";
 
@@ -603,7 +659,7 @@ pub(crate) mod tests {
         let all = desired_rules(
             NSG_A,
             std::slice::from_ref(&p),
-            &[],
+            NO_GRANTS,
             now(),
             &Naming::default(),
         );
@@ -656,7 +712,7 @@ pub(crate) mod tests {
         let b = desired_rules(
             &NSG_B.to_uppercase(),
             std::slice::from_ref(&p),
-            &[],
+            NO_GRANTS,
             now(),
             &Naming::default(),
         );
@@ -667,14 +723,14 @@ pub(crate) mod tests {
     fn invalid_or_deleting_policies_produce_nothing() {
         let mut p = example_policy();
         p.spec.virtual_machines[0].ports[0].max_request_access_duration = "P2D".to_string();
-        assert!(desired_rules(NSG_A, &[p], &[], now(), &Naming::default()).is_empty());
+        assert!(desired_rules(NSG_A, &[p], NO_GRANTS, now(), &Naming::default()).is_empty());
         let mut p = example_policy();
         p.metadata.deletion_timestamp = Some(Time(now()));
-        assert!(desired_rules(NSG_A, &[p], &[], now(), &Naming::default()).is_empty());
+        assert!(desired_rules(NSG_A, &[p], NO_GRANTS, now(), &Naming::default()).is_empty());
         let mut p = example_policy();
         p.status = None;
         assert!(
-            desired_rules(NSG_A, &[p], &[], now(), &Naming::default()).is_empty(),
+            desired_rules(NSG_A, &[p], NO_GRANTS, now(), &Naming::default()).is_empty(),
             "unresolved targets: nothing to place"
         );
     }
@@ -978,7 +1034,7 @@ pub(crate) mod tests {
         let merged = desired_rules(
             NSG_A,
             &[example_policy(), p2],
-            &[],
+            NO_GRANTS,
             now(),
             &Naming::default(),
         );
@@ -1244,6 +1300,34 @@ pub(crate) mod tests {
                             }
                         }
                     }
+                }
+            }
+
+            /// Skipping grants whose VM this NSG does not govern, and validating each policy
+            /// once, changes nothing: the Allow rules are those of every live grant, judged one
+            /// by one against its policy.
+            #[test]
+            fn allow_rules_are_those_of_every_live_grant(
+                policy in arb_policy(),
+                seeds in proptest::collection::vec(arb_grant_seed(), 0..6),
+            ) {
+                let grants: Vec<AccessGrant> = seeds.iter().enumerate().map(|(i, s)| build_grant(i, s, &policy)).collect();
+                let policies = [policy.clone()];
+                let names = Naming::default();
+                for nsg in [NSG_A, NSG_B] {
+                    let mut expected = Vec::new();
+                    for grant in &grants {
+                        if let Some(live) = live_grant(grant, policy_of(grant, &policies), now()) {
+                            grant_intents(nsg, &live, &names, &mut expected);
+                        }
+                    }
+                    expected.sort_by(|a, b| a.name.cmp(&b.name));
+                    let mut allows: Vec<RuleIntent> = desired_rules(nsg, &policies, &grants, now(), &names)
+                        .into_iter()
+                        .filter(|i| i.access == Access::Allow)
+                        .collect();
+                    allows.sort_by(|a, b| a.name.cmp(&b.name));
+                    prop_assert_eq!(allows, expected);
                 }
             }
         }

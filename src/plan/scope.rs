@@ -6,6 +6,7 @@
 //! compare case-insensitively, segment by segment, so subscription `1` never matches `12`.
 
 use kube::ResourceExt;
+use std::sync::Arc;
 
 use crate::api::{JitPolicy, JitPolicySpec, JitScope};
 
@@ -155,7 +156,7 @@ impl Scopes<'_> {
     /// (the out-of-scope VM ids are marked). So it is handled as an invalid policy: no grant
     /// activates under it, and only its last enforced spec (recorded in status, in scope when it
     /// was enforced) keeps its Deny rules. The objects in the API server are not changed.
-    pub fn restrict(&self, policies: Vec<JitPolicy>) -> Vec<JitPolicy> {
+    pub fn restrict(&self, policies: Vec<Arc<JitPolicy>>) -> Vec<Arc<JitPolicy>> {
         policies
             .into_iter()
             .map(|mut policy| {
@@ -165,9 +166,12 @@ impl Scopes<'_> {
                     .into_iter()
                     .map(str::to_string)
                     .collect();
-                for vm in policy.spec.virtual_machines.iter_mut() {
-                    if out.contains(&vm.id) {
-                        vm.id = format!("{}{MARK}{ns})", vm.id);
+                // Copied only when something must be marked: the stores' objects are shared.
+                if !out.is_empty() {
+                    for vm in Arc::make_mut(&mut policy).spec.virtual_machines.iter_mut() {
+                        if out.contains(&vm.id) {
+                            vm.id = format!("{}{MARK}{ns})", vm.id);
+                        }
                     }
                 }
                 policy
@@ -335,7 +339,8 @@ mod tests {
         };
         let inside = mk(&[vm("s", "rg1", "a")]);
         let outside = mk(&[vm("s", "rg1", "a"), vm("s", "rg2", "b")]);
-        let view = closed(&scopes).restrict(vec![inside.clone(), outside.clone()]);
+        let view =
+            closed(&scopes).restrict(vec![Arc::new(inside.clone()), Arc::new(outside.clone())]);
         assert_eq!(view[0].spec, inside.spec);
         assert!(validate_policy(&view[0].spec).is_ok());
         let denial = validate_policy(&view[1].spec).expect_err("out of scope is invalid");
