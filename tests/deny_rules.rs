@@ -50,7 +50,9 @@ fn kind_of(env: &Env, rule: &Value) -> Option<RuleKind> {
 /// The old-style rules of the standard policy: one Deny rule per VM, port and NSG, named as
 /// versions before aggregated Deny rules named them, written straight into the emulator.
 async fn write_per_vm_rules(env: &Env, policy_uid: &str) -> BTreeMap<String, Vec<Value>> {
-    let ports: [(&str, &str, &[(u16, Protocol)]); 2] = [
+    /// A VM of the standard policy: name, address, ports.
+    type Vm<'a> = (&'a str, &'a str, &'a [(u16, Protocol)]);
+    let ports: [Vm; 2] = [
         (
             "vm1",
             "10.0.1.4",
