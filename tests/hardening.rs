@@ -194,8 +194,8 @@ async fn an_invalid_policy_edit_keeps_its_deny_rules_and_activates_nothing() {
     let deny_before = owned_rules_without_etags(&env).await;
     assert_eq!(
         deny_before.len(),
-        7,
-        "3 Deny rules in nsg-vm1, 4 in nsg-subnet"
+        5,
+        "2 Deny rules in nsg-vm1 (vm1's TCP 22 and 3389, its UDP 53), 3 in nsg-subnet (those, and vm2's TCP 22)"
     );
     let writes_before = env.writes().await;
 
@@ -487,8 +487,8 @@ async fn closing_under_a_cannotdelete_lock_succeeds_by_the_write_azure_allows() 
         .unwrap_or_else(|| closed.status.map(|s| s.rules).unwrap_or_default());
     assert!(closed.is_empty(), "{closed:?}");
     // The policy's Deny rules and the users' rules are all still there.
-    assert_eq!(env.owned_rules("nsg-vm1").await.len(), 3);
-    assert_eq!(env.owned_rules("nsg-subnet").await.len(), 4);
+    assert_eq!(env.owned_rules("nsg-vm1").await.len(), 2);
+    assert_eq!(env.owned_rules("nsg-subnet").await.len(), 3);
     env.assert_user_rules_untouched().await;
 }
 

@@ -75,9 +75,11 @@ async fn policy_writes_deny_rules_in_every_governing_nsg() {
     let env = ready_env("deny").await;
     let vm1 = env.owned_rules("nsg-vm1").await;
     let subnet = env.owned_rules("nsg-subnet").await;
-    // vm1 has 3 ports and is governed by its NIC's NSG and the subnet's; vm2 (no NIC NSG) one port.
-    assert_eq!(vm1.len(), 3, "{vm1:#?}");
-    assert_eq!(subnet.len(), 4, "{subnet:#?}");
+    // vm1 has 3 ports and is governed by its NIC's NSG and the subnet's; vm2 (no NIC NSG) one
+    // port. Deny rules are aggregated per protocol and port set: vm1's TCP 22 and 3389 in one
+    // rule, its UDP 53 in another; vm2's TCP 22 (another port set) in a third.
+    assert_eq!(vm1.len(), 2, "{vm1:#?}");
+    assert_eq!(subnet.len(), 3, "{subnet:#?}");
     for rule in vm1.iter().chain(subnet.iter()) {
         assert_eq!(prop(rule, "access"), "Deny");
         assert_eq!(prop(rule, "direction"), "Inbound");
@@ -699,15 +701,15 @@ async fn one_operator_watching_two_namespaces_keeps_both_namespaces_rules_in_a_s
         (a == 1 && b == 1).then_some(())
     };
     wait_for("both grants' rules in the shared subnet NSG", T, both_open).await;
-    // Two policies, one per namespace, each keep their own Deny rules too: 2 x 4 in nsg-subnet,
-    // 2 x 3 (vm1's ports) in nsg-vm1, where both grants' rules stand as well. Wait for every
+    // Two policies, one per namespace, each keep their own Deny rules too: 2 x 3 in nsg-subnet,
+    // 2 x 2 (vm1's TCP and UDP ports) in nsg-vm1, where both grants' rules stand as well. Wait for every
     // write to have finished (all rules `Succeeded`) before judging the steady state: a round
     // is one write per NSG, and the last one may still be running when the counts first match.
     wait_for(
         "both policies' Deny rules written in both NSGs",
         T,
         || async {
-            for (nsg, wanted) in [("nsg-subnet", 8), ("nsg-vm1", 6)] {
+            for (nsg, wanted) in [("nsg-subnet", 6), ("nsg-vm1", 4)] {
                 let owned = env.owned_rules(nsg).await;
                 let deny = owned.iter().filter(|r| prop(r, "access") == "Deny").count();
                 let settled = owned
@@ -771,7 +773,8 @@ async fn a_changed_private_ip_moves_deny_and_allow_rules_within_one_resync() {
     env.create_grant("ivy", grant_spec("vm1", &[22], "203.0.113.14/32", "PT1H"))
         .await;
     let ivy = env.wait_grant_phase("ivy", GrantPhase::Active, T).await;
-    // vm1's Deny rules (3 + 1 ports) and ivy's Allow rule, in both NSGs.
+    // vm1's Deny rules (prod's TCP and UDP rules, web's TCP rule) and ivy's Allow rule, in both
+    // NSGs.
     let vm1_rules_at = |ip: &'static str| {
         let env = &env;
         let ivy = &ivy;
@@ -789,7 +792,7 @@ async fn a_changed_private_ip_moves_deny_and_allow_rules_within_one_resync() {
                     .filter(|r| destinations(r) != ["10.0.1.5"]) // vm2's
                     .map(|r| destinations(&r))
                     .collect::<Vec<_>>();
-                if deny_vm1.len() != 4 || deny_vm1.iter().any(|d| d != &[ip]) {
+                if deny_vm1.len() != 3 || deny_vm1.iter().any(|d| d != &[ip]) {
                     return None;
                 }
             }
@@ -924,7 +927,7 @@ subscriptions:
     env.create_grant("jo", grant_spec("vm1", &[22], "203.0.113.15/32", "PT1H"))
         .await;
     env.wait_grant_phase("jo", GrantPhase::Active, T).await;
-    // vm1's 3 Deny rules and jo's Allow rule stand in the other resource group's NSG, aimed at
+    // vm1's 2 Deny rules and jo's Allow rule stand in the other resource group's NSG, aimed at
     // both of vm1's addresses.
     let rules = wait_for("vm1's rules in nsg-other", T, || async {
         let rules = env.admin.rules(&nsg_other).await.ok()?;
@@ -933,7 +936,7 @@ subscriptions:
             .iter()
             .filter(|r| prop(r, "access") == "Allow")
             .count();
-        (deny == 3 && allow == 1).then_some(rules)
+        (deny == 2 && allow == 1).then_some(rules)
     })
     .await;
     for rule in &rules {

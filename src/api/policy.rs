@@ -48,8 +48,10 @@ use super::schema;
 /// Which VMs may be opened, on which ports, from where, for how long, for whom, and with whose
 /// approval. Every listed port is closed by a Deny rule while no grant opens it.
 pub struct JitPolicySpec {
-    /// The VMs this policy governs, as Defender's `virtualMachines`.
-    #[schemars(length(min = 1, max = 100))]
+    /// The VMs this policy governs, as Defender's `virtualMachines` (at most 1,000: the
+    /// policy's Deny rules are aggregated per NSG, so its size is bounded by Azure's 4,000
+    /// addresses per NSG, not by the number of rules).
+    #[schemars(length(min = 1, max = 1000))]
     pub virtual_machines: Vec<PolicyVirtualMachine>,
     /// Who may request access under this policy. Absent: anyone whom RBAC lets create grants
     /// in the namespace. A grant from anyone else is denied (`RequesterNotAllowed`).

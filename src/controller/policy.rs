@@ -158,7 +158,7 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
             false,
             "PriorityBandFull",
             format!(
-                "no free priority in the deny band for {}",
+                "no room in the NSG (no free priority in the deny band, or over Azure's 4,000 addresses per NSG) for {}",
                 band_full.join(", ")
             ),
         )

@@ -278,8 +278,20 @@ fn by_family<'a>(ips: impl Iterator<Item = &'a String>) -> Vec<(Family, Vec<Stri
         .collect()
 }
 
-/// The Deny intents of one non-deleting policy for `nsg_id`, from its effective spec: one per
-/// VM, port, protocol and address family.
+/// The most addresses one Deny rule carries; a larger group is split into chunks of at most
+/// this many, named `-0`, `-1`, ... in the order of the VMs' ids. Azure documents no per-rule
+/// limit, only 4,000 addresses per NSG over all its rules (see `diff::MAX_ADDRESSES_PER_NSG`);
+/// 400 keeps each rule's write small, and an NSG full to Azure's limit with one policy's VMs
+/// still takes only 10 of the Deny band's priorities.
+pub const DENY_RULE_MAX_ADDRESSES: usize = 400;
+
+/// The Deny intents of one non-deleting policy for `nsg_id`, from its effective spec. The VMs
+/// this NSG governs are grouped, per protocol and address family, by the set of ports the policy
+/// names for them under that protocol: one rule per group lists the group's ports and its VMs'
+/// addresses. A VM is therefore never denied a port the policy does not name for it, and in the
+/// common case (every VM with the same ports) a policy takes one rule per protocol and family in
+/// each NSG, however many VMs it covers. A group over [`DENY_RULE_MAX_ADDRESSES`] addresses is
+/// split into chunks.
 fn policy_intents(nsg_id: &str, policy: &JitPolicy, names: &Naming, out: &mut Vec<RuleIntent>) {
     if policy.metadata.deletion_timestamp.is_some() {
         return;
@@ -291,6 +303,9 @@ fn policy_intents(nsg_id: &str, policy: &JitPolicy, names: &Naming, out: &mut Ve
         return;
     };
     let name = policy.name_any();
+    // (protocol, ports, family) -> (VM id in lowercase, address), sorted.
+    type Group = (u8, Vec<u16>, Family);
+    let mut groups: BTreeMap<Group, (Protocol, Vec<(String, String)>)> = BTreeMap::new();
     for vm in &spec.virtual_machines {
         let Some(target) = target_of(policy, &vm.id) else {
             continue;
@@ -298,34 +313,64 @@ fn policy_intents(nsg_id: &str, policy: &JitPolicy, names: &Naming, out: &mut Ve
         if !contains_ci(&target.network_security_groups, nsg_id) {
             continue;
         }
+        let mut by_protocol: BTreeMap<u8, (Protocol, Vec<u16>)> = BTreeMap::new();
+        for port in &vm.ports {
+            by_protocol
+                .entry(protocol_rank(port.protocol))
+                .or_insert((port.protocol, Vec::new()))
+                .1
+                .push(port.number);
+        }
+        let vm_key = vm.id.to_ascii_lowercase();
         for (family, ips) in by_family(target.private_ip_addresses.iter()) {
-            for port in &vm.ports {
-                out.push(RuleIntent {
-                    owner: Owner::Policy {
-                        uid: uid.clone(),
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                    },
-                    name: naming::with_family(
-                        names.policy_rule_name(&uid, &vm.id, port.number, port.protocol),
-                        family,
-                    ),
-                    description: naming::policy_description(
-                        &namespace,
-                        &name,
-                        validate::vm_name(&vm.id),
-                        port.number,
-                        port.protocol,
-                    ),
-                    access: Access::Deny,
-                    direction: Direction::Inbound,
-                    protocol: rule_protocol(port.protocol),
-                    source_address_prefixes: vec!["*".to_string()],
-                    source_port_ranges: vec!["*".to_string()],
-                    destination_address_prefixes: ips.clone(),
-                    destination_port_ranges: vec![port.number.to_string()],
-                });
+            for (rank, (protocol, ports)) in &by_protocol {
+                let mut ports = ports.clone();
+                ports.sort_unstable();
+                ports.dedup();
+                groups
+                    .entry((*rank, ports, family))
+                    .or_insert((*protocol, Vec::new()))
+                    .1
+                    .extend(ips.iter().map(|ip| (vm_key.clone(), ip.clone())));
             }
+        }
+    }
+    for ((_, ports, family), (protocol, mut members)) in groups {
+        members.sort();
+        // An address two VMs claim is listed once, under the first.
+        let mut seen = std::collections::HashSet::new();
+        members.retain(|(_, ip)| seen.insert(ip.clone()));
+        let chunks: Vec<&[(String, String)]> = members.chunks(DENY_RULE_MAX_ADDRESSES).collect();
+        let count = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut vms: Vec<&str> = chunk.iter().map(|(vm, _)| vm.as_str()).collect();
+            vms.dedup();
+            let mut ips: Vec<String> = chunk.iter().map(|(_, ip)| ip.clone()).collect();
+            ips.sort();
+            let index = u16::try_from(i).unwrap_or(u16::MAX);
+            out.push(RuleIntent {
+                owner: Owner::Policy {
+                    uid: uid.clone(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                },
+                name: names.policy_group_rule_name(&uid, protocol, family, &ports, index),
+                description: naming::policy_group_description(
+                    &namespace,
+                    &name,
+                    &ports,
+                    protocol,
+                    vms.len(),
+                    (count > 1).then_some((i + 1, count)),
+                ),
+                access: Access::Deny,
+                direction: Direction::Inbound,
+                protocol: rule_protocol(protocol),
+                source_address_prefixes: vec!["*".to_string()],
+                source_port_ranges: vec!["*".to_string()],
+                destination_address_prefixes: ips,
+                destination_port_ranges: ports.iter().map(u16::to_string).collect(),
+            });
         }
     }
 }
@@ -426,8 +471,9 @@ pub fn policy_of<'a, P: Borrow<JitPolicy>>(
         .find(|p| p.namespace() == ns && p.name_any() == grant.policy_name())
 }
 
-/// Every rule that should exist in NSG `nsg_id`, sorted by name: a Deny rule per (port,
-/// protocol) of every VM of every valid policy that this NSG governs, and an Allow rule per
+/// Every rule that should exist in NSG `nsg_id`, sorted by name: the aggregated Deny rules of
+/// every valid policy for the VMs this NSG governs (one per protocol, address family and port
+/// set, see `policy_intents`), and an Allow rule per
 /// protocol of every live grant whose VM this NSG governs. VMs without a private IP get no rule
 /// (an NSG rule needs a destination).
 ///
@@ -656,67 +702,225 @@ pub(crate) mod tests {
     #[test]
     fn deny_rules_for_every_policy_port_in_the_nsg() {
         let p = example_policy();
-        let all = desired_rules(
-            NSG_A,
-            std::slice::from_ref(&p),
-            NO_GRANTS,
-            now(),
-            &Naming::default(),
-        );
-        assert_eq!(all.len(), 8, "vm1's four ports, once per address family");
-        let (a, v6): (Vec<RuleIntent>, Vec<RuleIntent>) =
-            all.into_iter().partition(|i| !i.name.ends_with("-v6"));
-        assert!(
-            v6.iter()
-                .all(|i| i.destination_address_prefixes == ["fd00::4"])
-        );
-        assert!(
-            a.iter()
-                .all(|i| i.access == Access::Deny && i.direction == Direction::Inbound)
-        );
-        assert!(
-            a.iter()
-                .all(|i| i.source_address_prefixes == ["*"] && i.source_port_ranges == ["*"])
-        );
-        assert!(
-            a.iter()
-                .all(|i| i.destination_address_prefixes == ["10.0.1.4", "10.0.1.5"])
-        );
-        let mut names: Vec<_> = a.iter().map(|i| i.name.clone()).collect();
-        let sorted = {
-            let mut s = names.clone();
-            s.sort();
-            s
+        let names = Naming::default();
+        let all = desired_rules(NSG_A, std::slice::from_ref(&p), NO_GRANTS, now(), &names);
+        // vm1 (22, 53 and 443 over TCP, 53 over UDP): one rule per protocol and family.
+        assert_eq!(all.len(), 4, "{all:#?}");
+        assert!(all.iter().all(|i| i.access == Access::Deny
+            && i.direction == Direction::Inbound
+            && i.source_address_prefixes == ["*"]
+            && i.source_port_ranges == ["*"]));
+        let find = |protocol: Protocol, family: Family, ports: &[u16]| {
+            let name = names.policy_group_rule_name("policy-uid-1", protocol, family, ports, 0);
+            all.iter()
+                .find(|i| i.name == name)
+                .unwrap_or_else(|| panic!("{name} in {all:#?}"))
+                .clone()
         };
-        assert_eq!(names, sorted);
-        names.dedup();
-        assert_eq!(names.len(), 4);
-        let ssh = a
-            .iter()
-            .find(|i| i.destination_port_ranges == ["22"])
-            .expect("22");
+        let tcp = find(Protocol::Tcp, Family::V4, &[22, 53, 443]);
+        assert_eq!(tcp.destination_port_ranges, ["22", "53", "443"]);
+        assert_eq!(tcp.destination_address_prefixes, ["10.0.1.4", "10.0.1.5"]);
+        assert_eq!(tcp.protocol, RuleProtocol::Tcp);
         assert_eq!(
-            ssh.name,
-            Naming::default().policy_rule_name(
-                "policy-uid-1",
-                &vm_id("rg1", "vm1"),
-                22,
-                Protocol::Tcp
-            )
+            tcp.description,
+            "portcullis policy team-a/prod-ssh deny 22,53,443/tcp on 1 VM"
         );
+        let tcp6 = find(Protocol::Tcp, Family::V6, &[22, 53, 443]);
+        assert_eq!(tcp6.destination_address_prefixes, ["fd00::4"]);
+        let udp = find(Protocol::Udp, Family::V4, &[53]);
+        assert_eq!(udp.destination_port_ranges, ["53"]);
+        assert_eq!(udp.protocol, RuleProtocol::Udp);
+        find(Protocol::Udp, Family::V6, &[53]);
+        let mut sorted: Vec<String> = all.iter().map(|i| i.name.clone()).collect();
+        sorted.sort();
         assert_eq!(
-            ssh.description,
-            "portcullis policy team-a/prod-ssh deny vm1:22/tcp"
+            all.iter().map(|i| &i.name).collect::<Vec<_>>(),
+            sorted.iter().collect::<Vec<_>>()
         );
-        // Upper-case NSG id matches.
+        // Upper-case NSG id matches; vm2 (3389 only) gets a rule of its own in nsg-b: it is never
+        // denied vm1's ports, nor vm1 its port.
         let b = desired_rules(
             &NSG_B.to_uppercase(),
             std::slice::from_ref(&p),
             NO_GRANTS,
             now(),
-            &Naming::default(),
+            &names,
         );
-        assert_eq!(b.len(), 9, "vm1's four ports (IPv4 and IPv6) and vm2's one");
+        assert_eq!(b.len(), 5, "vm1's four rules and vm2's one: {b:#?}");
+        let vm2 =
+            names.policy_group_rule_name("policy-uid-1", Protocol::Tcp, Family::V4, &[3389], 0);
+        let vm2 = b.iter().find(|i| i.name == vm2).expect("vm2's rule");
+        assert_eq!(vm2.destination_address_prefixes, ["10.0.2.4"]);
+        assert_eq!(vm2.destination_port_ranges, ["3389"]);
+    }
+
+    /// A policy over `n` VMs with the same port, `per_nsg` VMs behind each subnet NSG.
+    pub(crate) fn wide_policy(n: usize, per_nsg: usize, ports: &[u16]) -> (JitPolicy, Vec<String>) {
+        use crate::api::{PolicyPort, PolicyVirtualMachine};
+        let nsg = |s: usize| {
+            format!(
+                "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.Network/networkSecurityGroups/nsg-subnet{s}"
+            )
+        };
+        let mut vms = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..n {
+            let id = vm_id("rg1", &format!("vm{i}"));
+            vms.push(PolicyVirtualMachine {
+                id: id.clone(),
+                ports: ports
+                    .iter()
+                    .map(|&number| PolicyPort {
+                        number,
+                        protocol: Protocol::Tcp,
+                        allowed_source_address_prefix: None,
+                        allowed_source_address_prefixes: vec!["198.18.0.0/15".into()],
+                        max_request_access_duration: "PT3H".into(),
+                        approval: None,
+                    })
+                    .collect(),
+            });
+            let ip = format!(
+                "10.{}.{}.{}",
+                i / per_nsg,
+                (i % per_nsg) / 250,
+                (i % per_nsg) % 250 + 4
+            );
+            targets.push(target(&id, &[ip.as_str()], &[nsg(i / per_nsg).as_str()]));
+        }
+        let p = mk_policy(
+            "team-a",
+            "wide",
+            "wide-uid",
+            JitPolicySpec {
+                virtual_machines: vms,
+                ..Default::default()
+            },
+            targets,
+        );
+        (p, (0..n.div_ceil(per_nsg)).map(nsg).collect())
+    }
+
+    #[test]
+    fn vms_with_the_same_ports_share_one_rule_and_others_get_their_own() {
+        let (mut p, nsgs) = wide_policy(6, 6, &[22]);
+        // vm4 also lists 80, vm5 only 443: three port sets, three rules.
+        let extra = p.spec.virtual_machines[0].ports[0].clone();
+        p.spec.virtual_machines[4]
+            .ports
+            .push(crate::api::PolicyPort {
+                number: 80,
+                ..extra
+            });
+        p.spec.virtual_machines[5].ports[0].number = 443;
+        let names = Naming::default();
+        let rules = desired_rules(&nsgs[0], std::slice::from_ref(&p), NO_GRANTS, now(), &names);
+        let by_ports: Vec<(Vec<String>, Vec<String>)> = rules
+            .iter()
+            .map(|r| {
+                (
+                    r.destination_port_ranges.clone(),
+                    r.destination_address_prefixes.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(rules.len(), 3, "{by_ports:?}");
+        let ports = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(
+            by_ports.contains(&(
+                ports(&["22"]),
+                ports(&["10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7"])
+            )),
+            "{by_ports:?}"
+        );
+        assert!(
+            by_ports.contains(&(ports(&["22", "80"]), ports(&["10.0.0.8"]))),
+            "{by_ports:?}"
+        );
+        assert!(
+            by_ports.contains(&(ports(&["443"]), ports(&["10.0.0.9"]))),
+            "{by_ports:?}"
+        );
+        let shared = rules
+            .iter()
+            .find(|r| r.destination_port_ranges == ["22"])
+            .expect("22");
+        assert_eq!(
+            shared.description,
+            "portcullis policy team-a/wide deny 22/tcp on 4 VMs"
+        );
+        // Another NSG sees none of them.
+        assert!(desired_rules(NSG_A, &[p], NO_GRANTS, now(), &names).is_empty());
+    }
+
+    #[test]
+    fn a_group_over_the_per_rule_cap_is_split_into_named_chunks() {
+        let n = 2 * DENY_RULE_MAX_ADDRESSES + 7;
+        let (p, nsgs) = wide_policy(n, n, &[22, 3389]);
+        let names = Naming::default();
+        let rules = desired_rules(&nsgs[0], std::slice::from_ref(&p), NO_GRANTS, now(), &names);
+        assert_eq!(rules.len(), 3);
+        let mut covered = std::collections::BTreeSet::new();
+        for (i, size) in [DENY_RULE_MAX_ADDRESSES, DENY_RULE_MAX_ADDRESSES, 7]
+            .into_iter()
+            .enumerate()
+        {
+            let name = names.policy_group_rule_name(
+                "wide-uid",
+                Protocol::Tcp,
+                Family::V4,
+                &[22, 3389],
+                i as u16,
+            );
+            let r = rules
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap_or_else(|| panic!("chunk {i}"));
+            assert_eq!(r.destination_address_prefixes.len(), size);
+            assert_eq!(r.destination_port_ranges, ["22", "3389"]);
+            assert!(
+                r.description
+                    .ends_with(&format!("on {size} VMs (part {} of 3)", i + 1)),
+                "{}",
+                r.description
+            );
+            covered.extend(r.destination_address_prefixes.iter().cloned());
+        }
+        assert_eq!(covered.len(), n, "every VM in exactly one chunk");
+        // Deterministic: the same policy gives the same rules.
+        assert_eq!(
+            rules,
+            desired_rules(&nsgs[0], &[p], NO_GRANTS, now(), &names)
+        );
+    }
+
+    /// Issue 10's target: a policy over 1,000 VMs behind 10 subnet NSGs (100 VMs each, one port)
+    /// takes one Deny rule per NSG, placed inside the default Deny band in one write per NSG,
+    /// after which the NSG is in line.
+    #[test]
+    fn a_policy_over_1000_vms_behind_10_subnet_nsgs_fits_the_default_band_in_one_write_each() {
+        use crate::plan::diff::{Bands, plan_nsg};
+        let (p, nsgs) = wide_policy(1000, 100, &[22]);
+        assert_eq!(nsgs.len(), 10);
+        let names = Naming::default();
+        let bands = Bands::default();
+        for nsg in &nsgs {
+            let desired = desired_rules(nsg, std::slice::from_ref(&p), NO_GRANTS, now(), &names);
+            assert_eq!(desired.len(), 1, "{nsg}");
+            assert_eq!(desired[0].destination_address_prefixes.len(), 100);
+            let plan = plan_nsg(&[], &desired, &bands, &names);
+            assert!(
+                plan.unplaced.is_empty() && plan.deletes.is_empty(),
+                "{nsg}: {plan:?}"
+            );
+            assert_eq!(plan.puts.len(), 1);
+            assert!(bands.deny.contains(&plan.puts[0].priority));
+            let after: Vec<NsgRule> = plan.placed.clone();
+            assert!(
+                plan_nsg(&after, &desired, &bands, &names).is_noop(),
+                "{nsg} in line after one write"
+            );
+        }
     }
 
     #[test]
@@ -1038,7 +1242,7 @@ pub(crate) mod tests {
             now(),
             &Naming::default(),
         );
-        assert_eq!(merged.len(), 8, "4 ports, IPv4 and IPv6");
+        assert_eq!(merged.len(), 4, "TCP and UDP, IPv4 and IPv6");
         assert!(merged.iter().filter(|r| !r.name.ends_with("-v6")).all(|r| {
             r.destination_address_prefixes
                 .contains(&"10.9.9.9".to_string())
@@ -1289,15 +1493,39 @@ pub(crate) mod tests {
                             }
                         }
                     }
-                    // Every policy port of a VM in this NSG (with an IP) has its Deny rule.
+                    // Every policy port of a VM in this NSG has a Deny rule covering each of the
+                    // VM's addresses; and a Deny rule covers an address only for exactly the ports
+                    // the policy names for that VM under that protocol.
                     for vm in &policy.spec.virtual_machines {
                         let tgt = target_of(&policy, &vm.id).expect("resolved");
-                        if contains_ci(&tgt.network_security_groups, nsg) && !tgt.private_ip_addresses.is_empty() {
-                            for p in &vm.ports {
-                                let name = Naming::default().policy_rule_name("policy-uid", &vm.id, p.number, p.protocol);
-                                let v6 = naming::with_family(name.clone(), naming::Family::V6);
-                                prop_assert!(intents.iter().any(|i| (i.name == name || i.name == v6) && i.access == Access::Deny));
+                        if !contains_ci(&tgt.network_security_groups, nsg) {
+                            continue;
+                        }
+                        for p in &vm.ports {
+                            for ip in &tgt.private_ip_addresses {
+                                prop_assert!(intents.iter().any(|i| i.access == Access::Deny
+                                    && i.protocol == rule_protocol(p.protocol)
+                                    && i.destination_port_ranges.contains(&p.number.to_string())
+                                    && i.destination_address_prefixes.contains(ip)),
+                                    "{}:{} {:?} not denied", ip, p.number, p.protocol);
                             }
+                        }
+                    }
+                    for i in intents.iter().filter(|i| i.access == Access::Deny) {
+                        for ip in &i.destination_address_prefixes {
+                            let named = policy.spec.virtual_machines.iter().any(|vm| {
+                                let tgt = target_of(&policy, &vm.id).expect("resolved");
+                                let mut ports: Vec<String> = vm.ports.iter()
+                                    .filter(|p| rule_protocol(p.protocol) == i.protocol)
+                                    .map(|p| p.number)
+                                    .collect::<std::collections::BTreeSet<u16>>()
+                                    .into_iter().map(|n| n.to_string()).collect();
+                                ports.sort_by_key(|p| p.parse::<u16>().unwrap_or(0));
+                                contains_ci(&tgt.network_security_groups, nsg)
+                                    && tgt.private_ip_addresses.contains(ip)
+                                    && ports == i.destination_port_ranges
+                            });
+                            prop_assert!(named, "{} denied {:?} the policy does not name for it", ip, i.destination_port_ranges);
                         }
                     }
                 }

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
 
 use super::desired::RuleIntent;
-use super::naming::{Naming, RuleKind, RuleName, is_valid_rule_name};
+use super::naming::{Naming, is_valid_rule_name};
 use super::rule::{Access, Direction, NsgRule};
 
 /// Azure's priority range for security rules.
@@ -101,13 +101,16 @@ impl Bands {
 pub struct NsgPlan {
     /// Names of owned rules to delete (orphans, and rules of ours that lost their place), sorted.
     pub deletes: Vec<String>,
-    /// Rules to create or correct (per-rule PUT), sorted by name.
+    /// Rules to create or correct (per-rule PUT), sorted by name, except that a Deny rule that
+    /// gives up addresses or ports it covered comes after the others: written one by one in this
+    /// order, a Deny rule taking them over stands before that one lets them go.
     pub puts: Vec<NsgRule>,
     /// Every desired rule that will exist once the plan is applied, with its priority, sorted by
     /// name. This is what status reports.
     pub placed: Vec<NsgRule>,
-    /// Desired rules that found no free priority in their band (or no room in the NSG, or an
-    /// unusable name): report them, e.g. as `BandFull`.
+    /// Desired rules that found no free priority in their band (or no room in the NSG: Azure's
+    /// 1,000 rules, or its 4,000 addresses, see [`MAX_ADDRESSES_PER_NSG`]; or an unusable name):
+    /// report them, e.g. as `BandFull`.
     pub unplaced: Vec<RuleIntent>,
 }
 
@@ -169,25 +172,143 @@ impl NsgPlan {
     }
 }
 
+/// Azure's limit on the IP addresses and ranges of one NSG, summed over all its rules and
+/// counted apart for sources and destinations: beyond it Azure refuses the write
+/// (`SecurityRuleAddressesOrPortsPerSecurityGroupLimitReached`).
+pub const MAX_ADDRESSES_PER_NSG: usize = 4000;
+
+/// Addresses rules put towards Azure's per-NSG limit. Every prefix but `*` counts (a service tag
+/// too: refused by this count, a rule is reported; refused by Azure, the whole write fails).
+/// Port ranges are not counted: the limit's error name says "AddressesOrPorts", but no document
+/// gives a number for ports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Addresses {
+    source: usize,
+    destination: usize,
+}
+
+impl Addresses {
+    fn of(source: &[String], destination: &[String]) -> Addresses {
+        let count = |v: &[String]| v.iter().filter(|p| p.as_str() != "*").count();
+        Addresses {
+            source: count(source),
+            destination: count(destination),
+        }
+    }
+
+    fn of_rule(r: &NsgRule) -> Addresses {
+        Addresses::of(&r.source_address_prefixes, &r.destination_address_prefixes)
+    }
+
+    fn of_intent(i: &RuleIntent) -> Addresses {
+        Addresses::of(&i.source_address_prefixes, &i.destination_address_prefixes)
+    }
+
+    fn plus(self, other: Addresses) -> Addresses {
+        Addresses {
+            source: self.source + other.source,
+            destination: self.destination + other.destination,
+        }
+    }
+
+    fn fits(self) -> bool {
+        self.source <= MAX_ADDRESSES_PER_NSG && self.destination <= MAX_ADDRESSES_PER_NSG
+    }
+}
+
+/// Whether `new` leaves out an address, a port or the protocol that `old` covered: written alone,
+/// it would give up coverage.
+fn gives_up_coverage(old: &NsgRule, new: &NsgRule) -> bool {
+    old.protocol != new.protocol
+        || old
+            .destination_address_prefixes
+            .iter()
+            .any(|a| !new.destination_address_prefixes.contains(a))
+        || old
+            .destination_port_ranges
+            .iter()
+            .any(|p| !new.destination_port_ranges.contains(p))
+}
+
 /// The minimal change for one NSG. See the module documentation; in short:
 /// - a rule `naming` does not own is never put or deleted, and an intent whose name is not
 ///   `naming`'s own current name is refused (unplaced);
 /// - an owned rule no intent names is deleted (legacy names when adopted: migrated), except
-///   that a legacy Deny rule stays until its new-named replacement stands, so the port is never
-///   left without a Deny rule during the migration;
+///   that a policy's Deny rule (aggregated, per-VM of older versions, or legacy) that is no
+///   longer wanted stays while any wanted Deny rule of the same policy does not stand yet
+///   (written by this plan, or without room): no port of the policy is left without a Deny rule
+///   in between, whether the plan is written in one PUT or rule by rule, and the next sync
+///   deletes it;
+/// - when the policy's new Deny rules find no room (no free priority, or over Azure's 4,000
+///   addresses) while its old ones stand, the old ones give way in this same plan (deleted, their
+///   priorities and addresses handed to the new rules), only if all the new ones then fit. In one
+///   write of the NSG that is atomic; written rule by rule (deletes first), the old rules' ports
+///   are uncovered from their DELETE until the new rule's PUT;
 /// - an intent whose rule exists keeps that rule's priority when it is inside the intent's band
 ///   and no other rule in the same direction holds it; it is put back only if its content drifted;
 /// - any other intent gets the lowest priority of its band that no existing rule in that
-///   direction holds (including rules deleted by this same plan, since a delete may fail) and
-///   that this plan has not handed out; none free -> `unplaced` (and an out-of-place rule of
-///   ours for it is deleted: an Allow rule in the wrong place must not stay open);
+///   direction holds (including rules deleted by this same plan, since a delete may fail, except
+///   the old Deny rules giving way above) and that this plan has not handed out; none free ->
+///   `unplaced` (and an out-of-place rule of ours for it is deleted: an Allow rule in the wrong
+///   place must not stay open);
+/// - an intent is placed only while the NSG's addresses (other people's rules, ours that stay,
+///   and the intents placed before it, existing rules first) stay within
+///   [`MAX_ADDRESSES_PER_NSG`]; beyond, it is unplaced, and a Deny rule of it that stands in
+///   place stays as it is (fails closed);
 /// - applying the plan and planning again gives a no-op, except that intents unplaced the first
-///   time may be placed into priorities the first plan's deletes freed.
+///   time may be placed into priorities the first plan's deletes freed, and no-longer-wanted
+///   Deny rules are deleted once their policy's new ones stand.
 pub fn plan_nsg(
     existing: &[NsgRule],
     desired: &[RuleIntent],
     bands: &Bands,
     naming: &Naming,
+) -> NsgPlan {
+    let first = plan_with(existing, desired, bands, naming, &HashSet::new());
+    // Policies whose new Deny rules found no room while old ones of theirs wait.
+    let mut giving_way: HashSet<String> = first
+        .unplaced
+        .iter()
+        .filter_map(|i| deny_policy(naming, &i.name))
+        .filter(|policy| {
+            existing.iter().any(|r| {
+                deny_policy(naming, &r.name).as_ref() == Some(policy)
+                    && !desired.iter().any(|i| i.name.eq_ignore_ascii_case(&r.name))
+                    && !first.deletes.contains(&r.name)
+            })
+        })
+        .collect();
+    // Only policies all of whose rules then fit; fewer policies each round, so this ends.
+    while !giving_way.is_empty() {
+        let attempt = plan_with(existing, desired, bands, naming, &giving_way);
+        let unfit: HashSet<String> = attempt
+            .unplaced
+            .iter()
+            .filter_map(|i| deny_policy(naming, &i.name))
+            .collect();
+        if giving_way.iter().all(|p| !unfit.contains(p)) {
+            return attempt;
+        }
+        giving_way.retain(|p| !unfit.contains(p));
+    }
+    first
+}
+
+/// The policy hash of one of `naming`'s Deny rules, of any form.
+fn deny_policy(naming: &Naming, name: &str) -> Option<String> {
+    naming
+        .owned(name)
+        .and_then(|n| n.kind.policy().map(str::to_string))
+}
+
+/// [`plan_nsg`] with the no-longer-wanted Deny rules of the policies in `giving_way` deleted
+/// at once, their priorities and addresses free for this plan.
+fn plan_with(
+    existing: &[NsgRule],
+    desired: &[RuleIntent],
+    bands: &Bands,
+    naming: &Naming,
+    giving_way: &HashSet<String>,
 ) -> NsgPlan {
     let key = |s: &str| s.to_ascii_lowercase();
     let mut plan = NsgPlan::default();
@@ -204,19 +325,33 @@ pub fn plan_nsg(
         usable
     });
     let wanted: HashSet<String> = intents.iter().map(|i| key(&i.name)).collect();
+    let superseded =
+        |r: &NsgRule| !wanted.contains(&key(&r.name)) && deny_policy(naming, &r.name).is_some();
+    let gives_way = |r: &NsgRule| {
+        superseded(r) && deny_policy(naming, &r.name).is_some_and(|p| giving_way.contains(&p))
+    };
 
     // Existing rules: ours by name, and who holds each (direction, priority). A rule whose name
     // differs from a wanted one only in case is the same Azure resource (names are
-    // case-insensitive), so it is the one the put will write.
+    // case-insensitive), so it is the one the put will write. The addresses of the rules that
+    // stay whatever this plan does: other people's, and our Deny rules that may wait for their
+    // replacement.
     let mut ours: HashMap<String, &NsgRule> = HashMap::new();
     let mut holders: HashMap<(Direction, u16), Vec<String>> = HashMap::new();
+    let mut addresses = Addresses::default();
     for r in existing {
-        holders
-            .entry((r.direction, r.priority))
-            .or_default()
-            .push(key(&r.name));
-        if naming.is_owned(&r.name) || wanted.contains(&key(&r.name)) {
+        if !gives_way(r) {
+            holders
+                .entry((r.direction, r.priority))
+                .or_default()
+                .push(key(&r.name));
+        }
+        let is_ours = naming.is_owned(&r.name) || wanted.contains(&key(&r.name));
+        if is_ours {
             ours.entry(key(&r.name)).or_insert(r);
+        }
+        if !is_ours || (superseded(r) && !gives_way(r)) {
+            addresses = addresses.plus(Addresses::of_rule(r));
         }
     }
     let mut deletes: Vec<String> = Vec::new();
@@ -228,9 +363,11 @@ pub fn plan_nsg(
         }
     }
 
-    // Pass 1: existing rules keep their priority where they can.
+    // Pass 1: existing rules keep their priority where they can. A Deny rule standing in place
+    // whose new content no longer fits the NSG's addresses stays as it is.
     let mut assigned: HashSet<(Direction, u16)> = HashSet::new();
     let mut priority_of: HashMap<String, u16> = HashMap::new();
+    let mut kept_as_is: HashSet<String> = HashSet::new();
     for i in &intents {
         let k = key(&i.name);
         let Some(r) = ours.get(&k) else { continue };
@@ -241,19 +378,28 @@ pub fn plan_nsg(
             && !assigned.contains(&slot)
         {
             assigned.insert(slot);
-            priority_of.insert(k, r.priority);
+            let with = addresses.plus(Addresses::of_intent(i));
+            if with.fits() {
+                addresses = with;
+                priority_of.insert(k, r.priority);
+            } else if i.access == Access::Deny {
+                addresses = addresses.plus(Addresses::of_rule(r));
+                kept_as_is.insert(k);
+                plan.unplaced.push((*i).clone());
+            }
         }
     }
 
     // Pass 2: everything else takes the lowest free priority of its band.
-    let mut rule_count = existing.len();
+    let mut rule_count = existing.iter().filter(|r| !gives_way(r)).count();
     for i in &intents {
         let k = key(&i.name);
-        if priority_of.contains_key(&k) {
+        if priority_of.contains_key(&k) || kept_as_is.contains(&k) {
             continue;
         }
         let exists = ours.contains_key(&k);
-        let free = if !exists && rule_count >= MAX_RULES_PER_NSG {
+        let with = addresses.plus(Addresses::of_intent(i));
+        let free = if (!exists && rule_count >= MAX_RULES_PER_NSG) || !with.fits() {
             None
         } else {
             bands.for_access(i.access).clone().find(|p| {
@@ -264,6 +410,7 @@ pub fn plan_nsg(
             Some(p) => {
                 assigned.insert((i.direction, p));
                 priority_of.insert(k, p);
+                addresses = with;
                 if !exists {
                     rule_count += 1;
                 }
@@ -291,29 +438,32 @@ pub fn plan_nsg(
         }
         plan.placed.push(rule);
     }
+    // Written one by one, a Deny rule that hands addresses or ports to another goes last.
+    plan.puts.sort_by_key(|p| {
+        p.access == Access::Deny
+            && ours
+                .get(&key(&p.name))
+                .is_some_and(|old| gives_up_coverage(old, p))
+    });
 
-    // A legacy Deny rule stays while its replacement does not stand yet (being written now, or
-    // no free priority): the port keeps a Deny rule throughout the migration, and the next sync
-    // deletes it.
-    let standing: HashSet<String> = plan
-        .placed
+    // A policy's Deny rule that is no longer wanted stays while a wanted Deny rule of the same
+    // policy does not stand yet (being written now, or without room): the policy's ports keep a
+    // Deny rule throughout, and the next sync deletes it. Unless it gives way (above).
+    let pending: HashSet<String> = plan
+        .puts
         .iter()
-        .filter(|r| !plan.puts.iter().any(|p| p.name == r.name))
-        .map(|r| key(&r.name))
+        .map(|r| r.name.as_str())
+        .chain(plan.unplaced.iter().map(|i| i.name.as_str()))
+        .filter_map(|n| deny_policy(naming, n))
         .collect();
     deletes.retain(|name| {
-        let Some(legacy) = naming.owned(name).filter(|n| n.installation.is_none()) else {
-            return true;
-        };
-        if !matches!(legacy.kind, RuleKind::Deny { .. }) {
+        if wanted.contains(&key(name)) {
             return true;
         }
-        let replacement = key(&RuleName {
-            installation: Some(naming.installation.as_str().to_string()),
-            ..legacy
+        match deny_policy(naming, name) {
+            Some(policy) => giving_way.contains(&policy) || !pending.contains(&policy),
+            None => true,
         }
-        .render());
-        !wanted.contains(&replacement) || standing.contains(&replacement)
     });
     deletes.sort_by_key(|n| key(n));
     plan.deletes = deletes;
@@ -326,6 +476,7 @@ mod tests {
     use super::*;
     use crate::api::Protocol;
     use crate::plan::desired::Owner;
+    use crate::plan::naming::Family;
     use crate::plan::rule::RuleProtocol;
 
     /// A current Allow rule name of the default installation.
@@ -769,7 +920,7 @@ mod tests {
             r
         };
         let deny = intent(
-            &own.policy_rule_name("p", "vm", 22, Protocol::Tcp),
+            &own.policy_group_rule_name("p", Protocol::Tcp, Family::V4, &[22], 0),
             Access::Deny,
             22,
         );
@@ -827,6 +978,186 @@ mod tests {
         );
     }
 
+    /// A Deny intent of policy `uid` for `ports`, over `addresses`.
+    fn group_intent(uid: &str, ports: &[u16], chunk: u16, addresses: &[String]) -> RuleIntent {
+        let own = Naming::default();
+        RuleIntent {
+            owner: Owner::Policy {
+                uid: uid.into(),
+                namespace: "ns".into(),
+                name: "p".into(),
+            },
+            name: own.policy_group_rule_name(uid, Protocol::Tcp, Family::V4, ports, chunk),
+            description: format!("portcullis policy ns/p deny {ports:?}"),
+            access: Access::Deny,
+            direction: Direction::Inbound,
+            protocol: RuleProtocol::Tcp,
+            source_address_prefixes: vec!["*".into()],
+            source_port_ranges: vec!["*".into()],
+            destination_address_prefixes: addresses.to_vec(),
+            destination_port_ranges: ports.iter().map(u16::to_string).collect(),
+        }
+    }
+
+    /// The per-VM Deny rules an older version wrote for policy `uid`: one per address, port 22.
+    fn per_vm_rules(uid: &str, addresses: &[String], first_priority: u16) -> Vec<NsgRule> {
+        let own = Naming::default();
+        addresses
+            .iter()
+            .enumerate()
+            .map(|(n, a)| {
+                let mut r = intent("x", Access::Deny, 22).with_priority(first_priority + n as u16);
+                r.name = own.policy_rule_name(uid, &format!("vm{n}"), 22, Protocol::Tcp);
+                r.destination_address_prefixes = vec![a.clone()];
+                r
+            })
+            .collect()
+    }
+
+    fn ips(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.0.{}.{}", i / 250, i % 250 + 4))
+            .collect()
+    }
+
+    #[test]
+    fn per_vm_deny_rules_stay_until_the_aggregated_rule_stands() {
+        let own = Naming::default();
+        let addresses = ips(3);
+        let old = per_vm_rules("p", &addresses, 4000);
+        let group = group_intent("p", &[22], 0, &addresses);
+        let desired = [group.clone()];
+        // Round 1: the aggregated rule is written at a free priority; the old rules stay.
+        let plan = plan_nsg(&old, &desired, &Bands::default(), &own);
+        assert_eq!(plan.puts, vec![group.with_priority(4003)]);
+        assert!(plan.deletes.is_empty(), "{:?}", plan.deletes);
+        // Round 2: it stands, so the old rules go.
+        let after = apply(&old, &plan);
+        let plan = plan_nsg(&after, &desired, &Bands::default(), &own);
+        assert!(plan.puts.is_empty());
+        let mut names: Vec<String> = old.iter().map(|r| r.name.clone()).collect();
+        names.sort_by_key(|n| n.to_ascii_lowercase());
+        assert_eq!(plan.deletes, names);
+        let after = apply(&after, &plan);
+        assert!(plan_nsg(&after, &desired, &Bands::default(), &own).is_noop());
+        // Another policy's pending rule does not hold back this one's orphans, and the rules of
+        // a policy that is gone go at once.
+        let other = group_intent("q", &[22], 0, &addresses);
+        let plan = plan_nsg(&old, &[other], &Bands::default(), &own);
+        assert_eq!(plan.deletes, names);
+    }
+
+    #[test]
+    fn old_deny_rules_give_way_in_the_same_plan_when_the_band_is_full() {
+        let own = Naming::default();
+        let bands = Bands {
+            allow: 100..=199,
+            deny: 4000..=4002,
+        };
+        let addresses = ips(3);
+        let old = per_vm_rules("p", &addresses, 4000);
+        let group = group_intent("p", &[22], 0, &addresses);
+        let plan = plan_nsg(&old, std::slice::from_ref(&group), &bands, &own);
+        assert!(plan.unplaced.is_empty(), "{:?}", plan.unplaced);
+        assert_eq!(plan.puts, vec![group.with_priority(4000)]);
+        assert_eq!(
+            plan.deletes.len(),
+            3,
+            "every old rule goes in the same write"
+        );
+        let after = apply(&old, &plan);
+        assert!(plan_nsg(&after, &[group], &bands, &own).is_noop());
+
+        // When even that would not make room for all the policy's new rules, nothing gives way:
+        // the old rules stay, and the new ones are reported.
+        let mut crowded = per_vm_rules("p", &addresses[..1], 4000);
+        crowded.push(foreign("someone", 4001, Direction::Inbound));
+        crowded.push(foreign("someone-else", 4002, Direction::Inbound));
+        let desired = [
+            group_intent("p", &[22], 0, &addresses),
+            group_intent("p", &[22, 80], 0, &addresses),
+        ];
+        let plan = plan_nsg(&crowded, &desired, &bands, &own);
+        assert!(plan.is_noop(), "{plan:?}");
+        assert_eq!(plan.unplaced.len(), 2);
+    }
+
+    #[test]
+    fn the_nsgs_address_limit_is_respected_and_reported() {
+        let own = Naming::default();
+        let mut big = foreign("someone-big", 300, Direction::Inbound);
+        big.destination_address_prefixes = ips(MAX_ADDRESSES_PER_NSG - 100);
+        // Sources count apart: a rule with many sources does not use up destinations.
+        let mut sources = foreign("many-sources", 301, Direction::Inbound);
+        sources.source_address_prefixes = ips(MAX_ADDRESSES_PER_NSG);
+        let existing = vec![big.clone(), sources];
+        let fits = group_intent("p", &[22], 0, &ips(100));
+        let plan = plan_nsg(
+            &existing,
+            std::slice::from_ref(&fits),
+            &Bands::default(),
+            &own,
+        );
+        assert_eq!(plan.puts, vec![fits.with_priority(4000)]);
+        let too_many = group_intent("p", &[22], 0, &ips(101));
+        let plan = plan_nsg(
+            &existing,
+            std::slice::from_ref(&too_many),
+            &Bands::default(),
+            &own,
+        );
+        assert!(plan.is_noop());
+        assert_eq!(plan.unplaced, vec![too_many.clone()]);
+        // `*` does not count.
+        let mut open = big.clone();
+        open.destination_address_prefixes = vec!["*".into()];
+        let plan = plan_nsg(
+            &[open],
+            std::slice::from_ref(&too_many),
+            &Bands::default(),
+            &own,
+        );
+        assert!(plan.unplaced.is_empty());
+
+        // A Deny rule that stands but whose new content would no longer fit stays as it is
+        // (fails closed) and is reported.
+        let standing = fits.with_priority(4000);
+        let existing = vec![big, standing.clone()];
+        let grown = group_intent("p", &[22], 0, &ips(150));
+        let plan = plan_nsg(
+            &existing,
+            std::slice::from_ref(&grown),
+            &Bands::default(),
+            &own,
+        );
+        assert!(plan.is_noop(), "{plan:?}");
+        assert_eq!(plan.unplaced, vec![grown]);
+        let usage = plan.band_usage(&existing, &Bands::default());
+        assert!(usage.deny > 0.0);
+    }
+
+    #[test]
+    fn a_deny_rule_taking_over_addresses_is_written_before_the_one_giving_them_up() {
+        let own = Naming::default();
+        let addresses = ips(4);
+        // Chunk 0 held a, b; chunk 1 held c, d. Now chunk 0 holds a only and chunk 1 b, c, d.
+        let a0 = group_intent("p", &[22], 0, &addresses[..2]).with_priority(4000);
+        let a1 = group_intent("p", &[22], 1, &addresses[2..]).with_priority(4001);
+        let new0 = group_intent("p", &[22], 0, &addresses[..1]);
+        let new1 = group_intent("p", &[22], 1, &addresses[1..]);
+        let plan = plan_nsg(
+            &[a0, a1],
+            &[new0.clone(), new1.clone()],
+            &Bands::default(),
+            &own,
+        );
+        assert_eq!(
+            plan.puts,
+            vec![new1.with_priority(4001), new0.with_priority(4000)]
+        );
+        assert!(plan.deletes.is_empty());
+    }
+
     #[test]
     fn rules_of_unreadable_policies_are_kept_by_exact_name() {
         let own = Naming::default();
@@ -867,12 +1198,23 @@ mod tests {
 
         fn pool_intent(idx: usize) -> RuleIntent {
             // Even: Allow, odd: Deny. Indices 0..12; intents draw from 0..8, existing from 0..12
-            // (so 8..12 are orphans).
+            // (so 8..12 are orphans). Deny rules of 0..8 are aggregated rules of two policies
+            // (1 and 3 of policy 0, 5 and 7 of policy 1); 9 is an older per-VM Deny rule of
+            // policy 0 (it waits for policy 0's rules), 11 one of policy 2 (wanted by nobody).
             if idx.is_multiple_of(2) {
-                intent(&allow_name(idx as u32), Access::Allow, 22)
-            } else {
-                intent(&deny_name(idx as u32), Access::Deny, 22)
+                return intent(&allow_name(idx as u32), Access::Allow, 22);
             }
+            let policy = match idx {
+                1 | 3 | 9 => 0,
+                5 | 7 => 1,
+                _ => 2,
+            };
+            let name = if idx < 8 {
+                format!("portcullis-default-g-{policy:010}-{idx:010}-0-tcp")
+            } else {
+                format!("portcullis-default-d-{policy:010}-ab12cd-{idx}-tcp")
+            };
+            intent(&name, Access::Deny, 22)
         }
 
         fn arb_priority() -> impl Strategy<Value = u16> {
@@ -981,6 +1323,7 @@ mod tests {
 
         fn check_invariants(
             existing: &[NsgRule],
+            desired: &[RuleIntent],
             plan: &NsgPlan,
             bands: &Bands,
             naming: &Naming,
@@ -994,7 +1337,8 @@ mod tests {
                 prop_assert!(is_owned(d), "delete of foreign {}", d);
             }
             // (b) put priorities never collide with each other, nor with an existing rule of
-            // the same direction other than the same-named rule.
+            // the same direction other than the same-named rule, or a no-longer-wanted Deny
+            // rule this plan deletes (giving way to its policy's new rules).
             let mut seen = HashSet::new();
             for p in &plan.puts {
                 prop_assert!(
@@ -1004,8 +1348,11 @@ mod tests {
                 );
                 for e in existing {
                     if e.direction == p.direction && e.priority == p.priority {
+                        let gives_way = plan.deletes.contains(&e.name)
+                            && deny_policy(naming, &e.name).is_some()
+                            && !desired.iter().any(|i| i.name.eq_ignore_ascii_case(&e.name));
                         prop_assert!(
-                            e.name.eq_ignore_ascii_case(&p.name),
+                            e.name.eq_ignore_ascii_case(&p.name) || gives_way,
                             "{} collides with {}",
                             p.name,
                             e.name
@@ -1062,7 +1409,7 @@ mod tests {
                 let existing = build_existing(&seeds);
                 let desired: Vec<RuleIntent> = wanted.iter().map(|i| pool_intent(*i)).collect();
                 let plan1 = plan_nsg(&existing, &desired, &bands, &naming);
-                check_invariants(&existing, &plan1, &bands, &naming)?;
+                check_invariants(&existing, &desired, &plan1, &bands, &naming)?;
 
                 // Every intent is placed or unplaced, exactly once; every placed intent's rule
                 // matches the intent; orphans are deleted, except legacy Deny rules whose
@@ -1076,14 +1423,13 @@ mod tests {
                         prop_assert_eq!(r, &i.with_priority(r.priority));
                     }
                 }
+                // A no-longer-wanted Deny rule of a policy that has wanted rules may wait for them.
+                let policy_of = |name: &str| deny_policy(&naming, name);
                 let waits_for_replacement = |name: &str| {
-                    naming.owned(name).is_some_and(|n| {
-                        n.installation.is_none()
-                            && matches!(n.kind, RuleKind::Deny { .. })
-                            && desired.iter().any(|i| {
-                                i.name == RuleName { installation: Some("default".into()), ..n.clone() }.render()
-                            })
-                    })
+                    !desired.iter().any(|i| i.name.eq_ignore_ascii_case(name))
+                        && policy_of(name).is_some_and(|p| {
+                            desired.iter().any(|i| policy_of(&i.name).as_ref() == Some(&p))
+                        })
                 };
                 for e in existing.iter().filter(|r| is_owned(&r.name)) {
                     if !desired.iter().any(|i| i.name.eq_ignore_ascii_case(&e.name)) {
@@ -1096,20 +1442,20 @@ mod tests {
 
                 // (d) applying and planning again: nothing left, except placing what the
                 // previous plan could not place (into priorities its deletes freed) and deleting
-                // legacy Deny rules once their replacement stands; a no-op within four rounds.
+                // Deny rules once their policy's new rules stand; a no-op within six rounds.
                 let after1 = apply(&existing, &plan1);
                 let mut afters = vec![after1.clone()];
                 let mut previous = plan1.clone();
                 let mut converged = false;
-                for round in 2..=5 {
+                for round in 2..=7 {
                     let current = afters.last().expect("one round at least").clone();
                     let plan = plan_nsg(&current, &desired, &bands, &naming);
-                    check_invariants(&current, &plan, &bands, &naming)?;
+                    check_invariants(&current, &desired, &plan, &bands, &naming)?;
                     if plan.is_noop() {
                         converged = true;
                         break;
                     }
-                    prop_assert!(round <= 4, "round {} plans {:?}", round, plan);
+                    prop_assert!(round <= 6, "round {} plans {:?}", round, plan);
                     prop_assert!(plan.deletes.iter().all(|d| waits_for_replacement(d)), "round {} deletes {:?}", round, plan.deletes);
                     for p in &plan.puts {
                         prop_assert!(previous.unplaced.iter().any(|u| u.name == p.name), "round {} re-puts {}", round, p.name);
@@ -1121,13 +1467,20 @@ mod tests {
                     previous = plan;
                 }
                 prop_assert!(converged);
-                // A legacy Deny rule never goes while its replacement is missing.
+                // A no-longer-wanted Deny rule never goes before every wanted rule of its policy
+                // stands.
                 for after in &afters {
                     for e in existing.iter().filter(|r| waits_for_replacement(&r.name)) {
-                        let replacement = RuleName { installation: Some("default".into()), ..naming.owned(&e.name).expect("owned") }.render();
+                        let policy = policy_of(&e.name);
+                        let missing: Vec<&str> = desired
+                            .iter()
+                            .filter(|i| policy_of(&i.name) == policy)
+                            .filter(|i| !after.iter().any(|r| r.name.eq_ignore_ascii_case(&i.name)))
+                            .map(|i| i.name.as_str())
+                            .collect();
                         prop_assert!(
-                            after.iter().any(|r| r.name == e.name || r.name == replacement),
-                            "{} gone before {}", e.name, replacement
+                            after.iter().any(|r| r.name == e.name) || missing.is_empty(),
+                            "{} gone before {:?}", e.name, missing
                         );
                     }
                 }

@@ -4,7 +4,11 @@
 //! installation creates is named by one exact grammar that carries the installation's id:
 //!
 //! - Allow rule of a grant: `portcullis-<inst>-a-<hash10(grant uid)>-<proto>[-v6]`
-//! - Deny rule of a policy: `portcullis-<inst>-d-<hash10(policy uid)>-<hash6(vm id)>-<port>-<proto>[-v6]`
+//! - Deny rule of a policy, one per group of its VMs in an NSG that share a port set:
+//!   `portcullis-<inst>-g-<hash10(policy uid)>-<hash10(ports)>-<chunk>-<proto>[-v6]`
+//! - Deny rule of a policy for one VM port, as versions before aggregated Deny rules wrote it:
+//!   `portcullis-<inst>-d-<hash10(policy uid)>-<hash6(vm id)>-<port>-<proto>[-v6]`. Never
+//!   written any more; still recognised as the policy's own, so the diff migrates it.
 //!
 //! A rule is this installation's only if its name parses exactly by that grammar with this
 //! installation's id (lowercase, exact hash lengths, a known protocol, an optional `-v6`):
@@ -115,13 +119,31 @@ pub struct RuleName {
 pub enum RuleKind {
     /// A grant's Allow rule: the hash of the grant's uid.
     Allow { grant: String },
-    /// A policy's Deny rule: the hash of the policy's uid, the short hash of the VM id, the
-    /// port.
+    /// A policy's Deny rule for one VM port (older versions): the hash of the policy's uid, the
+    /// short hash of the VM id, the port.
     Deny {
         policy: String,
         vm: String,
         port: u16,
     },
+    /// A policy's Deny rule for a group of VMs sharing a port set: the hash of the policy's
+    /// uid, the hash of the sorted port list, the chunk (a group too large for one rule is
+    /// split, see `desired::DENY_RULE_MAX_ADDRESSES`).
+    DenyGroup {
+        policy: String,
+        ports: String,
+        chunk: u16,
+    },
+}
+
+impl RuleKind {
+    /// The policy hash of a Deny rule of either form.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            RuleKind::Deny { policy, .. } | RuleKind::DenyGroup { policy, .. } => Some(policy),
+            RuleKind::Allow { .. } => None,
+        }
+    }
 }
 
 impl RuleName {
@@ -138,6 +160,11 @@ impl RuleName {
             RuleKind::Deny { policy, vm, port } => {
                 out.push_str(&format!("d-{policy}-{vm}-{port}-{proto}"))
             }
+            RuleKind::DenyGroup {
+                policy,
+                ports,
+                chunk,
+            } => out.push_str(&format!("g-{policy}-{ports}-{chunk}-{proto}")),
         }
         with_family(out, self.family)
     }
@@ -152,6 +179,7 @@ impl RuleName {
         };
         let parts: Vec<&str> = rest.split('-').collect();
         let (installation, body) = match parts.first() {
+            // Only `a` and `d` rules existed before installation ids.
             Some(&"a") | Some(&"d") if Self::parse_body(&parts).is_some() => (None, &parts[..]),
             Some(inst) => {
                 Installation::new(inst).ok()?;
@@ -186,6 +214,18 @@ impl RuleName {
                         policy: policy.to_string(),
                         vm: vm.to_string(),
                         port: number,
+                    },
+                    parse_protocol(proto)?,
+                ))
+            }
+            ["g", policy, ports, chunk, proto] if is_hex(policy, 10) && is_hex(ports, 10) => {
+                let number: u16 = chunk.parse().ok()?;
+                (number.to_string() == *chunk).then_some(())?;
+                Some((
+                    RuleKind::DenyGroup {
+                        policy: policy.to_string(),
+                        ports: ports.to_string(),
+                        chunk: number,
                     },
                     parse_protocol(proto)?,
                 ))
@@ -226,8 +266,36 @@ impl Naming {
         .render()
     }
 
-    /// The Deny rule of a policy for one VM port:
-    /// `portcullis-<inst>-d-<hash(uid)>-<hash(lowercase vm id), 6>-<port>-<proto>`.
+    /// The Deny rule of a policy for a group of VMs that share `ports` (for `protocol`, in
+    /// `family`), chunk `chunk` of the group:
+    /// `portcullis-<inst>-g-<hash(uid)>-<hash(ports)>-<chunk>-<proto>[-v6]`. The NSG is not in
+    /// the name: a name needs to be unique within its NSG only, and the same policy's groups in
+    /// two NSGs are different rules anyway. `ports` in any order, duplicates ignored.
+    pub fn policy_group_rule_name(
+        &self,
+        policy_uid: &str,
+        protocol: Protocol,
+        family: Family,
+        ports: &[u16],
+        chunk: u16,
+    ) -> String {
+        let name = RuleName {
+            installation: Some(self.installation.0.clone()),
+            kind: RuleKind::DenyGroup {
+                policy: short_hash(policy_uid),
+                ports: ports_hash(ports),
+                chunk,
+            },
+            protocol,
+            family: Family::V4,
+        }
+        .render();
+        with_family(name, family)
+    }
+
+    /// The Deny rule of a policy for one VM port, as versions before aggregated Deny rules named
+    /// it: `portcullis-<inst>-d-<hash(uid)>-<hash(lowercase vm id), 6>-<port>-<proto>`. No longer
+    /// written; known so that those rules are recognised as the policy's and migrated.
     pub fn policy_rule_name(
         &self,
         policy_uid: &str,
@@ -273,12 +341,12 @@ impl Naming {
         )
     }
 
-    /// Whether `rule_name` is one of this installation's Deny rules of the policy with this uid
-    /// (any VM, port, protocol or family; legacy names too when adopted).
+    /// Whether `rule_name` is one of this installation's Deny rules of the policy with this uid:
+    /// aggregated or per-VM (older versions), any group, VM, port, protocol or family; legacy
+    /// names too when adopted.
     pub fn is_policy_rule_of(&self, rule_name: &str, policy_uid: &str) -> bool {
-        self.owned(rule_name).is_some_and(
-            |n| matches!(n.kind, RuleKind::Deny { policy, .. } if policy == short_hash(policy_uid)),
-        )
+        self.owned(rule_name)
+            .is_some_and(|n| n.kind.policy() == Some(short_hash(policy_uid).as_str()))
     }
 
     /// The name prefix shared by every current Allow rule of the grant with this uid (for
@@ -335,6 +403,15 @@ pub fn legacy_policy_rule_name(
 /// and tools telling people's rules from any operator's).
 pub fn is_portcullis_rule_name(rule_name: &str) -> bool {
     RuleName::parse(rule_name).is_some()
+}
+
+/// The hash naming a port set: of the sorted, deduplicated ports, comma-separated.
+fn ports_hash(ports: &[u16]) -> String {
+    let mut ports = ports.to_vec();
+    ports.sort_unstable();
+    ports.dedup();
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    short_hash(&list.join(","))
 }
 
 /// The first 10 hex characters of the SHA-256 of `s`.
@@ -413,7 +490,44 @@ pub fn grant_description(namespace: &str, name: &str, expires_at: Timestamp) -> 
     )
 }
 
-/// `portcullis policy <ns>/<name> deny <vm name>:<port>/<proto>`, at most 140 characters.
+/// `portcullis policy <ns>/<name> deny <ports>/<proto> on <n> VM(s)[ (part i of k)]`, at
+/// most 140 characters: the policy's name is cut first, so the ports and the count stay
+/// readable; a long port list is shown by its first ports and its length.
+pub fn policy_group_description(
+    namespace: &str,
+    name: &str,
+    ports: &[u16],
+    protocol: Protocol,
+    vms: usize,
+    part: Option<(usize, usize)>,
+) -> String {
+    const MAX_PORTS_SHOWN: usize = 6;
+    let shown: Vec<String> = ports
+        .iter()
+        .take(MAX_PORTS_SHOWN)
+        .map(u16::to_string)
+        .collect();
+    let mut ports_text = shown.join(",");
+    if ports.len() > MAX_PORTS_SHOWN {
+        ports_text.push_str(&format!(",... ({} ports)", ports.len()));
+    }
+    let vm_word = if vms == 1 { "VM" } else { "VMs" };
+    let part = part
+        .map(|(i, k)| format!(" (part {i} of {k})"))
+        .unwrap_or_default();
+    let tail = format!(
+        " deny {ports_text}/{} on {vms} {vm_word}{part}",
+        protocol_token(protocol)
+    );
+    let head = truncate_chars(
+        &format!("portcullis policy {namespace}/{name}"),
+        MAX_DESCRIPTION_CHARS.saturating_sub(tail.chars().count()),
+    );
+    truncate_chars(&format!("{head}{tail}"), MAX_DESCRIPTION_CHARS)
+}
+
+/// `portcullis policy <ns>/<name> deny <vm name>:<port>/<proto>`, at most 140 characters: the
+/// description of the per-VM Deny rules of older versions.
 pub fn policy_description(
     namespace: &str,
     name: &str,
@@ -484,6 +598,88 @@ mod tests {
                 short_hash(uid),
                 &short_hash(&VM.to_lowercase())[..6]
             )
+        );
+    }
+
+    #[test]
+    fn group_deny_names_are_the_policys_own_and_stable() {
+        let n = Naming::default();
+        let name = n.policy_group_rule_name("p-uid", Protocol::Tcp, Family::V4, &[3389, 22], 0);
+        assert_eq!(
+            name,
+            format!(
+                "portcullis-default-g-{}-{}-0-tcp",
+                short_hash("p-uid"),
+                short_hash("22,3389")
+            )
+        );
+        // Port order and duplicates do not change the name; the port set, chunk, protocol and
+        // family do.
+        assert_eq!(
+            name,
+            n.policy_group_rule_name("p-uid", Protocol::Tcp, Family::V4, &[22, 3389, 22], 0)
+        );
+        let others = [
+            n.policy_group_rule_name("p-uid", Protocol::Tcp, Family::V4, &[22], 0),
+            n.policy_group_rule_name("p-uid", Protocol::Tcp, Family::V4, &[22, 3389], 1),
+            n.policy_group_rule_name("p-uid", Protocol::Udp, Family::V4, &[22, 3389], 0),
+            n.policy_group_rule_name("p-uid", Protocol::Tcp, Family::V6, &[22, 3389], 0),
+        ];
+        assert!(others.iter().all(|o| *o != name), "{others:?}");
+        assert!(others[3].ends_with("-v6"));
+        assert!(n.is_writable(&name) && is_valid_rule_name(&name));
+        assert!(n.is_policy_rule_of(&name, "p-uid") && n.is_policy_rule_of(&others[3], "p-uid"));
+        assert!(!n.is_policy_rule_of(&name, "q-uid") && !n.is_grant_rule_of(&name, "p-uid"));
+        assert!(!naming("blue", true).is_owned(&name));
+        // Installation ids that spell a rule kind do not confuse the grammar.
+        for inst in ["a", "d", "g"] {
+            let own = naming(inst, true);
+            let g = own.policy_group_rule_name("p-uid", Protocol::Any, Family::V6, &[1], 65535);
+            assert!(
+                own.is_writable(&g) && own.is_policy_rule_of(&g, "p-uid"),
+                "{g}"
+            );
+            assert!(!n.is_owned(&g), "{g}");
+        }
+        // There is no legacy (installation-less) form of a group rule.
+        let h = short_hash("x");
+        assert!(!n.is_owned(&format!("portcullis-g-{h}-{h}-0-tcp")));
+        let longest = naming("zzzzzzzz", true).policy_group_rule_name(
+            &"u".repeat(300),
+            Protocol::Any,
+            Family::V6,
+            &[65535; 40],
+            u16::MAX,
+        );
+        assert!(
+            is_valid_rule_name(&longest) && longest.len() <= 64,
+            "{longest}"
+        );
+    }
+
+    #[test]
+    fn group_descriptions_name_the_policy_and_count_the_vms() {
+        assert_eq!(
+            policy_group_description("team-a", "prod-ssh", &[22, 3389], Protocol::Tcp, 100, None),
+            "portcullis policy team-a/prod-ssh deny 22,3389/tcp on 100 VMs"
+        );
+        assert_eq!(
+            policy_group_description("team-a", "p", &[53], Protocol::Udp, 1, Some((2, 3))),
+            "portcullis policy team-a/p deny 53/udp on 1 VM (part 2 of 3)"
+        );
+        let many: Vec<u16> = (1..=40).collect();
+        let long = policy_group_description(
+            &"n".repeat(63),
+            &"x".repeat(253),
+            &many,
+            Protocol::Any,
+            4000,
+            Some((10, 10)),
+        );
+        assert_eq!(long.chars().count(), MAX_DESCRIPTION_CHARS);
+        assert!(
+            long.ends_with(" deny 1,2,3,4,5,6,... (40 ports)/any on 4000 VMs (part 10 of 10)"),
+            "{long}"
         );
     }
 
@@ -671,7 +867,8 @@ mod tests {
                 let family = if v6 { Family::V6 } else { Family::V4 };
                 let a = with_family(n.grant_rule_name(&uid, protocol), family);
                 let d = with_family(n.policy_rule_name(&uid, &vm, port, protocol), family);
-                for name in [&a, &d] {
+                let g = n.policy_group_rule_name(&uid, protocol, family, &[port, 22], port);
+                for name in [&a, &d, &g] {
                     let parsed = RuleName::parse(name);
                     prop_assert!(parsed.is_some(), "{} does not parse", name);
                     let parsed = parsed.expect("checked");
@@ -685,6 +882,7 @@ mod tests {
                 }
                 prop_assert!(n.is_grant_rule_of(&a, &uid) && !n.is_policy_rule_of(&a, &uid));
                 prop_assert!(n.is_policy_rule_of(&d, &uid) && !n.is_grant_rule_of(&d, &uid));
+                prop_assert!(n.is_policy_rule_of(&g, &uid) && !n.is_grant_rule_of(&g, &uid));
                 let legacy = with_family(legacy_policy_rule_name(&uid, &vm, port, protocol), family);
                 prop_assert!(naming(&inst, true).is_policy_rule_of(&legacy, &uid));
                 prop_assert!(!n.is_owned(&legacy));
@@ -693,7 +891,7 @@ mod tests {
             /// Whatever parses renders back to exactly the input: the grammar admits no
             /// variants (case, padding, extra parts).
             #[test]
-            fn parsing_is_exact(name in "(portcullis-|Portcullis-)?([a-z0-9]{1,9}-)?[adAD]-[0-9a-fA-F]{5,11}(-[0-9a-f]{6})?(-0?[0-9]{1,5})?-(tcp|udp|any|TCP|icmp)(-v6|-v4)?") {
+            fn parsing_is_exact(name in "(portcullis-|Portcullis-)?([a-z0-9]{1,9}-)?[adgADG]-[0-9a-fA-F]{5,11}(-[0-9a-f]{6}|-[0-9a-f]{9,11})?(-0?[0-9]{1,5})?-(tcp|udp|any|TCP|icmp)(-v6|-v4)?") {
                 if let Some(parsed) = RuleName::parse(&name) {
                     prop_assert_eq!(parsed.render(), name);
                 }

@@ -20,7 +20,7 @@ use crate::api::{AccessGrantSpec, JitPolicySpec, PolicyPort, Protocol};
 /// The longest access window any policy may allow (Defender's limit): P1D.
 pub const MAX_ACCESS_DURATION: Duration = Duration::from_secs(86_400);
 /// Schema limits, checked again.
-pub const MAX_POLICY_VMS: usize = 100;
+pub const MAX_POLICY_VMS: usize = 1000;
 pub const MAX_PORTS_PER_VM: usize = 32;
 pub const MAX_ALLOWED_PREFIXES_PER_PORT: usize = 64;
 pub const MAX_VM_ID_LEN: usize = 512;
@@ -1259,7 +1259,7 @@ pub(crate) mod tests {
             DenialReason::InvalidVirtualMachines
         );
         let mut p = policy();
-        p.virtual_machines = (0..101)
+        p.virtual_machines = (0..=MAX_POLICY_VMS)
             .map(|i| PolicyVirtualMachine {
                 id: vm_id("rg", &format!("vm{i}")),
                 ports: vec![port(22, Protocol::Tcp, &["10.0.0.0/8"], "PT1H")],
