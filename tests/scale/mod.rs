@@ -754,7 +754,8 @@ impl Run<'_> {
         let took = secs_between(t0, Timestamp::now());
         let c = counts(&self.admin).await.since(c0);
         let rules = rules_now(&self.admin).await;
-        // One Deny rule per VM and port in each NSG of the VM.
+        // The reference floor of the design before aggregated Deny rules: one rule per VM and
+        // port in each NSG of the VM, one rule per write.
         let per_rule = self.topo.per_nsg(&vec![1; self.topo.vms]);
         let f_rule = floor_secs(&per_rule, &self.cfg.emulator);
         let f_nsg = floor_secs(&per_nsg_once(&per_rule), &self.cfg.emulator);
@@ -792,7 +793,8 @@ impl Run<'_> {
         t.notes.push(format!(
             "Time from the policy's create to Ready=True. Target (issue 10): at most 2 writes per \
              NSG, and every NSG's Deny rules inside the default band of 97 priorities. {FLOOR_FORMULA} \
-             \"1 rule/write\": w = one Deny rule per VM and port in each NSG of the VM."
+             \"1 rule/write\": w = one Deny rule per VM and port in each NSG of the VM (the \
+             design before aggregated Deny rules, for reference)."
         ));
         self.report.policy_ready = ready;
         self.push(t);
