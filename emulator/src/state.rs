@@ -270,7 +270,12 @@ impl Inner {
         op
     }
 
-    pub fn bucket(&mut self, subscription: &str, kind: BucketKind, now: Instant) -> &mut TokenBucket {
+    pub fn bucket(
+        &mut self,
+        subscription: &str,
+        kind: BucketKind,
+        now: Instant,
+    ) -> &mut TokenBucket {
         let (burst, refill) = match kind {
             BucketKind::Read => (self.config.read_burst, self.config.read_refill_per_sec),
             BucketKind::Write => (self.config.write_burst, self.config.write_refill_per_sec),

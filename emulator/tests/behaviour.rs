@@ -532,7 +532,10 @@ async fn subscription_reads_and_deletes_have_buckets_of_their_own() {
             .as_deref(),
         Some("9")
     );
-    assert_eq!(put.header("x-ms-ratelimit-remaining-subscription-reads"), None);
+    assert_eq!(
+        put.header("x-ms-ratelimit-remaining-subscription-reads"),
+        None
+    );
     // Reads, an operation poll among them, spend the read bucket.
     let op = put.header("azure-asyncoperation").expect("operation URL");
     let poll = arm.get(&op).await;
@@ -550,7 +553,10 @@ async fn subscription_reads_and_deletes_have_buckets_of_their_own() {
                 .as_deref(),
             Some(remaining)
         );
-        assert_eq!(r.header("x-ms-ratelimit-remaining-subscription-writes"), None);
+        assert_eq!(
+            r.header("x-ms-ratelimit-remaining-subscription-writes"),
+            None
+        );
     }
     let r = arm.get(&nsg_path("nsg-subnet")).await;
     assert_eq!(r.status, 429, "{r:?}");
@@ -574,7 +580,10 @@ async fn subscription_reads_and_deletes_have_buckets_of_their_own() {
             .as_deref(),
         Some("0")
     );
-    assert_eq!(del.header("x-ms-ratelimit-remaining-subscription-writes"), None);
+    assert_eq!(
+        del.header("x-ms-ratelimit-remaining-subscription-writes"),
+        None
+    );
     let again = arm.delete(&rule_path("nsg-subnet", "d1")).await;
     assert_eq!(again.status, 429, "{again:?}");
     assert!(
@@ -589,7 +598,11 @@ async fn subscription_reads_and_deletes_have_buckets_of_their_own() {
         .await;
     assert_eq!(put.status, 201, "{put:?}");
     let stats = emu.admin().stats().await.unwrap();
-    assert_eq!((stats.reads_throttled, stats.throttled), (2, 1), "{stats:?}");
+    assert_eq!(
+        (stats.reads_throttled, stats.throttled),
+        (2, 1),
+        "{stats:?}"
+    );
     // Raising the read limit at runtime refills the bucket.
     emu.admin()
         .set_config(&ConfigUpdate {
