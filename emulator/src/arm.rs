@@ -225,9 +225,9 @@ fn dispatch(
         let sub = subscription_of(&route);
         let remaining = match charge(&mut g, &sub, BucketKind::Read, now) {
             Ok(remaining) => remaining,
-            Err(throttled) => {
+            Err(retry_after_secs) => {
                 g.stats.reads_throttled += 1;
-                return throttled;
+                return throttled(&sub, BucketKind::Read, retry_after_secs);
             }
         };
         let mut resp = read(&mut g, &ctx, route).unwrap_or_else(IntoResponse::into_response);
@@ -734,27 +734,32 @@ fn subscription_of(route: &Route<'_>) -> String {
     }
 }
 
-/// Takes a token from the subscription's bucket of `kind`: the whole tokens left, or ARM's
-/// 429 (`Retry-After`, the remaining header at 0) when the bucket is empty.
-fn charge(g: &mut Inner, sub: &str, kind: BucketKind, now: Instant) -> Result<u64, Response> {
+/// Takes a token from the subscription's bucket of `kind`: the whole tokens left, or the
+/// seconds until one is back when the bucket is empty.
+fn charge(g: &mut Inner, sub: &str, kind: BucketKind, now: Instant) -> Result<u64, u64> {
     match g.bucket(sub, kind, now).take(now) {
         Take::Allowed { remaining } => Ok(remaining),
         Take::Throttled { retry_after_secs } => {
             tracing::info!(subscription = %sub, kind = kind.word(), retry_after_secs, "subscription requests throttled");
-            let mut r = ArmError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "SubscriptionRequestsThrottled",
-                format!(
-                    "Number of '{}' requests for subscription '{sub}' exceeded the limit. Please try again after '{retry_after_secs}' seconds.",
-                    kind.word()
-                ),
-            )
-            .with_retry_after(retry_after_secs)
-            .into_response();
-            insert_header(&mut r, kind.header(), "0");
-            Err(r)
+            Err(retry_after_secs)
         }
     }
+}
+
+/// ARM's 429 for an empty subscription bucket: `Retry-After`, the remaining header at 0.
+fn throttled(sub: &str, kind: BucketKind, retry_after_secs: u64) -> Response {
+    let mut r = ArmError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "SubscriptionRequestsThrottled",
+        format!(
+            "Number of '{}' requests for subscription '{sub}' exceeded the limit. Please try again after '{retry_after_secs}' seconds.",
+            kind.word()
+        ),
+    )
+    .with_retry_after(retry_after_secs)
+    .into_response();
+    insert_header(&mut r, kind.header(), "0");
+    r
 }
 
 /// Every ARM write: counts, subscription throttling (DELETEs on their own bucket, as ARM), the
@@ -769,9 +774,9 @@ fn write(g: &mut Inner, ctx: &Ctx, route: Route<'_>, method: &Method, body: &[u8
     };
     let remaining = match charge(g, &sub, kind, ctx.now) {
         Ok(remaining) => remaining,
-        Err(throttled) => {
+        Err(retry_after_secs) => {
             g.stats.throttled += 1;
-            return throttled;
+            return throttled(&sub, kind, retry_after_secs);
         }
     };
     let locked = match route.resource_id() {

@@ -442,3 +442,23 @@ impl Telemetry {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::azure::BudgetKind;
+
+    #[test]
+    fn pacing_is_exported_per_kind() {
+        let stats = AzureStats::new();
+        stats.record_paced(BudgetKind::Read, std::time::Duration::from_millis(1500));
+        let text = Telemetry::new(Some(stats)).encode().unwrap();
+        assert!(
+            text.contains("portcullis_azure_paced_seconds_total{kind=\"read\"} 1.5"),
+            "{text}"
+        );
+        assert!(text.contains("portcullis_azure_paced_requests_total{kind=\"read\"} 1"));
+        assert!(text.contains("portcullis_azure_paced_seconds_total{kind=\"write\"} 0"));
+        assert!(text.contains("portcullis_azure_paced_requests_total{kind=\"delete\"} 0"));
+    }
+}
