@@ -8,6 +8,7 @@ use tracing::{error, info};
 use futures::FutureExt;
 use portcullis::azure::client::{AzureClientOptions, AzureNetworkClient};
 use portcullis::azure::credential::{CredentialConfig, authority_host_from_env, build_credential};
+use portcullis::azure::{BucketSpec, PacingOptions};
 use portcullis::controller::leader::LeaseConfig;
 use portcullis::controller::telemetry::Telemetry;
 use portcullis::controller::{self, Settings, http};
@@ -142,6 +143,34 @@ struct RunArgs {
         default_value_t = 120
     )]
     azure_operation_deadline_seconds: u64,
+    /// Pace Azure requests against ARM's subscription budget (token buckets per operation type,
+    /// tracked from the x-ms-ratelimit-remaining-* headers): a request that would dip into the
+    /// reserve waits for the refill (at most 10 s) instead of drawing a 429.
+    #[arg(long, env = "PORTCULLIS_AZURE_PACING", default_value_t = true, action = clap::ArgAction::Set)]
+    azure_pacing: bool,
+    /// ARM's read bucket for this principal: burst size (Azure's default 250).
+    #[arg(long, env = "PORTCULLIS_AZURE_READ_BURST", default_value_t = 250)]
+    azure_read_burst: u32,
+    /// ARM's read bucket: tokens refilled per second (Azure's default 25).
+    #[arg(
+        long,
+        env = "PORTCULLIS_AZURE_READ_REFILL_PER_SEC",
+        default_value_t = 25.0
+    )]
+    azure_read_refill_per_sec: f64,
+    /// ARM's write bucket, and its delete bucket (the same size in Azure): burst size (200).
+    #[arg(long, env = "PORTCULLIS_AZURE_WRITE_BURST", default_value_t = 200)]
+    azure_write_burst: u32,
+    /// ARM's write and delete buckets: tokens refilled per second (Azure's default 10).
+    #[arg(
+        long,
+        env = "PORTCULLIS_AZURE_WRITE_REFILL_PER_SEC",
+        default_value_t = 10.0
+    )]
+    azure_write_refill_per_sec: f64,
+    /// Share of each bucket kept in reserve (0-1): pacing starts when a request would leave less.
+    #[arg(long, env = "PORTCULLIS_AZURE_BUDGET_RESERVE", default_value_t = 0.05)]
+    azure_budget_reserve: f64,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "PORTCULLIS_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     http_listen: std::net::SocketAddr,
@@ -362,8 +391,23 @@ async fn run(args: RunArgs) -> Result<(), String> {
         azure_core::new_http_client(),
     )
     .map_err(|e| format!("Azure credential: {e}"))?;
+    let write_bucket = BucketSpec {
+        burst: args.azure_write_burst.max(1),
+        refill_per_sec: args.azure_write_refill_per_sec.max(0.0),
+    };
     let options = AzureClientOptions {
         operation_deadline: Duration::from_secs(args.azure_operation_deadline_seconds.max(1)),
+        pacing: PacingOptions {
+            enabled: args.azure_pacing,
+            read: BucketSpec {
+                burst: args.azure_read_burst.max(1),
+                refill_per_sec: args.azure_read_refill_per_sec.max(0.0),
+            },
+            write: write_bucket,
+            delete: write_bucket,
+            reserve: args.azure_budget_reserve.clamp(0.0, 1.0),
+            ..PacingOptions::default()
+        },
         ..Default::default()
     };
     let azure = AzureNetworkClient::new(args.azure_endpoint.clone(), credential, options)

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use azure_core::auth::{AccessToken, TokenCredential};
 use portcullis::azure::{
-    AzureClientOptions, AzureError, AzureNetworkClient, CredentialConfig,
-    FederatedTokenFileCredential, ImdsCredential, NetworkApi, build_credential,
+    AzureClientOptions, AzureError, AzureNetworkClient, BucketSpec, BudgetKind, CredentialConfig,
+    FederatedTokenFileCredential, ImdsCredential, NetworkApi, PacingOptions, build_credential,
 };
 use portcullis::plan::rule::{Access, Direction, NsgRule, RuleProtocol};
 use portcullis_azure_emulator::{
-    AdminClient, EmulatorConfig, Faults, Fixture, LockLevel, NsgFault, RunningEmulator, spawn,
+    AdminClient, ConfigUpdate, EmulatorConfig, Faults, Fixture, LockLevel, NsgFault,
+    RunningEmulator, spawn,
 };
 use url::Url;
 
@@ -137,6 +138,13 @@ fn options() -> AzureClientOptions {
         retry_budget: Duration::from_secs(30),
         ..AzureClientOptions::default()
     }
+}
+
+/// [`options`] with pacing against ARM's budget turned off.
+fn unpaced() -> AzureClientOptions {
+    let mut o = options();
+    o.pacing.enabled = false;
+    o
 }
 
 fn secret_credential(emu: &RunningEmulator, secret: &str) -> Arc<dyn TokenCredential> {
@@ -724,7 +732,8 @@ async fn subscription_throttling_is_waited_out() {
     })
     .await;
     let admin = emu.admin();
-    let api = client(&emu);
+    // Pacing off: the 429s themselves are under test here.
+    let api = client_with(&emu, secret_credential(&emu, SECRET), unpaced());
     for (i, nsg) in ["nsg-nic", "nsg-subnet", "nsg-empty", "nsg-nic"]
         .iter()
         .enumerate()
@@ -1248,5 +1257,186 @@ async fn rules_mixing_address_families_are_bad_requests() {
     api.put_nsg(&snap, &[], std::slice::from_ref(&v6))
         .await
         .expect("IPv6-only rule");
+    emu.shutdown().await;
+}
+
+// ----- pacing against ARM's subscription budget -----
+
+/// Small buckets, so that a short burst outruns them: writes and deletes 5 burst / 2 per s,
+/// reads 10 / 5 per s.
+fn small_buckets() -> EmulatorConfig {
+    EmulatorConfig {
+        write_burst: 5,
+        write_refill_per_sec: 2.0,
+        delete_burst: 5,
+        delete_refill_per_sec: 2.0,
+        read_burst: 10,
+        read_refill_per_sec: 5.0,
+        async_delay: Duration::ZERO,
+        ..config()
+    }
+}
+
+/// The client's view of the same buckets, pacing on or off.
+fn pacing(enabled: bool) -> AzureClientOptions {
+    let write = BucketSpec {
+        burst: 5,
+        refill_per_sec: 2.0,
+    };
+    AzureClientOptions {
+        pacing: PacingOptions {
+            enabled,
+            read: BucketSpec {
+                burst: 10,
+                refill_per_sec: 5.0,
+            },
+            write,
+            delete: write,
+            ..PacingOptions::default()
+        },
+        ..options()
+    }
+}
+
+/// A burst through the real client: 10 rule PUTs over three NSGs (each polled to the end;
+/// the client keeps one write in flight per NSG) and 12 rule lists at once, then the 10 rules
+/// deleted at once.
+async fn burst(api: &AzureNetworkClient, tag: &str) {
+    let nsgs = ["nsg-nic", "nsg-subnet", "nsg-empty"];
+    let rules: Vec<(String, NsgRule)> = (0..10u16)
+        .map(|i| {
+            (
+                nsg_id(nsgs[usize::from(i) % nsgs.len()]),
+                rule(&format!("portcullis-{tag}{i}"), 150 + i, "22"),
+            )
+        })
+        .collect();
+    let puts = rules.iter().map(|(nsg, r)| api.put_rule(nsg, r));
+    let list_ids: Vec<String> = (0..12).map(|i| nsg_id(nsgs[i % nsgs.len()])).collect();
+    let lists = list_ids.iter().map(|id| api.list_rules(id));
+    let (puts, lists) = tokio::join!(
+        futures::future::join_all(puts),
+        futures::future::join_all(lists)
+    );
+    for r in puts {
+        r.expect("put succeeds");
+    }
+    for r in lists {
+        r.expect("list succeeds");
+    }
+    let deletes = rules.iter().map(|(nsg, r)| api.delete_rule(nsg, &r.name));
+    for r in futures::future::join_all(deletes).await {
+        r.expect("delete succeeds");
+    }
+}
+
+async fn throttled_in_log(admin: &AdminClient) -> usize {
+    admin
+        .requests()
+        .await
+        .expect("request log")
+        .iter()
+        .filter(|r| r.status == 429)
+        .count()
+}
+
+#[tokio::test]
+async fn pacing_keeps_a_burst_inside_the_subscription_budget() {
+    let emu = start(small_buckets()).await;
+    let admin = emu.admin();
+
+    // Pacing off: the same burst outruns both buckets and Azure answers 429s (which the client
+    // waits out, so everything still lands).
+    let unpaced = client_with(&emu, secret_credential(&emu, SECRET), pacing(false));
+    burst(&unpaced, "off").await;
+    let stats = admin.stats().await.expect("stats");
+    assert!(
+        stats.throttled >= 1,
+        "writes throttled without pacing: {stats:?}"
+    );
+    assert!(
+        stats.reads_throttled >= 1,
+        "reads throttled without pacing: {stats:?}"
+    );
+    assert!(throttled_in_log(&admin).await >= 2);
+    assert!(unpaced.stats().paced().is_empty(), "pacing off never waits");
+
+    // Full buckets again (new limits start full), clean counters.
+    admin
+        .set_config(&ConfigUpdate {
+            write_burst: Some(5),
+            read_burst: Some(10),
+            delete_burst: Some(5),
+            ..ConfigUpdate::default()
+        })
+        .await
+        .expect("config");
+    admin.reset_stats().await.expect("reset stats");
+    admin.clear_requests().await.expect("clear log");
+
+    // Pacing on: the client waits for the refill itself and Azure never throttles.
+    let paced = client_with(&emu, secret_credential(&emu, SECRET), pacing(true));
+    burst(&paced, "on").await;
+    let stats = admin.stats().await.expect("stats");
+    assert_eq!(throttled_in_log(&admin).await, 0, "{stats:?}");
+    assert_eq!(
+        (stats.throttled, stats.reads_throttled),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(paced.stats().count_status("429"), 0);
+    assert_eq!(
+        admin_rules(&admin, "nsg-nic").await.len(),
+        1,
+        "only the user's rule is left"
+    );
+    // Reads and deletes outran their buckets; the PUTs, one per NSG at a time behind their
+    // polls, did not need to wait.
+    let waited = paced.stats().paced();
+    for kind in [BudgetKind::Read, BudgetKind::Delete] {
+        let p = waited.get(&kind).copied().unwrap_or_default();
+        assert!(
+            p.requests >= 1 && p.seconds > 0.0,
+            "{kind:?} paced: {waited:?}"
+        );
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_budget_estimate_follows_the_remaining_headers() {
+    // A bucket that barely refills, so the counts are exact.
+    let emu = start(EmulatorConfig {
+        write_burst: 5,
+        write_refill_per_sec: 0.001,
+        async_delay: Duration::ZERO,
+        ..config()
+    })
+    .await;
+    // Someone else under the same principal spends three writes.
+    let other = client_with(&emu, secret_credential(&emu, SECRET), pacing(false));
+    for i in 0..3u16 {
+        other
+            .put_rule(
+                &nsg_id("nsg-empty"),
+                &rule(&format!("portcullis-x{i}"), 170 + i, "22"),
+            )
+            .await
+            .expect("put");
+    }
+    let mut slow = pacing(true);
+    slow.pacing.write.refill_per_sec = 0.001;
+    let api = client_with(&emu, secret_credential(&emu, SECRET), slow);
+    assert_eq!(
+        api.budget_estimate(SUB, BudgetKind::Write),
+        None,
+        "nothing sent yet"
+    );
+    api.put_rule(&nsg_id("nsg-empty"), &rule("portcullis-y", 180, "22"))
+        .await
+        .expect("put");
+    // Its own count alone would say 4; Azure's header says 1.
+    assert_eq!(api.budget_estimate(SUB, BudgetKind::Write), Some(1));
+    assert_eq!(api.budget_estimate(SUB, BudgetKind::Delete), None);
     emu.shutdown().await;
 }

@@ -254,13 +254,30 @@ async fn set_config(State(app): State<App>, body: Bytes) -> Response {
     if let Some(p) = update.page_size {
         g.config.page_size = p.max(1);
     }
-    if update.write_burst.is_some() || update.write_refill_per_sec.is_some() {
-        if let Some(b) = update.write_burst {
-            g.config.write_burst = b;
+    let mut buckets_changed = false;
+    let cfg = &mut g.config;
+    for (value, slot) in [
+        (update.write_burst, &mut cfg.write_burst),
+        (update.delete_burst, &mut cfg.delete_burst),
+        (update.read_burst, &mut cfg.read_burst),
+    ] {
+        if let Some(v) = value {
+            *slot = v;
+            buckets_changed = true;
         }
-        if let Some(r) = update.write_refill_per_sec {
-            g.config.write_refill_per_sec = r.max(0.0);
+    }
+    for (value, slot) in [
+        (update.write_refill_per_sec, &mut cfg.write_refill_per_sec),
+        (update.delete_refill_per_sec, &mut cfg.delete_refill_per_sec),
+        (update.read_refill_per_sec, &mut cfg.read_refill_per_sec),
+    ] {
+        if let Some(v) = value {
+            *slot = v.max(0.0);
+            buckets_changed = true;
         }
+    }
+    if buckets_changed {
+        // New limits start from full buckets.
         g.buckets.clear();
     }
     tracing::info!(config = ?g.config, "config changed");

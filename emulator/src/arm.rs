@@ -15,7 +15,7 @@ use crate::faults::FaultAction;
 use crate::model::{self, DELETING, Nsg, Rule, SUCCEEDED, UPDATING};
 use crate::server::DropConnection;
 use crate::state::{Inner, OpKind, RequestRecord, parse_rule_props};
-use crate::throttle::Take;
+use crate::throttle::{BucketKind, Take};
 use crate::validate::{self, Violation};
 use crate::{API_VERSION, App, COMPUTE_API_VERSION};
 
@@ -222,7 +222,17 @@ fn dispatch(
         write(&mut g, &ctx, route, method, body)
     } else if *method == Method::GET {
         g.stats.reads += 1;
-        read(&mut g, &ctx, route).unwrap_or_else(IntoResponse::into_response)
+        let sub = subscription_of(&route);
+        let remaining = match charge(&mut g, &sub, BucketKind::Read, now) {
+            Ok(remaining) => remaining,
+            Err(retry_after_secs) => {
+                g.stats.reads_throttled += 1;
+                return throttled(&sub, BucketKind::Read, retry_after_secs);
+            }
+        };
+        let mut resp = read(&mut g, &ctx, route).unwrap_or_else(IntoResponse::into_response);
+        insert_header(&mut resp, BucketKind::Read.header(), &remaining.to_string());
+        resp
     } else {
         method_not_allowed(method)
     }
@@ -724,26 +734,49 @@ fn subscription_of(route: &Route<'_>) -> String {
     }
 }
 
-/// Every ARM write: counts, subscription throttling, the remaining-writes header.
+/// Takes a token from the subscription's bucket of `kind`: the whole tokens left, or the
+/// seconds until one is back when the bucket is empty.
+fn charge(g: &mut Inner, sub: &str, kind: BucketKind, now: Instant) -> Result<u64, u64> {
+    match g.bucket(sub, kind, now).take(now) {
+        Take::Allowed { remaining } => Ok(remaining),
+        Take::Throttled { retry_after_secs } => {
+            tracing::info!(subscription = %sub, kind = kind.word(), retry_after_secs, "subscription requests throttled");
+            Err(retry_after_secs)
+        }
+    }
+}
+
+/// ARM's 429 for an empty subscription bucket: `Retry-After`, the remaining header at 0.
+fn throttled(sub: &str, kind: BucketKind, retry_after_secs: u64) -> Response {
+    let mut r = ArmError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "SubscriptionRequestsThrottled",
+        format!(
+            "Number of '{}' requests for subscription '{sub}' exceeded the limit. Please try again after '{retry_after_secs}' seconds.",
+            kind.word()
+        ),
+    )
+    .with_retry_after(retry_after_secs)
+    .into_response();
+    insert_header(&mut r, kind.header(), "0");
+    r
+}
+
+/// Every ARM write: counts, subscription throttling (DELETEs on their own bucket, as ARM), the
+/// remaining-writes or remaining-deletes header.
 fn write(g: &mut Inner, ctx: &Ctx, route: Route<'_>, method: &Method, body: &[u8]) -> Response {
     g.stats.write_attempts += 1;
     let sub = subscription_of(&route);
-    let remaining = match g.bucket(&sub, ctx.now).take(ctx.now) {
-        Take::Allowed { remaining } => remaining,
-        Take::Throttled { retry_after_secs } => {
+    let kind = if *method == Method::DELETE {
+        BucketKind::Delete
+    } else {
+        BucketKind::Write
+    };
+    let remaining = match charge(g, &sub, kind, ctx.now) {
+        Ok(remaining) => remaining,
+        Err(retry_after_secs) => {
             g.stats.throttled += 1;
-            tracing::info!(subscription = %sub, retry_after_secs, "subscription writes throttled");
-            let mut r = ArmError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "SubscriptionRequestsThrottled",
-                format!(
-                    "Number of 'write' requests for subscription '{sub}' exceeded the limit. Please try again after '{retry_after_secs}' seconds."
-                ),
-            )
-            .with_retry_after(retry_after_secs)
-            .into_response();
-            insert_header(&mut r, "x-ms-ratelimit-remaining-subscription-writes", "0");
-            return r;
+            return throttled(&sub, kind, retry_after_secs);
         }
     };
     let locked = match route.resource_id() {
@@ -778,11 +811,7 @@ fn write(g: &mut Inner, ctx: &Ctx, route: Route<'_>, method: &Method, body: &[u8
             e.into_response()
         }
     };
-    insert_header(
-        &mut resp,
-        "x-ms-ratelimit-remaining-subscription-writes",
-        &remaining.to_string(),
-    );
+    insert_header(&mut resp, kind.header(), &remaining.to_string());
     resp
 }
 

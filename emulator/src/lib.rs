@@ -72,10 +72,18 @@ pub struct EmulatorConfig {
     pub retry_after_secs: u64,
     /// Page size of list operations (`nextLink` paging).
     pub page_size: usize,
-    /// Subscription write throttling: bucket size.
+    /// Subscription write (PUT, PATCH) throttling: bucket size.
     pub write_burst: u32,
     /// Subscription write throttling: tokens added per second.
     pub write_refill_per_sec: f64,
+    /// Subscription delete throttling (its own bucket, as in ARM): bucket size.
+    pub delete_burst: u32,
+    /// Subscription delete throttling: tokens added per second.
+    pub delete_refill_per_sec: f64,
+    /// Subscription read (GET, operation polls included) throttling: bucket size.
+    pub read_burst: u32,
+    /// Subscription read throttling: tokens added per second.
+    pub read_refill_per_sec: f64,
     /// Load the world from here at start if present; save it after each change.
     pub state_file: Option<PathBuf>,
     /// Restrict the token endpoint to this (client id, client secret); `None` accepts any.
@@ -91,6 +99,10 @@ impl Default for EmulatorConfig {
             page_size: 100,
             write_burst: 200,
             write_refill_per_sec: 10.0,
+            delete_burst: 200,
+            delete_refill_per_sec: 10.0,
+            read_burst: 250,
+            read_refill_per_sec: 25.0,
             state_file: None,
             credentials: None,
         }
@@ -169,6 +181,10 @@ fn build(config: &EmulatorConfig, base_url: String) -> Result<App, EmulatorError
         page_size: config.page_size.max(1),
         write_burst: config.write_burst,
         write_refill_per_sec: config.write_refill_per_sec,
+        delete_burst: config.delete_burst,
+        delete_refill_per_sec: config.delete_refill_per_sec,
+        read_burst: config.read_burst,
+        read_refill_per_sec: config.read_refill_per_sec,
     };
     let inner = state::Inner::new(
         world,

@@ -37,6 +37,18 @@ struct Args {
     /// Subscription write throttling: writes per second refilled.
     #[arg(long, default_value_t = 10.0)]
     write_refill_per_sec: f64,
+    /// Subscription delete throttling (its own bucket, as in ARM): burst size.
+    #[arg(long, default_value_t = 200)]
+    delete_burst: u32,
+    /// Subscription delete throttling: deletes per second refilled.
+    #[arg(long, default_value_t = 10.0)]
+    delete_refill_per_sec: f64,
+    /// Subscription read throttling (GETs, operation polls included): burst size.
+    #[arg(long, default_value_t = 250)]
+    read_burst: u32,
+    /// Subscription read throttling: reads per second refilled.
+    #[arg(long, default_value_t = 25.0)]
+    read_refill_per_sec: f64,
     /// Only accept this client id at the token endpoint (requires --client-secret).
     #[arg(long, env = "EMULATOR_CLIENT_ID", requires = "client_secret")]
     client_id: Option<String>,
@@ -79,6 +91,10 @@ async fn run(args: Args) -> Result<(), portcullis_azure_emulator::EmulatorError>
         page_size: args.page_size,
         write_burst: args.write_burst,
         write_refill_per_sec: args.write_refill_per_sec,
+        delete_burst: args.delete_burst,
+        delete_refill_per_sec: args.delete_refill_per_sec,
+        read_burst: args.read_burst,
+        read_refill_per_sec: args.read_refill_per_sec,
         state_file: args.state_file,
         credentials: args.client_id.zip(args.client_secret),
     };

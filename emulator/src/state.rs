@@ -15,7 +15,7 @@ use crate::model::{
     self, IpConfig, Nic, Nsg, ResourceGroup, Rule, RuleProps, SUCCEEDED, Subnet, Subscription,
     Vnet, World,
 };
-use crate::throttle::TokenBucket;
+use crate::throttle::{BucketKind, TokenBucket};
 use crate::validate;
 
 /// How many request records and finished operations are kept.
@@ -30,6 +30,10 @@ pub struct RuntimeConfig {
     pub page_size: usize,
     pub write_burst: u32,
     pub write_refill_per_sec: f64,
+    pub delete_burst: u32,
+    pub delete_refill_per_sec: f64,
+    pub read_burst: u32,
+    pub read_refill_per_sec: f64,
 }
 
 /// The admin API's JSON view of [`RuntimeConfig`]; every field optional on `POST`.
@@ -45,6 +49,14 @@ pub struct ConfigUpdate {
     pub write_burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_refill_per_sec: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_refill_per_sec: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_refill_per_sec: Option<f64>,
 }
 
 impl RuntimeConfig {
@@ -55,6 +67,10 @@ impl RuntimeConfig {
             page_size: Some(self.page_size),
             write_burst: Some(self.write_burst),
             write_refill_per_sec: Some(self.write_refill_per_sec),
+            delete_burst: Some(self.delete_burst),
+            delete_refill_per_sec: Some(self.delete_refill_per_sec),
+            read_burst: Some(self.read_burst),
+            read_refill_per_sec: Some(self.read_refill_per_sec),
         }
     }
 }
@@ -67,13 +83,17 @@ pub struct Stats {
     pub writes: u64,
     /// Every ARM write that reached the emulator's resource provider (after auth and faults).
     pub write_attempts: u64,
-    /// Writes refused by subscription throttling (429 SubscriptionRequestsThrottled).
+    /// Writes and deletes refused by subscription throttling (429 SubscriptionRequestsThrottled).
     pub throttled: u64,
+    /// Reads (GETs, operation polls included) refused by subscription throttling (429
+    /// SubscriptionRequestsThrottled).
+    pub reads_throttled: u64,
     /// Writes refused because another write on the same NSG was in flight (429).
     pub conflicts: u64,
     /// Writes refused with a 4xx other than 429 (validation, not found, ...).
     pub rejected: u64,
-    /// ARM reads (GET), including operation polls.
+    /// ARM reads (GET) that reached the resource provider, including operation polls and reads
+    /// refused by throttling.
     pub reads: u64,
     /// Polls of async operation / operation result URLs.
     pub operation_polls: u64,
@@ -136,7 +156,8 @@ pub struct Inner {
     finished_order: VecDeque<String>,
     pub config: RuntimeConfig,
     pub credentials: Option<(String, String)>,
-    pub buckets: HashMap<String, TokenBucket>,
+    /// Subscription throttling, per (lowercased subscription, operation type).
+    pub buckets: HashMap<(String, BucketKind), TokenBucket>,
     pub stats: Stats,
     pub requests: VecDeque<RequestRecord>,
     pub faults: Faults,
@@ -249,10 +270,19 @@ impl Inner {
         op
     }
 
-    pub fn bucket(&mut self, subscription: &str, now: Instant) -> &mut TokenBucket {
-        let (burst, refill) = (self.config.write_burst, self.config.write_refill_per_sec);
+    pub fn bucket(
+        &mut self,
+        subscription: &str,
+        kind: BucketKind,
+        now: Instant,
+    ) -> &mut TokenBucket {
+        let (burst, refill) = match kind {
+            BucketKind::Read => (self.config.read_burst, self.config.read_refill_per_sec),
+            BucketKind::Write => (self.config.write_burst, self.config.write_refill_per_sec),
+            BucketKind::Delete => (self.config.delete_burst, self.config.delete_refill_per_sec),
+        };
         self.buckets
-            .entry(subscription.to_ascii_lowercase())
+            .entry((subscription.to_ascii_lowercase(), kind))
             .or_insert_with(|| TokenBucket::new(burst, refill, now))
     }
 
@@ -615,6 +645,10 @@ mod tests {
             page_size: 100,
             write_burst: 200,
             write_refill_per_sec: 10.0,
+            delete_burst: 200,
+            delete_refill_per_sec: 10.0,
+            read_burst: 250,
+            read_refill_per_sec: 25.0,
         }
     }
 

@@ -1,7 +1,40 @@
-//! Subscription write throttling: a token bucket per subscription, as ARM's
-//! "roughly 10 writes/s, bursts of 200" limit.
+//! Subscription throttling: token buckets per subscription and operation type, as ARM's
+//! current limits (learn.microsoft.com, "request-limits-and-throttling"): reads 250 burst / 25
+//! per s, writes 200 / 10 per s, deletes 200 / 10 per s, each bucket on its own.
 
 use std::time::{Duration, Instant};
+
+/// The operation type a request is charged to, as ARM counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BucketKind {
+    /// GET, including polls of async-operation URLs: ARM answers those with
+    /// `x-ms-ratelimit-remaining-subscription-reads` too (Azure/autorest.powershell#608).
+    Read,
+    /// PUT and PATCH.
+    Write,
+    /// DELETE.
+    Delete,
+}
+
+impl BucketKind {
+    /// The response header ARM sends the bucket's remaining tokens in.
+    pub fn header(self) -> &'static str {
+        match self {
+            BucketKind::Read => "x-ms-ratelimit-remaining-subscription-reads",
+            BucketKind::Write => "x-ms-ratelimit-remaining-subscription-writes",
+            BucketKind::Delete => "x-ms-ratelimit-remaining-subscription-deletes",
+        }
+    }
+
+    /// The word ARM's throttling message uses ("Number of 'read' requests ...").
+    pub fn word(self) -> &'static str {
+        match self {
+            BucketKind::Read => "read",
+            BucketKind::Write => "write",
+            BucketKind::Delete => "delete",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct TokenBucket {

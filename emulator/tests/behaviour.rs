@@ -510,6 +510,117 @@ async fn subscription_writes_are_throttled() {
 }
 
 #[tokio::test]
+async fn subscription_reads_and_deletes_have_buckets_of_their_own() {
+    let emu = start(EmulatorConfig {
+        read_burst: 4,
+        read_refill_per_sec: 0.25,
+        delete_burst: 1,
+        delete_refill_per_sec: 0.25,
+        write_burst: 10,
+        async_delay: Duration::ZERO,
+        ..demo_config()
+    })
+    .await;
+    let arm = Arm::login(&emu.base_url()).await;
+    // A write is charged to writes only.
+    let put = arm
+        .put(&rule_path("nsg-subnet", "d1"), &rule_body(130, "22"))
+        .await;
+    assert_eq!(put.status, 201, "{put:?}");
+    assert_eq!(
+        put.header("x-ms-ratelimit-remaining-subscription-writes")
+            .as_deref(),
+        Some("9")
+    );
+    assert_eq!(
+        put.header("x-ms-ratelimit-remaining-subscription-reads"),
+        None
+    );
+    // Reads, an operation poll among them, spend the read bucket.
+    let op = put.header("azure-asyncoperation").expect("operation URL");
+    let poll = arm.get(&op).await;
+    assert_eq!(poll.status, 200, "{poll:?}");
+    assert_eq!(
+        poll.header("x-ms-ratelimit-remaining-subscription-reads")
+            .as_deref(),
+        Some("3")
+    );
+    for remaining in ["2", "1", "0"] {
+        let r = arm.get(&nsg_path("nsg-subnet")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            r.header("x-ms-ratelimit-remaining-subscription-reads")
+                .as_deref(),
+            Some(remaining)
+        );
+        assert_eq!(
+            r.header("x-ms-ratelimit-remaining-subscription-writes"),
+            None
+        );
+    }
+    let r = arm.get(&nsg_path("nsg-subnet")).await;
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.code(), "SubscriptionRequestsThrottled");
+    let message = r.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("'read'"), "{message}");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=4).contains(&retry), "{retry}");
+    assert_eq!(
+        r.header("x-ms-ratelimit-remaining-subscription-reads")
+            .as_deref(),
+        Some("0")
+    );
+    // Polls are throttled like any read.
+    assert_eq!(arm.get(&op).await.status, 429);
+    // Deletes: a bucket of their own (one token here), with their own header.
+    let del = arm.delete(&rule_path("nsg-subnet", "d1")).await;
+    assert!(del.status == 202 || del.status == 200, "{del:?}");
+    assert_eq!(
+        del.header("x-ms-ratelimit-remaining-subscription-deletes")
+            .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        del.header("x-ms-ratelimit-remaining-subscription-writes"),
+        None
+    );
+    let again = arm.delete(&rule_path("nsg-subnet", "d1")).await;
+    assert_eq!(again.status, 429, "{again:?}");
+    assert!(
+        again.body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("'delete'")
+    );
+    // Writes still have room.
+    let put = arm
+        .put(&rule_path("nsg-subnet", "d2"), &rule_body(131, "22"))
+        .await;
+    assert_eq!(put.status, 201, "{put:?}");
+    let stats = emu.admin().stats().await.unwrap();
+    assert_eq!(
+        (stats.reads_throttled, stats.throttled),
+        (2, 1),
+        "{stats:?}"
+    );
+    // Raising the read limit at runtime refills the bucket.
+    emu.admin()
+        .set_config(&ConfigUpdate {
+            read_burst: Some(5),
+            ..ConfigUpdate::default()
+        })
+        .await
+        .unwrap();
+    let r = arm.get(&nsg_path("nsg-subnet")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-ms-ratelimit-remaining-subscription-reads")
+            .as_deref(),
+        Some("4")
+    );
+}
+
+#[tokio::test]
 async fn arm_requires_an_issued_bearer_token() {
     let emu = start(demo_config()).await;
     let http = reqwest::Client::new();

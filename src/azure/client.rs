@@ -10,6 +10,9 @@
 //! - Writes are sent with `.send()` and their long-running operation is polled here
 //!   (`Azure-AsyncOperation`, else `Location`, else the resource's `provisioningState`),
 //!   honouring `Retry-After` between `poll_floor` and `max_wait`.
+//! - Every request is paced against ARM's subscription budget ([`super::pacing`]): read from
+//!   the `x-ms-ratelimit-remaining-*` headers, it holds a request back before Azure would
+//!   throttle it.
 //! - 429s, `RetryableErrorDueToAnotherOperation`, 5xx and transport errors are retried after
 //!   `Retry-After` or an exponential backoff, until the operation deadline. 400/401/403/404/409
 //!   fail at once.
@@ -32,6 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::convert::{from_model, to_model};
 use super::error::{AzureError, error_chain};
+use super::pacing::{BudgetKind, Pacer, PacingOptions};
 use super::transport::{ArmTransport, AzureStats, parse_retry_after, with_operation};
 use super::{NetworkApi, NsgSnapshot, ResourceId, VmTargets};
 use crate::plan::rule::NsgRule;
@@ -64,6 +68,8 @@ pub struct AzureClientOptions {
     pub scopes: Vec<String>,
     /// The HTTP client (default: azure_core's reqwest client with rustls).
     pub http_client: Option<Arc<dyn HttpClient>>,
+    /// Pacing against ARM's subscription budget (on by default, with ARM's bucket sizes).
+    pub pacing: PacingOptions,
 }
 
 impl Default for AzureClientOptions {
@@ -78,6 +84,7 @@ impl Default for AzureClientOptions {
             retry_budget: Duration::from_millis(1500),
             scopes: vec![MANAGEMENT_SCOPE.to_string()],
             http_client: None,
+            pacing: PacingOptions::default(),
         }
     }
 }
@@ -93,6 +100,8 @@ pub struct AzureNetworkClient {
     endpoint: Url,
     options: AzureClientOptions,
     stats: AzureStats,
+    /// ARM budget estimates, shared with the transport policy.
+    pacer: Arc<Pacer>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -131,8 +140,12 @@ impl AzureNetworkClient {
             .http_client
             .clone()
             .unwrap_or_else(azure_core::new_http_client);
-        let transport =
-            TransportOptions::new_custom_policy(Arc::new(ArmTransport::new(http, stats.clone())));
+        let pacer = Pacer::new(options.pacing.clone());
+        let transport = TransportOptions::new_custom_policy(Arc::new(ArmTransport::new(
+            http,
+            stats.clone(),
+            Arc::clone(&pacer),
+        )));
         let scopes: Vec<&str> = options.scopes.iter().map(String::as_str).collect();
         let sdk = azure_mgmt_network::Client::builder(credential.clone())
             .endpoint(endpoint.clone())
@@ -163,6 +176,7 @@ impl AzureNetworkClient {
             endpoint,
             options,
             stats,
+            pacer,
             locks: Mutex::new(HashMap::new()),
         })
     }
@@ -170,6 +184,13 @@ impl AzureNetworkClient {
     /// Request counters by (operation, status); shared with every clone of the returned value.
     pub fn stats(&self) -> AzureStats {
         self.stats.clone()
+    }
+
+    /// The estimated whole tokens left now in ARM's `kind` bucket for `subscription` (requests
+    /// in flight counted); `None` before the first such request.
+    pub fn budget_estimate(&self, subscription: &str, kind: BudgetKind) -> Option<i64> {
+        self.pacer
+            .estimate(subscription, kind, std::time::Instant::now())
     }
 
     pub fn options(&self) -> &AzureClientOptions {

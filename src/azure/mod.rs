@@ -6,6 +6,8 @@
 //! - [`AzureNetworkClient`]: the implementation. Writes hold a per-NSG lock, drive the
 //!   long-running operation themselves (`Azure-AsyncOperation` / `Location`), and retry 429s,
 //!   5xx and transport errors within a per-operation deadline.
+//! - [`pacing`]: ARM's subscription budget (token buckets per operation type), tracked from the
+//!   `x-ms-ratelimit-remaining-*` headers; requests wait for the refill before Azure throttles.
 //! - [`credential`]: configuration to a token credential (client secret, workload identity with
 //!   a token file that is re-read on every refresh, managed identity).
 
@@ -13,6 +15,7 @@ pub mod client;
 pub mod convert;
 pub mod credential;
 pub mod error;
+pub mod pacing;
 pub mod transport;
 
 use async_trait::async_trait;
@@ -25,7 +28,8 @@ pub use credential::{
     ImdsCredential, authority_host_from_env, build_credential,
 };
 pub use error::AzureError;
-pub use transport::AzureStats;
+pub use pacing::{BucketSpec, BudgetKind, PacingOptions};
+pub use transport::{AzureStats, Paced};
 
 /// What a VM resolves to: where its traffic is filtered and which addresses it has.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

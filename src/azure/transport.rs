@@ -11,6 +11,7 @@ use azure_core::headers::{HeaderName, Headers};
 use azure_core::{Context, HttpClient, Policy, PolicyResult, Request};
 
 use super::error::AzureError;
+use super::pacing::{BudgetKind, Pacer};
 
 tokio::task_local! {
     /// The logical operation the current task is performing (for stats labels).
@@ -27,15 +28,37 @@ fn current_operation() -> &'static str {
 }
 
 /// Request counters by (operation, status). Status is the HTTP status code as text, or
-/// `"transport_error"` when no response arrived. Cheap to clone; all clones share the counters.
+/// `"transport_error"` when no response arrived. Also the time spent pacing, by budget kind.
+/// Cheap to clone; all clones share the counters.
 #[derive(Clone, Debug, Default)]
 pub struct AzureStats {
     inner: Arc<Mutex<BTreeMap<(String, String), u64>>>,
+    paced: Arc<Mutex<BTreeMap<BudgetKind, Paced>>>,
+}
+
+/// Requests held back to stay inside ARM's budget, and for how long in total.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Paced {
+    pub requests: u64,
+    pub seconds: f64,
 }
 
 impl AzureStats {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub(crate) fn record_paced(&self, kind: BudgetKind, wait: Duration) {
+        if let Ok(mut map) = self.paced.lock() {
+            let p = map.entry(kind).or_default();
+            p.requests += 1;
+            p.seconds += wait.as_secs_f64();
+        }
+    }
+
+    /// Pacing so far, by kind (kinds never paced are absent).
+    pub fn paced(&self) -> BTreeMap<BudgetKind, Paced> {
+        self.paced.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     pub(crate) fn record(&self, operation: &str, status: &str) {
@@ -132,11 +155,12 @@ pub(crate) fn parse_retry_after(headers: &Headers) -> Option<Duration> {
 pub(crate) struct ArmTransport {
     http: Arc<dyn HttpClient>,
     stats: AzureStats,
+    pacer: Arc<Pacer>,
 }
 
 impl ArmTransport {
-    pub fn new(http: Arc<dyn HttpClient>, stats: AzureStats) -> Self {
-        Self { http, stats }
+    pub fn new(http: Arc<dyn HttpClient>, stats: AzureStats, pacer: Arc<Pacer>) -> Self {
+        Self { http, stats, pacer }
     }
 }
 
@@ -149,6 +173,36 @@ impl Policy for ArmTransport {
         _next: &[Arc<dyn Policy>],
     ) -> PolicyResult {
         let op = current_operation();
+        // Every ARM request is charged to a bucket; wait here when ours is running low.
+        let admission = self.pacer.admit(
+            request.method(),
+            request.url().path(),
+            std::time::Instant::now(),
+        );
+        let max_wait = self.pacer.options().max_wait;
+        let mut wait = admission.wait;
+        let mut waited = Duration::ZERO;
+        while !wait.is_zero() {
+            tracing::debug!(
+                op,
+                kind = admission.kind.as_str(),
+                wait_ms = wait.as_millis() as u64,
+                url = %request.url().path(),
+                "pacing: ARM budget low, waiting for the refill"
+            );
+            tokio::time::sleep(wait).await;
+            waited += wait;
+            // Answers that came in meanwhile may have moved the estimate: look again, within
+            // the bound.
+            wait = self
+                .pacer
+                .recheck(&admission, std::time::Instant::now())
+                .min(max_wait.saturating_sub(waited));
+        }
+        if !waited.is_zero() {
+            self.stats.record_paced(admission.kind, waited);
+        }
+        // On error or cancellation the admission's drop counts the request as spent.
         let response = match self.http.execute_request(request).await {
             Ok(r) => r,
             Err(e) => {
@@ -156,6 +210,7 @@ impl Policy for ArmTransport {
                 return Err(e);
             }
         };
+        admission.answered(response.headers(), std::time::Instant::now());
         let status = u16::from(response.status());
         self.stats.record(op, &status.to_string());
         if (200..300).contains(&status) {

@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 
 use super::world::World;
 use crate::api::GrantPhase;
-use crate::azure::AzureStats;
+use crate::azure::{AzureStats, BudgetKind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReconcileLabels {
@@ -85,6 +85,30 @@ impl prometheus_client::collector::Collector for AzureRequests {
             let labels = [("operation", operation), ("status", status)];
             let metric = family.encode_family(&labels)?;
             ConstCounter::new(count).encode(metric)?;
+        }
+        // Pacing against ARM's budget (src/azure/pacing.rs): every kind, zero until paced.
+        let paced = self.0.paced();
+        let mut seconds = encoder.encode_descriptor(
+            "azure_paced_seconds",
+            "Time Azure requests waited for ARM's subscription budget (token buckets) to refill, by kind",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for kind in BudgetKind::ALL {
+            let labels = [("kind", kind.as_str())];
+            let p = paced.get(&kind).copied().unwrap_or_default();
+            ConstCounter::new(p.seconds).encode(seconds.encode_family(&labels)?)?;
+        }
+        let mut requests = encoder.encode_descriptor(
+            "azure_paced_requests",
+            "Azure requests held back to stay inside ARM's subscription budget, by kind",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for kind in BudgetKind::ALL {
+            let labels = [("kind", kind.as_str())];
+            let p = paced.get(&kind).copied().unwrap_or_default();
+            ConstCounter::new(p.requests).encode(requests.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -416,5 +440,25 @@ impl Telemetry {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::azure::BudgetKind;
+
+    #[test]
+    fn pacing_is_exported_per_kind() {
+        let stats = AzureStats::new();
+        stats.record_paced(BudgetKind::Read, std::time::Duration::from_millis(1500));
+        let text = Telemetry::new(Some(stats)).encode().unwrap();
+        assert!(
+            text.contains("portcullis_azure_paced_seconds_total{kind=\"read\"} 1.5"),
+            "{text}"
+        );
+        assert!(text.contains("portcullis_azure_paced_requests_total{kind=\"read\"} 1"));
+        assert!(text.contains("portcullis_azure_paced_seconds_total{kind=\"write\"} 0"));
+        assert!(text.contains("portcullis_azure_paced_requests_total{kind=\"delete\"} 0"));
     }
 }
