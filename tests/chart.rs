@@ -1382,7 +1382,7 @@ fn exported_metrics() -> std::collections::BTreeSet<String> {
     }))
     .expect("a grant");
     telemetry.observe_world(&portcullis::controller::world::World {
-        grants: vec![active],
+        grants: vec![active.into()],
         ..Default::default()
     });
     telemetry.reconciled("grant", "ok", 0.1);

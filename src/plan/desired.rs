@@ -471,6 +471,9 @@ pub fn policy_of<'a, P: Borrow<JitPolicy>>(
         .find(|p| p.namespace() == ns && p.name_any() == grant.policy_name())
 }
 
+/// A policy's namespace and name, as grants refer to it.
+type PolicyKey = (Option<String>, String);
+
 /// Every rule that should exist in NSG `nsg_id`, sorted by name: the aggregated Deny rules of
 /// every valid policy for the VMs this NSG governs (one per protocol, address family and port
 /// set, see `policy_intents`), and an Allow rule per
@@ -494,8 +497,7 @@ pub fn desired_rules<P: Borrow<JitPolicy>, G: Borrow<AccessGrant>>(
     let mut out = Vec::new();
     // By (namespace, name), the first one winning as in `policy_of`; `None`: it governs no VM
     // here, or has no effective spec, so no grant under it opens anything in this NSG.
-    let mut governing: HashMap<(Option<String>, String), Option<(&JitPolicy, &JitPolicySpec)>> =
-        HashMap::new();
+    let mut governing: HashMap<PolicyKey, Option<(&JitPolicy, &JitPolicySpec)>> = HashMap::new();
     for policy in policies.iter().map(Borrow::borrow) {
         policy_intents(nsg_id, policy, names, &mut out);
         governing
