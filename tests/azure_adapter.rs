@@ -1440,3 +1440,113 @@ async fn the_budget_estimate_follows_the_remaining_headers() {
     assert_eq!(api.budget_estimate(SUB, BudgetKind::Delete), None);
     emu.shutdown().await;
 }
+
+/// One policy over vm1 (port 22 in nsg-nic) and one grant under it, active until `expires_at`.
+fn planned_world(expires_at: jiff::Timestamp) -> portcullis::controller::world::World {
+    let policy: portcullis::api::JitPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "JitPolicy",
+        "metadata": {"name": "p", "namespace": "t", "uid": "policy-uid"},
+        "spec": {"virtualMachines": [{"id": vm_id("vm1"), "ports": [{
+            "number": 22, "protocol": "TCP",
+            "allowedSourceAddressPrefixes": ["203.0.113.0/24"],
+            "maxRequestAccessDuration": "PT1H"}]}]},
+        "status": {"targets": [{"virtualMachine": vm_id("vm1"),
+            "privateIpAddresses": ["10.0.1.4"], "networkSecurityGroups": [nsg_id("nsg-nic")]}]}
+    }))
+    .expect("policy");
+    let activated = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
+    let grant: portcullis::api::AccessGrant = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AccessGrant",
+        "metadata": {"name": "g", "namespace": "t", "uid": "grant-uid"},
+        "spec": {"policyRef": {"name": "p"}, "virtualMachine": "vm1", "ports": [22],
+            "sourceAddressPrefix": "203.0.113.7", "duration": "PT1H",
+            "justification": "plan cache test"},
+        "status": {"phase": "Active", "activatedAt": activated.to_string(),
+            "expiresAt": expires_at.to_string()}
+    }))
+    .expect("grant");
+    portcullis::controller::world::World {
+        policies: vec![Arc::new(policy)],
+        grants: vec![Arc::new(grant)],
+        ..Default::default()
+    }
+}
+
+/// With the world's generation, an NSG is planned again only when the world changed or a live
+/// grant lapsed: a steady state takes no snapshot and plans nothing, and a lapse still closes on
+/// time with no event at all.
+#[tokio::test]
+async fn an_nsg_is_planned_again_only_when_the_world_changes_or_a_grant_lapses() {
+    use portcullis::controller::nsg::NsgSyncer;
+    use portcullis::controller::world::WorldGeneration;
+    use portcullis::plan::{Bands, Naming};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let emu = start(config()).await;
+    let generation = WorldGeneration::default();
+    let syncer = NsgSyncer::new(Arc::new(client(&emu)), Bands::default(), Naming::default())
+        .with_world_generation(generation.clone());
+    let expires_at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
+    let world = planned_world(expires_at);
+    let snapshots = AtomicUsize::new(0);
+    let nsg = nsg_id("nsg-nic");
+    let sync = || async {
+        syncer
+            .sync(
+                &nsg,
+                || {
+                    snapshots.fetch_add(1, Ordering::SeqCst);
+                    world.clone()
+                },
+                jiff::Timestamp::now(),
+            )
+            .await
+            .expect("sync")
+    };
+    let allow_rules = || async {
+        admin_rules(&emu.admin(), "nsg-nic")
+            .await
+            .values()
+            .filter(|r| r["properties"]["access"] == "Allow" && r["name"] != "user-allow-https")
+            .count()
+    };
+
+    let first = sync().await;
+    assert_eq!(
+        first.created.len(),
+        2,
+        "the Deny and the Allow rule: {first:?}"
+    );
+    assert_eq!(snapshots.load(Ordering::SeqCst), 1);
+    sync().await;
+    assert_eq!(
+        snapshots.load(Ordering::SeqCst),
+        1,
+        "unchanged world: no new snapshot"
+    );
+    generation.advance();
+    sync().await;
+    assert_eq!(
+        snapshots.load(Ordering::SeqCst),
+        2,
+        "a change: planned again"
+    );
+    assert_eq!(allow_rules().await, 1);
+
+    // The lapse needs no event: past expiresAt the plan no longer holds and the rule goes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while jiff::Timestamp::now() <= expires_at {
+        assert!(tokio::time::Instant::now() < deadline, "the clock stalled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let closed = sync().await;
+    assert_eq!(
+        snapshots.load(Ordering::SeqCst),
+        3,
+        "the lapse: planned again"
+    );
+    assert_eq!(closed.deleted.len(), 1, "{closed:?}");
+    assert_eq!(allow_rules().await, 0);
+}

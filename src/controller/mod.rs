@@ -40,7 +40,7 @@ use decode::OnUndecodable;
 use leader::{LeaderElector, LeaseConfig};
 use nsg::NsgSyncer;
 use telemetry::Telemetry;
-use world::WorldView;
+use world::{WorldGeneration, WorldView};
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -408,6 +408,8 @@ async fn run_controllers(
     let raw_watch = |api: Api<kube::api::DynamicObject>| {
         watcher(api, wc.clone()).backoff(WatchBackoff::default())
     };
+    // Advanced after every policy, grant or JitScope event has reached its store.
+    let generation = WorldGeneration::default();
     let mut policy_ctls = Vec::new();
     let mut grant_ctls = Vec::new();
     let (mut policy_stores, mut grant_stores, mut approval_stores) =
@@ -426,6 +428,7 @@ async fn run_controllers(
             seen_tx.clone(),
         )
         .reflect(policies_writer)
+        .inspect(advancing(&generation))
         .applied_objects();
         let grants = decode::typed_events::<AccessGrant>(
             raw_watch(decode::raw_api::<AccessGrant>(client.clone(), ns)),
@@ -433,6 +436,7 @@ async fn run_controllers(
             seen_tx.clone(),
         )
         .reflect(grants_writer)
+        .inspect(advancing(&generation))
         .applied_objects();
         // A policy change re-plans every grant made under it (a second watch, decoded alike).
         let policy_changes = decode::typed_events::<JitPolicy>(
@@ -474,7 +478,11 @@ async fn run_controllers(
             seen_tx.clone(),
         );
         let jit_scopes = match scope_writer.take() {
-            Some(writer) => jit_scopes.reflect(writer).touched_objects().boxed(),
+            Some(writer) => jit_scopes
+                .reflect(writer)
+                .inspect(advancing(&generation))
+                .touched_objects()
+                .boxed(),
             None => jit_scopes.touched_objects().boxed(),
         };
         let policies_of = policies_store.clone();
@@ -519,7 +527,9 @@ async fn run_controllers(
         (audit, None)
     };
     let world = WorldView::new(policy_stores, grant_stores, approval_stores)
-        .with_scopes(scope_store, settings.allow_unscoped_namespaces);
+        .with_scopes(scope_store, settings.allow_unscoped_namespaces)
+        .with_generation(generation.clone());
+    let nsgs = nsgs.with_world_generation(generation);
 
     let ctx: Ctx = Arc::new(
         Context::new(
@@ -638,6 +648,15 @@ async fn run_controllers(
     }
     info!("controllers stopped");
     Ok(())
+}
+
+/// A watch stream's `inspect` step that advances `generation` once the event has reached its
+/// store (it is placed after `reflect`).
+fn advancing<K>(
+    generation: &WorldGeneration,
+) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
+    let generation = generation.clone();
+    move |_| generation.advance()
 }
 
 /// The label-selected watches of notification target Secrets, one per watched scope, and the

@@ -12,7 +12,7 @@ use tracing::{debug, info, instrument, warn};
 use super::Error;
 use super::inventory::Inventory;
 use super::telemetry::Telemetry;
-use super::world::World;
+use super::world::{World, WorldGeneration};
 use crate::azure::{AzureError, NetworkApi, NsgSnapshot};
 use crate::plan::rule::NsgRule;
 use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, desired_rules, plan_nsg};
@@ -69,17 +69,49 @@ struct LastSync {
     in_line: bool,
 }
 
-#[derive(PartialEq)]
+#[derive(Clone, PartialEq)]
 struct Asked {
     desired: Vec<RuleIntent>,
     quarantined: Vec<String>,
+}
+
+/// What the world asked of an NSG, and for how long that answer holds without planning again:
+/// while the world's generation has not moved and before the first live grant lapses.
+struct Planned {
+    generation: u64,
+    until: Option<Timestamp>,
+    asked: Asked,
+}
+
+impl Planned {
+    fn holds(&self, generation: u64, now: Timestamp) -> bool {
+        self.generation == generation && self.until.is_none_or(|until| now < until)
+    }
+}
+
+/// Everything this process remembers about one NSG, behind its sync lock.
+#[derive(Default)]
+struct NsgState {
+    last: Option<LastSync>,
+    planned: Option<Planned>,
+}
+
+/// The earliest `expiresAt` after `now` among the world's grants: where a plan made at `now`
+/// may change with no event at all.
+fn next_lapse(world: &World, now: Timestamp) -> Option<Timestamp> {
+    world
+        .grants
+        .iter()
+        .filter_map(|g| g.status.as_ref()?.expires_at.as_ref().map(|t| t.0))
+        .filter(|t| *t > now)
+        .min()
 }
 
 pub struct NsgSyncer {
     azure: Arc<dyn NetworkApi>,
     bands: Bands,
     naming: Naming,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LastSync>>>>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<NsgState>>>>,
     /// Cleared the moment leadership is lost: no write starts after that.
     writes_allowed: AtomicBool,
     /// Where every NSG is recorded before its first write (see `inventory`).
@@ -94,6 +126,9 @@ pub struct NsgSyncer {
     /// asked for the same rules within this time answers without reading Azure. `None` reads on
     /// every sync.
     read_sharing: Option<std::time::Duration>,
+    /// With it, what an NSG is asked for is planned again only when the world changed (or a
+    /// grant lapsed), not at every sync: a steady state costs no planning.
+    world_generation: Option<WorldGeneration>,
 }
 
 impl NsgSyncer {
@@ -109,7 +144,14 @@ impl NsgSyncer {
             one_write_per_nsg: false,
             telemetry: None,
             read_sharing: None,
+            world_generation: None,
         }
+    }
+
+    /// Plans each NSG again only when `generation` moved since its last plan (see [`Planned`]).
+    pub fn with_world_generation(mut self, generation: WorldGeneration) -> Self {
+        self.world_generation = Some(generation);
+        self
     }
 
     /// Sets the NSG's `flushConnection` before the first write to it (see SECURITY.md for the
@@ -245,7 +287,7 @@ impl NsgSyncer {
         &self.naming
     }
 
-    fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<Option<LastSync>>> {
+    fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<NsgState>> {
         let mut locks = self
             .locks
             .lock()
@@ -293,22 +335,19 @@ impl NsgSyncer {
     ) -> Result<NsgOutcome, Error> {
         let requested = Instant::now();
         let lock = self.lock_for(nsg_id);
-        let mut last = lock.lock().await;
+        let mut state = lock.lock().await;
         // Many reconciles ask for the same NSG at once (every grant in a shared subnet NSG): a
         // sync that began after this request read a world at least as new as the caller's, so
         // its result stands for this request too, and the queue drains in one more sync.
-        if let Some(done) = last.as_ref().filter(|d| d.started >= requested) {
+        if let Some(done) = state.last.as_ref().filter(|d| d.started >= requested) {
             debug!("NSG synced since this request: result shared");
             return Ok(done.outcome.clone());
         }
         let started = Instant::now();
         // The clock as of now, not as of the caller's reconcile start: the world is read now.
         let now = now.max(Timestamp::now());
-        let world = world();
-        let asked = Asked {
-            desired: desired_rules(nsg_id, &world.policies, &world.grants, now, &self.naming),
-            quarantined: world.quarantined_policies.clone(),
-        };
+        let asked = self.asked_of(nsg_id, &mut state.planned, world, now);
+        let last = &mut state.last;
         if let Some(done) = last.as_ref().filter(|d| self.still_in_line(d, &asked)) {
             debug!("NSG found in line recently and asked for the same: no read");
             return Ok(NsgOutcome {
@@ -324,6 +363,35 @@ impl NsgSyncer {
             asked,
         });
         Ok(outcome)
+    }
+
+    /// What the world asks of the NSG at `now`: planned from a fresh snapshot, or the last plan
+    /// when the world has not changed since and no grant lapsed. The generation is read before
+    /// the snapshot, so a change racing with it only makes the plan look older than it is.
+    fn asked_of(
+        &self,
+        nsg_id: &str,
+        planned: &mut Option<Planned>,
+        world: impl FnOnce() -> World,
+        now: Timestamp,
+    ) -> Asked {
+        let generation = self.world_generation.as_ref().map(WorldGeneration::current);
+        if let (Some(generation), Some(plan)) = (generation, planned.as_ref())
+            && plan.holds(generation, now)
+        {
+            return plan.asked.clone();
+        }
+        let world = world();
+        let asked = Asked {
+            desired: desired_rules(nsg_id, &world.policies, &world.grants, now, &self.naming),
+            quarantined: world.quarantined_policies.clone(),
+        };
+        *planned = generation.map(|generation| Planned {
+            generation,
+            until: next_lapse(&world, now),
+            asked: asked.clone(),
+        });
+        asked
     }
 
     fn still_in_line(&self, last: &LastSync, asked: &Asked) -> bool {

@@ -85,6 +85,26 @@ pub struct WorldView {
     undecodable: Mutex<HashMap<String, bool>>,
     /// Set when the controllers are shutting down: the stores stop filling then.
     stopping: std::sync::atomic::AtomicBool,
+    /// Counts changes to what a snapshot would show (see [`WorldGeneration`]).
+    generation: WorldGeneration,
+}
+
+/// A counter that moves whenever the world may have changed: after a watch event reached a
+/// store, and on every change to the overlay or the set of undecodable objects. A result computed
+/// from a snapshot taken after reading the counter stays right while the counter has not moved
+/// (plans are cached on it, so an unchanged world is not planned again at every resync).
+#[derive(Clone, Default)]
+pub struct WorldGeneration(Arc<std::sync::atomic::AtomicU64>);
+
+impl WorldGeneration {
+    pub fn current(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Called after a change is visible in the stores, never before.
+    pub fn advance(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn newer<K: ResourceExt>(candidate: &K, than: &K) -> bool {
@@ -106,6 +126,7 @@ fn merge<K: ResourceExt>(
         out.extend(stored);
         return out;
     }
+    // Only the overlay's objects the stores also hold: the overlay is small, the stores are not.
     let mut seen = std::collections::HashSet::new();
     for obj in stored {
         let uid = obj.meta().uid.as_deref().unwrap_or_default();
@@ -115,7 +136,9 @@ fn merge<K: ResourceExt>(
         let mine = overlay
             .get(uid)
             .map(|mine| newer(mine.as_ref(), obj.as_ref()));
-        seen.insert(uid.to_string());
+        if mine.is_some() {
+            seen.insert(uid.to_string());
+        }
         match mine {
             Some(true) => out.extend(overlay.get(uid).cloned()),
             Some(false) => {
@@ -149,7 +172,18 @@ impl WorldView {
             overlay: Mutex::new(Overlay::default()),
             undecodable: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            generation: WorldGeneration::default(),
         }
+    }
+
+    /// Shares `generation` (advanced by the watch streams after each event reaches a store).
+    pub fn with_generation(mut self, generation: WorldGeneration) -> Self {
+        self.generation = generation;
+        self
+    }
+
+    pub fn generation(&self) -> &WorldGeneration {
+        &self.generation
     }
 
     /// Restricts every policy to its namespace's JitScopes from `store`; a namespace no scope
@@ -182,6 +216,8 @@ impl WorldView {
             Some(is_policy) => undecodable.insert(uid.to_string(), is_policy),
             None => undecodable.remove(uid),
         };
+        drop(undecodable);
+        self.generation.advance();
     }
 
     /// Waits until the policy and grant stores hold their initial listing: planning an NSG from
@@ -286,12 +322,14 @@ impl WorldView {
             self.overlay()
                 .policies
                 .insert(uid, Arc::new(policy.clone()));
+            self.generation.advance();
         }
     }
 
     pub fn record_grant(&self, grant: &AccessGrant) {
         if let Some(uid) = grant.uid() {
             self.overlay().grants.insert(uid, Arc::new(grant.clone()));
+            self.generation.advance();
         }
     }
 
@@ -301,6 +339,8 @@ impl WorldView {
         overlay.policies.remove(uid);
         overlay.grants.remove(uid);
         overlay.tombstones.insert(uid.to_string(), Instant::now());
+        drop(overlay);
+        self.generation.advance();
     }
 }
 
