@@ -132,9 +132,11 @@ struct RunArgs {
     /// Seconds between reconciles of an unchanged object (bounds how long drift can stand).
     #[arg(long, env = "PORTCULLIS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
-    /// Reconciles in flight per controller: mostly waiting on Azure, so many; writes to one NSG
-    /// are serialised anyway.
-    #[arg(long, env = "PORTCULLIS_CONCURRENCY", default_value_t = 16)]
+    /// Reconciles in flight per controller. They mostly wait on Azure's long-running operations
+    /// (writes to one NSG are serialised and shared by every reconcile waiting on it), so many:
+    /// with 16, a burst of 1,000 grants took 3x as long and 100 grants expiring at one instant
+    /// closed 3x later (BENCHMARKS.md).
+    #[arg(long, env = "PORTCULLIS_CONCURRENCY", default_value_t = 256)]
     concurrency: u16,
     /// Overall deadline for one Azure write, long-running operation included, in seconds.
     #[arg(

@@ -106,7 +106,7 @@ impl Default for Settings {
             bands: Bands::default(),
             naming: Naming::default(),
             resync: Duration::from_secs(300),
-            concurrency: 16,
+            concurrency: 256,
             namespaces: Vec::new(),
             leader_election: None,
             inventory_namespace: None,
