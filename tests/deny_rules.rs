@@ -234,13 +234,7 @@ async fn per_vm_deny_rules_migrate_in_at_most_two_writes_per_nsg() {
     for nsg in ["nsg-vm1", "nsg-subnet"] {
         let writes: Vec<String> = log
             .iter()
-            .filter(|r| {
-                r.method != "GET"
-                    && (r.path.contains(&format!("/networkSecurityGroups/{nsg}?"))
-                        || r.path
-                            .contains(&format!("/networkSecurityGroups/{nsg}/securityRules/")))
-                    && (200..300).contains(&r.status)
-            })
+            .filter(|r| support::is_write_to_nsg(r, nsg) && (200..300).contains(&r.status))
             .map(|r| format!("{} {}", r.method, r.path))
             .collect();
         assert!(
@@ -346,13 +340,7 @@ async fn a_policy_over_200_vms_behind_2_subnet_nsgs_is_enforced_in_at_most_two_w
         );
         let writes = log
             .iter()
-            .filter(|r| {
-                r.method != "GET"
-                    && (r.path.contains(&format!("/networkSecurityGroups/{nsg}?"))
-                        || r.path
-                            .contains(&format!("/networkSecurityGroups/{nsg}/securityRules/")))
-                    && (200..300).contains(&r.status)
-            })
+            .filter(|r| support::is_write_to_nsg(r, nsg) && (200..300).contains(&r.status))
             .count();
         assert!((1..=2).contains(&writes), "{nsg}: {writes} writes");
     }

@@ -187,12 +187,7 @@ async fn expiries_due_at_the_same_instant_close_in_one_write_per_nsg() {
     for nsg in ["nsg-vm1", "nsg-subnet"] {
         let writes: Vec<String> = requests
             .iter()
-            .filter(|r| {
-                r.method != "GET"
-                    && (r.path.contains(&format!("/networkSecurityGroups/{nsg}?"))
-                        || r.path
-                            .contains(&format!("/networkSecurityGroups/{nsg}/securityRules/")))
-            })
+            .filter(|r| support::is_write_to_nsg(r, nsg))
             .map(|r| format!("{} {} -> {}", r.method, r.path, r.status))
             .collect();
         assert_eq!(

@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 
 use super::world::World;
 use crate::api::GrantPhase;
-use crate::azure::{AzureStats, BudgetKind};
+use crate::azure::{AzureStats, BudgetKind, Paced};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReconcileLabels {
@@ -88,28 +88,32 @@ impl prometheus_client::collector::Collector for AzureRequests {
         }
         // Pacing against ARM's budget (src/azure/pacing.rs): every kind, zero until paced.
         let paced = self.0.paced();
-        let mut seconds = encoder.encode_descriptor(
+        let per_kind = |encoder: &mut DescriptorEncoder, name, help, value: fn(Paced) -> f64| {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for kind in BudgetKind::ALL {
+                let p = paced.get(&kind).copied().unwrap_or_default();
+                let labels = [("kind", kind.as_str())];
+                ConstCounter::new(value(p)).encode(family.encode_family(&labels)?)?;
+            }
+            Ok::<(), std::fmt::Error>(())
+        };
+        per_kind(
+            &mut encoder,
             "azure_paced_seconds",
             "Time Azure requests waited for ARM's subscription budget (token buckets) to refill, by kind",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            |p| p.seconds,
         )?;
-        for kind in BudgetKind::ALL {
-            let labels = [("kind", kind.as_str())];
-            let p = paced.get(&kind).copied().unwrap_or_default();
-            ConstCounter::new(p.seconds).encode(seconds.encode_family(&labels)?)?;
-        }
-        let mut requests = encoder.encode_descriptor(
+        per_kind(
+            &mut encoder,
             "azure_paced_requests",
             "Azure requests held back to stay inside ARM's subscription budget, by kind",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            |p| p.requests as f64,
         )?;
-        for kind in BudgetKind::ALL {
-            let labels = [("kind", kind.as_str())];
-            let p = paced.get(&kind).copied().unwrap_or_default();
-            ConstCounter::new(p.requests).encode(requests.encode_family(&labels)?)?;
-        }
         Ok(())
     }
 }

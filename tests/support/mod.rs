@@ -29,6 +29,15 @@ where
     }
 }
 
+/// Whether a request in the emulator's log wrote NSG `nsg` (by name): a PUT of the whole NSG, or
+/// a PUT or DELETE of one of its rules. Any status; callers that count accepted writes add that.
+pub fn is_write_to_nsg(r: &portcullis_azure_emulator::RequestRecord, nsg: &str) -> bool {
+    r.method != "GET"
+        && (r.path.contains(&format!("/networkSecurityGroups/{nsg}?"))
+            || r.path
+                .contains(&format!("/networkSecurityGroups/{nsg}/securityRules/")))
+}
+
 /// Logs of the code under test, shown for failing tests (libtest captures them). `RUST_LOG`
 /// overrides the default level.
 pub fn init_tracing() {
