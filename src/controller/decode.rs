@@ -50,8 +50,36 @@ pub enum Seen {
     Deleted { uid: String },
 }
 
-/// Where the decoding streams send what they saw (Events, metrics, syncs, the world's copies).
-pub type Reports = mpsc::UnboundedSender<Seen>;
+/// Where the decoding streams tell what they saw: at once to the world's marks of undecodable
+/// objects (before the event reaches a store, so no plan is ever made from a store that has an
+/// object's change but a world that does not know it is undecodable, such as a restart's first
+/// sync deleting an unreadable policy's Deny rules), then to the reporter (Events, metrics,
+/// syncs) through the channel.
+#[derive(Clone)]
+pub struct Reports {
+    tx: mpsc::UnboundedSender<Seen>,
+    marks: UndecodableMarks,
+}
+
+impl Reports {
+    pub fn new(tx: mpsc::UnboundedSender<Seen>, marks: UndecodableMarks) -> Self {
+        Reports { tx, marks }
+    }
+
+    fn tell(&self, seen: Seen) {
+        match &seen {
+            Seen::Undecodable(report) => {
+                let uid = report.reference.uid.as_deref().unwrap_or_default();
+                self.marks.mark(uid, Some(report.kind == "JitPolicy"));
+            }
+            Seen::Decoded { uid } | Seen::Deleted { uid } => self.marks.mark(uid, None),
+        }
+        // The receiver lives as long as the controllers; a send after that has nobody to tell.
+        let _ = self.tx.send(seen);
+    }
+}
+
+use super::world::UndecodableMarks;
 
 pub use crate::api::decode;
 
@@ -196,10 +224,7 @@ where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone,
 {
     use watcher::Event as E;
-    // The receiver lives as long as the controllers; a send after that has nobody to tell.
-    let tell = |seen: Seen| {
-        let _ = reports.send(seen);
-    };
+    let tell = |seen: Seen| reports.tell(seen);
     match event {
         E::Init => Some(E::Init),
         E::InitDone => Some(E::InitDone),
@@ -255,5 +280,54 @@ where
                 Err(_) => previous.map(|k| E::Delete(k.as_ref().clone())),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::JitPolicy;
+    use crate::controller::world::{UndecodableMarks, WorldGeneration};
+
+    fn raw_policy(uid: &str, spec: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "JitPolicy",
+            "metadata": {"name": "p", "namespace": "t", "uid": uid, "resourceVersion": "1"},
+            "spec": spec
+        }))
+        .expect("raw object")
+    }
+
+    /// The world learns that a policy is unreadable before anything reaches a store, not when
+    /// the reporter gets round to it: a plan made in between would delete its Deny rules.
+    #[test]
+    fn an_undecodable_object_is_marked_before_its_event_goes_on() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let generation = WorldGeneration::default();
+        let marks = UndecodableMarks::with_generation(generation.clone());
+        let reports = Reports::new(tx, marks.clone());
+        let mut last = HashMap::new();
+        let bad = raw_policy("u1", serde_json::json!({"virtualMachines": "not a list"}));
+        let event = translate::<JitPolicy>(
+            watcher::Event::InitApply(bad),
+            OnUndecodable::KeepLast,
+            &mut last,
+            &reports,
+        );
+        assert!(event.is_none(), "nothing to keep: no event");
+        assert!(marks.is_marked("u1"), "marked at once");
+        assert_eq!(generation.current(), 1, "the world moved");
+        assert!(matches!(rx.try_recv(), Ok(Seen::Undecodable(_))));
+
+        let good = raw_policy("u1", serde_json::json!({"virtualMachines": []}));
+        let event = translate::<JitPolicy>(
+            watcher::Event::Apply(good),
+            OnUndecodable::KeepLast,
+            &mut last,
+            &reports,
+        );
+        assert!(matches!(event, Some(watcher::Event::Apply(_))));
+        assert!(!marks.is_marked("u1"), "readable again: unmarked at once");
+        assert_eq!(generation.current(), 2);
     }
 }

@@ -40,7 +40,7 @@ use decode::OnUndecodable;
 use leader::{LeaderElector, LeaseConfig};
 use nsg::NsgSyncer;
 use telemetry::Telemetry;
-use world::{WorldGeneration, WorldView};
+use world::{UndecodableMarks, WorldGeneration, WorldView};
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -401,6 +401,11 @@ async fn run_controllers(
     // A pair of controllers per scope; one world view over all their stores, since an NSG can
     // carry rules of objects from several namespaces. Every watch decodes object by object.
     let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Advanced after every policy, grant or JitScope event has reached its store, and whenever
+    // an object is marked undecodable or readable again.
+    let generation = WorldGeneration::default();
+    let undecodable = UndecodableMarks::with_generation(generation.clone());
+    let seen_tx = decode::Reports::new(seen_tx, undecodable.clone());
     // The most recent list semantic (not `any`): after an API server restart an `any` list can
     // come from a stale watch cache whose resourceVersion the new watch refuses with 410, again
     // and again.
@@ -408,8 +413,6 @@ async fn run_controllers(
     let raw_watch = |api: Api<kube::api::DynamicObject>| {
         watcher(api, wc.clone()).backoff(WatchBackoff::default())
     };
-    // Advanced after every policy, grant or JitScope event has reached its store.
-    let generation = WorldGeneration::default();
     let mut policy_ctls = Vec::new();
     let mut grant_ctls = Vec::new();
     let (mut policy_stores, mut grant_stores, mut approval_stores) =
@@ -528,7 +531,7 @@ async fn run_controllers(
     };
     let world = WorldView::new(policy_stores, grant_stores, approval_stores)
         .with_scopes(scope_store, settings.allow_unscoped_namespaces)
-        .with_generation(generation.clone());
+        .with_generation(generation.clone(), undecodable);
     let nsgs = nsgs.with_world_generation(generation);
 
     let ctx: Ctx = Arc::new(

@@ -81,12 +81,53 @@ pub struct WorldView {
     scopes: Option<Store<JitScope>>,
     allow_unscoped: bool,
     overlay: Mutex<Overlay>,
-    /// Objects that exist but do not decode, by uid: true for a policy, false for a grant.
-    undecodable: Mutex<HashMap<String, bool>>,
+    undecodable: UndecodableMarks,
     /// Set when the controllers are shutting down: the stores stop filling then.
     stopping: std::sync::atomic::AtomicBool,
     /// Counts changes to what a snapshot would show (see [`WorldGeneration`]).
     generation: WorldGeneration,
+}
+
+/// Objects that exist but do not decode, by uid: true for a policy, false for anything else.
+/// Shared by the decoding streams, which mark them, and the world view, which plans with them.
+#[derive(Clone, Default)]
+pub struct UndecodableMarks {
+    marks: Arc<Mutex<HashMap<String, bool>>>,
+    generation: WorldGeneration,
+}
+
+impl UndecodableMarks {
+    pub fn with_generation(generation: WorldGeneration) -> Self {
+        UndecodableMarks {
+            marks: Arc::default(),
+            generation,
+        }
+    }
+
+    /// Marks `uid` (`Some(is_policy)`) or clears it (`None`); the world's generation moves when
+    /// that changes anything.
+    pub fn mark(&self, uid: &str, policy: Option<bool>) {
+        let changed = {
+            let mut marks = self.lock();
+            match policy {
+                Some(is_policy) => marks.insert(uid.to_string(), is_policy) != Some(is_policy),
+                None => marks.remove(uid).is_some(),
+            }
+        };
+        if changed {
+            self.generation.advance();
+        }
+    }
+
+    pub fn is_marked(&self, uid: &str) -> bool {
+        self.lock().contains_key(uid)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+        self.marks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// A counter that moves whenever the world may have changed: after a watch event reached a
@@ -163,6 +204,7 @@ impl WorldView {
         grants: Vec<Store<AccessGrant>>,
         approvals: Vec<Store<AccessApproval>>,
     ) -> Self {
+        let generation = WorldGeneration::default();
         WorldView {
             policies,
             grants,
@@ -170,15 +212,21 @@ impl WorldView {
             scopes: None,
             allow_unscoped: false,
             overlay: Mutex::new(Overlay::default()),
-            undecodable: Mutex::new(HashMap::new()),
+            undecodable: UndecodableMarks::with_generation(generation.clone()),
             stopping: std::sync::atomic::AtomicBool::new(false),
-            generation: WorldGeneration::default(),
+            generation,
         }
     }
 
-    /// Shares `generation` (advanced by the watch streams after each event reaches a store).
-    pub fn with_generation(mut self, generation: WorldGeneration) -> Self {
+    /// Shares `generation` (advanced by the watch streams after each event reaches a store) and
+    /// `undecodable` (marked by the decoding streams, see `decode::Reports`).
+    pub fn with_generation(
+        mut self,
+        generation: WorldGeneration,
+        undecodable: UndecodableMarks,
+    ) -> Self {
         self.generation = generation;
+        self.undecodable = undecodable;
         self
     }
 
@@ -202,22 +250,14 @@ impl WorldView {
     }
 
     fn undecodable(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
-        self.undecodable
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.undecodable.lock()
     }
 
     /// Marks an object as not decoding (or, with `None`, as fine again). A grant that does not
     /// decode leaves the world, so what it opened closes; a policy that does not decode keeps
     /// its rules in Azure as they stand (fail closed either way).
     pub fn set_undecodable(&self, uid: &str, policy: Option<bool>) {
-        let mut undecodable = self.undecodable();
-        match policy {
-            Some(is_policy) => undecodable.insert(uid.to_string(), is_policy),
-            None => undecodable.remove(uid),
-        };
-        drop(undecodable);
-        self.generation.advance();
+        self.undecodable.mark(uid, policy);
     }
 
     /// Waits until the policy and grant stores hold their initial listing: planning an NSG from
