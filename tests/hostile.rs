@@ -827,9 +827,9 @@ fn passing_cases() -> Vec<Case> {
             Refused("spec.virtualMachines.id"),
         ),
         case(
-            "policy-101-vms",
+            "policy-1001-vms",
             Policy,
-            json!({"virtualMachines": (0..101).map(|i| json!({"id": vm_id(&format!("vm{i}")), "ports": [policy_port(22, "TCP", "PT1H")]})).collect::<Vec<_>>()}),
+            json!({"virtualMachines": (0..1001).map(|i| json!({"id": vm_id(&format!("vm{i}")), "ports": [policy_port(22, "TCP", "PT1H")]})).collect::<Vec<_>>()}),
             Refused("spec.virtualMachines"),
         ),
         case(
