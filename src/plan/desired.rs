@@ -313,22 +313,12 @@ fn policy_intents(nsg_id: &str, policy: &JitPolicy, names: &Naming, out: &mut Ve
         if !contains_ci(&target.network_security_groups, nsg_id) {
             continue;
         }
-        let mut by_protocol: BTreeMap<u8, (Protocol, Vec<u16>)> = BTreeMap::new();
-        for port in &vm.ports {
-            by_protocol
-                .entry(protocol_rank(port.protocol))
-                .or_insert((port.protocol, Vec::new()))
-                .1
-                .push(port.number);
-        }
+        let by_protocol = ports_by_protocol(vm.ports.iter().map(|p| (p.number, p.protocol)));
         let vm_key = vm.id.to_ascii_lowercase();
         for (family, ips) in by_family(target.private_ip_addresses.iter()) {
             for (rank, (protocol, ports)) in &by_protocol {
-                let mut ports = ports.clone();
-                ports.sort_unstable();
-                ports.dedup();
                 groups
-                    .entry((*rank, ports, family))
+                    .entry((*rank, ports.clone(), family))
                     .or_insert((*protocol, Vec::new()))
                     .1
                     .extend(ips.iter().map(|ip| (vm_key.clone(), ip.clone())));
@@ -375,6 +365,26 @@ fn policy_intents(nsg_id: &str, policy: &JitPolicy, names: &Naming, out: &mut Ve
     }
 }
 
+/// Ports grouped by protocol (in protocol order), each group sorted numerically, without
+/// duplicates: one rule per protocol lists them.
+fn ports_by_protocol(
+    ports: impl IntoIterator<Item = (u16, Protocol)>,
+) -> BTreeMap<u8, (Protocol, Vec<u16>)> {
+    let mut by_protocol: BTreeMap<u8, (Protocol, Vec<u16>)> = BTreeMap::new();
+    for (port, protocol) in ports {
+        by_protocol
+            .entry(protocol_rank(protocol))
+            .or_insert((protocol, Vec::new()))
+            .1
+            .push(port);
+    }
+    for (_, ports) in by_protocol.values_mut() {
+        ports.sort_unstable();
+        ports.dedup();
+    }
+    by_protocol
+}
+
 /// The Allow intents of one live grant for `nsg_id`: one per protocol and address family. A
 /// specific source reaches the VM's addresses of its own family only; `*` and `Internet` reach
 /// both, through one rule per family.
@@ -383,22 +393,12 @@ fn grant_intents(nsg_id: &str, live: &LiveGrant, names: &Naming, out: &mut Vec<R
         return;
     }
     let source_family = AddressPrefix::parse(&live.validated.source).and_then(|s| s.is_ipv4());
-    let mut by_protocol: BTreeMap<u8, (Protocol, Vec<u16>)> = BTreeMap::new();
-    for (port, protocol) in &live.validated.ports {
-        by_protocol
-            .entry(protocol_rank(*protocol))
-            .or_insert((*protocol, Vec::new()))
-            .1
-            .push(*port);
-    }
+    let by_protocol = ports_by_protocol(live.validated.ports.iter().copied());
     for (family, ips) in by_family(live.target.private_ip_addresses.iter()) {
         if source_family.is_some_and(|v4| v4 != (family == Family::V4)) {
             continue;
         }
         for (protocol, ports) in by_protocol.values() {
-            let mut ports = ports.clone();
-            ports.sort_unstable();
-            ports.dedup();
             out.push(RuleIntent {
                 owner: Owner::Grant {
                     uid: live.uid.clone(),
