@@ -287,7 +287,7 @@ where
 mod tests {
     use super::*;
     use crate::api::JitPolicy;
-    use crate::controller::world::{UndecodableMarks, WorldGeneration};
+    use crate::controller::world::UndecodableMarks;
 
     fn raw_policy(uid: &str, spec: serde_json::Value) -> DynamicObject {
         serde_json::from_value(serde_json::json!({
@@ -303,8 +303,8 @@ mod tests {
     #[test]
     fn an_undecodable_object_is_marked_before_its_event_goes_on() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let generation = WorldGeneration::default();
-        let marks = UndecodableMarks::with_generation(generation.clone());
+        let marks = UndecodableMarks::default();
+        let generation = marks.generation().clone();
         let reports = Reports::new(tx, marks.clone());
         let mut last = HashMap::new();
         let bad = raw_policy("u1", serde_json::json!({"virtualMachines": "not a list"}));

@@ -403,8 +403,8 @@ async fn run_controllers(
     let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
     // Advanced after every policy, grant or JitScope event has reached its store, and whenever
     // an object is marked undecodable or readable again.
-    let generation = WorldGeneration::default();
-    let undecodable = UndecodableMarks::with_generation(generation.clone());
+    let undecodable = UndecodableMarks::default();
+    let generation = undecodable.generation().clone();
     let seen_tx = decode::Reports::new(seen_tx, undecodable.clone());
     // The most recent list semantic (not `any`): after an API server restart an `any` list can
     // come from a stale watch cache whose resourceVersion the new watch refuses with 410, again
@@ -531,7 +531,7 @@ async fn run_controllers(
     };
     let world = WorldView::new(policy_stores, grant_stores, approval_stores)
         .with_scopes(scope_store, settings.allow_unscoped_namespaces)
-        .with_generation(generation.clone(), undecodable);
+        .with_undecodable_marks(undecodable);
     let nsgs = nsgs.with_world_generation(generation);
 
     let ctx: Ctx = Arc::new(

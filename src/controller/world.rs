@@ -81,11 +81,10 @@ pub struct WorldView {
     scopes: Option<Store<JitScope>>,
     allow_unscoped: bool,
     overlay: Mutex<Overlay>,
+    /// Also holds the world's generation (see [`WorldGeneration`]), which overlay writes advance.
     undecodable: UndecodableMarks,
     /// Set when the controllers are shutting down: the stores stop filling then.
     stopping: std::sync::atomic::AtomicBool,
-    /// Counts changes to what a snapshot would show (see [`WorldGeneration`]).
-    generation: WorldGeneration,
 }
 
 /// Objects that exist but do not decode, by uid: true for a policy, false for anything else.
@@ -97,11 +96,9 @@ pub struct UndecodableMarks {
 }
 
 impl UndecodableMarks {
-    pub fn with_generation(generation: WorldGeneration) -> Self {
-        UndecodableMarks {
-            marks: Arc::default(),
-            generation,
-        }
+    /// The counter these marks advance, and the world with them.
+    pub fn generation(&self) -> &WorldGeneration {
+        &self.generation
     }
 
     /// Marks `uid` (`Some(is_policy)`) or clears it (`None`); the world's generation moves when
@@ -204,7 +201,6 @@ impl WorldView {
         grants: Vec<Store<AccessGrant>>,
         approvals: Vec<Store<AccessApproval>>,
     ) -> Self {
-        let generation = WorldGeneration::default();
         WorldView {
             policies,
             grants,
@@ -212,26 +208,16 @@ impl WorldView {
             scopes: None,
             allow_unscoped: false,
             overlay: Mutex::new(Overlay::default()),
-            undecodable: UndecodableMarks::with_generation(generation.clone()),
+            undecodable: UndecodableMarks::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
-            generation,
         }
     }
 
-    /// Shares `generation` (advanced by the watch streams after each event reaches a store) and
-    /// `undecodable` (marked by the decoding streams, see `decode::Reports`).
-    pub fn with_generation(
-        mut self,
-        generation: WorldGeneration,
-        undecodable: UndecodableMarks,
-    ) -> Self {
-        self.generation = generation;
+    /// Shares `undecodable` (marked by the decoding streams, see `decode::Reports`) and its
+    /// generation (also advanced by the watch streams after each event reaches a store).
+    pub fn with_undecodable_marks(mut self, undecodable: UndecodableMarks) -> Self {
         self.undecodable = undecodable;
         self
-    }
-
-    pub fn generation(&self) -> &WorldGeneration {
-        &self.generation
     }
 
     /// Restricts every policy to its namespace's JitScopes from `store`; a namespace no scope
@@ -362,14 +348,14 @@ impl WorldView {
             self.overlay()
                 .policies
                 .insert(uid, Arc::new(policy.clone()));
-            self.generation.advance();
+            self.undecodable.generation().advance();
         }
     }
 
     pub fn record_grant(&self, grant: &AccessGrant) {
         if let Some(uid) = grant.uid() {
             self.overlay().grants.insert(uid, Arc::new(grant.clone()));
-            self.generation.advance();
+            self.undecodable.generation().advance();
         }
     }
 
@@ -380,7 +366,7 @@ impl WorldView {
         overlay.grants.remove(uid);
         overlay.tombstones.insert(uid.to_string(), Instant::now());
         drop(overlay);
-        self.generation.advance();
+        self.undecodable.generation().advance();
     }
 }
 
