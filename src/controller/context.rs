@@ -11,6 +11,7 @@ use tracing::warn;
 
 use super::nsg::NsgSyncer;
 use super::resolve::Resolutions;
+use super::rounds::Rounds;
 use super::telemetry::Telemetry;
 use super::world::WorldView;
 
@@ -19,6 +20,8 @@ pub const FIELD_MANAGER: &str = "portcullis";
 pub struct Context {
     pub client: Client,
     pub nsgs: NsgSyncer,
+    /// Grants' NSG work, coalesced by NSG (see `rounds`).
+    pub rounds: Rounds,
     pub world: WorldView,
     pub resync: Duration,
     /// VM resolutions, each used for one resync period.
@@ -54,6 +57,7 @@ impl Context {
         Context {
             client,
             nsgs,
+            rounds: Rounds::new(1, None),
             world,
             resync,
             resolutions: Resolutions::new(resync),
@@ -65,6 +69,11 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             overdue_recorded: Mutex::new(HashSet::new()),
         }
+    }
+
+    pub fn with_rounds(mut self, rounds: Rounds) -> Self {
+        self.rounds = rounds;
+        self
     }
 
     /// Deletes finished grants this long after they finished (`None`: never).

@@ -33,7 +33,7 @@ pub enum Error {
     NsgsFailed {
         summary: String,
         #[source]
-        first: Box<Error>,
+        first: std::sync::Arc<Error>,
     },
 
     /// The NSG could not be recorded in the inventory, so nothing was written to it.

@@ -19,6 +19,7 @@ use super::audit::Step;
 use super::context::Ctx;
 use super::nsg::NsgOutcome;
 use super::policy::SCOPES_NOT_LISTED_RETRY;
+use super::rounds::Intent;
 use super::status::apply_status;
 use crate::admission::verify;
 use crate::api::condition::{READY, set_condition};
@@ -82,37 +83,71 @@ fn rules_of(grant: &AccessGrant, outcome: &NsgOutcome, naming: &Naming) -> Vec<G
 /// One NSG that could not be brought in line, and why.
 struct NsgFailure {
     nsg_id: String,
-    error: Error,
+    error: Arc<Error>,
 }
 
-/// Syncs every NSG the grant has or had rules in, each independently: one failing NSG never
-/// keeps the others from being written. With the grant no longer live in the world, this
-/// closes it; an NSG that no longer exists holds nothing, so it counts as closed.
-async fn sync_grant_nsgs(
+/// What the grant's NSGs answered, each on its own: one failing NSG never keeps the others from
+/// being written. An NSG that no longer exists holds nothing, so it counts as in line.
+type NsgAnswers = (Vec<NsgOutcome>, Vec<NsgFailure>);
+
+/// How a reconcile waits for its NSGs' rounds.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Returns at once; the rounds wake the grant (its slot is free meanwhile).
+    Woken,
+    /// Waits in place: a finalizer must not be removed before the close is confirmed.
+    InPlace,
+}
+
+/// Whether a step is done, or waits for its NSGs' rounds.
+enum Progress {
+    Done,
+    Waiting,
+}
+
+/// How long a grant waiting for its NSGs' rounds waits at most before it looks again, should a
+/// wake be lost.
+const WAITING_BACKSTOP: Duration = Duration::from_secs(10);
+
+impl Progress {
+    /// The action after a close: a closed grant waits for a change (its own status write).
+    fn after_close(self) -> Action {
+        match self {
+            Progress::Done => Action::await_change(),
+            Progress::Waiting => Action::requeue(WAITING_BACKSTOP),
+        }
+    }
+}
+
+/// Asks for every NSG the grant has or had rules in to be brought in line with the world (see
+/// `rounds`). With the grant no longer live in the world, this closes it. `None`: not every NSG
+/// has answered yet, and the grant is woken when they have.
+async fn ask_grant_nsgs(
     grant: &AccessGrant,
     policy: Option<&JitPolicy>,
     ctx: &Ctx,
-    now: Timestamp,
-) -> (Vec<NsgOutcome>, Vec<NsgFailure>) {
-    let syncs = nsgs_of_grant(grant, policy)
-        .into_iter()
-        .map(|nsg| async move {
-            let result = ctx.nsgs.sync(&nsg, || ctx.world.snapshot(), now).await;
-            (nsg, result)
-        });
+    intent: Intent,
+    wait: Wait,
+) -> Option<NsgAnswers> {
+    let nsgs = nsgs_of_grant(grant, policy);
+    let answers = match wait {
+        Wait::Woken => ctx.rounds.ask(grant, &nsgs, intent)?,
+        Wait::InPlace => ctx.rounds.ask_and_wait(grant, &nsgs, intent).await,
+    };
     let mut outcomes = Vec::new();
     let mut failures = Vec::new();
-    for (nsg_id, result) in futures::future::join_all(syncs).await {
+    for (nsg_id, result) in answers {
         match result {
             Ok(outcome) => outcomes.push(outcome),
-            Err(Error::Azure(AzureError::NotFound { .. })) => outcomes.push(NsgOutcome {
-                nsg_id,
-                ..Default::default()
-            }),
+            Err(e) if matches!(e.as_ref(), Error::Azure(AzureError::NotFound { .. })) => outcomes
+                .push(NsgOutcome {
+                    nsg_id,
+                    ..Default::default()
+                }),
             Err(error) => failures.push(NsgFailure { nsg_id, error }),
         }
     }
-    (outcomes, failures)
+    Some((outcomes, failures))
 }
 
 /// The recorded rules in the NSGs that failed: as far as we know they still stand.
@@ -143,7 +178,7 @@ fn first_error(failures: Vec<NsgFailure>) -> Result<(), Error> {
     match failures.into_iter().next() {
         Some(f) => Err(Error::NsgsFailed {
             summary,
-            first: Box::new(f.error),
+            first: f.error,
         }),
         None => Ok(()),
     }
@@ -196,6 +231,7 @@ fn status_in_phase(
 /// Closes the grant: removes its Allow rules from every NSG (each on its own), then records the
 /// final phase. Rules an NSG refused to give up stay listed in status with the NSG and the
 /// error, a Warning Event says so, and the reconcile fails so that it is retried with backoff.
+#[allow(clippy::too_many_arguments)]
 async fn close(
     grant: &AccessGrant,
     api: &Api<AccessGrant>,
@@ -203,18 +239,22 @@ async fn close(
     phase: GrantPhase,
     reason: &str,
     message: String,
-) -> Result<(), Error> {
-    let now = Timestamp::now();
+    wait: Wait,
+) -> Result<Progress, Error> {
     ctx.world.record_grant(grant);
     let world = ctx.world.snapshot();
     let policy = world.policy(&grant.namespace().unwrap_or_default(), grant.policy_name());
     let before = grant.status.clone().unwrap_or_default();
     // A grant that never opened anything (denied, pending) has nothing to close in Azure.
     let failures = if before.activated_at.is_some() || !before.rules.is_empty() {
-        sync_grant_nsgs(grant, policy, ctx, now).await.1
+        match ask_grant_nsgs(grant, policy, ctx, Intent::Close, wait).await {
+            Some((_, failures)) => failures,
+            None => return Ok(Progress::Waiting),
+        }
     } else {
         Vec::new()
     };
+    let now = Timestamp::now();
     let mut status = closed_status(grant, phase, reason, &message, now);
     if !failures.is_empty() {
         status.rules = standing_in(&before.rules, &failures);
@@ -246,7 +286,7 @@ async fn close(
             let note = format!("could not close in {}", describe(&failures));
             ctx.event(grant, true, "CloseFailed", "Close", note).await;
         }
-        return first_error(failures);
+        return first_error(failures).map(|()| Progress::Done);
     }
     if before.phase != Some(phase) || !before.rules.is_empty() {
         let lag = ts(&status.expires_at).map(|e| Timestamp::now().duration_since(e).as_secs_f64());
@@ -263,7 +303,7 @@ async fn close(
         ctx.event(grant, false, phase.as_str(), "Close", message)
             .await;
     }
-    Ok(())
+    Ok(Progress::Done)
 }
 
 /// How long past `expiresAt` a close may come before the audit trail calls it late.
@@ -315,9 +355,10 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
         Some(phase @ (GrantPhase::Expired | GrantPhase::Revoked)) => {
             if !status.rules.is_empty() {
                 let msg = "closing rules left behind".to_string();
-                close(grant, api, ctx, phase, phase.as_str(), msg).await?;
                 // The status write wakes the grant again, for its finished-grant TTL.
-                return Ok(Action::await_change());
+                return close(grant, api, ctx, phase, phase.as_str(), msg, Wait::Woken)
+                    .await
+                    .map(Progress::after_close);
             }
             return retire(grant, api, ctx).await;
         }
@@ -340,8 +381,10 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
     let now = Timestamp::now();
     if expires_at <= now {
         let message = format!("access ended at {expires_at}");
-        close(&grant, api, ctx, GrantPhase::Expired, "Expired", message).await?;
-        return Ok(Action::await_change());
+        let phase = GrantPhase::Expired;
+        return close(&grant, api, ctx, phase, "Expired", message, Wait::Woken)
+            .await
+            .map(Progress::after_close);
     }
     let world = ctx.world.snapshot();
     let ns = grant.namespace().unwrap_or_default();
@@ -351,8 +394,10 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
     if let Some(vm) = out_of_scope_now(&grant, &world) {
         let message =
             format!("{vm} is no longer inside the Azure scopes (JitScopes) of namespace {ns}");
-        close(&grant, api, ctx, GrantPhase::Revoked, "OutOfScope", message).await?;
-        return Ok(Action::await_change());
+        let phase = GrantPhase::Revoked;
+        return close(&grant, api, ctx, phase, "OutOfScope", message, Wait::Woken)
+            .await
+            .map(Progress::after_close);
     }
     if live_grant(&grant, policy, now).is_none() {
         let message = match policy {
@@ -362,11 +407,16 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
                 .to_string(),
         };
         let reason = "NoLongerAllowed";
-        close(&grant, api, ctx, GrantPhase::Revoked, reason, message).await?;
-        return Ok(Action::await_change());
+        let phase = GrantPhase::Revoked;
+        return close(&grant, api, ctx, phase, reason, message, Wait::Woken)
+            .await
+            .map(Progress::after_close);
     }
-    open_and_heal(&grant, policy, api, ctx, expires_at).await?;
-    Ok(Action::requeue(until(expires_at).min(ctx.resync)))
+    let next_look = match open_and_heal(&grant, policy, api, ctx, expires_at).await? {
+        Progress::Done => ctx.resync,
+        Progress::Waiting => WAITING_BACKSTOP,
+    };
+    Ok(Action::requeue(until(expires_at).min(next_look)))
 }
 
 /// The longest a finished grant's reconcile waits for its TTL before it looks again.
@@ -794,8 +844,7 @@ async fn open_and_heal(
     api: &Api<AccessGrant>,
     ctx: &Ctx,
     expires_at: Timestamp,
-) -> Result<(), Error> {
-    let now = Timestamp::now();
+) -> Result<Progress, Error> {
     let generation = grant.metadata.generation;
     let before = grant.status.clone().unwrap_or_default();
     let recorded: Vec<String> = before
@@ -803,7 +852,12 @@ async fn open_and_heal(
         .iter()
         .map(|r| r.name.to_ascii_lowercase())
         .collect();
-    let (outcomes, failures) = sync_grant_nsgs(grant, policy, ctx, now).await;
+    let Some((outcomes, failures)) =
+        ask_grant_nsgs(grant, policy, ctx, Intent::Open, Wait::Woken).await
+    else {
+        return Ok(Progress::Waiting);
+    };
+    let now = Timestamp::now();
     let uid = grant.uid().unwrap_or_default();
     let mut rules = Vec::new();
     let mut band_full = Vec::new();
@@ -884,7 +938,7 @@ async fn open_and_heal(
         ctx.event(grant, false, "DriftCorrected", "Heal", note)
             .await;
     }
-    first_error(failures)
+    first_error(failures).map(|()| Progress::Done)
 }
 
 fn activated_note(grant: &AccessGrant, expires_at: Timestamp) -> String {
@@ -971,9 +1025,11 @@ async fn cleanup(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Resu
         _ => GrantPhase::Revoked,
     };
     let msg = "the grant was deleted; its rules are closed".to_string();
-    close(grant, api, ctx, phase, "Deleted", msg).await?;
+    // In place: the finalizer goes once this returns, so the close must be confirmed first.
+    close(grant, api, ctx, phase, "Deleted", msg, Wait::InPlace).await?;
     if let Some(uid) = grant.uid() {
         ctx.world.forget(&uid);
+        ctx.rounds.forget(&uid);
     }
     Ok(Action::await_change())
 }

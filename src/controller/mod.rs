@@ -13,6 +13,7 @@ pub mod nsg;
 pub mod policy;
 pub mod quarantine;
 pub mod resolve;
+pub mod rounds;
 pub mod startup;
 pub mod status;
 pub mod telemetry;
@@ -417,6 +418,8 @@ async fn run_controllers(
     let mut grant_ctls = Vec::new();
     let (mut policy_stores, mut grant_stores, mut approval_stores) =
         (Vec::new(), Vec::new(), Vec::new());
+    // Per scope, where the NSG rounds wake the grants they answered.
+    let mut wakes = Vec::new();
     // JitScopes are cluster-scoped: one store, fed by the first policy controller's watch of
     // them (an undecodable scope allows nothing).
     let (scope_store, scope_writer) = reflector::store::<JitScope>();
@@ -458,7 +461,13 @@ async fn run_controllers(
         .reflect(approvals_writer)
         .applied_objects();
         let grants_of = grants_store.clone();
+        let (wake, woken) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<AccessGrant>>();
+        wakes.push((ns.map(str::to_string), wake));
+        let woken = futures::stream::unfold(woken, |mut woken| async move {
+            woken.recv().await.map(|grant| (grant, woken))
+        });
         let grant_ctl = Controller::for_stream(grants, grants_store.clone())
+            .reconcile_on(woken)
             .watches_stream(approvals, |approval: AccessApproval| {
                 let ns = approval.namespace()?;
                 Some(ObjectRef::<AccessGrant>::new(&approval.spec.grant_ref.name).within(&ns))
@@ -533,6 +542,16 @@ async fn run_controllers(
         .with_scopes(scope_store, settings.allow_unscoped_namespaces)
         .with_undecodable_marks(undecodable);
     let nsgs = nsgs.with_world_generation(generation);
+    let wake: rounds::Wake = Box::new(move |grant: ObjectRef<AccessGrant>| {
+        let scope = wakes
+            .iter()
+            .find(|(ns, _)| ns.is_none() || ns.as_deref() == grant.namespace.as_deref());
+        if let Some((_, wake)) = scope {
+            // A closed channel: that controller has stopped, so has everything.
+            let _ = wake.send(grant);
+        }
+    });
+    let rounds = rounds::Rounds::new(usize::from(settings.concurrency), Some(wake));
 
     let ctx: Ctx = Arc::new(
         Context::new(
@@ -544,7 +563,8 @@ async fn run_controllers(
             settings.stamp_key.clone(),
             audit,
         )
-        .with_finished_grant_ttl(settings.finished_grant_ttl),
+        .with_finished_grant_ttl(settings.finished_grant_ttl)
+        .with_rounds(rounds),
     );
     let reporter = tokio::spawn(quarantine::run(seen_rx, ctx.clone()));
     let (dispatcher, target_watches) = match notifications {
@@ -641,6 +661,7 @@ async fn run_controllers(
         _ = async { futures::join!(controllers, synced) } => {}
         _ = observe => {}
         _ = sweeps => {}
+        _ = ctx.rounds.run(&ctx.nsgs, &ctx.world) => {}
         _ = target_watches => {}
         _ = async { stop_waiting_on_shutdown.await; std::future::pending::<()>().await } => {}
     }

@@ -1,0 +1,373 @@
+//! Work coalesced by NSG. A grant's reconcile asks for each of its NSGs to be brought in line
+//! and returns at once; workers sync every dirty NSG (all NSGs in parallel, one sync per NSG at
+//! a time) and wake the grants that asked once a sync that began after their request has
+//! finished. A reconcile never holds its slot across Azure's long-running operations, and every
+//! request that arrived while an NSG was being written is answered by its next sync: expiries
+//! due together in one NSG close in one write, a burst opens in a few writes per NSG.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+use tracing::debug;
+
+use super::Error;
+use super::nsg::{NsgOutcome, NsgSyncer};
+use super::world::WorldView;
+use crate::api::AccessGrant;
+
+/// A sync's result, shared by every grant it answers.
+pub type RoundResult = Result<NsgOutcome, Arc<Error>>;
+
+/// What a grant needs an NSG's sync to reflect. Asking to close never takes the answer to an
+/// earlier request to open: that sync may have begun while the grant was still live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Intent {
+    Open,
+    Close,
+}
+
+/// Where a woken grant's reconcile is triggered (see `run_controllers`).
+pub type Wake = Box<dyn Fn(ObjectRef<AccessGrant>) + Send + Sync>;
+
+/// The bookkeeping of rounds, without I/O: which NSGs are dirty, which round each request needs,
+/// whom a finished round answers.
+#[derive(Default)]
+struct Book {
+    nsgs: HashMap<String, NsgRounds>,
+    /// Dirty NSGs with no sync running, oldest request first.
+    queue: VecDeque<String>,
+    /// Per grant uid: per NSG and intent, the round its request needs.
+    tickets: HashMap<String, HashMap<(String, Intent), u64>>,
+}
+
+#[derive(Default)]
+struct NsgRounds {
+    /// Rounds begun; the round running, if one is.
+    started: u64,
+    finished: u64,
+    running: bool,
+    /// A request came after the last round began: another round is due.
+    dirty: bool,
+    /// The result of round `finished`.
+    last: Option<RoundResult>,
+    /// Grants to wake, each with the round it waits for.
+    waiters: HashMap<ObjectRef<AccessGrant>, u64>,
+}
+
+impl Book {
+    /// The answers to `uid`'s requests for `nsgs`: for each, the result of a round that began
+    /// after the request was first made. Until every NSG has one, none is taken (a grant that
+    /// took each NSG's answer as it came would chase new rounds for ever): the NSGs still
+    /// needed are dirty and `who` is woken when the round it needs has finished.
+    fn ask(
+        &mut self,
+        uid: &str,
+        who: &ObjectRef<AccessGrant>,
+        nsgs: &[String],
+        intent: Intent,
+    ) -> Option<Vec<(String, RoundResult)>> {
+        let tickets = self.tickets.entry(uid.to_string()).or_default();
+        let mut answers = Vec::new();
+        let mut waiting = false;
+        for nsg in nsgs {
+            let key = (nsg.to_ascii_lowercase(), intent);
+            let entry = self.nsgs.entry(key.0.clone()).or_default();
+            let needed = *tickets.entry(key.clone()).or_insert(entry.started + 1);
+            if let Some(result) = entry.last.as_ref().filter(|_| entry.finished >= needed) {
+                answers.push((nsg.clone(), result.clone()));
+                continue;
+            }
+            waiting = true;
+            let waits_for = entry.waiters.entry(who.clone()).or_insert(needed);
+            *waits_for = (*waits_for).min(needed);
+            if !entry.dirty && entry.started < needed {
+                entry.dirty = true;
+                if !entry.running {
+                    self.queue.push_back(key.0);
+                }
+            }
+        }
+        if waiting {
+            return None;
+        }
+        for nsg in nsgs {
+            tickets.remove(&(nsg.to_ascii_lowercase(), intent));
+        }
+        if tickets.is_empty() {
+            self.tickets.remove(uid);
+        }
+        Some(answers)
+    }
+
+    /// Begins the next round of the oldest dirty NSG: its id and the round's number.
+    fn begin(&mut self) -> Option<(String, u64)> {
+        let nsg = self.queue.pop_front()?;
+        let entry = self.nsgs.entry(nsg.clone()).or_default();
+        entry.dirty = false;
+        entry.running = true;
+        entry.started += 1;
+        Some((nsg, entry.started))
+    }
+
+    /// Records a finished round; returns the grants it answers. An NSG asked for again while
+    /// it ran goes back in the queue.
+    fn finish(
+        &mut self,
+        nsg: &str,
+        round: u64,
+        result: RoundResult,
+    ) -> Vec<ObjectRef<AccessGrant>> {
+        let entry = self.nsgs.entry(nsg.to_string()).or_default();
+        entry.running = false;
+        entry.finished = round;
+        entry.last = Some(result);
+        let mut answered = Vec::new();
+        entry.waiters.retain(|who, needed| {
+            let done = *needed <= round;
+            if done {
+                answered.push(who.clone());
+            }
+            !done
+        });
+        if entry.dirty {
+            self.queue.push_back(nsg.to_string());
+        }
+        answered
+    }
+
+    /// Drops what is kept for a grant that is gone.
+    fn forget(&mut self, uid: &str) {
+        self.tickets.remove(uid);
+    }
+}
+
+pub struct Rounds {
+    book: Mutex<Book>,
+    /// A request made an NSG dirty.
+    dirty: tokio::sync::Notify,
+    /// A round finished (for callers that wait in place).
+    finished: tokio::sync::Notify,
+    wake: Option<Wake>,
+    parallel: usize,
+}
+
+impl Rounds {
+    /// At most `parallel` NSGs are synced at once; `wake` triggers a grant's reconcile.
+    pub fn new(parallel: usize, wake: Option<Wake>) -> Self {
+        Rounds {
+            book: Mutex::new(Book::default()),
+            dirty: tokio::sync::Notify::new(),
+            finished: tokio::sync::Notify::new(),
+            wake,
+            parallel: parallel.max(1),
+        }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        // Plain bookkeeping: a panic elsewhere while holding the lock leaves it usable.
+        self.book
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The answers for the grant's NSGs (see [`Book::ask`]); `None` wakes the grant later.
+    pub fn ask(
+        &self,
+        grant: &AccessGrant,
+        nsgs: &[String],
+        intent: Intent,
+    ) -> Option<Vec<(String, RoundResult)>> {
+        let uid = grant.metadata.uid.clone().unwrap_or_default();
+        let answers = self
+            .book()
+            .ask(&uid, &ObjectRef::from_obj(grant), nsgs, intent);
+        if answers.is_none() {
+            self.dirty.notify_one();
+        }
+        answers
+    }
+
+    /// Like [`Rounds::ask`], but waits in place for the answers (holding the caller's slot).
+    pub async fn ask_and_wait(
+        &self,
+        grant: &AccessGrant,
+        nsgs: &[String],
+        intent: Intent,
+    ) -> Vec<(String, RoundResult)> {
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            if let Some(answers) = self.ask(grant, nsgs, intent) {
+                return answers;
+            }
+            finished.await;
+        }
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.book().forget(uid);
+    }
+
+    /// The workers: runs every dirty NSG's next round, `parallel` at a time, for ever.
+    pub async fn run(&self, syncer: &NsgSyncer, world: &WorldView) {
+        let mut running = FuturesUnordered::new();
+        loop {
+            while running.len() < self.parallel {
+                let Some((nsg, round)) = self.book().begin() else {
+                    break;
+                };
+                running.push(async move {
+                    let result = syncer
+                        .sync(&nsg, || world.snapshot(), Timestamp::now())
+                        .await
+                        .map_err(Arc::new);
+                    (nsg, round, result)
+                });
+            }
+            tokio::select! {
+                Some((nsg, round, result)) = running.next(), if !running.is_empty() => {
+                    let answered = self.book().finish(&nsg, round, result);
+                    debug!(nsg = %nsg, round, answered = answered.len(), "NSG round finished");
+                    self.finished.notify_waiters();
+                    if let Some(wake) = &self.wake {
+                        answered.into_iter().for_each(wake);
+                    }
+                }
+                _ = self.dirty.notified() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(name: &str) -> ObjectRef<AccessGrant> {
+        ObjectRef::new(name).within("team")
+    }
+
+    fn outcome(nsg: &str, writes: usize) -> RoundResult {
+        Ok(NsgOutcome {
+            nsg_id: nsg.to_string(),
+            writes,
+            ..Default::default()
+        })
+    }
+
+    fn nsgs(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|id| id.to_string()).collect()
+    }
+
+    /// `name` asks for `ids`; the writes of each answer, or `None` while waiting.
+    fn ask(book: &mut Book, name: &str, ids: &[&str], intent: Intent) -> Option<Vec<usize>> {
+        let answers = book.ask(name, &grant(name), &nsgs(ids), intent)?;
+        Some(
+            answers
+                .into_iter()
+                .map(|(_, r)| r.map_or(usize::MAX, |o| o.writes))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn requests_made_while_an_nsg_is_written_share_its_next_round() {
+        let mut book = Book::default();
+        assert_eq!(ask(&mut book, "a", &["NSG-1"], Intent::Open), None);
+        let (nsg, first) = book.begin().expect("dirty");
+        assert_eq!((nsg.as_str(), first), ("nsg-1", 1));
+        // b and c ask while round 1 runs: it may have read the world before them.
+        assert_eq!(ask(&mut book, "b", &["nsg-1"], Intent::Open), None);
+        assert_eq!(ask(&mut book, "c", &["nsg-1"], Intent::Open), None);
+        assert!(book.begin().is_none(), "one round per NSG at a time");
+        assert_eq!(
+            book.finish("nsg-1", first, outcome("nsg-1", 1)),
+            vec![grant("a")]
+        );
+        assert_eq!(ask(&mut book, "a", &["nsg-1"], Intent::Open), Some(vec![1]));
+        assert_eq!(ask(&mut book, "b", &["nsg-1"], Intent::Open), None);
+        let (_, second) = book.begin().expect("b and c made it dirty again");
+        let mut answered = book.finish("nsg-1", second, outcome("nsg-1", 2));
+        answered.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(answered, vec![grant("b"), grant("c")]);
+        assert_eq!(ask(&mut book, "b", &["nsg-1"], Intent::Open), Some(vec![2]));
+        assert_eq!(ask(&mut book, "c", &["nsg-1"], Intent::Open), Some(vec![2]));
+        assert!(book.begin().is_none(), "nothing left to do");
+    }
+
+    #[test]
+    fn an_answer_is_taken_once_and_a_new_request_needs_a_new_round() {
+        let mut book = Book::default();
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Open), None);
+        let (_, round) = book.begin().expect("dirty");
+        book.finish("n", round, outcome("n", 1));
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Open), Some(vec![1]));
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Open), None);
+        assert!(book.begin().is_some());
+    }
+
+    #[test]
+    fn no_answer_is_taken_until_every_nsg_has_one() {
+        let mut book = Book::default();
+        assert_eq!(ask(&mut book, "a", &["x", "y"], Intent::Open), None);
+        let (_, rx) = book.begin().expect("x dirty");
+        let (_, ry) = book.begin().expect("y dirty");
+        book.finish("x", rx, outcome("x", 1));
+        assert_eq!(ask(&mut book, "a", &["x", "y"], Intent::Open), None);
+        assert!(
+            book.begin().is_none(),
+            "x's answer is kept, not asked again"
+        );
+        book.finish("y", ry, outcome("y", 1));
+        assert_eq!(
+            ask(&mut book, "a", &["x", "y"], Intent::Open),
+            Some(vec![1, 1])
+        );
+    }
+
+    #[test]
+    fn a_close_never_takes_the_answer_to_an_open() {
+        let mut book = Book::default();
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Open), None);
+        let (_, first) = book.begin().expect("dirty");
+        // The grant lapses while its open is written: the close needs a round of its own.
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Close), None);
+        book.finish("n", first, outcome("n", 1));
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Close), None);
+        let (_, second) = book.begin().expect("the close made it dirty");
+        assert_eq!(book.finish("n", second, outcome("n", 2)), vec![grant("a")]);
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Close), Some(vec![2]));
+    }
+
+    #[test]
+    fn nsgs_are_independent_and_a_failure_answers_only_its_own() {
+        let mut book = Book::default();
+        assert_eq!(
+            ask(&mut book, "a", &["broken", "fine"], Intent::Close),
+            None
+        );
+        let (first, r1) = book.begin().expect("dirty");
+        let (second, r2) = book.begin().expect("both run at once");
+        assert_eq!((first.as_str(), second.as_str()), ("broken", "fine"));
+        book.finish("broken", r1, Err(Arc::new(Error::NotLeader)));
+        book.finish("fine", r2, outcome("fine", 1));
+        assert_eq!(
+            ask(&mut book, "a", &["broken", "fine"], Intent::Close),
+            Some(vec![usize::MAX, 1])
+        );
+    }
+
+    #[test]
+    fn a_forgotten_grant_asks_afresh() {
+        let mut book = Book::default();
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Close), None);
+        assert!(book.tickets.contains_key("a"));
+        book.forget("a");
+        assert!(book.tickets.is_empty());
+    }
+}
