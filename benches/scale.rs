@@ -147,6 +147,7 @@ fn main() {
             async_delay: Duration::from_millis(args.async_delay_ms),
             write_burst: args.write_burst,
             write_refill_per_sec: args.write_refill_per_sec,
+            ..Default::default()
         },
         emulator_bin,
         operator_bin: Some(operator.clone()),

@@ -209,3 +209,88 @@ async fn expiries_due_at_the_same_instant_close_in_one_write_per_nsg() {
         );
     }
 }
+
+/// The demo world plus four VMs, each behind an NSG of its own (`nsg-a` .. `nsg-d`), in the
+/// demo subnet.
+fn four_more_nsgs() -> portcullis_azure_emulator::Fixture {
+    let mut world = serde_json::to_value(support::operator::demo_fixture()).expect("fixture");
+    let rg = &mut world["subscriptions"][0]["resourceGroups"][0];
+    for (i, v) in ["a", "b", "c", "d"].iter().enumerate() {
+        let nsgs = rg["networkSecurityGroups"].as_array_mut().expect("NSGs");
+        nsgs.push(json!({"name": format!("nsg-{v}")}));
+        let nics = rg["networkInterfaces"].as_array_mut().expect("NICs");
+        nics.push(
+            json!({"name": format!("vm-{v}-nic"), "virtualMachine": format!("vm-{v}"),
+            "networkSecurityGroup": format!("nsg-{v}"),
+            "ipConfigurations": [{"name": "ipconfig1",
+                "privateIPAddress": format!("10.0.1.{}", 10 + i), "subnet": "vnet-demo/app"}]}),
+        );
+    }
+    serde_json::from_value(world).expect("fixture")
+}
+
+/// Waiting on Azure's long-running operations holds no reconcile slot: with a single slot and
+/// writes that each take 5 s, grants on four VMs behind four NSGs are written together, not one
+/// after another.
+#[tokio::test]
+async fn a_reconcile_slot_is_not_held_while_azure_writes() {
+    const OPERATION: Duration = Duration::from_secs(5);
+    let emulator = portcullis_azure_emulator::EmulatorConfig {
+        fixture: four_more_nsgs(),
+        ..Default::default()
+    };
+    let settings = portcullis::controller::Settings {
+        concurrency: 1,
+        resync: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let mut env = Env::with("oneslot", emulator, settings).await;
+    env.start_operator();
+    let vms = ["a", "b", "c", "d"];
+    let ports = json!([{"number": 22, "protocol": "TCP",
+        "allowedSourceAddressPrefixes": ["203.0.113.0/24"], "maxRequestAccessDuration": "PT1H"}]);
+    let policy: Vec<_> = vms
+        .iter()
+        .map(|v| json!({"id": support::operator::vm_id(&format!("vm-{v}")), "ports": ports}))
+        .collect();
+    env.create_policy("prod", json!({ "virtualMachines": policy }))
+        .await;
+    env.wait_policy_ready("prod", T).await;
+    env.admin
+        .set_config(&portcullis_azure_emulator::ConfigUpdate {
+            async_delay_ms: Some(OPERATION.as_millis() as u64),
+            ..Default::default()
+        })
+        .await
+        .expect("slow operations");
+    env.admin.clear_requests().await.expect("clear requests");
+    for v in vms {
+        let spec = grant_spec(&format!("vm-{v}"), &[22], "203.0.113.9", "PT1H");
+        env.create_grant(&format!("ssh-{v}"), spec).await;
+    }
+    for v in vms {
+        env.wait_grant_condition(&format!("ssh-{v}"), "Ready", "Opened", T * 2)
+            .await;
+    }
+    let requests = env.admin.requests().await.expect("requests");
+    let first_writes: Vec<i64> = vms
+        .iter()
+        .map(|v| {
+            requests
+                .iter()
+                .filter(|r| support::is_write_to_nsg(r, &format!("nsg-{v}")))
+                .map(|r| r.at_unix_ms)
+                .min()
+                .unwrap_or_else(|| panic!("no write to nsg-{v}: {requests:#?}"))
+        })
+        .collect();
+    let (first, last) = (
+        first_writes.iter().min().copied().unwrap_or_default(),
+        first_writes.iter().max().copied().unwrap_or_default(),
+    );
+    // One slot held across each 5 s operation would space them 5 s apart at least.
+    assert!(
+        last - first < OPERATION.as_millis() as i64,
+        "the four NSGs' first writes began within one operation of each other: {first_writes:?}"
+    );
+}

@@ -551,7 +551,8 @@ async fn run_controllers(
             let _ = wake.send(grant);
         }
     });
-    let rounds = rounds::Rounds::new(usize::from(settings.concurrency), Some(wake));
+    let rounds =
+        rounds::Rounds::new(rounds::NSGS_AT_ONCE, Some(wake)).with_telemetry(telemetry.clone());
 
     let ctx: Ctx = Arc::new(
         Context::new(

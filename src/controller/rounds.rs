@@ -16,8 +16,13 @@ use tracing::debug;
 
 use super::Error;
 use super::nsg::{NsgOutcome, NsgSyncer};
+use super::telemetry::Telemetry;
 use super::world::WorldView;
 use crate::api::AccessGrant;
+
+/// How many NSGs are synced at once. Not the reconcile concurrency: an NSG round is mostly a
+/// wait on Azure, and the subscription's write budget (see `azure::pacing`) sets the pace.
+pub const NSGS_AT_ONCE: usize = 256;
 
 /// A sync's result, shared by every grant it answers.
 pub type RoundResult = Result<NsgOutcome, Arc<Error>>;
@@ -153,6 +158,7 @@ pub struct Rounds {
     finished: tokio::sync::Notify,
     wake: Option<Wake>,
     parallel: usize,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Rounds {
@@ -164,7 +170,13 @@ impl Rounds {
             finished: tokio::sync::Notify::new(),
             wake,
             parallel: parallel.max(1),
+            telemetry: None,
         }
+    }
+
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = Some(telemetry);
+        self
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -229,10 +241,18 @@ impl Rounds {
                     (nsg, round, result)
                 });
             }
+            let queued = self.book().queue.len();
+            if let Some(telemetry) = &self.telemetry {
+                telemetry.set_nsgs_in_rounds(queued + running.len());
+            }
             tokio::select! {
                 Some((nsg, round, result)) = running.next(), if !running.is_empty() => {
+                    let label = result.as_ref().map_or_else(|e| e.category(), |_| "ok");
                     let answered = self.book().finish(&nsg, round, result);
-                    debug!(nsg = %nsg, round, answered = answered.len(), "NSG round finished");
+                    debug!(nsg = %nsg, round, answered = answered.len(), result = label, "NSG round finished");
+                    if let Some(telemetry) = &self.telemetry {
+                        telemetry.nsg_round(label, queued + running.len());
+                    }
                     self.finished.notify_waiters();
                     if let Some(wake) = &self.wake {
                         answered.into_iter().for_each(wake);

@@ -137,6 +137,8 @@ pub struct Telemetry {
     azure_reachable: Gauge,
     webhook_certificate_expiry: Gauge,
     notifications: Family<ResultLabels, Counter>,
+    nsg_rounds: Family<ResultLabels, Counter>,
+    nsgs_in_rounds: Gauge,
     caches_synced: AtomicBool,
     standby: AtomicBool,
 }
@@ -246,6 +248,18 @@ impl Telemetry {
             "Notifications by result: sent, failed (refused by the receiver or retries exhausted), dropped (queue full), refused (an invalid target Secret)",
             notifications.clone(),
         );
+        let nsg_rounds = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "nsg_rounds",
+            "Syncs of one NSG that answered the grants waiting on it, by result (ok, or the error's category)",
+            nsg_rounds.clone(),
+        );
+        let nsgs_in_rounds = Gauge::default();
+        registry.register(
+            "nsgs_in_rounds",
+            "NSGs being synced or waiting for a sync that grants asked for",
+            nsgs_in_rounds.clone(),
+        );
         if let Some(stats) = azure {
             registry.register_collector(Box::new(AzureRequests(stats)));
         }
@@ -267,6 +281,8 @@ impl Telemetry {
             azure_reachable,
             webhook_certificate_expiry,
             notifications,
+            nsg_rounds,
+            nsgs_in_rounds,
             caches_synced: AtomicBool::new(false),
             standby: AtomicBool::new(false),
         })
@@ -384,6 +400,19 @@ impl Telemetry {
         self.webhook_admissions
             .get_or_create(&WebhookLabels { path, result })
             .inc();
+    }
+
+    /// One NSG round finished with `result` (`ok` or an error category); `busy` NSGs are being
+    /// synced or wait for a sync.
+    pub fn nsg_round(&self, result: &'static str, busy: usize) {
+        self.nsg_rounds
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.nsgs_in_rounds.set(busy as i64);
+    }
+
+    pub fn set_nsgs_in_rounds(&self, busy: usize) {
+        self.nsgs_in_rounds.set(busy as i64);
     }
 
     /// One notification (or refused target) with `result` `sent`, `failed`, `dropped` or
