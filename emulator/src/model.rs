@@ -568,7 +568,12 @@ pub fn vm_json(world: &World, sub: &Subscription, rg: &ResourceGroup, vm: &Vm) -
 }
 
 /// [`vm_json`] with the ids of the VM's NICs already known (see [`World::nic_ids_by_vm`]).
-pub fn vm_json_with_nics(sub: &Subscription, rg: &ResourceGroup, vm: &Vm, nics: &[String]) -> Value {
+pub fn vm_json_with_nics(
+    sub: &Subscription,
+    rg: &ResourceGroup,
+    vm: &Vm,
+    nics: &[String],
+) -> Value {
     let id = vm_id(sub, rg, &vm.name);
     let several = nics.len() > 1;
     let refs: Vec<Value> = nics
