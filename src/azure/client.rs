@@ -755,9 +755,8 @@ impl AzureNetworkClient {
             .filter_map(|c| c.subnet_id.as_deref())
         {
             let key = subnet_id.to_ascii_lowercase();
-            if !subnet_nsgs.contains_key(&key) {
-                let nsg = self.subnet_nsg(subnet_id).await?;
-                subnet_nsgs.insert(key, nsg);
+            if let std::collections::hash_map::Entry::Vacant(slot) = subnet_nsgs.entry(key) {
+                slot.insert(self.subnet_nsg(subnet_id).await?);
             }
         }
         VmTargets::assemble(vm_id, &nics, |subnet_id| {
