@@ -10,7 +10,8 @@ use std::time::Duration;
 use azure_core::auth::{AccessToken, TokenCredential};
 use portcullis::azure::{
     AzureClientOptions, AzureError, AzureNetworkClient, BucketSpec, BudgetKind, CredentialConfig,
-    FederatedTokenFileCredential, ImdsCredential, NetworkApi, PacingOptions, build_credential,
+    FederatedTokenFileCredential, ImdsCredential, IpConfigView, NetworkApi, NicView, PacingOptions,
+    SubnetView, VmNics, build_credential,
 };
 use portcullis::plan::rule::{Access, Direction, NsgRule, RuleProtocol};
 use portcullis_azure_emulator::{
@@ -449,6 +450,99 @@ async fn list_rules_follows_paging() {
     // An NSG that does not exist.
     let err = api.list_rules(&nsg_id("nsg-missing")).await.unwrap_err();
     assert!(matches!(err, AzureError::NotFound { .. }), "{err:?}");
+    emu.shutdown().await;
+}
+
+/// The lists resolution reads once per period: a resource group's VMs (with the NICs each
+/// lists) and NICs, a virtual network's subnets; every page followed, each one read.
+#[tokio::test]
+async fn vm_nic_and_subnet_lists_follow_paging() {
+    let emu = start(EmulatorConfig {
+        page_size: 1,
+        ..config()
+    })
+    .await;
+    let api = client(&emu);
+    let nic = |name: &str| {
+        format!(
+            "{}/providers/Microsoft.Network/networkInterfaces/{name}",
+            rg_id()
+        )
+    };
+    let subnet = |name: &str| {
+        format!(
+            "{}/providers/Microsoft.Network/virtualNetworks/vnet1/subnets/{name}",
+            rg_id()
+        )
+    };
+
+    let mut vms = api.list_vms(SUB, "RG1").await.expect("VMs");
+    vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+    assert_eq!(
+        vms,
+        [
+            VmNics {
+                vm_id: vm_id("vm1"),
+                nic_ids: vec![nic("vm1-nic"), nic("vm1-nic2")],
+            },
+            VmNics {
+                vm_id: vm_id("vm2"),
+                nic_ids: vec![nic("vm2-nic")],
+            },
+        ]
+    );
+    assert_eq!(api.stats().count("list_vms", "200"), 2, "one VM per page");
+
+    let nics = api.list_nics(SUB, "rg1").await.expect("NICs");
+    assert_eq!(nics.len(), 4, "{nics:?}");
+    assert_eq!(api.stats().count("list_nics", "200"), 4);
+    assert_eq!(
+        nics[0],
+        NicView {
+            id: nic("vm1-nic"),
+            nsg_id: Some(nsg_id("nsg-nic")),
+            ip_configurations: vec![
+                IpConfigView {
+                    private_ip: Some("10.0.1.4".into()),
+                    subnet_id: Some(subnet("app")),
+                },
+                IpConfigView {
+                    private_ip: Some("10.0.1.14".into()),
+                    subnet_id: Some(subnet("app")),
+                },
+            ],
+        }
+    );
+
+    let subnets = api
+        .list_subnets(SUB, "rg1", "vnet1")
+        .await
+        .expect("subnets");
+    assert_eq!(
+        subnets,
+        [
+            SubnetView {
+                id: subnet("app"),
+                nsg_id: Some(nsg_id("nsg-subnet")),
+            },
+            SubnetView {
+                id: subnet("plain"),
+                nsg_id: None,
+            },
+        ]
+    );
+    assert_eq!(api.stats().count("list_subnets", "200"), 2);
+
+    // What is not there is NotFound, for the caller to read VMs alone.
+    for err in [
+        api.list_vms(SUB, "rg-missing").await.unwrap_err(),
+        api.list_nics(SUB, "rg-missing").await.unwrap_err(),
+        api.list_subnets(SUB, "rg1", "vnet-missing")
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(matches!(err, AzureError::NotFound { .. }), "{err:?}");
+    }
     emu.shutdown().await;
 }
 

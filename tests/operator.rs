@@ -832,14 +832,16 @@ async fn a_changed_private_ip_moves_deny_and_allow_rules_within_one_resync() {
         Some(GrantPhase::Active)
     );
 
-    // Cached: vm1 is read once per resync period, however many policies name it and however
-    // often they reconcile. Watch three reads go by and check their spacing.
+    // Cached: vm1 is resolved from its resource group's VM list, read once per resync period
+    // however many policies name it and however often they reconcile, and never read alone.
+    // Watch three lists go by and check their spacing.
     env.admin.clear_requests().await.expect("clear log");
-    let reads = wait_for("three reads of vm1", T, || async {
+    let vm_list = "/resourceGroups/rg-demo/providers/Microsoft.Compute/virtualMachines?";
+    let reads = wait_for("three lists of vm1's resource group", T, || async {
         let log = env.admin.requests().await.ok()?;
         let at: Vec<i64> = log
             .iter()
-            .filter(|r| r.method == "GET" && r.path.contains("/virtualMachines/vm1?"))
+            .filter(|r| r.method == "GET" && r.path.contains(vm_list))
             .map(|r| r.at_unix_ms)
             .collect();
         (at.len() >= 3).then_some(at)
@@ -850,9 +852,14 @@ async fn a_changed_private_ip_moves_deny_and_allow_rules_within_one_resync() {
         let gap = pair[1] - pair[0];
         assert!(
             gap >= resync_ms - 100,
-            "vm1 read {gap} ms after the previous read (resync {resync_ms} ms): {reads:?}"
+            "VMs listed {gap} ms after the previous list (resync {resync_ms} ms): {reads:?}"
         );
     }
+    let log = env.admin.requests().await.expect("log");
+    assert!(
+        !log.iter().any(|r| r.path.contains("/virtualMachines/vm1?")),
+        "vm1 was read alone"
+    );
     env.assert_user_rules_untouched().await;
 }
 
@@ -943,11 +950,20 @@ subscriptions:
         assert!(env.settings.naming.is_owned(rule_name(rule)), "{rule:#?}");
         assert_eq!(destinations(rule), ["10.0.1.4", "10.9.0.7"], "{rule:#?}");
     }
-    // Resolution never lists a resource group's NICs.
+    // Resolved from lists: rg-demo's VMs, and the NICs of both resource groups (vm1's second
+    // NIC lives in rg-other); never a VM or NIC read one by one.
     let log = env.admin.requests().await.expect("log");
+    let paths: Vec<String> = log.iter().map(|r| r.path.to_ascii_lowercase()).collect();
     assert!(
-        !log.iter().any(|r| r.path.contains("/networkInterfaces?")),
-        "a NIC listing was made"
+        paths.iter().any(|p| p
+            .contains("/resourcegroups/rg-other/providers/microsoft.network/networkinterfaces?")),
+        "rg-other's NICs were not listed"
+    );
+    assert!(
+        !paths
+            .iter()
+            .any(|p| p.contains("/virtualmachines/") || p.contains("/networkinterfaces/")),
+        "a VM or NIC was read alone"
     );
     env.assert_user_rules_untouched().await;
 }

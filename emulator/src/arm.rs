@@ -275,6 +275,8 @@ enum Route<'a> {
     Nic(&'a str, &'a str, &'a str),
     Subnets(&'a str, &'a str, &'a str),
     Subnet(&'a str, &'a str, &'a str, &'a str),
+    /// `Microsoft.Compute/virtualMachines` of a resource group (GET only, paged).
+    VmsInRg(&'a str, &'a str),
     /// `Microsoft.Compute/virtualMachines/{vm}` (GET only).
     Vm(&'a str, &'a str, &'a str),
 }
@@ -307,9 +309,12 @@ impl<'a> Route<'a> {
             && lit(4, "providers")
             && lit(5, "Microsoft.Compute")
             && lit(6, "virtualMachines")
-            && segs.len() == 8
         {
-            return Some(Route::Vm(sub, seg(3)?, seg(7)?));
+            return match segs.len() {
+                7 => Some(Route::VmsInRg(sub, seg(3)?)),
+                8 => Some(Route::Vm(sub, seg(3)?, seg(7)?)),
+                _ => None,
+            };
         }
         if !(lit(2, "resourceGroups") && lit(4, "providers") && lit(5, "Microsoft.Network")) {
             return None;
@@ -499,6 +504,17 @@ fn json_ok(v: Value) -> Response {
 
 /// Pages `items` by the configured page size; `path` is the list's canonical path.
 fn page(g: &Inner, ctx: &Ctx, items: Vec<Value>, path: &str) -> Result<Response, ArmError> {
+    page_at(g, ctx, items, path, API_VERSION)
+}
+
+/// [`page`] for a provider with another api-version (the `nextLink` carries it).
+fn page_at(
+    g: &Inner,
+    ctx: &Ctx,
+    items: Vec<Value>,
+    path: &str,
+    api_version: &str,
+) -> Result<Response, ArmError> {
     let skip = match ctx.query("$skipToken") {
         None => 0,
         Some(t) => t.parse::<usize>().map_err(|_| {
@@ -514,7 +530,7 @@ fn page(g: &Inner, ctx: &Ctx, items: Vec<Value>, path: &str) -> Result<Response,
     let mut body = json!({ "value": value });
     if skip.saturating_add(size) < total {
         body["nextLink"] = json!(format!(
-            "{}{path}?api-version={API_VERSION}&$skipToken={}",
+            "{}{path}?api-version={api_version}&$skipToken={}",
             ctx.base,
             skip + size
         ));
@@ -699,6 +715,24 @@ fn read(g: &mut Inner, ctx: &Ctx, route: Route<'_>) -> Result<Response, ArmError
             })?;
             Ok(json_ok(model::subnet_json(s, r, v, x)))
         }
+        Route::VmsInRg(sub, rg) => {
+            let (s, r) = rg_of(g, sub, rg)?;
+            let nics = g.world.nic_ids_by_vm();
+            let items = r
+                .vms
+                .iter()
+                .map(|v| {
+                    let id = model::vm_id(s, r, &v.name).to_ascii_lowercase();
+                    let of_vm = nics.get(&id).map(Vec::as_slice).unwrap_or_default();
+                    model::vm_json_with_nics(s, r, v, of_vm)
+                })
+                .collect();
+            let path = format!(
+                "{}/providers/Microsoft.Compute/virtualMachines",
+                model::rg_id(s, r)
+            );
+            page_at(g, ctx, items, &path, COMPUTE_API_VERSION)
+        }
         Route::Vm(sub, rg, vm) => {
             let (s, r) = rg_of(g, sub, rg)?;
             let v = r.vm(vm).ok_or_else(|| {
@@ -730,6 +764,7 @@ fn subscription_of(route: &Route<'_>) -> String {
         | Route::Nic(s, _, _)
         | Route::Subnets(s, _, _)
         | Route::Subnet(s, _, _, _)
+        | Route::VmsInRg(s, _)
         | Route::Vm(s, _, _) => (*s).to_string(),
     }
 }

@@ -273,6 +273,25 @@ impl World {
         out
     }
 
+    /// The ids of the NICs attached to each VM, by lower-cased VM id, in world order: one pass
+    /// over the NICs, for answering a list of VMs without a scan of every NIC per VM.
+    pub fn nic_ids_by_vm(&self) -> std::collections::HashMap<String, Vec<String>> {
+        let mut out: std::collections::HashMap<String, Vec<String>> =
+            std::collections::HashMap::new();
+        for s in &self.subscriptions {
+            for r in &s.resource_groups {
+                for n in &r.nics {
+                    if let Some(vm) = nic_vm_id(s, r, n) {
+                        out.entry(vm.to_ascii_lowercase())
+                            .or_default()
+                            .push(nic_id(s, r, &n.name));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Every VM a NIC names exists (in its resource group, when that resource group exists; a
     /// reference to an unknown resource group stays dangling, and its VM is not found).
     pub fn ensure_vms(&mut self) {
@@ -540,12 +559,27 @@ pub fn parse_vm_id(id: &str) -> Option<(String, String, String)> {
 /// (`properties.primary` on each when there are several, as Azure requires then).
 pub fn vm_json(world: &World, sub: &Subscription, rg: &ResourceGroup, vm: &Vm) -> Value {
     let id = vm_id(sub, rg, &vm.name);
-    let nics = world.nics_of_vm(&id);
+    let nics: Vec<String> = world
+        .nics_of_vm(&id)
+        .into_iter()
+        .map(|(nic_id, _)| nic_id)
+        .collect();
+    vm_json_with_nics(sub, rg, vm, &nics)
+}
+
+/// [`vm_json`] with the ids of the VM's NICs already known (see [`World::nic_ids_by_vm`]).
+pub fn vm_json_with_nics(
+    sub: &Subscription,
+    rg: &ResourceGroup,
+    vm: &Vm,
+    nics: &[String],
+) -> Value {
+    let id = vm_id(sub, rg, &vm.name);
     let several = nics.len() > 1;
     let refs: Vec<Value> = nics
         .iter()
         .enumerate()
-        .map(|(i, (nic_id, _))| {
+        .map(|(i, nic_id)| {
             if several {
                 json!({ "id": nic_id, "properties": { "primary": i == 0 } })
             } else {

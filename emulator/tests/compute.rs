@@ -1,4 +1,4 @@
-//! `Microsoft.Compute/virtualMachines/{vm}` GET (api-version 2024-07-01): a VM lists its NICs,
+//! `Microsoft.Compute/virtualMachines[/{vm}]` GET (api-version 2024-07-01): a VM lists its NICs,
 //! wherever they live; ARM's errors for missing VMs and wrong api-versions; a NIC's private
 //! IP changed through the admin API (as a deallocate and restart does).
 
@@ -267,5 +267,70 @@ async fn a_nic_gets_another_private_ip() {
     assert_eq!(
         unchanged.body["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"],
         "10.0.1.41"
+    );
+}
+
+/// `VirtualMachines_List` in a resource group: every VM with its NICs (wherever they live),
+/// paged by `nextLink` on Compute's api-version, each page one read.
+#[tokio::test]
+async fn the_vms_of_a_resource_group_are_listed_in_pages() {
+    let mut config = cross_rg_config();
+    config.page_size = 1;
+    let emu = start(config).await;
+    let arm = Arm::login(&emu.base_url()).await;
+    let reads_before = emu.admin().stats().await.expect("stats").reads;
+    let list = |rg: &str| {
+        format!(
+            "/subscriptions/{SUB}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines?{COMPUTE}"
+        )
+    };
+    let mut next = Some(list("RG-DEMO"));
+    let mut vms = Vec::new();
+    let mut pages = 0;
+    while let Some(path) = next.take() {
+        let r = arm.get(&path).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        pages += 1;
+        vms.extend(r.body["value"].as_array().expect("value").iter().cloned());
+        if let Some(link) = r.body["nextLink"].as_str() {
+            assert!(link.contains(COMPUTE), "{link}");
+            next = Some(link.to_string());
+        }
+    }
+    assert_eq!(pages, 2);
+    let reads = emu.admin().stats().await.expect("stats").reads - reads_before;
+    assert_eq!(reads, 2, "one read per page");
+    let names: Vec<&str> = vms.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["lonely", "vm1"]);
+    // The same body as the VM's own GET.
+    let one = arm.get(&vm_path("rg-demo", "vm1")).await;
+    assert_eq!(vms[1], one.body);
+    let nics: Vec<&str> = vms[1]["properties"]["networkProfile"]["networkInterfaces"]
+        .as_array()
+        .expect("networkInterfaces")
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        nics,
+        [
+            nic_id("rg-demo", "vm1-nic"),
+            nic_id("rg-other", "vm1-data-nic")
+        ]
+    );
+    assert_eq!(
+        vms[0]["properties"]["networkProfile"]["networkInterfaces"],
+        serde_json::json!([])
+    );
+
+    // A resource group without VMs lists none; a missing one is ARM's 404.
+    let r = arm.get(&list("rg-other")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["value"], serde_json::json!([]));
+    let r = arm.get(&list("rg-missing")).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (404, "ResourceGroupNotFound"),
+        "{r:?}"
     );
 }

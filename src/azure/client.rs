@@ -37,7 +37,9 @@ use super::convert::{from_model, to_model};
 use super::error::{AzureError, error_chain};
 use super::pacing::{BudgetKind, Pacer, PacingOptions};
 use super::transport::{ArmTransport, AzureStats, parse_retry_after, with_operation};
-use super::{NetworkApi, NsgSnapshot, ResourceId, VmTargets};
+use super::{
+    IpConfigView, NetworkApi, NicView, NsgSnapshot, ResourceId, SubnetView, VmNics, VmTargets,
+};
 use crate::plan::rule::NsgRule;
 
 pub const DEFAULT_ENDPOINT: &str = "https://management.azure.com";
@@ -743,51 +745,106 @@ impl AzureNetworkClient {
         nic_ids.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
         let mut nics = Vec::with_capacity(nic_ids.len());
         for nic_id in &nic_ids {
-            nics.push(self.get_nic(vm_id, nic_id).await?);
+            nics.push(nic_view(nic_id.clone(), self.get_nic(vm_id, nic_id).await?));
         }
+        // Each subnet read once, in the order the NICs name them.
+        let mut subnet_nsgs: HashMap<String, Option<String>> = HashMap::new();
+        for subnet_id in nics
+            .iter()
+            .flat_map(|n| &n.ip_configurations)
+            .filter_map(|c| c.subnet_id.as_deref())
+        {
+            let key = subnet_id.to_ascii_lowercase();
+            if let std::collections::hash_map::Entry::Vacant(slot) = subnet_nsgs.entry(key) {
+                slot.insert(self.subnet_nsg(subnet_id).await?);
+            }
+        }
+        VmTargets::assemble(vm_id, &nics, |subnet_id| {
+            subnet_nsgs.get(&subnet_id.to_ascii_lowercase()).cloned()
+        })
+        .ok_or_else(|| {
+            AzureError::InvalidResponse(format!("VM {vm_id}: a subnet of its NICs was not read"))
+        })
+    }
 
-        let mut targets = VmTargets {
-            vm_id: vm_id.to_string(),
-            ..VmTargets::default()
-        };
-        let mut subnet_cache: HashMap<String, Option<String>> = HashMap::new();
-        for nic in &nics {
-            let Some(props) = nic.properties.as_ref() else {
-                continue;
-            };
-            if let Some(id) = props
-                .network_security_group
-                .as_ref()
-                .and_then(|n| n.resource.id.clone())
-            {
-                push_unique(&mut targets.nsg_ids, id);
+    async fn list_vms_once(&self, rg: &ResourceGroupRef<'_>) -> Result<Vec<VmNics>, AzureError> {
+        let mut stream = self
+            .compute
+            .virtual_machines_client()
+            .list(rg.resource_group, rg.subscription)
+            .into_stream();
+        let mut out = Vec::new();
+        while let Some(page) = with_operation("list_vms", stream.next()).await {
+            for vm in page?.value {
+                let Some(vm_id) = vm.resource.id else {
+                    continue;
+                };
+                let nic_ids = vm
+                    .properties
+                    .and_then(|p| p.network_profile)
+                    .map(|n| n.network_interfaces)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|nic| nic.sub_resource.id)
+                    .collect();
+                out.push(VmNics { vm_id, nic_ids });
             }
-            for ipc in &props.ip_configurations {
-                let Some(ipp) = ipc.properties.as_ref() else {
-                    continue;
-                };
-                if let Some(ip) = ipp.private_ip_address.clone() {
-                    push_unique(&mut targets.private_ips, ip);
-                }
-                let Some(subnet_id) = ipp.subnet.as_ref().and_then(|s| s.sub_resource.id.clone())
-                else {
-                    continue;
-                };
-                let key = subnet_id.to_ascii_lowercase();
-                let nsg = match subnet_cache.get(&key) {
-                    Some(n) => n.clone(),
-                    None => {
-                        let n = self.subnet_nsg(&subnet_id).await?;
-                        subnet_cache.insert(key, n.clone());
-                        n
-                    }
-                };
-                if let Some(id) = nsg {
-                    push_unique(&mut targets.nsg_ids, id);
+        }
+        Ok(out)
+    }
+
+    async fn list_nics_once(&self, rg: &ResourceGroupRef<'_>) -> Result<Vec<NicView>, AzureError> {
+        let mut stream = self
+            .sdk
+            .network_interfaces_client()
+            .list(rg.resource_group, rg.subscription)
+            .into_stream();
+        let mut out = Vec::new();
+        while let Some(page) = with_operation("list_nics", stream.next()).await {
+            for nic in page?.value {
+                if let Some(id) = nic.resource.id.clone() {
+                    out.push(nic_view(id, nic));
                 }
             }
         }
-        Ok(targets)
+        Ok(out)
+    }
+
+    async fn list_subnets_once(
+        &self,
+        rg: &ResourceGroupRef<'_>,
+        vnet: &str,
+    ) -> Result<Vec<SubnetView>, AzureError> {
+        let mut stream = self
+            .sdk
+            .subnets_client()
+            .list(rg.resource_group, vnet, rg.subscription)
+            .into_stream();
+        let mut out = Vec::new();
+        while let Some(page) = with_operation("list_subnets", stream.next()).await {
+            for subnet in page?.value {
+                let Some(id) = subnet.sub_resource.id else {
+                    continue;
+                };
+                let nsg_id = subnet
+                    .properties
+                    .and_then(|p| p.network_security_group)
+                    .and_then(|n| n.resource.id);
+                out.push(SubnetView { id, nsg_id });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one read (`once`) with the read retries and deadline of every other read.
+    async fn read_with_retries<T, F, Fut>(&self, what: &str, once: F) -> Result<T, AzureError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, AzureError>>,
+    {
+        let deadline = Instant::now() + self.options.operation_deadline;
+        self.with_retries(what, deadline, |_| self.timed(what, deadline, once()))
+            .await
     }
 
     async fn list_once(&self, nsg: &ResourceId) -> Result<Vec<NsgRule>, AzureError> {
@@ -816,6 +873,35 @@ impl AzureNetworkClient {
     }
 }
 
+/// A resource group, for the list calls.
+struct ResourceGroupRef<'a> {
+    subscription: &'a str,
+    resource_group: &'a str,
+}
+
+/// What resolution needs of a NIC read whole; `id` is the id it was asked by (or listed under).
+fn nic_view(id: String, nic: azure_mgmt_network::models::NetworkInterface) -> NicView {
+    let Some(props) = nic.properties else {
+        return NicView {
+            id,
+            ..NicView::default()
+        };
+    };
+    NicView {
+        id,
+        nsg_id: props.network_security_group.and_then(|n| n.resource.id),
+        ip_configurations: props
+            .ip_configurations
+            .into_iter()
+            .filter_map(|c| c.properties)
+            .map(|p| IpConfigView {
+                private_ip: p.private_ip_address,
+                subnet_id: p.subnet.and_then(|s| s.sub_resource.id),
+            })
+            .collect(),
+    }
+}
+
 #[async_trait::async_trait]
 impl NetworkApi for AzureNetworkClient {
     async fn resolve_vm(&self, vm_id: &str) -> Result<VmTargets, AzureError> {
@@ -829,6 +915,69 @@ impl NetworkApi for AzureNetworkClient {
             .await?;
         debug!(vm = vm_id, nsgs = ?targets.nsg_ids, ips = ?targets.private_ips, "resolved VM");
         Ok(targets)
+    }
+
+    async fn list_vms(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+    ) -> Result<Vec<VmNics>, AzureError> {
+        let rg = ResourceGroupRef {
+            subscription,
+            resource_group,
+        };
+        let what = format!("list VMs of resource group {resource_group}");
+        let vms = self
+            .read_with_retries(&what, || self.list_vms_once(&rg))
+            .await?;
+        debug!(subscription, resource_group, vms = vms.len(), "listed VMs");
+        Ok(vms)
+    }
+
+    async fn list_nics(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+    ) -> Result<Vec<NicView>, AzureError> {
+        let rg = ResourceGroupRef {
+            subscription,
+            resource_group,
+        };
+        let what = format!("list NICs of resource group {resource_group}");
+        let nics = self
+            .read_with_retries(&what, || self.list_nics_once(&rg))
+            .await?;
+        debug!(
+            subscription,
+            resource_group,
+            nics = nics.len(),
+            "listed NICs"
+        );
+        Ok(nics)
+    }
+
+    async fn list_subnets(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+        virtual_network: &str,
+    ) -> Result<Vec<SubnetView>, AzureError> {
+        let rg = ResourceGroupRef {
+            subscription,
+            resource_group,
+        };
+        let what = format!("list subnets of virtual network {virtual_network}");
+        let subnets = self
+            .read_with_retries(&what, || self.list_subnets_once(&rg, virtual_network))
+            .await?;
+        debug!(
+            subscription,
+            resource_group,
+            virtual_network,
+            subnets = subnets.len(),
+            "listed subnets"
+        );
+        Ok(subnets)
     }
 
     async fn list_rules(&self, nsg_id: &str) -> Result<Vec<NsgRule>, AzureError> {
@@ -1036,12 +1185,6 @@ fn operation_failed(status: &str, body: &[u8]) -> AzureError {
     }
 }
 
-fn push_unique(list: &mut Vec<String>, value: String) {
-    if !list.iter().any(|v| v.eq_ignore_ascii_case(&value)) {
-        list.push(value);
-    }
-}
-
 /// +-20% jitter, so that clients backing off together do not retry together.
 fn jitter(d: Duration) -> Duration {
     let r = std::collections::hash_map::RandomState::new()
@@ -1140,14 +1283,5 @@ mod tests {
             let d = jitter(Duration::from_millis(1000));
             assert!(d >= Duration::from_millis(800) && d <= Duration::from_millis(1200));
         }
-    }
-
-    #[test]
-    fn unique_case_insensitive() {
-        let mut v = vec![];
-        push_unique(&mut v, "/A/b".into());
-        push_unique(&mut v, "/a/B".into());
-        push_unique(&mut v, "/c".into());
-        assert_eq!(v, vec!["/A/b", "/c"]);
     }
 }

@@ -1,7 +1,8 @@
 //! The Azure edge: what the reconcile loop needs from Azure, behind a small object-safe trait,
 //! with the real implementation on `azure_mgmt_network`/`azure_identity`.
 //!
-//! - [`NetworkApi`]: resolve a VM (through Compute) to its NSGs and private IPs; list, put and delete rules; read
+//! - [`NetworkApi`]: resolve a VM (through Compute) to its NSGs and private IPs, one by one or
+//!   from lists of a resource group's VMs and NICs and a VNet's subnets; list, put and delete rules; read
 //!   an NSG whole and write it back whole under `If-Match` ([`NsgSnapshot`]).
 //! - [`AzureNetworkClient`]: the implementation. Writes hold a per-NSG lock, drive the
 //!   long-running operation themselves (`Azure-AsyncOperation` / `Location`), and retry 429s,
@@ -43,6 +44,80 @@ pub struct VmTargets {
     pub nsg_ids: Vec<String>,
 }
 
+impl VmTargets {
+    /// What `vm_id` resolves to through `nics` (the VM's NICs, in the order given: callers sort
+    /// them by id, case-insensitively), with `subnet_nsg` giving each subnet's NSG (`None`: the
+    /// subnet is unknown, so the VM cannot be resolved this way). One assembly for every way of
+    /// reading, so that a VM resolves to the same targets whichever reads found its NICs.
+    pub fn assemble<'n>(
+        vm_id: &str,
+        nics: impl IntoIterator<Item = &'n NicView>,
+        mut subnet_nsg: impl FnMut(&str) -> Option<Option<String>>,
+    ) -> Option<VmTargets> {
+        let mut targets = VmTargets {
+            vm_id: vm_id.to_string(),
+            ..VmTargets::default()
+        };
+        for nic in nics {
+            if let Some(id) = &nic.nsg_id {
+                push_unique(&mut targets.nsg_ids, id.clone());
+            }
+            for ipc in &nic.ip_configurations {
+                if let Some(ip) = &ipc.private_ip {
+                    push_unique(&mut targets.private_ips, ip.clone());
+                }
+                let Some(subnet_id) = &ipc.subnet_id else {
+                    continue;
+                };
+                if let Some(id) = subnet_nsg(subnet_id)? {
+                    push_unique(&mut targets.nsg_ids, id);
+                }
+            }
+        }
+        Some(targets)
+    }
+}
+
+/// A VM as its resource group's list gives it: its id and the NICs its
+/// `networkProfile.networkInterfaces` names (they may live in another resource group).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmNics {
+    pub vm_id: String,
+    pub nic_ids: Vec<String>,
+}
+
+/// What resolution needs of a NIC: its own NSG and its ipConfigurations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NicView {
+    pub id: String,
+    /// `properties.networkSecurityGroup.id`.
+    pub nsg_id: Option<String>,
+    /// In the NIC's order.
+    pub ip_configurations: Vec<IpConfigView>,
+}
+
+/// One ipConfiguration of a NIC: its private IP (either family) and its subnet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IpConfigView {
+    pub private_ip: Option<String>,
+    pub subnet_id: Option<String>,
+}
+
+/// A subnet as its virtual network's list gives it: its id and its NSG.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubnetView {
+    pub id: String,
+    /// `properties.networkSecurityGroup.id`.
+    pub nsg_id: Option<String>,
+}
+
+/// Appends `value` unless the list holds it already (compared case-insensitively).
+pub(crate) fn push_unique(list: &mut Vec<String>, value: String) {
+    if !list.iter().any(|v| v.eq_ignore_ascii_case(&value)) {
+        list.push(value);
+    }
+}
+
 /// An NSG as read for a conditional whole-NSG write: its user rules, its etag, and the raw JSON.
 #[derive(Clone, Debug)]
 pub struct NsgSnapshot {
@@ -65,6 +140,32 @@ pub trait NetworkApi: Send + Sync {
     /// NIC -> [`AzureError::NotFound`]; a NIC it lists that does not exist is another error
     /// (retried, never taken for a missing VM).
     async fn resolve_vm(&self, vm_id: &str) -> Result<VmTargets, AzureError>;
+
+    /// Every VM of a resource group with the NICs it lists (`VirtualMachines_List`, following
+    /// `nextLink`): one read per page, where `resolve_vm` reads each VM. A missing resource group
+    /// is [`AzureError::NotFound`].
+    async fn list_vms(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+    ) -> Result<Vec<VmNics>, AzureError>;
+
+    /// Every NIC of a resource group (`NetworkInterfaces_List`, following `nextLink`). A
+    /// missing resource group is [`AzureError::NotFound`].
+    async fn list_nics(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+    ) -> Result<Vec<NicView>, AzureError>;
+
+    /// Every subnet of a virtual network (`Subnets_List`, following `nextLink`). A missing
+    /// virtual network is [`AzureError::NotFound`].
+    async fn list_subnets(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+        virtual_network: &str,
+    ) -> Result<Vec<SubnetView>, AzureError>;
 
     /// All user (non-default) security rules of an NSG, following `nextLink` paging.
     async fn list_rules(&self, nsg_id: &str) -> Result<Vec<NsgRule>, AzureError>;
@@ -211,6 +312,51 @@ mod tests {
         assert_eq!(r.name_at(0), Some("v"));
         assert_eq!(r.name(), "sn");
         assert_eq!(r.name_at(2), None);
+    }
+
+    #[test]
+    fn unique_case_insensitive() {
+        let mut v = vec![];
+        push_unique(&mut v, "/A/b".into());
+        push_unique(&mut v, "/a/B".into());
+        push_unique(&mut v, "/c".into());
+        assert_eq!(v, vec!["/A/b", "/c"]);
+    }
+
+    #[test]
+    fn assembles_targets_in_nic_order_and_needs_every_subnet() {
+        let nic = |id: &str, nsg: Option<&str>, ipcs: &[(&str, &str)]| NicView {
+            id: id.to_string(),
+            nsg_id: nsg.map(str::to_string),
+            ip_configurations: ipcs
+                .iter()
+                .map(|(ip, subnet)| IpConfigView {
+                    private_ip: Some(ip.to_string()),
+                    subnet_id: Some(subnet.to_string()),
+                })
+                .collect(),
+        };
+        let nics = [
+            nic(
+                "/n/a",
+                Some("/nsg/A"),
+                &[("10.0.0.4", "/sn/1"), ("FD00::4", "/sn/2")],
+            ),
+            nic("/n/b", None, &[("fd00::4", "/SN/1"), ("10.0.0.5", "/sn/3")]),
+        ];
+        let subnets = |id: &str| match id.to_ascii_lowercase().as_str() {
+            "/sn/1" => Some(Some("/nsg/s1".to_string())),
+            "/sn/2" => Some(Some("/NSG/a".to_string())),
+            "/sn/3" => Some(None),
+            _ => None,
+        };
+        let t = VmTargets::assemble("/vm", &nics, subnets).unwrap();
+        assert_eq!(t.vm_id, "/vm");
+        assert_eq!(t.private_ips, ["10.0.0.4", "FD00::4", "10.0.0.5"]);
+        assert_eq!(t.nsg_ids, ["/nsg/A", "/nsg/s1"]);
+        // A subnet nobody read: not resolvable this way.
+        let unknown = [nic("/n/c", None, &[("10.0.0.6", "/sn/9")])];
+        assert_eq!(VmTargets::assemble("/vm", &unknown, subnets), None);
     }
 
     #[test]
