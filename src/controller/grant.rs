@@ -130,6 +130,12 @@ async fn ask_grant_nsgs(
     wait: Wait,
 ) -> Option<NsgAnswers> {
     let nsgs = nsgs_of_grant(grant, policy);
+    // A resync of a grant whose NSGs are in line with an unchanged world needs no round.
+    let in_line: Option<Vec<NsgOutcome>> = nsgs.iter().map(|n| ctx.nsgs.in_line_now(n)).collect();
+    if let Some(outcomes) = in_line.filter(|o| !o.is_empty()) {
+        ctx.rounds.withdraw(grant, &nsgs, intent);
+        return Some((outcomes, Vec::new()));
+    }
     let answers = match wait {
         Wait::Woken => ctx.rounds.ask(grant, &nsgs, intent)?,
         Wait::InPlace => ctx.rounds.ask_and_wait(grant, &nsgs, intent).await,

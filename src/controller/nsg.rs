@@ -365,6 +365,24 @@ impl NsgSyncer {
         Ok(outcome)
     }
 
+    /// The NSG's last outcome, when a sync asked for now would only repeat it: the world has
+    /// not changed since its plan was made, no grant has lapsed since, and the NSG was found in
+    /// line within the read-sharing window. A reconcile that merely checks (a resync) takes it
+    /// instead of waiting for a round. `None` while a sync of the NSG runs.
+    pub fn in_line_now(&self, nsg_id: &str) -> Option<NsgOutcome> {
+        let generation = self.world_generation.as_ref()?.current();
+        let lock = self.lock_for(nsg_id);
+        let state = lock.try_lock().ok()?;
+        let planned = state.planned.as_ref()?;
+        let last = state.last.as_ref()?;
+        let repeats =
+            planned.holds(generation, Timestamp::now()) && self.still_in_line(last, &planned.asked);
+        repeats.then(|| NsgOutcome {
+            placed: last.outcome.placed.clone(),
+            ..NsgOutcome::new(nsg_id)
+        })
+    }
+
     /// What the world asks of the NSG at `now`: planned from a fresh snapshot, or the last plan
     /// when the world has not changed since and no grant lapsed. The generation is read before
     /// the snapshot, so a change racing with it only makes the plan look older than it is.

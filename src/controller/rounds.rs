@@ -67,11 +67,11 @@ impl Book {
     /// The answers to `uid`'s requests for `nsgs`: for each, the result of a round that began
     /// after the request was first made. Until every NSG has one, none is taken (a grant that
     /// took each NSG's answer as it came would chase new rounds for ever): the NSGs still
-    /// needed are dirty and `who` is woken when the round it needs has finished.
+    /// needed are dirty and `who` (if given) is woken when the round it needs has finished.
     fn ask(
         &mut self,
         uid: &str,
-        who: &ObjectRef<AccessGrant>,
+        who: Option<&ObjectRef<AccessGrant>>,
         nsgs: &[String],
         intent: Intent,
     ) -> Option<Vec<(String, RoundResult)>> {
@@ -87,8 +87,10 @@ impl Book {
                 continue;
             }
             waiting = true;
-            let waits_for = entry.waiters.entry(who.clone()).or_insert(needed);
-            *waits_for = (*waits_for).min(needed);
+            if let Some(who) = who {
+                let waits_for = entry.waiters.entry(who.clone()).or_insert(needed);
+                *waits_for = (*waits_for).min(needed);
+            }
             if !entry.dirty && entry.started < needed {
                 entry.dirty = true;
                 if !entry.running {
@@ -148,6 +150,18 @@ impl Book {
     fn forget(&mut self, uid: &str) {
         self.tickets.remove(uid);
     }
+
+    /// Drops `uid`'s requests for `nsgs`: they were answered without a round.
+    fn withdraw(&mut self, uid: &str, nsgs: &[String], intent: Intent) {
+        if let Some(tickets) = self.tickets.get_mut(uid) {
+            for nsg in nsgs {
+                tickets.remove(&(nsg.to_ascii_lowercase(), intent));
+            }
+            if tickets.is_empty() {
+                self.tickets.remove(uid);
+            }
+        }
+    }
 }
 
 pub struct Rounds {
@@ -193,17 +207,27 @@ impl Rounds {
         nsgs: &[String],
         intent: Intent,
     ) -> Option<Vec<(String, RoundResult)>> {
+        self.ask_for(grant, nsgs, intent, true)
+    }
+
+    fn ask_for(
+        &self,
+        grant: &AccessGrant,
+        nsgs: &[String],
+        intent: Intent,
+        wake: bool,
+    ) -> Option<Vec<(String, RoundResult)>> {
         let uid = grant.metadata.uid.clone().unwrap_or_default();
-        let answers = self
-            .book()
-            .ask(&uid, &ObjectRef::from_obj(grant), nsgs, intent);
+        let who = wake.then(|| ObjectRef::from_obj(grant));
+        let answers = self.book().ask(&uid, who.as_ref(), nsgs, intent);
         if answers.is_none() {
             self.dirty.notify_one();
         }
         answers
     }
 
-    /// Like [`Rounds::ask`], but waits in place for the answers (holding the caller's slot).
+    /// Like [`Rounds::ask`], but waits in place for the answers (holding the caller's slot);
+    /// nothing is woken (a deleted grant's reconcile would find no object).
     pub async fn ask_and_wait(
         &self,
         grant: &AccessGrant,
@@ -214,7 +238,7 @@ impl Rounds {
             let finished = self.finished.notified();
             tokio::pin!(finished);
             finished.as_mut().enable();
-            if let Some(answers) = self.ask(grant, nsgs, intent) {
+            if let Some(answers) = self.ask_for(grant, nsgs, intent, false) {
                 return answers;
             }
             finished.await;
@@ -223,6 +247,13 @@ impl Rounds {
 
     pub fn forget(&self, uid: &str) {
         self.book().forget(uid);
+    }
+
+    /// The grant's requests for `nsgs` were answered without a round (see
+    /// `NsgSyncer::in_line_now`): a later request must not take an older round's answer.
+    pub fn withdraw(&self, grant: &AccessGrant, nsgs: &[String], intent: Intent) {
+        let uid = grant.metadata.uid.clone().unwrap_or_default();
+        self.book().withdraw(&uid, nsgs, intent);
     }
 
     /// The workers: runs every dirty NSG's next round, `parallel` at a time, for ever.
@@ -286,7 +317,7 @@ mod tests {
 
     /// `name` asks for `ids`; the writes of each answer, or `None` while waiting.
     fn ask(book: &mut Book, name: &str, ids: &[&str], intent: Intent) -> Option<Vec<usize>> {
-        let answers = book.ask(name, &grant(name), &nsgs(ids), intent)?;
+        let answers = book.ask(name, Some(&grant(name)), &nsgs(ids), intent)?;
         Some(
             answers
                 .into_iter()
@@ -380,6 +411,18 @@ mod tests {
             ask(&mut book, "a", &["broken", "fine"], Intent::Close),
             Some(vec![usize::MAX, 1])
         );
+    }
+
+    #[test]
+    fn a_withdrawn_request_is_not_answered_by_an_older_round() {
+        let mut book = Book::default();
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Open), None);
+        let (_, round) = book.begin().expect("dirty");
+        book.finish("n", round, outcome("n", 1));
+        // Answered elsewhere; the next request needs a round of its own.
+        book.withdraw("a", &nsgs(&["n"]), Intent::Open);
+        assert_eq!(ask(&mut book, "a", &["n"], Intent::Open), None);
+        assert!(book.begin().is_some());
     }
 
     #[test]
