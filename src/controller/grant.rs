@@ -144,7 +144,9 @@ async fn ask_grant_nsgs(
     let mut failures = Vec::new();
     for (nsg_id, result) in answers {
         match result {
-            Ok(outcome) => outcomes.push(outcome),
+            // Status names the NSG as the grant's policy does, whoever's casing the sync had
+            // (a status that flips between casings is rewritten at every resync).
+            Ok(outcome) => outcomes.push(NsgOutcome { nsg_id, ..outcome }),
             Err(e) if matches!(e.as_ref(), Error::Azure(AzureError::NotFound { .. })) => outcomes
                 .push(NsgOutcome {
                     nsg_id,

@@ -279,6 +279,19 @@ async fn log_stream_error<T, E: std::fmt::Display>(item: Result<T, E>) {
     }
 }
 
+/// A controller's stream error, logged. A grant woken by its NSG rounds after it was deleted
+/// is not in the store any more: expected, not worth a warning.
+async fn log_controller_error<T, E: std::fmt::Display, W: std::fmt::Display>(
+    item: Result<T, kube::runtime::controller::Error<E, W>>,
+) {
+    match item {
+        Err(kube::runtime::controller::Error::ObjectNotFound(gone)) => {
+            tracing::debug!(object = %gone, "woken after it was deleted: nothing to do");
+        }
+        other => log_stream_error(other).await,
+    }
+}
+
 /// Runs the operator until `shutdown` resolves: waits for leadership when configured, closes
 /// lapsed grants, then runs both controllers. Returns `Error::LeadershipLost` if the Lease is
 /// lost; the process should then exit and start over as a standby. When the controllers stop
@@ -611,7 +624,7 @@ async fn run_controllers(
                 error_policy,
                 ctx.clone(),
             )
-            .for_each(log_stream_error)
+            .for_each(log_controller_error)
             .boxed()
     });
     let grants = grant_ctls.into_iter().map(|ctl| {
@@ -630,7 +643,7 @@ async fn run_controllers(
                 error_policy,
                 ctx.clone(),
             )
-            .for_each(log_stream_error)
+            .for_each(log_controller_error)
             .boxed()
     });
     let controllers = futures::future::join_all(policies.chain(grants));

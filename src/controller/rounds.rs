@@ -51,6 +51,8 @@ struct Book {
 
 #[derive(Default)]
 struct NsgRounds {
+    /// The NSG's id as first asked for (rounds are keyed by the lower-cased id).
+    id: String,
     /// Rounds begun; the round running, if one is.
     started: u64,
     finished: u64,
@@ -80,7 +82,10 @@ impl Book {
         let mut waiting = false;
         for nsg in nsgs {
             let key = (nsg.to_ascii_lowercase(), intent);
-            let entry = self.nsgs.entry(key.0.clone()).or_default();
+            let entry = self.nsgs.entry(key.0.clone()).or_insert_with(|| NsgRounds {
+                id: nsg.clone(),
+                ..Default::default()
+            });
             let needed = *tickets.entry(key.clone()).or_insert(entry.started + 1);
             if let Some(result) = entry.last.as_ref().filter(|_| entry.finished >= needed) {
                 answers.push((nsg.clone(), result.clone()));
@@ -110,14 +115,15 @@ impl Book {
         Some(answers)
     }
 
-    /// Begins the next round of the oldest dirty NSG: its id and the round's number.
+    /// Begins the next round of the oldest dirty NSG: its id (as first asked for) and the
+    /// round's number.
     fn begin(&mut self) -> Option<(String, u64)> {
-        let nsg = self.queue.pop_front()?;
-        let entry = self.nsgs.entry(nsg.clone()).or_default();
+        let key = self.queue.pop_front()?;
+        let entry = self.nsgs.get_mut(&key)?;
         entry.dirty = false;
         entry.running = true;
         entry.started += 1;
-        Some((nsg, entry.started))
+        Some((entry.id.clone(), entry.started))
     }
 
     /// Records a finished round; returns the grants it answers. An NSG asked for again while
@@ -128,7 +134,8 @@ impl Book {
         round: u64,
         result: RoundResult,
     ) -> Vec<ObjectRef<AccessGrant>> {
-        let entry = self.nsgs.entry(nsg.to_string()).or_default();
+        let key = nsg.to_ascii_lowercase();
+        let entry = self.nsgs.entry(key.clone()).or_default();
         entry.running = false;
         entry.finished = round;
         entry.last = Some(result);
@@ -141,7 +148,7 @@ impl Book {
             !done
         });
         if entry.dirty {
-            self.queue.push_back(nsg.to_string());
+            self.queue.push_back(key);
         }
         answered
     }
@@ -331,7 +338,11 @@ mod tests {
         let mut book = Book::default();
         assert_eq!(ask(&mut book, "a", &["NSG-1"], Intent::Open), None);
         let (nsg, first) = book.begin().expect("dirty");
-        assert_eq!((nsg.as_str(), first), ("nsg-1", 1));
+        assert_eq!(
+            (nsg.as_str(), first),
+            ("NSG-1", 1),
+            "synced as first asked for"
+        );
         // b and c ask while round 1 runs: it may have read the world before them.
         assert_eq!(ask(&mut book, "b", &["nsg-1"], Intent::Open), None);
         assert_eq!(ask(&mut book, "c", &["nsg-1"], Intent::Open), None);
