@@ -250,7 +250,7 @@ async fn close(
     wait: Wait,
 ) -> Result<Progress, Error> {
     ctx.world.record_grant(grant);
-    let world = ctx.world.snapshot();
+    let world = ctx.world.snapshot_without_grants();
     let policy = world.policy(&grant.namespace().unwrap_or_default(), grant.policy_name());
     let before = grant.status.clone().unwrap_or_default();
     // A grant that never opened anything (denied, pending) has nothing to close in Azure.
@@ -394,7 +394,7 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
             .await
             .map(Progress::after_close);
     }
-    let world = ctx.world.snapshot();
+    let world = ctx.world.snapshot_without_grants();
     let ns = grant.namespace().unwrap_or_default();
     let policy = world
         .policy(&ns, grant.policy_name())
@@ -521,7 +521,7 @@ async fn activate(
     let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
     let ns = grant.namespace().unwrap_or_default();
     let policy_name = &grant.spec.policy_ref.name;
-    let world = ctx.world.snapshot();
+    let world = ctx.world.snapshot_without_grants();
     let Some(policy) = world
         .policy(&ns, policy_name)
         .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -798,7 +798,7 @@ async fn record_legacy_activation(
     };
     let ns = grant.namespace().unwrap_or_default();
     let policy_name = grant.spec.policy_ref.name.clone();
-    let world = ctx.world.snapshot();
+    let world = ctx.world.snapshot_without_grants();
     let Some(policy) = world.policy(&ns, &policy_name) else {
         return Ok(grant);
     };

@@ -286,6 +286,16 @@ impl WorldView {
     }
 
     pub fn snapshot(&self) -> World {
+        self.snapshot_of(true)
+    }
+
+    /// A snapshot without the grants: what one grant's reconcile needs (its policy, the scopes,
+    /// the approvals), without merging every grant of the cluster with the overlay.
+    pub fn snapshot_without_grants(&self) -> World {
+        self.snapshot_of(false)
+    }
+
+    fn snapshot_of(&self, with_grants: bool) -> World {
         let mut overlay = self.overlay();
         let now = Instant::now();
         overlay
@@ -297,11 +307,15 @@ impl WorldView {
             tombstones,
         } = &mut *overlay;
         let undecodable = self.undecodable();
-        let mut grants = merge(
-            self.grants.iter().flat_map(Store::state).collect(),
-            grants,
-            tombstones,
-        );
+        let mut grants = if with_grants {
+            merge(
+                self.grants.iter().flat_map(Store::state).collect(),
+                grants,
+                tombstones,
+            )
+        } else {
+            Vec::new()
+        };
         if !undecodable.is_empty() {
             grants.retain(|g| {
                 !g.meta()
