@@ -4,7 +4,7 @@
 //! the diff removes it). Pure: the clock is a parameter, the objects come from the caller's cache.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use jiff::Timestamp;
 use kube::ResourceExt;
@@ -497,29 +497,26 @@ pub fn desired_rules<P: Borrow<JitPolicy>, G: Borrow<AccessGrant>>(
     let mut out = Vec::new();
     // By (namespace, name), the first one winning as in `policy_of`; `None`: it governs no VM
     // here, or has no effective spec, so no grant under it opens anything in this NSG.
-    let mut governing: HashMap<PolicyKey, Option<(&JitPolicy, &JitPolicySpec)>> = HashMap::new();
+    let mut governing: HashMap<PolicyKey, Option<(&JitPolicy, &JitPolicySpec, VmsBehind)>> =
+        HashMap::new();
     for policy in policies.iter().map(Borrow::borrow) {
         policy_intents(nsg_id, policy, names, &mut out);
         governing
             .entry((policy.namespace(), policy.name_any()))
             .or_insert_with(|| {
-                let here = policy.status.iter().flat_map(|s| s.targets.iter());
-                let governs = here
-                    .into_iter()
-                    .any(|t| contains_ci(&t.network_security_groups, nsg_id));
+                let behind = VmsBehind::of(policy, nsg_id);
+                let governs = !behind.is_empty();
                 governs
-                    .then(|| effective_spec(policy).map(|spec| (policy, spec)))
+                    .then(|| effective_spec(policy).map(|spec| (policy, spec, behind)))
                     .flatten()
             });
     }
     for grant in grants.iter().map(Borrow::borrow) {
         let key = (grant.namespace(), grant.policy_name().to_string());
-        let Some(Some((policy, spec))) = governing.get(&key) else {
+        let Some(Some((policy, spec, behind))) = governing.get(&key) else {
             continue;
         };
-        let behind_this_nsg = targets_of_grant_vm(grant, policy)
-            .any(|t| contains_ci(&t.network_security_groups, nsg_id));
-        if !behind_this_nsg {
+        if !behind.holds(grant) {
             continue;
         }
         if let Some(live) = live_grant_under(grant, policy, spec, now) {
@@ -572,6 +569,47 @@ pub fn nsgs_of_policy(policy: &JitPolicy) -> Vec<String> {
         }
     }
     out
+}
+
+/// The VMs of a policy whose resolved targets put them behind one NSG, by lower-cased full ID
+/// and by name: one lookup per grant instead of a scan of the policy's targets (a policy over
+/// 1,000 VMs planned for 10,000 grants).
+struct VmsBehind {
+    ids: HashSet<String>,
+    names: HashSet<String>,
+}
+
+impl VmsBehind {
+    fn of(policy: &JitPolicy, nsg_id: &str) -> VmsBehind {
+        let here = policy
+            .status
+            .iter()
+            .flat_map(|s| s.targets.iter())
+            .filter(|t| contains_ci(&t.network_security_groups, nsg_id));
+        let (mut ids, mut names) = (HashSet::new(), HashSet::new());
+        for target in here {
+            ids.insert(target.virtual_machine.to_ascii_lowercase());
+            names.insert(validate::vm_name(&target.virtual_machine).to_ascii_lowercase());
+        }
+        VmsBehind { ids, names }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Whether the grant's VM (as [`targets_of_grant_vm`] matches it) is behind the NSG.
+    fn holds(&self, grant: &AccessGrant) -> bool {
+        let wanted = grant
+            .granted()
+            .map(|g| g.virtual_machine.as_str())
+            .unwrap_or(&grant.spec.virtual_machine)
+            .to_ascii_lowercase();
+        match wanted.contains('/') {
+            true => self.ids.contains(&wanted),
+            false => self.names.contains(&wanted),
+        }
+    }
 }
 
 /// The policy's resolved targets for the grant's VM (its frozen record's, else its spec's),
