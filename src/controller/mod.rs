@@ -266,9 +266,12 @@ async fn measured<K: kube::Resource>(
     };
     ctx.telemetry
         .reconciled(controller, label, started.elapsed().as_secs_f64());
-    if result.is_ok() {
+    let key = failure_key(obj.as_ref());
+    // A reconcile that only asked for NSG rounds has not reached Azure yet: its failure count
+    // (the backoff of a grant whose NSG keeps refusing) stands until the rounds answer.
+    if result.is_ok() && !ctx.rounds.is_waiting(&key) {
         ctx.telemetry.set_azure_reachable(true);
-        ctx.succeeded(&failure_key(obj.as_ref()));
+        ctx.succeeded(&key);
     }
     result
 }

@@ -109,6 +109,10 @@ impl Book {
         for nsg in nsgs {
             tickets.remove(&(nsg.to_ascii_lowercase(), intent));
         }
+        if intent == Intent::Close {
+            // A closed grant never opens again: an open it asked for before is moot.
+            tickets.retain(|(_, asked), _| *asked != Intent::Open);
+        }
         if tickets.is_empty() {
             self.tickets.remove(uid);
         }
@@ -254,6 +258,12 @@ impl Rounds {
 
     pub fn forget(&self, uid: &str) {
         self.book().forget(uid);
+    }
+
+    /// Whether the grant (by uid) has asked for rounds it has not taken the answers of: its
+    /// last reconcile only asked, so it has not succeeded (nor failed) yet.
+    pub fn is_waiting(&self, uid: &str) -> bool {
+        self.book().tickets.contains_key(uid)
     }
 
     /// The grant's requests for `nsgs` were answered without a round (see
@@ -404,6 +414,10 @@ mod tests {
         let (_, second) = book.begin().expect("the close made it dirty");
         assert_eq!(book.finish("n", second, outcome("n", 2)), vec![grant("a")]);
         assert_eq!(ask(&mut book, "a", &["n"], Intent::Close), Some(vec![2]));
+        assert!(
+            book.tickets.is_empty(),
+            "the moot open is dropped with the close"
+        );
     }
 
     #[test]
