@@ -272,7 +272,7 @@ pub async fn sweep(ctx: &Ctx, inventory: &Inventory) -> Result<SweepOutcome, kub
         .map(|nsg| async move {
             let result = ctx
                 .nsgs
-                .sync(&nsg, || ctx.world.snapshot(), Timestamp::now())
+                .sync(&nsg, || ctx.world.for_nsg(&nsg), Timestamp::now())
                 .await;
             (nsg, result)
         })

@@ -41,7 +41,7 @@ use decode::OnUndecodable;
 use leader::{LeaderElector, LeaseConfig};
 use nsg::NsgSyncer;
 use telemetry::Telemetry;
-use world::{UndecodableMarks, WorldGeneration, WorldView};
+use world::{GrantIndex, UndecodableMarks, WorldGeneration, WorldView};
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -434,6 +434,7 @@ async fn run_controllers(
     let mut grant_ctls = Vec::new();
     let (mut policy_stores, mut grant_stores, mut approval_stores) =
         (Vec::new(), Vec::new(), Vec::new());
+    let mut grant_indexes = Vec::new();
     // Per scope, where the NSG rounds wake the grants they answered.
     let mut wakes = Vec::new();
     // JitScopes are cluster-scoped: one store, fed by the first policy controller's watch of
@@ -444,6 +445,7 @@ async fn run_controllers(
         let ns = ns.as_deref();
         let (policies_store, policies_writer) = reflector::store::<JitPolicy>();
         let (grants_store, grants_writer) = reflector::store::<AccessGrant>();
+        let grants_index = GrantIndex::default();
         let policies = decode::typed_events::<JitPolicy>(
             raw_watch(decode::raw_api::<JitPolicy>(client.clone(), ns)),
             OnUndecodable::KeepLast,
@@ -458,6 +460,7 @@ async fn run_controllers(
             seen_tx.clone(),
         )
         .reflect(grants_writer)
+        .inspect(indexing(&grants_index))
         .inspect(advancing(&generation))
         .applied_objects();
         // A policy change re-plans every grant made under it (a second watch, decoded alike).
@@ -543,6 +546,7 @@ async fn run_controllers(
         grant_ctls.push(grant_ctl);
         policy_stores.push(policies_store);
         grant_stores.push(grants_store);
+        grant_indexes.push(grants_index);
         approval_stores.push(approvals_store);
     }
     drop(seen_tx);
@@ -555,6 +559,7 @@ async fn run_controllers(
         (audit, None)
     };
     let world = WorldView::new(policy_stores, grant_stores, approval_stores)
+        .with_grant_indexes(grant_indexes)
         .with_scopes(scope_store, settings.allow_unscoped_namespaces)
         .with_undecodable_marks(undecodable);
     let nsgs = nsgs.with_world_generation(generation);
@@ -698,6 +703,19 @@ fn advancing<K>(
 ) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
     let generation = generation.clone();
     move |_| generation.advance()
+}
+
+/// Keeps a grant index in step with its store: applied after the reflector, before the world's
+/// generation moves.
+fn indexing(
+    index: &GrantIndex,
+) -> impl FnMut(&Result<watcher::Event<AccessGrant>, watcher::Error>) + use<> {
+    let index = index.clone();
+    move |event| {
+        if let Ok(event) = event {
+            index.apply(event);
+        }
+    }
 }
 
 /// The label-selected watches of notification target Secrets, one per watched scope, and the

@@ -57,7 +57,7 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
     // resolved (its addresses would show in status) nor given a rule.
     // The message names the refused VMs only, never what the scopes allow.
     let ns = policy.namespace().unwrap_or_default();
-    let world = ctx.world.snapshot();
+    let world = ctx.world.snapshot_without_grants();
     if !world.scopes_listed {
         // Not refused, not enforced anew: judged once the JitScopes are known.
         return Ok(Action::requeue(SCOPES_NOT_LISTED_RETRY));
@@ -206,7 +206,7 @@ async fn sync_all(nsgs: &[String], ctx: &Ctx, now: Timestamp) -> Result<Vec<NsgO
     for batch in nsgs.chunks(PARALLEL_NSG_SYNCS) {
         let syncs = batch
             .iter()
-            .map(|nsg| async move { ctx.nsgs.sync(nsg, || ctx.world.snapshot(), now).await });
+            .map(|nsg| async move { ctx.nsgs.sync(nsg, || ctx.world.for_nsg(nsg), now).await });
         results.extend(futures::future::join_all(syncs).await);
     }
     results.into_iter().collect()
@@ -247,7 +247,7 @@ async fn keep_last_valid(
         ctx.event(policy, true, reason, "Validate", message).await;
     }
     for nsg in nsgs_of_policy(policy) {
-        ctx.nsgs.sync(&nsg, || ctx.world.snapshot(), now).await?;
+        ctx.nsgs.sync(&nsg, || ctx.world.for_nsg(&nsg), now).await?;
     }
     Ok(Action::requeue(ctx.resync))
 }
@@ -271,7 +271,7 @@ async fn cleanup(policy: &JitPolicy, ctx: &Ctx) -> Result<Action, Error> {
     // are no longer desired: syncing its NSGs removes them.
     ctx.world.record_policy(policy);
     for nsg in nsgs_of_policy(policy) {
-        ctx.nsgs.sync(&nsg, || ctx.world.snapshot(), now).await?;
+        ctx.nsgs.sync(&nsg, || ctx.world.for_nsg(&nsg), now).await?;
     }
     let grants_api: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &ns);
     let world = ctx.world.snapshot();

@@ -73,7 +73,7 @@ async fn quarantined(ctx: &Ctx, report: &Undecodable) {
     tokio::spawn(async move {
         let now = Timestamp::now();
         for nsg in &nsgs {
-            if let Err(e) = ctx.nsgs.sync(nsg, || ctx.world.snapshot(), now).await {
+            if let Err(e) = ctx.nsgs.sync(nsg, || ctx.world.for_nsg(nsg), now).await {
                 warn!(nsg, error = %e, "could not close the rules of an undecodable grant; the resync retries");
             }
         }

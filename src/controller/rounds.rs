@@ -283,7 +283,7 @@ impl Rounds {
                 };
                 running.push(async move {
                     let result = syncer
-                        .sync(&nsg, || world.snapshot(), Timestamp::now())
+                        .sync(&nsg, || world.for_nsg(&nsg), Timestamp::now())
                         .await
                         .map_err(Arc::new);
                     (nsg, round, result)

@@ -145,8 +145,9 @@ async fn close_in(
     }
     // One sync per NSG closes every lapsed grant in it (they are not live at `now`); all NSGs
     // at once, each on its own.
-    let syncs = nsg_ids.iter().map(|nsg| async move {
-        let result = nsgs.sync(nsg, || world.clone(), now).await;
+    let by_key = world.grants_by_key();
+    let syncs = nsg_ids.iter().map(|nsg| async {
+        let result = nsgs.sync(nsg, || world.behind(nsg, &by_key), now).await;
         (nsg.clone(), result)
     });
     let mut failed: Vec<String> = Vec::new();

@@ -2,15 +2,16 @@
 //! itself wrote a moment ago and the store has not caught up with yet. Every NSG is planned from
 //! this whole view, since one NSG can carry rules of many policies and grants.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
-use crate::plan::Scopes;
+use crate::plan::{GrantKey, Scopes, grant_keys_behind};
 
 /// A consistent snapshot of policies and grants.
 #[derive(Clone, Default)]
@@ -52,6 +53,38 @@ impl World {
             .collect()
     }
 
+    /// The world's grants by [`GrantKey`], for [`World::behind`].
+    pub fn grants_by_key(&self) -> HashMap<GrantKey, Vec<Arc<AccessGrant>>> {
+        let mut by_key: HashMap<GrantKey, Vec<Arc<AccessGrant>>> = HashMap::new();
+        for grant in &self.grants {
+            by_key
+                .entry(GrantKey::of(grant))
+                .or_default()
+                .push(grant.clone());
+        }
+        by_key
+    }
+
+    /// This world with, of its grants, those that may have rules in `nsg_id` (`by_key` is
+    /// [`World::grants_by_key`]): the NSG's plan from it is its plan from the whole world.
+    pub fn behind(&self, nsg_id: &str, by_key: &HashMap<GrantKey, Vec<Arc<AccessGrant>>>) -> World {
+        let grants = grant_keys_behind(nsg_id, &self.policies)
+            .iter()
+            .filter_map(|key| by_key.get(key))
+            .flatten()
+            .cloned()
+            .collect();
+        World {
+            policies: self.policies.clone(),
+            grants,
+            quarantined_policies: self.quarantined_policies.clone(),
+            approvals: self.approvals.clone(),
+            scopes: self.scopes.clone(),
+            allow_unscoped: self.allow_unscoped,
+            scopes_listed: self.scopes_listed,
+        }
+    }
+
     /// The scopes, as the pure checks take them.
     pub fn scopes(&self) -> Scopes<'_> {
         Scopes {
@@ -71,11 +104,115 @@ struct Overlay {
     tombstones: HashMap<String, Instant>,
 }
 
+/// The grants of one store by [`GrantKey`], kept from the same watch events that fill the store
+/// (applied after the store, before the world's generation moves). An NSG is then planned from
+/// the grants behind it, not from every grant in the cluster: at 10,000 grants that was the
+/// whole cost of a round.
+#[derive(Clone, Default)]
+pub struct GrantIndex(Arc<Mutex<IndexEntries>>);
+
+#[derive(Default)]
+struct IndexEntries {
+    by_key: HashMap<GrantKey, HashSet<ObjectRef<AccessGrant>>>,
+    key_of: HashMap<ObjectRef<AccessGrant>, GrantKey>,
+    /// During a relist: the grants it has listed so far (the others are gone at its end).
+    relisted: Option<HashSet<ObjectRef<AccessGrant>>>,
+}
+
+impl IndexEntries {
+    fn insert(&mut self, grant: &AccessGrant) {
+        let at = ObjectRef::from_obj(grant);
+        let key = GrantKey::of(grant);
+        if let Some(relisted) = &mut self.relisted {
+            relisted.insert(at.clone());
+        }
+        if self.key_of.get(&at) == Some(&key) {
+            return;
+        }
+        self.remove(&at);
+        self.by_key
+            .entry(key.clone())
+            .or_default()
+            .insert(at.clone());
+        self.key_of.insert(at, key);
+    }
+
+    fn remove(&mut self, at: &ObjectRef<AccessGrant>) {
+        let Some(key) = self.key_of.remove(at) else {
+            return;
+        };
+        if let Some(refs) = self.by_key.get_mut(&key) {
+            refs.remove(at);
+            if refs.is_empty() {
+                self.by_key.remove(&key);
+            }
+        }
+    }
+}
+
+impl GrantIndex {
+    fn entries(&self) -> std::sync::MutexGuard<'_, IndexEntries> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Follows one watch event, as the reflector applies it to the store.
+    pub fn apply(&self, event: &watcher::Event<AccessGrant>) {
+        let mut entries = self.entries();
+        match event {
+            watcher::Event::Apply(grant) | watcher::Event::InitApply(grant) => {
+                entries.insert(grant)
+            }
+            watcher::Event::Delete(grant) => entries.remove(&ObjectRef::from_obj(grant)),
+            watcher::Event::Init => entries.relisted = Some(HashSet::new()),
+            watcher::Event::InitDone => {
+                if let Some(listed) = entries.relisted.take() {
+                    let gone: Vec<_> = entries
+                        .key_of
+                        .keys()
+                        .filter(|at| !listed.contains(*at))
+                        .cloned()
+                        .collect();
+                    for at in &gone {
+                        entries.remove(at);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The grants under any of `keys`, as `store` holds them now.
+    fn grants(
+        &self,
+        keys: &HashSet<GrantKey>,
+        store: &Store<AccessGrant>,
+    ) -> Vec<Arc<AccessGrant>> {
+        let entries = self.entries();
+        keys.iter()
+            .filter_map(|key| entries.by_key.get(key))
+            .flatten()
+            .filter_map(|at| store.get(at))
+            .collect()
+    }
+}
+
+/// Which grants a snapshot holds.
+#[derive(Clone, Copy)]
+enum Grants<'a> {
+    None,
+    All,
+    /// Those that may have rules in this NSG (see [`WorldView::for_nsg`]).
+    Behind(&'a str),
+}
+
 /// Stores plus the overlay of our own recent writes.
 pub struct WorldView {
     /// One store per watched scope (namespace, or the whole cluster).
     policies: Vec<Store<JitPolicy>>,
     grants: Vec<Store<AccessGrant>>,
+    /// Beside each grant store, its index; without them an NSG is planned from every grant.
+    grant_indexes: Vec<GrantIndex>,
     approvals: Vec<Store<AccessApproval>>,
     /// The JitScopes (cluster-wide), and the default for namespaces none of them names.
     scopes: Option<Store<JitScope>>,
@@ -204,6 +341,7 @@ impl WorldView {
         WorldView {
             policies,
             grants,
+            grant_indexes: Vec::new(),
             approvals,
             scopes: None,
             allow_unscoped: false,
@@ -217,6 +355,12 @@ impl WorldView {
     /// generation (also advanced by the watch streams after each event reaches a store).
     pub fn with_undecodable_marks(mut self, undecodable: UndecodableMarks) -> Self {
         self.undecodable = undecodable;
+        self
+    }
+
+    /// The index kept beside each grant store (in the same order), fed by the same watch.
+    pub fn with_grant_indexes(mut self, indexes: Vec<GrantIndex>) -> Self {
+        self.grant_indexes = indexes;
         self
     }
 
@@ -286,16 +430,23 @@ impl WorldView {
     }
 
     pub fn snapshot(&self) -> World {
-        self.snapshot_of(true)
+        self.snapshot_of(Grants::All)
     }
 
     /// A snapshot without the grants: what one grant's reconcile needs (its policy, the scopes,
     /// the approvals), without merging every grant of the cluster with the overlay.
     pub fn snapshot_without_grants(&self) -> World {
-        self.snapshot_of(false)
+        self.snapshot_of(Grants::None)
     }
 
-    fn snapshot_of(&self, with_grants: bool) -> World {
+    /// A snapshot for planning NSG `nsg_id`: every policy, and of the grants those that may have
+    /// rules there (by the grant indexes, plus our own recent writes). The NSG's plan from it is
+    /// the plan from the whole world.
+    pub fn for_nsg(&self, nsg_id: &str) -> World {
+        self.snapshot_of(Grants::Behind(nsg_id))
+    }
+
+    fn snapshot_of(&self, which: Grants<'_>) -> World {
         let mut overlay = self.overlay();
         let now = Instant::now();
         overlay
@@ -307,23 +458,6 @@ impl WorldView {
             tombstones,
         } = &mut *overlay;
         let undecodable = self.undecodable();
-        let mut grants = if with_grants {
-            merge(
-                self.grants.iter().flat_map(Store::state).collect(),
-                grants,
-                tombstones,
-            )
-        } else {
-            Vec::new()
-        };
-        if !undecodable.is_empty() {
-            grants.retain(|g| {
-                !g.meta()
-                    .uid
-                    .as_deref()
-                    .is_some_and(|uid| undecodable.contains_key(uid))
-            });
-        }
         let scopes: Vec<JitScope> = self
             .scopes
             .iter()
@@ -340,6 +474,45 @@ impl WorldView {
             allow_unscoped: self.allow_unscoped,
         }
         .restrict(policies);
+        let stored = match which {
+            Grants::None => None,
+            Grants::Behind(nsg_id) if self.grant_indexes.len() == self.grants.len() => {
+                let keys = grant_keys_behind(nsg_id, &policies);
+                let mut behind: Vec<Arc<AccessGrant>> = self
+                    .grants
+                    .iter()
+                    .zip(&self.grant_indexes)
+                    .flat_map(|(store, index)| index.grants(&keys, store))
+                    .collect();
+                // The stored copy of each of our recent writes too, so `merge` picks the newer
+                // as in a whole snapshot (a grant edited since may no longer be behind the NSG).
+                let held: HashSet<ObjectRef<AccessGrant>> = behind
+                    .iter()
+                    .map(|g| ObjectRef::from_obj(g.as_ref()))
+                    .collect();
+                for mine in grants.values() {
+                    let at = ObjectRef::from_obj(mine.as_ref());
+                    if !held.contains(&at) {
+                        behind.extend(self.grants.iter().find_map(|store| store.get(&at)));
+                    }
+                }
+                Some(behind)
+            }
+            Grants::All | Grants::Behind(_) => {
+                Some(self.grants.iter().flat_map(Store::state).collect())
+            }
+        };
+        let mut grants = stored
+            .map(|stored| merge(stored, grants, tombstones))
+            .unwrap_or_default();
+        if !undecodable.is_empty() {
+            grants.retain(|g| {
+                !g.meta()
+                    .uid
+                    .as_deref()
+                    .is_some_and(|uid| undecodable.contains_key(uid))
+            });
+        }
         World {
             policies,
             grants,
@@ -424,6 +597,63 @@ mod tests {
                 .expect("stored");
             assert!(Arc::ptr_eq(g, &stored), "{} was copied", g.name_any());
         }
+    }
+
+    fn names_behind(view: &WorldView, nsg: &str) -> Vec<String> {
+        let mut names: Vec<String> = view
+            .for_nsg(nsg)
+            .grants
+            .iter()
+            .map(|g| g.name_any())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// An NSG's snapshot holds the grants behind it, and the index follows every watch event as
+    /// the store does: applies, deletes, and a relist that no longer lists a grant.
+    #[test]
+    fn an_nsg_is_planned_from_the_grants_behind_it_as_the_index_follows_the_watch() {
+        use crate::plan::desired::tests::{NSG_A, NSG_B, example_policy};
+        let (policies, mut policy_writer) = reflector::store::<JitPolicy>();
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(example_policy()),
+            watcher::Event::InitDone,
+        ] {
+            policy_writer.apply_watcher_event(&event);
+        }
+        let (grants, mut grant_writer) = reflector::store::<AccessGrant>();
+        let index = GrantIndex::default();
+        let mut feed = |event: watcher::Event<AccessGrant>| {
+            grant_writer.apply_watcher_event(&event);
+            index.apply(&event);
+        };
+        let on = |name: &str, vm: &str| {
+            let spec = grant_spec(vm, &[22], "203.0.113.7", "PT1H");
+            mk_grant("team-a", name, &format!("uid-{name}"), spec, Some(600))
+        };
+        feed(watcher::Event::Init);
+        feed(watcher::Event::InitApply(on("g1", "vm1")));
+        feed(watcher::Event::InitApply(on("g2", "vm2")));
+        feed(watcher::Event::InitDone);
+        let view = WorldView::new(vec![policies], vec![grants], Vec::new())
+            .with_grant_indexes(vec![index.clone()]);
+        // vm1 is behind both NSGs, vm2 behind nsg-b only.
+        assert_eq!(names_behind(&view, NSG_A), ["g1"]);
+        assert_eq!(names_behind(&view, NSG_B), ["g1", "g2"]);
+        feed(watcher::Event::Apply(on("g3", "vm1")));
+        feed(watcher::Event::Delete(on("g1", "vm1")));
+        assert_eq!(names_behind(&view, NSG_A), ["g3"]);
+        // A relist that misses g2 (deleted while the watch was away) drops it.
+        feed(watcher::Event::Init);
+        feed(watcher::Event::InitApply(on("g3", "vm1")));
+        feed(watcher::Event::InitDone);
+        assert_eq!(names_behind(&view, NSG_B), ["g3"]);
+        assert_eq!(index.entries().key_of.len(), 1, "the index forgets g2 too");
+        // Our own recent write counts before the store has it.
+        view.record_grant(&on("g4", "vm2"));
+        assert_eq!(names_behind(&view, NSG_B), ["g3", "g4"]);
     }
 
     /// Our own write stands until the store catches up, and a deleted object never comes back.

@@ -571,6 +571,56 @@ pub fn nsgs_of_policy(policy: &JitPolicy) -> Vec<String> {
     out
 }
 
+/// Where a grant may open rules, as an index finds it: its namespace, its policy's name and its
+/// VM as the grant names it (the frozen record's, else the spec's), lower-cased: a full ID or a
+/// bare name. Kept beside the grant stores, so an NSG is planned from the grants behind it
+/// rather than from every grant in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GrantKey {
+    pub namespace: String,
+    pub policy: String,
+    pub vm: String,
+}
+
+impl GrantKey {
+    pub fn of(grant: &AccessGrant) -> GrantKey {
+        GrantKey {
+            namespace: grant.namespace().unwrap_or_default(),
+            policy: grant.policy_name().to_string(),
+            vm: vm_key(grant),
+        }
+    }
+}
+
+/// The grant's VM as [`VmsBehind`] matches it: lower-cased, a full ID or a bare name.
+fn vm_key(grant: &AccessGrant) -> String {
+    grant
+        .granted()
+        .map(|g| g.virtual_machine.as_str())
+        .unwrap_or(&grant.spec.virtual_machine)
+        .to_ascii_lowercase()
+}
+
+/// The keys of every grant that [`desired_rules`] may give a rule in `nsg_id`: for each policy,
+/// each VM behind the NSG by full ID and by name. A grant whose key is not among them gets no
+/// rule there, so planning the NSG from those grants alone plans it exactly.
+pub fn grant_keys_behind<P: Borrow<JitPolicy>>(nsg_id: &str, policies: &[P]) -> HashSet<GrantKey> {
+    let mut keys = HashSet::new();
+    for policy in policies.iter().map(Borrow::borrow) {
+        let namespace = policy.namespace().unwrap_or_default();
+        let name = policy.name_any();
+        let behind = VmsBehind::of(policy, nsg_id);
+        for vm in behind.ids.into_iter().chain(behind.names) {
+            keys.insert(GrantKey {
+                namespace: namespace.clone(),
+                policy: name.clone(),
+                vm,
+            });
+        }
+    }
+    keys
+}
+
 /// The VMs of a policy whose resolved targets put them behind one NSG, by lower-cased full ID
 /// and by name: one lookup per grant instead of a scan of the policy's targets (a policy over
 /// 1,000 VMs planned for 10,000 grants).
@@ -600,11 +650,7 @@ impl VmsBehind {
 
     /// Whether the grant's VM (as [`targets_of_grant_vm`] matches it) is behind the NSG.
     fn holds(&self, grant: &AccessGrant) -> bool {
-        let wanted = grant
-            .granted()
-            .map(|g| g.virtual_machine.as_str())
-            .unwrap_or(&grant.spec.virtual_machine)
-            .to_ascii_lowercase();
+        let wanted = vm_key(grant);
         match wanted.contains('/') {
             true => self.ids.contains(&wanted),
             false => self.names.contains(&wanted),
@@ -722,7 +768,7 @@ pub(crate) mod tests {
         g
     }
 
-    fn example_policy() -> JitPolicy {
+    pub(crate) fn example_policy() -> JitPolicy {
         mk_policy(
             "team-a",
             "prod-ssh",
@@ -1596,6 +1642,26 @@ pub(crate) mod tests {
                         .collect();
                     allows.sort_by(|a, b| a.name.cmp(&b.name));
                     prop_assert_eq!(allows, expected);
+                }
+            }
+
+            /// An NSG planned from only the grants whose keys are behind it (what the grant
+            /// index hands a round) is planned exactly as from every grant.
+            #[test]
+            fn the_grants_behind_an_nsg_plan_it_as_all_grants_do(
+                policy in arb_policy(),
+                seeds in proptest::collection::vec(arb_grant_seed(), 0..6),
+            ) {
+                let grants: Vec<AccessGrant> = seeds.iter().enumerate().map(|(i, s)| build_grant(i, s, &policy)).collect();
+                let policies = [policy.clone()];
+                let names = Naming::default();
+                for nsg in [NSG_A, NSG_B] {
+                    let keys = grant_keys_behind(nsg, &policies);
+                    let behind: Vec<&AccessGrant> = grants.iter().filter(|g| keys.contains(&GrantKey::of(g))).collect();
+                    prop_assert_eq!(
+                        desired_rules(nsg, &policies, &behind, now(), &names),
+                        desired_rules(nsg, &policies, &grants, now(), &names)
+                    );
                 }
             }
         }

@@ -17,8 +17,8 @@ pub mod scope;
 pub mod validate;
 
 pub use desired::{
-    LiveGrant, Owner, RuleIntent, check_address_family, desired_rules, effective_spec,
-    granted_access, live_grant, nsgs_of_grant, nsgs_of_policy, policy_of,
+    GrantKey, LiveGrant, Owner, RuleIntent, check_address_family, desired_rules, effective_spec,
+    grant_keys_behind, granted_access, live_grant, nsgs_of_grant, nsgs_of_policy, policy_of,
 };
 pub use diff::{BandUsage, Bands, BandsError, NsgPlan, plan_nsg};
 pub use naming::{Installation, InvalidInstallation, Naming, RULE_PREFIX, RuleName};

@@ -338,19 +338,32 @@ impl ProcEnv {
 
     pub async fn wait_policy_ready(&self, name: &str, timeout: Duration) {
         let api = self.policies();
-        super::wait_for(&format!("policy {name} Ready"), timeout, || {
-            let api = api.clone();
-            async move {
-                let p = api.get(name).await.ok()?;
-                p.status
-                    .as_ref()?
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-                    .then_some(())
+        let ready = tokio::time::timeout(timeout, async {
+            loop {
+                if let Ok(p) = api.get(name).await
+                    && p.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                    })
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
-        .await
+        .await;
+        if ready.is_err() {
+            let status = api
+                .get(name)
+                .await
+                .map(|p| serde_json::to_string(&p.status).unwrap_or_default())
+                .unwrap_or_else(|e| format!("(not read: {e})"));
+            panic!(
+                "timed out after {timeout:?} waiting for policy {name} Ready; its status: {status}\n{}",
+                self.log_tail(60)
+            );
+        }
     }
 
     /// I1 alone, with a deadline: within `budget` from now (call it when Azure became
