@@ -39,26 +39,56 @@ pub struct OperatorCmd {
 pub struct OperatorProcess {
     child: Child,
     pub spawned: Timestamp,
-    pub http: std::net::SocketAddr,
+    /// Where it serves `/healthz`, once [`OperatorProcess::wait_up`] has read it from its log.
+    pub http: Option<std::net::SocketAddr>,
+    log: PathBuf,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
+/// The line each incarnation starts its part of the log with.
+fn spawn_marker(spawned: Timestamp) -> String {
+    format!("===== operator spawned at {spawned} =====")
+}
+
+/// The address this incarnation's HTTP server bound (it logs it once listening), from the log.
+/// The operator binds port 0 itself: a port picked by the test and freed before the operator
+/// bound it could be taken in between, by another test's operator whose `/healthz` then answered
+/// for a process that had exited.
+fn bound_http_address(log: &Path, spawned: Timestamp) -> Option<std::net::SocketAddr> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let ours = &text[text.find(&spawn_marker(spawned))?..];
+    let line = ours.lines().find(|l| l.contains("serving /metrics"))?;
+    let plain = strip_ansi(line);
+    let at = plain.find("local=")? + "local=".len();
+    plain[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// `s` without ANSI colour sequences (the operator's log is coloured).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl OperatorProcess {
     pub fn spawn(cmd: &OperatorCmd) -> OperatorProcess {
-        let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("address");
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&cmd.log)
             .unwrap_or_else(|e| panic!("{}: {e}", cmd.log.display()));
         let spawned = Timestamp::now();
-        let _ = writeln!(log, "===== operator spawned at {spawned} =====");
+        let _ = writeln!(log, "{}", spawn_marker(spawned));
         let err = log.try_clone().expect("clone log handle");
         let binary = cmd
             .binary
@@ -70,21 +100,25 @@ impl OperatorProcess {
             .arg(&cmd.azure)
             .arg("--namespaces")
             .arg(cmd.namespaces.join(","))
+            // Tests run operators side by side: each binds ports of its own choosing.
             .arg("--http-listen")
-            .arg(http.to_string())
-            // Tests run operators side by side: each serves its (unregistered) webhook on a port
-            // of its own.
+            .arg("127.0.0.1:0")
             .arg("--webhook-listen")
-            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("127.0.0.1:0")
             .args(&cmd.extra_args)
             .env("KUBECONFIG", &cmd.kubeconfig)
             .env("AZURE_TENANT_ID", "crash-tenant")
             .env("AZURE_CLIENT_ID", "portcullis-crash")
             .env("AZURE_CLIENT_SECRET", "crash-secret")
             .env("AZURE_AUTHORITY_HOST", format!("{}/", cmd.azure))
+            // The bound address is read from the log, whatever else is logged.
             .env(
                 "RUST_LOG",
-                std::env::var("PORTCULLIS_CHILD_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
+                format!(
+                    "{},portcullis::controller::http=info",
+                    std::env::var("PORTCULLIS_CHILD_LOG")
+                        .unwrap_or_else(|_| "info,kube=warn".into())
+                ),
             )
             .env_remove("AZURE_FEDERATED_TOKEN_FILE")
             .stdin(Stdio::null())
@@ -95,7 +129,8 @@ impl OperatorProcess {
         OperatorProcess {
             child,
             spawned,
-            http,
+            http: None,
+            log: cmd.log.clone(),
         }
     }
 
@@ -108,17 +143,21 @@ impl OperatorProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Waits until `/healthz` answers: the process is up. Panics if it exits or `timeout` passes.
+    /// Waits until `/healthz` answers at the address this process logged: it is up. Panics if
+    /// it exits or `timeout` passes.
     pub async fn wait_up(&mut self, timeout: Duration) -> Timestamp {
         let http = reqwest::Client::new();
-        let url = format!("http://{}/healthz", self.http);
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            if let Ok(r) = http
-                .get(&url)
-                .timeout(Duration::from_millis(500))
-                .send()
-                .await
+            if self.http.is_none() {
+                self.http = bound_http_address(&self.log, self.spawned);
+            }
+            if let Some(addr) = self.http
+                && let Ok(r) = http
+                    .get(format!("http://{addr}/healthz"))
+                    .timeout(Duration::from_millis(500))
+                    .send()
+                    .await
                 && r.status().is_success()
             {
                 return Timestamp::now();
