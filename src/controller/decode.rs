@@ -8,13 +8,11 @@
 //! - a policy that does not decode keeps its last decoded copy, and where there is none its rules
 //!   are quarantined: kept in Azure as they are, never deleted, until it decodes again or is gone.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::core::Resource;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -190,20 +188,22 @@ fn kind_label<K: Resource<DynamicType = ()>>() -> &'static str {
 }
 
 /// Turns a watch stream of raw objects into a stream of typed events, decoding object by
-/// object (see the module documentation for what happens to one that does not decode).
+/// object (see the module documentation for what happens to one that does not decode). The last
+/// copy of an object that decoded is the one `known` holds (the store this stream, or its twin,
+/// fills): the stream keeps no copy of its own, which doubled the memory of every grant.
 pub fn typed_events<K>(
     raw: impl Stream<Item = Result<watcher::Event<DynamicObject>, watcher::Error>> + Send + 'static,
     on_undecodable: OnUndecodable,
     reports: Reports,
+    known: Store<K>,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    let mut last: HashMap<String, Arc<K>> = HashMap::new();
     raw.filter_map(move |event| {
         let out = match event {
             Err(e) => Some(Err(e)),
-            Ok(event) => translate(event, on_undecodable, &mut last, &reports).map(Ok),
+            Ok(event) => translate(event, on_undecodable, &known, &reports).map(Ok),
         };
         std::future::ready(out)
     })
@@ -213,11 +213,25 @@ fn uid_of(raw: &DynamicObject) -> String {
     raw.metadata.uid.clone().unwrap_or_default()
 }
 
-/// One raw event to at most one typed event, updating the last decoded copies.
+/// The copy of `raw` that `known` holds, if it is the same object (same uid).
+fn last_decoded<K>(raw: &DynamicObject, known: &Store<K>) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    let name = raw.metadata.name.as_deref()?;
+    let mut at = ObjectRef::<K>::new(name);
+    if let Some(ns) = raw.metadata.namespace.as_deref() {
+        at = at.within(ns);
+    }
+    let kept = known.get(&at)?;
+    (kept.meta().uid == raw.metadata.uid).then(|| kept.as_ref().clone())
+}
+
+/// One raw event to at most one typed event.
 fn translate<K>(
     event: watcher::Event<DynamicObject>,
     on_undecodable: OnUndecodable,
-    last: &mut HashMap<String, Arc<K>>,
+    known: &Store<K>,
     reports: &Reports,
 ) -> Option<watcher::Event<K>>
 where
@@ -230,20 +244,16 @@ where
         E::InitDone => Some(E::InitDone),
         E::Apply(raw) => {
             let uid = uid_of(&raw);
+            let previous = last_decoded(&raw, known);
             match undecodable::<K>(raw) {
                 Ok(obj) => {
-                    last.insert(uid.clone(), Arc::new(obj.clone()));
                     tell(Seen::Decoded { uid });
                     Some(E::Apply(obj))
                 }
                 Err(r) => {
                     tell(Seen::Undecodable(r));
-                    let previous = last.get(&uid).map(|k| k.as_ref().clone());
                     match on_undecodable {
-                        OnUndecodable::Drop => {
-                            last.remove(&uid);
-                            previous.map(E::Delete)
-                        }
+                        OnUndecodable::Drop => previous.map(E::Delete),
                         OnUndecodable::KeepLast => None,
                     }
                 }
@@ -251,33 +261,28 @@ where
         }
         E::InitApply(raw) => {
             let uid = uid_of(&raw);
+            let previous = last_decoded(&raw, known);
             match undecodable::<K>(raw) {
                 Ok(obj) => {
-                    last.insert(uid.clone(), Arc::new(obj.clone()));
                     tell(Seen::Decoded { uid });
                     Some(E::InitApply(obj))
                 }
                 Err(r) => {
                     tell(Seen::Undecodable(r));
                     match on_undecodable {
-                        OnUndecodable::Drop => {
-                            last.remove(&uid);
-                            None
-                        }
-                        OnUndecodable::KeepLast => {
-                            last.get(&uid).map(|k| E::InitApply(k.as_ref().clone()))
-                        }
+                        OnUndecodable::Drop => None,
+                        OnUndecodable::KeepLast => previous.map(E::InitApply),
                     }
                 }
             }
         }
         E::Delete(raw) => {
             let uid = uid_of(&raw);
-            let previous = last.remove(&uid);
+            let previous = last_decoded(&raw, known);
             tell(Seen::Deleted { uid });
             match decode::<K>(raw) {
                 Ok(obj) => Some(E::Delete(obj)),
-                Err(_) => previous.map(|k| E::Delete(k.as_ref().clone())),
+                Err(_) => previous.map(E::Delete),
             }
         }
     }
@@ -306,12 +311,12 @@ mod tests {
         let marks = UndecodableMarks::default();
         let generation = marks.generation().clone();
         let reports = Reports::new(tx, marks.clone());
-        let mut last = HashMap::new();
+        let (known, _writer) = kube::runtime::reflector::store::<JitPolicy>();
         let bad = raw_policy("u1", serde_json::json!({"virtualMachines": "not a list"}));
         let event = translate::<JitPolicy>(
             watcher::Event::InitApply(bad),
             OnUndecodable::KeepLast,
-            &mut last,
+            &known,
             &reports,
         );
         assert!(event.is_none(), "nothing to keep: no event");
@@ -323,7 +328,7 @@ mod tests {
         let event = translate::<JitPolicy>(
             watcher::Event::Apply(good),
             OnUndecodable::KeepLast,
-            &mut last,
+            &known,
             &reports,
         );
         assert!(matches!(event, Some(watcher::Event::Apply(_))));

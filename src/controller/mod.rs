@@ -450,6 +450,7 @@ async fn run_controllers(
             raw_watch(decode::raw_api::<JitPolicy>(client.clone(), ns)),
             OnUndecodable::KeepLast,
             seen_tx.clone(),
+            policies_store.clone(),
         )
         .reflect(policies_writer)
         .inspect(advancing(&generation))
@@ -458,6 +459,7 @@ async fn run_controllers(
             raw_watch(decode::raw_api::<AccessGrant>(client.clone(), ns)),
             OnUndecodable::Drop,
             seen_tx.clone(),
+            grants_store.clone(),
         )
         .reflect(grants_writer)
         .inspect(indexing(&grants_index))
@@ -468,6 +470,7 @@ async fn run_controllers(
             raw_watch(decode::raw_api::<JitPolicy>(client.clone(), ns)),
             OnUndecodable::KeepLast,
             seen_tx.clone(),
+            policies_store.clone(),
         )
         .applied_objects();
         // A decision wakes the grant it names.
@@ -476,6 +479,7 @@ async fn run_controllers(
             raw_watch(decode::raw_api::<AccessApproval>(client.clone(), ns)),
             OnUndecodable::Drop,
             seen_tx.clone(),
+            approvals_store.clone(),
         )
         .reflect(approvals_writer)
         .applied_objects();
@@ -507,6 +511,7 @@ async fn run_controllers(
             raw_watch(decode::raw_api::<JitScope>(client.clone(), None)),
             OnUndecodable::Drop,
             seen_tx.clone(),
+            scope_store.clone(),
         );
         let jit_scopes = match scope_writer.take() {
             Some(writer) => jit_scopes
