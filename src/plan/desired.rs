@@ -156,9 +156,10 @@ pub fn granted_access(
     }
 }
 
-/// Checks a frozen record against `policy` as the grant's window `[activated_at, expires_at)`:
-/// the record must still be within the policy, for no longer than the policy allows. A record
-/// edited by hand to ask for more is refused here like any other request.
+/// Checks a frozen record against `policy` (known to be valid) as the grant's window
+/// `[activated_at, expires_at)`: the record must still be within the policy, for no longer than
+/// the policy allows. A record edited by hand to ask for more is refused here like any other
+/// request.
 fn revalidate(
     policy_name: &str,
     policy: &JitPolicySpec,
@@ -181,7 +182,7 @@ fn revalidate(
         justification: record.justification.clone(),
     };
     let mut validated =
-        validate::validate_grant(policy_name, policy, &as_spec, activated_at).ok()?;
+        validate::validate_grant_under(policy_name, policy, &as_spec, activated_at).ok()?;
     let recorded: Vec<(u16, Protocol)> = record
         .ports
         .iter()
@@ -241,7 +242,9 @@ fn live_grant_under(
     let policy_name = policy.name_any();
     let validated = match grant.granted() {
         Some(record) => revalidate(&policy_name, spec, record, activated_at, expires_at)?,
-        None => validate::validate_grant(&policy_name, spec, &grant.spec, activated_at).ok()?,
+        None => {
+            validate::validate_grant_under(&policy_name, spec, &grant.spec, activated_at).ok()?
+        }
     };
     if expires_at > validated.expires_at(activated_at) {
         return None;
