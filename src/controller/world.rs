@@ -206,6 +206,16 @@ enum Grants<'a> {
     Behind(&'a str),
 }
 
+/// Policies as restricted by the JitScopes (see [`Scopes::restrict`]), per uid at the
+/// resourceVersion they were restricted at, all under the JitScopes as `scopes` lists them
+/// (uid, resourceVersion): restricting checks every VM of a policy against the scopes, and a
+/// snapshot is taken for every reconcile and every NSG round.
+#[derive(Default)]
+struct Restricted {
+    scopes: Vec<(Option<String>, Option<String>)>,
+    policies: HashMap<String, (String, Arc<JitPolicy>)>,
+}
+
 /// Stores plus the overlay of our own recent writes.
 pub struct WorldView {
     /// One store per watched scope (namespace, or the whole cluster).
@@ -218,6 +228,7 @@ pub struct WorldView {
     scopes: Option<Store<JitScope>>,
     allow_unscoped: bool,
     overlay: Mutex<Overlay>,
+    restricted: Mutex<Restricted>,
     /// Also holds the world's generation (see [`WorldGeneration`]), which overlay writes advance.
     undecodable: UndecodableMarks,
     /// Set when the controllers are shutting down: the stores stop filling then.
@@ -290,10 +301,13 @@ fn newer<K: ResourceExt>(candidate: &K, than: &K) -> bool {
     }
 }
 
+/// The stored objects with our own newer writes in their place, without the deleted ones; plus
+/// our writes the stores do not hold yet, of those `wanted`.
 fn merge<K: ResourceExt>(
     stored: Vec<Arc<K>>,
     overlay: &mut HashMap<String, Arc<K>>,
     tombstones: &HashMap<String, Instant>,
+    wanted: impl Fn(&K) -> bool,
 ) -> Vec<Arc<K>> {
     let mut out = Vec::with_capacity(stored.len() + overlay.len());
     // Most syncs find no overlay and no tombstone: then the store's pointers are the answer.
@@ -325,7 +339,7 @@ fn merge<K: ResourceExt>(
         }
     }
     for (uid, mine) in overlay.iter() {
-        if !seen.contains(uid) && !tombstones.contains_key(uid) {
+        if !seen.contains(uid) && !tombstones.contains_key(uid) && wanted(mine) {
             out.push(mine.clone());
         }
     }
@@ -346,6 +360,7 @@ impl WorldView {
             scopes: None,
             allow_unscoped: false,
             overlay: Mutex::new(Overlay::default()),
+            restricted: Mutex::new(Restricted::default()),
             undecodable: UndecodableMarks::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
         }
@@ -468,12 +483,9 @@ impl WorldView {
             self.policies.iter().flat_map(Store::state).collect(),
             policies,
             tombstones,
+            |_| true,
         );
-        let policies = Scopes {
-            scopes: &scopes,
-            allow_unscoped: self.allow_unscoped,
-        }
-        .restrict(policies);
+        let policies = self.restrict(policies, &scopes);
         let stored = match which {
             Grants::None => None,
             Grants::Behind(nsg_id) if self.grant_indexes.len() == self.grants.len() => {
@@ -484,26 +496,36 @@ impl WorldView {
                     .zip(&self.grant_indexes)
                     .flat_map(|(store, index)| index.grants(&keys, store))
                     .collect();
-                // The stored copy of each of our recent writes too, so `merge` picks the newer
-                // as in a whole snapshot (a grant edited since may no longer be behind the NSG).
-                let held: HashSet<ObjectRef<AccessGrant>> = behind
+                // The stored copy of each of our recent writes behind the NSG too, so `merge`
+                // picks the newer as a whole snapshot does (a grant edited since may no longer
+                // be behind it).
+                let held: HashSet<&str> = behind
                     .iter()
-                    .map(|g| ObjectRef::from_obj(g.as_ref()))
+                    .filter_map(|g| g.meta().uid.as_deref())
                     .collect();
-                for mine in grants.values() {
-                    let at = ObjectRef::from_obj(mine.as_ref());
-                    if !held.contains(&at) {
-                        behind.extend(self.grants.iter().find_map(|store| store.get(&at)));
-                    }
+                let missing: Vec<ObjectRef<AccessGrant>> = grants
+                    .iter()
+                    .filter(|(uid, mine)| {
+                        !held.contains(uid.as_str()) && keys.contains(&GrantKey::of(mine))
+                    })
+                    .map(|(_, mine)| ObjectRef::from_obj(mine.as_ref()))
+                    .collect();
+                for at in &missing {
+                    behind.extend(self.grants.iter().find_map(|store| store.get(at)));
                 }
-                Some(behind)
+                Some((behind, Some(keys)))
             }
             Grants::All | Grants::Behind(_) => {
-                Some(self.grants.iter().flat_map(Store::state).collect())
+                Some((self.grants.iter().flat_map(Store::state).collect(), None))
             }
         };
         let mut grants = stored
-            .map(|stored| merge(stored, grants, tombstones))
+            .map(|(stored, keys)| {
+                merge(stored, grants, tombstones, |g| {
+                    keys.as_ref()
+                        .is_none_or(|keys| keys.contains(&GrantKey::of(g)))
+                })
+            })
             .unwrap_or_default();
         if !undecodable.is_empty() {
             grants.retain(|g| {
@@ -528,6 +550,49 @@ impl WorldView {
                 futures::FutureExt::now_or_never(store.wait_until_ready()).is_some()
             }),
         }
+    }
+
+    /// `policies` restricted by `scopes`, each restricted again only when it or the scopes
+    /// changed.
+    fn restrict(&self, policies: Vec<Arc<JitPolicy>>, scopes: &[JitScope]) -> Vec<Arc<JitPolicy>> {
+        let view = Scopes {
+            scopes,
+            allow_unscoped: self.allow_unscoped,
+        };
+        let mut cache = self
+            .restricted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let scopes_now: Vec<_> = scopes
+            .iter()
+            .map(|s| (s.metadata.uid.clone(), s.metadata.resource_version.clone()))
+            .collect();
+        if cache.scopes != scopes_now {
+            cache.policies.clear();
+            cache.scopes = scopes_now;
+        }
+        let mut out = Vec::with_capacity(policies.len());
+        for policy in policies {
+            let (Some(uid), Some(version)) = (policy.uid(), policy.resource_version()) else {
+                out.extend(view.restrict(vec![policy]));
+                continue;
+            };
+            match cache.policies.get(&uid) {
+                Some((at, restricted)) if *at == version => out.push(restricted.clone()),
+                _ => {
+                    let restricted = view.restrict(vec![policy]);
+                    if let Some(r) = restricted.first() {
+                        cache.policies.insert(uid, (version, r.clone()));
+                    }
+                    out.extend(restricted);
+                }
+            }
+        }
+        if cache.policies.len() > out.len() {
+            let present: HashSet<String> = out.iter().filter_map(|p| p.uid()).collect();
+            cache.policies.retain(|uid, _| present.contains(uid));
+        }
+        out
     }
 
     pub fn record_policy(&self, policy: &JitPolicy) {
@@ -654,6 +719,56 @@ mod tests {
         // Our own recent write counts before the store has it.
         view.record_grant(&on("g4", "vm2"));
         assert_eq!(names_behind(&view, NSG_B), ["g3", "g4"]);
+    }
+
+    /// A policy's restriction by the JitScopes is kept while neither changes, and made again
+    /// when a scope changes (the policy's resourceVersion stays the same).
+    #[test]
+    fn a_scope_change_restricts_the_policies_again() {
+        use crate::api::JitScopeSpec;
+        use crate::plan::desired::tests::example_policy;
+        use crate::plan::validate::tests::vm_id;
+        let mut policy = example_policy();
+        policy.metadata.resource_version = Some("1".into());
+        let (policies, mut policy_writer) = reflector::store::<JitPolicy>();
+        policy_writer.apply_watcher_event(&watcher::Event::Apply(policy));
+        let (scopes, mut scope_writer) = reflector::store::<JitScope>();
+        let scope = |rv: &str, vms: Vec<String>| {
+            let mut s = JitScope::new(
+                "team-a",
+                JitScopeSpec {
+                    namespaces: vec!["team-a".into()],
+                    subscriptions: Vec::new(),
+                    resource_groups: Vec::new(),
+                    virtual_machines: vms,
+                },
+            );
+            s.metadata.uid = Some("scope-1".into());
+            s.metadata.resource_version = Some(rv.into());
+            s
+        };
+        scope_writer.apply_watcher_event(&watcher::Event::Apply(scope(
+            "1",
+            vec![vm_id("rg1", "vm1")],
+        )));
+        let view =
+            WorldView::new(vec![policies], Vec::new(), Vec::new()).with_scopes(scopes, false);
+        let valid = |view: &WorldView| {
+            let world = view.snapshot_without_grants();
+            crate::plan::validate_policy(&world.policies[0].spec).is_ok()
+        };
+        assert!(!valid(&view), "vm2 is outside the scope");
+        assert!(!valid(&view), "and stays so from the cache");
+        scope_writer.apply_watcher_event(&watcher::Event::Apply(scope(
+            "2",
+            vec![vm_id("rg1", "vm1"), vm_id("rg1", "vm2")],
+        )));
+        assert!(valid(&view), "the scope now names vm2");
+        scope_writer.apply_watcher_event(&watcher::Event::Apply(scope(
+            "3",
+            vec![vm_id("rg1", "vm1")],
+        )));
+        assert!(!valid(&view), "and no longer does");
     }
 
     /// Our own write stands until the store catches up, and a deleted object never comes back.

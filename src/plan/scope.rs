@@ -9,6 +9,7 @@ use kube::ResourceExt;
 use std::sync::Arc;
 
 use crate::api::{JitPolicy, JitPolicySpec, JitScope};
+use crate::plan::validate::split_exact;
 
 /// The scopes the operator knows of, and what a namespace none of them names may do.
 #[derive(Clone, Copy, Debug)]
@@ -26,8 +27,7 @@ struct VmId<'a> {
 }
 
 fn parse_vm_id(id: &str) -> Option<VmId<'_>> {
-    let parts: Vec<&str> = id.split('/').collect();
-    match parts.as_slice() {
+    match split_exact::<9>(id, '/')? {
         ["", s, subscription, r, resource_group, p, c, v, name]
             if s.eq_ignore_ascii_case("subscriptions")
                 && r.eq_ignore_ascii_case("resourceGroups")
@@ -50,8 +50,7 @@ fn parse_vm_id(id: &str) -> Option<VmId<'_>> {
 
 /// `(subscription, resource group)` of `/subscriptions/<id>/resourceGroups/<name>`.
 pub fn parse_resource_group_id(id: &str) -> Option<(&str, &str)> {
-    let parts: Vec<&str> = id.split('/').collect();
-    match parts.as_slice() {
+    match split_exact::<5>(id, '/')? {
         ["", s, subscription, r, resource_group]
             if s.eq_ignore_ascii_case("subscriptions")
                 && r.eq_ignore_ascii_case("resourceGroups")

@@ -279,14 +279,24 @@ impl AddressPrefix {
 /// Whether `id` is a well-formed VM resource ID, exactly as the schema's `VM_RESOURCE_ID` pattern:
 /// `/subscriptions/<s>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>`,
 /// each segment within Azure's characters and lengths.
+/// The `N` parts of `s` split at `sep`, when it has exactly `N`; without allocating (IDs are
+/// checked for every VM of a policy, at every reconcile and plan).
+pub fn split_exact<const N: usize>(s: &str, sep: char) -> Option<[&str; N]> {
+    let mut parts = s.split(sep);
+    let mut out = [""; N];
+    for slot in &mut out {
+        *slot = parts.next()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 pub fn is_vm_resource_id(id: &str) -> bool {
     if id.len() > MAX_VM_ID_LEN {
         return false;
     }
-    let parts: Vec<&str> = id.split('/').collect();
     matches!(
-        parts.as_slice(),
-        ["", "subscriptions", sub, "resourceGroups", rg, "providers", "Microsoft.Compute", "virtualMachines", name]
+        split_exact::<9>(id, '/'),
+        Some(["", "subscriptions", sub, "resourceGroups", rg, "providers", "Microsoft.Compute", "virtualMachines", name])
             if is_subscription_segment(sub) && is_resource_group_name(rg) && is_vm_name(name)
     )
 }
