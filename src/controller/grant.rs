@@ -31,8 +31,8 @@ use crate::plan::approval::{self, ApprovalState};
 use crate::plan::retention::{CLOSE_FAILED, Retention, retention};
 use crate::plan::scope::marked_out_of_scope;
 use crate::plan::{
-    DenialReason, Naming, check_address_family, granted_access, live_grant, nsgs_of_grant,
-    validate_grant,
+    DenialReason, Naming, check_address_family, granted_access, live_grant_checked, nsgs_of_grant,
+    validate_grant_checked,
 };
 
 pub const FINALIZER: &str = "portcullis.dev/close-rules";
@@ -407,7 +407,8 @@ async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result
             .await
             .map(Progress::after_close);
     }
-    if live_grant(&grant, policy, now).is_none() {
+    let live = policy.and_then(|p| live_grant_checked(&grant, p, &ctx.world.policy_check(p), now));
+    if live.is_none() {
         let message = match policy {
             None => format!("JitPolicy {ns}/{} was deleted", grant.policy_name()),
             Some(_) => "the policy no longer allows what this grant opened (or its status was \
@@ -541,14 +542,16 @@ async fn activate(
         );
         return pending(grant, api, ctx, "OutOfScope", msg).await;
     }
-    let valid = match validate_grant(policy_name, &policy.spec, &grant.spec, now) {
-        // Not the grant's fault: it waits until the policy is fixed.
-        Err(d) if d.reason == DenialReason::PolicyInvalid => {
-            return pending(grant, api, ctx, "PolicyInvalid", d.message).await;
-        }
-        Err(denial) => return deny(grant, api, ctx, denial).await,
-        Ok(v) => v,
-    };
+    let check = ctx.world.policy_check(policy);
+    let valid =
+        match validate_grant_checked(policy_name, &policy.spec, &check.spec, &grant.spec, now) {
+            // Not the grant's fault: it waits until the policy is fixed.
+            Err(d) if d.reason == DenialReason::PolicyInvalid => {
+                return pending(grant, api, ctx, "PolicyInvalid", d.message).await;
+            }
+            Err(denial) => return deny(grant, api, ctx, denial).await,
+            Ok(v) => v,
+        };
     let (attributed, approval) = attribute(grant, policy, &world, ctx, now);
     audit_request_and_decisions(grant, &attributed, ctx);
     let grant = &attributed;
@@ -802,7 +805,14 @@ async fn record_legacy_activation(
     let Some(policy) = world.policy(&ns, &policy_name) else {
         return Ok(grant);
     };
-    let Ok(valid) = validate_grant(&policy_name, &policy.spec, &grant.spec, activated_at) else {
+    let check = ctx.world.policy_check(policy);
+    let Ok(valid) = validate_grant_checked(
+        &policy_name,
+        &policy.spec,
+        &check.spec,
+        &grant.spec,
+        activated_at,
+    ) else {
         // Not valid any more: the liveness check revokes it.
         return Ok(grant);
     };

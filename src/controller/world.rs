@@ -11,7 +11,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
-use crate::plan::{GrantKey, Scopes, grant_keys_behind};
+use crate::plan::{GrantKey, PolicyCheck, Scopes, grant_keys_behind};
 
 /// A consistent snapshot of policies and grants.
 #[derive(Clone, Default)]
@@ -101,6 +101,9 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 struct Overlay {
     policies: HashMap<String, Arc<JitPolicy>>,
     grants: HashMap<String, Arc<AccessGrant>>,
+    /// The key of each grant in `grants` (and of some it no longer holds, until pruned): an
+    /// NSG's snapshot picks our writes behind it without working out thousands of keys.
+    grant_keys: HashMap<String, GrantKey>,
     tombstones: HashMap<String, Instant>,
 }
 
@@ -213,7 +216,14 @@ enum Grants<'a> {
 #[derive(Default)]
 struct Restricted {
     scopes: Vec<(Option<String>, Option<String>)>,
-    policies: HashMap<String, (String, Arc<JitPolicy>)>,
+    policies: HashMap<String, RestrictedPolicy>,
+}
+
+struct RestrictedPolicy {
+    version: String,
+    policy: Arc<JitPolicy>,
+    /// Its validation, once asked for (see [`WorldView::policy_check`]).
+    check: Option<PolicyCheck>,
 }
 
 /// Stores plus the overlay of our own recent writes.
@@ -469,7 +479,8 @@ impl WorldView {
             .retain(|_, at| now.duration_since(*at) < TOMBSTONE_TTL);
         let Overlay {
             policies,
-            grants,
+            grants: my_grants,
+            grant_keys,
             tombstones,
         } = &mut *overlay;
         let undecodable = self.undecodable();
@@ -503,12 +514,11 @@ impl WorldView {
                     .iter()
                     .filter_map(|g| g.meta().uid.as_deref())
                     .collect();
-                let missing: Vec<ObjectRef<AccessGrant>> = grants
+                let missing: Vec<ObjectRef<AccessGrant>> = grant_keys
                     .iter()
-                    .filter(|(uid, mine)| {
-                        !held.contains(uid.as_str()) && keys.contains(&GrantKey::of(mine))
-                    })
-                    .map(|(_, mine)| ObjectRef::from_obj(mine.as_ref()))
+                    .filter(|(uid, key)| keys.contains(*key) && !held.contains(uid.as_str()))
+                    .filter_map(|(uid, _)| my_grants.get(uid))
+                    .map(|mine| ObjectRef::from_obj(mine.as_ref()))
                     .collect();
                 for at in &missing {
                     behind.extend(self.grants.iter().find_map(|store| store.get(at)));
@@ -519,14 +529,20 @@ impl WorldView {
                 Some((self.grants.iter().flat_map(Store::state).collect(), None))
             }
         };
+        let behind = |g: &AccessGrant, keys: &HashSet<GrantKey>| {
+            let uid = g.meta().uid.as_deref().unwrap_or_default();
+            grant_keys.get(uid).is_some_and(|key| keys.contains(key))
+        };
         let mut grants = stored
             .map(|(stored, keys)| {
-                merge(stored, grants, tombstones, |g| {
-                    keys.as_ref()
-                        .is_none_or(|keys| keys.contains(&GrantKey::of(g)))
+                merge(stored, my_grants, tombstones, |g| {
+                    keys.as_ref().is_none_or(|keys| behind(g, keys))
                 })
             })
             .unwrap_or_default();
+        if grant_keys.len() > my_grants.len() {
+            grant_keys.retain(|uid, _| my_grants.contains_key(uid));
+        }
         if !undecodable.is_empty() {
             grants.retain(|g| {
                 !g.meta()
@@ -578,11 +594,16 @@ impl WorldView {
                 continue;
             };
             match cache.policies.get(&uid) {
-                Some((at, restricted)) if *at == version => out.push(restricted.clone()),
+                Some(kept) if kept.version == version => out.push(kept.policy.clone()),
                 _ => {
                     let restricted = view.restrict(vec![policy]);
                     if let Some(r) = restricted.first() {
-                        cache.policies.insert(uid, (version, r.clone()));
+                        let kept = RestrictedPolicy {
+                            version,
+                            policy: r.clone(),
+                            check: None,
+                        };
+                        cache.policies.insert(uid, kept);
                     }
                     out.extend(restricted);
                 }
@@ -593,6 +614,27 @@ impl WorldView {
             cache.policies.retain(|uid, _| present.contains(uid));
         }
         out
+    }
+
+    /// The validation of `policy`, a policy of one of this view's snapshots: made once per
+    /// version of the policy (and of the scopes), not at every reconcile of each of its grants.
+    pub fn policy_check(&self, policy: &JitPolicy) -> PolicyCheck {
+        let uid = policy.metadata.uid.as_deref().unwrap_or_default();
+        let mut cache = self
+            .restricted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The very object the snapshot holds, so the check is of what the caller sees.
+        let Some(kept) = cache
+            .policies
+            .get_mut(uid)
+            .filter(|kept| std::ptr::eq(kept.policy.as_ref(), policy))
+        else {
+            return PolicyCheck::of(policy);
+        };
+        kept.check
+            .get_or_insert_with(|| PolicyCheck::of(policy))
+            .clone()
     }
 
     pub fn record_policy(&self, policy: &JitPolicy) {
@@ -606,7 +648,10 @@ impl WorldView {
 
     pub fn record_grant(&self, grant: &AccessGrant) {
         if let Some(uid) = grant.uid() {
-            self.overlay().grants.insert(uid, Arc::new(grant.clone()));
+            let mut overlay = self.overlay();
+            overlay.grant_keys.insert(uid.clone(), GrantKey::of(grant));
+            overlay.grants.insert(uid, Arc::new(grant.clone()));
+            drop(overlay);
             self.undecodable.generation().advance();
         }
     }
@@ -616,6 +661,7 @@ impl WorldView {
         let mut overlay = self.overlay();
         overlay.policies.remove(uid);
         overlay.grants.remove(uid);
+        overlay.grant_keys.remove(uid);
         overlay.tombstones.insert(uid.to_string(), Instant::now());
         drop(overlay);
         self.undecodable.generation().advance();
@@ -769,6 +815,35 @@ mod tests {
             vec![vm_id("rg1", "vm1")],
         )));
         assert!(!valid(&view), "and no longer does");
+    }
+
+    /// A policy's validation is kept with the version a snapshot holds, and a new version is
+    /// validated anew.
+    #[test]
+    fn a_policy_is_validated_once_per_version() {
+        use crate::plan::desired::tests::example_policy;
+        let (policies, mut writer) = reflector::store::<JitPolicy>();
+        let mut policy = example_policy();
+        policy.metadata.resource_version = Some("1".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(policy.clone()));
+        let (no_scopes, _scope_writer) = reflector::store::<JitScope>();
+        // Unscoped namespaces allowed: the policy is judged on its own.
+        let view =
+            WorldView::new(vec![policies], Vec::new(), Vec::new()).with_scopes(no_scopes, true);
+        let check = |view: &WorldView| {
+            let world = view.snapshot_without_grants();
+            view.policy_check(&world.policies[0])
+        };
+        assert!(check(&view).spec.is_ok());
+        assert!(check(&view).spec.is_ok(), "from the cache");
+        policy.metadata.resource_version = Some("2".into());
+        policy.spec.virtual_machines.clear();
+        writer.apply_watcher_event(&watcher::Event::Apply(policy));
+        assert!(check(&view).spec.is_err(), "the new version lists no VM");
+        // A copy the snapshot does not hold is validated as it is.
+        let mut other = example_policy();
+        other.spec.virtual_machines.clear();
+        assert!(view.policy_check(&other).spec.is_err());
     }
 
     /// Our own write stands until the store catches up, and a deleted object never comes back.

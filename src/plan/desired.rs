@@ -11,7 +11,7 @@ use kube::ResourceExt;
 
 use super::naming::{self, Family, Naming};
 use super::rule::{Access, Direction, NsgRule, RuleProtocol};
-use super::validate::{self, AddressPrefix, ValidatedGrant, protocol_rank};
+use super::validate::{self, AddressPrefix, Denial, ValidatedGrant, protocol_rank};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{
@@ -124,15 +124,41 @@ fn sorted_ips<'a>(ips: impl Iterator<Item = &'a String>) -> Vec<String> {
 /// spec when it is valid, else the last valid one the controller recorded in status. An invalid
 /// edit therefore never removes a Deny rule (fails closed).
 pub fn effective_spec(policy: &JitPolicy) -> Option<&JitPolicySpec> {
-    if validate::validate_policy(&policy.spec).is_ok() {
-        return Some(&policy.spec);
+    PolicyCheck::of(policy).effective_spec(policy)
+}
+
+/// A policy's validation, made once and kept with the policy's version by the caller: its spec's
+/// result, and whether its last enforced spec is valid (asked only when the spec is not).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyCheck {
+    pub spec: Result<(), Denial>,
+    pub enforced_valid: bool,
+}
+
+impl PolicyCheck {
+    pub fn of(policy: &JitPolicy) -> PolicyCheck {
+        let spec = validate::validate_policy(&policy.spec);
+        let enforced_valid = spec.is_err()
+            && policy
+                .status
+                .as_ref()
+                .and_then(|s| s.enforced_spec.as_ref())
+                .is_some_and(|s| validate::validate_policy(s).is_ok());
+        PolicyCheck {
+            spec,
+            enforced_valid,
+        }
     }
-    policy
-        .status
-        .as_ref()?
-        .enforced_spec
-        .as_ref()
-        .filter(|s| validate::validate_policy(s).is_ok())
+
+    /// The spec to enforce (see [`effective_spec`]), as this check found it.
+    pub fn effective_spec<'p>(&self, policy: &'p JitPolicy) -> Option<&'p JitPolicySpec> {
+        if self.spec.is_ok() {
+            return Some(&policy.spec);
+        }
+        self.enforced_valid
+            .then(|| policy.status.as_ref()?.enforced_spec.as_ref())
+            .flatten()
+    }
 }
 
 /// The record of what a grant opens, made once at activation from the validated spec.
@@ -208,7 +234,17 @@ pub fn live_grant(
     now: Timestamp,
 ) -> Option<LiveGrant> {
     let policy = policy?;
-    live_grant_under(grant, policy, effective_spec(policy)?, now)
+    live_grant_checked(grant, policy, &PolicyCheck::of(policy), now)
+}
+
+/// [`live_grant`] with the policy's validation already done (`check`).
+pub fn live_grant_checked(
+    grant: &AccessGrant,
+    policy: &JitPolicy,
+    check: &PolicyCheck,
+    now: Timestamp,
+) -> Option<LiveGrant> {
+    live_grant_under(grant, policy, check.effective_spec(policy)?, now)
 }
 
 /// [`live_grant`] with the policy's effective spec already found (it is the same for every

@@ -17,8 +17,9 @@ pub mod scope;
 pub mod validate;
 
 pub use desired::{
-    GrantKey, LiveGrant, Owner, RuleIntent, check_address_family, desired_rules, effective_spec,
-    grant_keys_behind, granted_access, live_grant, nsgs_of_grant, nsgs_of_policy, policy_of,
+    GrantKey, LiveGrant, Owner, PolicyCheck, RuleIntent, check_address_family, desired_rules,
+    effective_spec, grant_keys_behind, granted_access, live_grant, live_grant_checked,
+    nsgs_of_grant, nsgs_of_policy, policy_of,
 };
 pub use diff::{BandUsage, Bands, BandsError, NsgPlan, plan_nsg};
 pub use naming::{Installation, InvalidInstallation, Naming, RULE_PREFIX, RuleName};
@@ -26,5 +27,5 @@ pub use rule::{Access, Direction, NsgRule, RuleProtocol};
 pub use scope::Scopes;
 pub use validate::{
     AccessWindow, AddressPrefix, Denial, DenialReason, ValidatedGrant, validate_grant,
-    validate_policy,
+    validate_grant_checked, validate_policy,
 };

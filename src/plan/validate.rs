@@ -529,10 +529,21 @@ pub fn validate_grant(
     grant: &AccessGrantSpec,
     now: Timestamp,
 ) -> Result<ValidatedGrant, Denial> {
-    use DenialReason as R;
-    if let Err(d) = validate_policy(policy) {
+    validate_grant_checked(policy_name, policy, &validate_policy(policy), grant, now)
+}
+
+/// [`validate_grant`] with the policy's own validation already done (`policy_check`, see
+/// `PolicyCheck`): a policy over 500 VMs is validated once per version, not for every grant.
+pub fn validate_grant_checked(
+    policy_name: &str,
+    policy: &JitPolicySpec,
+    policy_check: &Result<(), Denial>,
+    grant: &AccessGrantSpec,
+    now: Timestamp,
+) -> Result<ValidatedGrant, Denial> {
+    if let Err(d) = policy_check {
         return deny(
-            R::PolicyInvalid,
+            DenialReason::PolicyInvalid,
             format!("policy {policy_name} is invalid: {}", d.message),
         );
     }
