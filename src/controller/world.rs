@@ -303,10 +303,13 @@ impl WorldGeneration {
     }
 }
 
+/// Whether our copy is ahead of the store's. The same version is not: the store has caught up
+/// with our write, and the copy must go (kept, it held a second copy of every grant whose last
+/// write was ours, and every NSG's snapshot walked them all).
 fn newer<K: ResourceExt>(candidate: &K, than: &K) -> bool {
     let rv = |k: &K| k.resource_version().and_then(|v| v.parse::<u64>().ok());
     match (rv(candidate), rv(than)) {
-        (Some(a), Some(b)) => a >= b,
+        (Some(a), Some(b)) => a > b,
         _ => true,
     }
 }
@@ -844,6 +847,20 @@ mod tests {
         let mut other = example_policy();
         other.spec.virtual_machines.clear();
         assert!(view.policy_check(&other).spec.is_err());
+    }
+
+    /// Once the store holds the version we wrote, our copy goes: the snapshot shares the
+    /// store's object and the overlay is empty.
+    #[test]
+    fn our_copy_goes_once_the_store_has_the_same_version() {
+        let (view, store) = view_of(&[grant("a", "u1", "5")]);
+        view.record_grant(&grant("a", "u1", "5"));
+        let world = view.snapshot();
+        let stored = store
+            .get(&reflector::ObjectRef::from_obj(world.grants[0].as_ref()))
+            .expect("stored");
+        assert!(Arc::ptr_eq(&world.grants[0], &stored));
+        assert!(view.overlay().grants.is_empty(), "our copy was dropped");
     }
 
     /// Our own write stands until the store catches up, and a deleted object never comes back.
