@@ -213,18 +213,26 @@ fn uid_of(raw: &DynamicObject) -> String {
     raw.metadata.uid.clone().unwrap_or_default()
 }
 
-/// The copy of `raw` that `known` holds, if it is the same object (same uid).
-fn last_decoded<K>(raw: &DynamicObject, known: &Store<K>) -> Option<K>
+/// Where `raw` sits in a store: taken before decoding consumes it.
+fn store_ref<K>(raw: &DynamicObject) -> Option<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let at = ObjectRef::<K>::new(raw.metadata.name.as_deref()?);
+    Some(match raw.metadata.namespace.as_deref() {
+        Some(ns) => at.within(ns),
+        None => at,
+    })
+}
+
+/// The copy that `known` holds at `at`, if it is the same object (uid `uid`). Looked up only
+/// for an object that does not decode: a copy for every event cost a clone of each object.
+fn last_decoded<K>(at: Option<&ObjectRef<K>>, uid: &str, known: &Store<K>) -> Option<K>
 where
     K: Resource<DynamicType = ()> + Clone,
 {
-    let name = raw.metadata.name.as_deref()?;
-    let mut at = ObjectRef::<K>::new(name);
-    if let Some(ns) = raw.metadata.namespace.as_deref() {
-        at = at.within(ns);
-    }
-    let kept = known.get(&at)?;
-    (kept.meta().uid == raw.metadata.uid).then(|| kept.as_ref().clone())
+    let kept = known.get(at?)?;
+    (kept.meta().uid.as_deref().unwrap_or_default() == uid).then(|| kept.as_ref().clone())
 }
 
 /// One raw event to at most one typed event.
@@ -243,8 +251,7 @@ where
         E::Init => Some(E::Init),
         E::InitDone => Some(E::InitDone),
         E::Apply(raw) => {
-            let uid = uid_of(&raw);
-            let previous = last_decoded(&raw, known);
+            let (uid, at) = (uid_of(&raw), store_ref::<K>(&raw));
             match undecodable::<K>(raw) {
                 Ok(obj) => {
                     tell(Seen::Decoded { uid });
@@ -253,15 +260,16 @@ where
                 Err(r) => {
                     tell(Seen::Undecodable(r));
                     match on_undecodable {
-                        OnUndecodable::Drop => previous.map(E::Delete),
+                        OnUndecodable::Drop => {
+                            last_decoded(at.as_ref(), &uid, known).map(E::Delete)
+                        }
                         OnUndecodable::KeepLast => None,
                     }
                 }
             }
         }
         E::InitApply(raw) => {
-            let uid = uid_of(&raw);
-            let previous = last_decoded(&raw, known);
+            let (uid, at) = (uid_of(&raw), store_ref::<K>(&raw));
             match undecodable::<K>(raw) {
                 Ok(obj) => {
                     tell(Seen::Decoded { uid });
@@ -271,18 +279,19 @@ where
                     tell(Seen::Undecodable(r));
                     match on_undecodable {
                         OnUndecodable::Drop => None,
-                        OnUndecodable::KeepLast => previous.map(E::InitApply),
+                        OnUndecodable::KeepLast => {
+                            last_decoded(at.as_ref(), &uid, known).map(E::InitApply)
+                        }
                     }
                 }
             }
         }
         E::Delete(raw) => {
-            let uid = uid_of(&raw);
-            let previous = last_decoded(&raw, known);
-            tell(Seen::Deleted { uid });
+            let (uid, at) = (uid_of(&raw), store_ref::<K>(&raw));
+            tell(Seen::Deleted { uid: uid.clone() });
             match decode::<K>(raw) {
                 Ok(obj) => Some(E::Delete(obj)),
-                Err(_) => previous.map(E::Delete),
+                Err(_) => last_decoded(at.as_ref(), &uid, known).map(E::Delete),
             }
         }
     }
