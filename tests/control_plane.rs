@@ -151,3 +151,72 @@ async fn malformed_manifests_are_refused_by_the_api_server_naming_the_field() {
         }
     }
 }
+
+/// The Event publisher against the real API server: a repeat of the same Event on the same
+/// object counts on the first one's series (with the latest note); another reason is its own.
+#[tokio::test]
+async fn a_repeated_event_is_counted_on_one_event_and_another_reason_is_its_own() {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::runtime::events::{Event, EventType, Reporter};
+    use portcullis::controller::events::EventPublisher;
+
+    let client = client().await;
+    let ns = fresh_namespace(&client, "events").await;
+    let publisher = EventPublisher::new(
+        client.clone(),
+        Reporter {
+            controller: "portcullis-test".into(),
+            instance: None,
+        },
+    );
+    let regarding = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("ConfigMap".into()),
+        namespace: Some(ns.clone()),
+        name: Some("subject".into()),
+        uid: Some("0000-subject".into()),
+        ..Default::default()
+    };
+    let warning = |reason: &str, note: &str| Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    for note in ["first failure", "second failure", "third failure"] {
+        publisher
+            .publish(&warning("AzureError", note), &regarding)
+            .await
+            .expect("publish");
+    }
+    publisher
+        .publish(&warning("Denied", "out of policy"), &regarding)
+        .await
+        .expect("publish");
+
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
+    let mut listed: Vec<(String, Option<i32>, String)> = events
+        .list(&Default::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.series.map(|s| s.count),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("AzureError".into(), Some(3), "third failure".into()),
+            ("Denied".into(), None, "out of policy".into()),
+        ]
+    );
+}

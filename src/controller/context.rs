@@ -5,10 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::{Client, Resource};
 use tracing::warn;
 
+use super::events::EventPublisher;
 use super::nsg::NsgSyncer;
 use super::resolve::Resolutions;
 use super::rounds::Rounds;
@@ -32,7 +33,7 @@ pub struct Context {
     pub audit: super::audit::AuditLog,
     /// See `Settings::finished_grant_ttl`.
     pub finished_grant_ttl: Option<Duration>,
-    recorder: Recorder,
+    events: EventPublisher,
     /// Consecutive failed reconciles per object (uid), for its backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Grants (uids) whose overdue close was recorded, while they stay overdue.
@@ -53,8 +54,8 @@ impl Context {
             controller: "portcullis".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
-        let recorder = Recorder::new(client.clone(), reporter);
         Context {
+            events: EventPublisher::new(client.clone(), reporter),
             client,
             nsgs,
             rounds: Rounds::new(1, None),
@@ -65,7 +66,6 @@ impl Context {
             stamp_key,
             audit,
             finished_grant_ttl: None,
-            recorder,
             failures: Mutex::new(HashMap::new()),
             overdue_recorded: Mutex::new(HashSet::new()),
         }
@@ -141,7 +141,7 @@ impl Context {
             action: action.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, reference).await {
+        if let Err(e) = self.events.publish(&event, reference).await {
             warn!(error = %e, reason, "could not publish an Event");
         }
     }

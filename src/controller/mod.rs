@@ -5,6 +5,7 @@ pub mod audit;
 pub mod context;
 pub mod decode;
 pub mod error;
+pub mod events;
 pub mod grant;
 pub mod http;
 pub mod inventory;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::Client;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
 use kube::runtime::reflector::Store;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
@@ -24,6 +24,7 @@ use super::target::{Refusal, Selection, Target, select};
 use super::{Event, message};
 use crate::api::NotificationRef;
 use crate::controller::audit::Record;
+use crate::controller::events::EventPublisher;
 use crate::controller::telemetry::Telemetry;
 
 /// Records waiting to be sent; past this, new ones are dropped (and counted).
@@ -205,7 +206,7 @@ pub struct Dispatcher {
     policies: PolicyTargets,
     telemetry: Arc<Telemetry>,
     retry: RetryPolicy,
-    recorder: Recorder,
+    events: EventPublisher,
     /// Refusals already published as Events (by object and message): one Event each per run.
     reported: Mutex<HashSet<String>>,
     slots: Arc<Semaphore>,
@@ -235,7 +236,7 @@ impl Dispatcher {
             policies,
             telemetry,
             retry,
-            recorder: Recorder::new(client, reporter),
+            events: EventPublisher::new(client, reporter),
             reported: Mutex::new(HashSet::new()),
             slots: Arc::new(Semaphore::new(CONCURRENT_DELIVERIES)),
         })
@@ -343,7 +344,7 @@ impl Dispatcher {
             action: "Notify".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        if let Err(e) = self.events.publish(&event, &reference).await {
             warn!(error = %e, "could not publish an Event");
         }
     }
