@@ -21,8 +21,9 @@ use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, desired_rules, plan_nsg};
 #[derive(Clone, Debug, Default)]
 pub struct NsgOutcome {
     pub nsg_id: String,
-    /// Every Portcullis rule that stands in the NSG after the sync, with its priority.
-    pub placed: Vec<NsgRule>,
+    /// Every Portcullis rule that stands in the NSG after the sync, with its priority. Shared:
+    /// every grant the sync answers gets the outcome.
+    pub placed: Arc<[NsgRule]>,
     /// Rules that could not be given a priority: their band is full.
     pub unplaced: Vec<RuleIntent>,
     /// Rules of ours that were changed or deleted by hand and were put back.
@@ -45,7 +46,7 @@ impl NsgOutcome {
     /// What stands once `plan` is applied; nothing written yet.
     fn planned(nsg_id: &str, plan: &NsgPlan) -> NsgOutcome {
         NsgOutcome {
-            placed: plan.placed.clone(),
+            placed: plan.placed.as_slice().into(),
             unplaced: plan.unplaced.clone(),
             ..NsgOutcome::new(nsg_id)
         }
@@ -64,7 +65,7 @@ struct LastSync {
     started: Instant,
     outcome: NsgOutcome,
     /// The rules it was asked to make stand, and the policies whose rules it had to keep.
-    asked: Asked,
+    asked: Arc<Asked>,
     /// It found the NSG as asked: nothing written, nothing left without a priority.
     in_line: bool,
 }
@@ -80,7 +81,7 @@ struct Asked {
 struct Planned {
     generation: u64,
     until: Option<Timestamp>,
-    asked: Asked,
+    asked: Arc<Asked>,
 }
 
 impl Planned {
@@ -392,7 +393,7 @@ impl NsgSyncer {
         planned: &mut Option<Planned>,
         world: impl FnOnce() -> World,
         now: Timestamp,
-    ) -> Asked {
+    ) -> Arc<Asked> {
         let generation = self.world_generation.as_ref().map(WorldGeneration::current);
         if let (Some(generation), Some(plan)) = (generation, planned.as_ref())
             && plan.holds(generation, now)
@@ -400,10 +401,10 @@ impl NsgSyncer {
             return plan.asked.clone();
         }
         let world = world();
-        let asked = Asked {
+        let asked = Arc::new(Asked {
             desired: desired_rules(nsg_id, &world.policies, &world.grants, now, &self.naming),
             quarantined: world.quarantined_policies.clone(),
-        };
+        });
         *planned = generation.map(|generation| Planned {
             generation,
             until: next_lapse(&world, now),
@@ -412,11 +413,11 @@ impl NsgSyncer {
         asked
     }
 
-    fn still_in_line(&self, last: &LastSync, asked: &Asked) -> bool {
+    fn still_in_line(&self, last: &LastSync, asked: &Arc<Asked>) -> bool {
         self.read_sharing
             .is_some_and(|fresh_for| last.started.elapsed() < fresh_for)
             && last.in_line
-            && last.asked == *asked
+            && (Arc::ptr_eq(&last.asked, asked) || last.asked == *asked)
     }
 
     async fn sync_locked(&self, nsg_id: &str, asked: &Asked) -> Result<NsgOutcome, Error> {
