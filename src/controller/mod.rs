@@ -240,8 +240,14 @@ where
         let result = kube::runtime::finalizer::finalizer(&api, finalizer_name, obj, |event| {
             handle(event, api.clone(), ctx.clone())
         })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)));
+        .await;
+        let result = match result {
+            Err(e) if behind_our_own_finalizer_patch(&e) => {
+                tracing::debug!("the watch has not yet shown our finalizer patch: wait for it");
+                Ok(Action::await_change())
+            }
+            other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+        };
         if let Err(e) = &result {
             status::report_azure_failure(&api, &name, e).await;
         }
@@ -249,6 +255,21 @@ where
     }
     .instrument(span)
     .await
+}
+
+/// kube-runtime patches the finalizers with a JSON-patch `test` of the list the reconcile saw.
+/// When the watch lags behind our own last patch, that copy is stale and the API server answers
+/// 422 with no cause: the change is already made (or someone else's is), and the newer copy's
+/// event brings the object back. Not a failure: no backoff, nothing in status. An object the
+/// server finds invalid is also a 422, but names its causes: that stays an error.
+fn behind_our_own_finalizer_patch(e: &kube::runtime::finalizer::Error<Error>) -> bool {
+    use kube::runtime::finalizer::Error as F;
+    let (F::AddFinalizer(kube::Error::Api(status)) | F::RemoveFinalizer(kube::Error::Api(status))) =
+        e
+    else {
+        return false;
+    };
+    status.code == 422 && status.details.as_ref().is_none_or(|d| d.causes.is_empty())
 }
 
 /// Runs one reconcile, counting it and its duration by controller and result. A success
@@ -762,5 +783,48 @@ struct StopWrites<'a>(&'a Ctx);
 impl Drop for StopWrites<'_> {
     fn drop(&mut self) {
         self.0.nsgs.allow_writes(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::finalizer::Error as F;
+
+    fn api_error(body: serde_json::Value) -> kube::Error {
+        match serde_json::from_value(body) {
+            Ok(status) => kube::Error::Api(status),
+            Err(e) => panic!("a Status body: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_test_of_a_stale_finalizer_list_is_not_an_error_but_an_invalid_object_is() {
+        // As the API server answers a JSON-patch `test` that fails (checked against a real one).
+        let stale = || {
+            api_error(serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "the server rejected our request due to an error in our request",
+                "reason": "Invalid", "details": {}, "code": 422
+            }))
+        };
+        let invalid = || {
+            api_error(serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "AccessGrant.portcullis.dev \"g\" is invalid: spec.ports: Required value",
+                "reason": "Invalid", "code": 422,
+                "details": {"name": "g", "group": "portcullis.dev", "kind": "AccessGrant",
+                    "causes": [{"reason": "FieldValueRequired", "message": "Required value",
+                        "field": "spec.ports"}]}
+            }))
+        };
+        assert!(behind_our_own_finalizer_patch(&F::AddFinalizer(stale())));
+        assert!(behind_our_own_finalizer_patch(&F::RemoveFinalizer(stale())));
+        assert!(!behind_our_own_finalizer_patch(&F::AddFinalizer(invalid())));
+        let forbidden = api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "forbidden", "reason": "Forbidden", "details": {}, "code": 403
+        }));
+        assert!(!behind_our_own_finalizer_patch(&F::AddFinalizer(forbidden)));
     }
 }
