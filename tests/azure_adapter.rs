@@ -1092,7 +1092,7 @@ async fn read_nsg_and_put_nsg_round_trip_unknown_fields_and_foreign_rules() {
     seeded.raw["properties"]["futureFeature"] = serde_json::json!({"levels": [1, 2]});
     seeded.raw["tags"] = serde_json::json!({"owner": "net-team"});
     let mine = rule("portcullis-ssh", 110, "22");
-    api.put_nsg(&seeded, &[], std::slice::from_ref(&mine))
+    api.put_nsg(seeded.clone(), &[], std::slice::from_ref(&mine))
         .await
         .expect("put_nsg");
 
@@ -1109,7 +1109,7 @@ async fn read_nsg_and_put_nsg_round_trip_unknown_fields_and_foreign_rules() {
     assert!(snapshot_rule(&snap.rules, "portcullis-ssh").is_some_and(|r| r.same_content(&mine)));
 
     // A second write that deletes ours and replaces nothing else keeps all of it.
-    api.put_nsg(&snap, &["PORTCULLIS-SSH".to_string()], &[])
+    api.put_nsg(snap.clone(), &["PORTCULLIS-SSH".to_string()], &[])
         .await
         .expect("put_nsg delete");
     let rules = admin_rules(&admin, "nsg-nic").await;
@@ -1153,7 +1153,7 @@ async fn put_nsg_after_someone_else_wrote_fails_with_precondition_and_is_not_ret
 
     let mine = rule("portcullis-rdp", 120, "3389");
     let err = api
-        .put_nsg(&stale, &[], std::slice::from_ref(&mine))
+        .put_nsg(stale.clone(), &[], std::slice::from_ref(&mine))
         .await
         .unwrap_err();
     assert!(err.is_precondition_failed(), "{err:?}");
@@ -1170,7 +1170,7 @@ async fn put_nsg_after_someone_else_wrote_fails_with_precondition_and_is_not_ret
     // Re-read and write again: ours lands and theirs survives.
     let fresh = api.read_nsg(&nsg).await.expect("fresh read");
     assert!(snapshot_rule(&fresh.rules, "someone-else").is_some());
-    api.put_nsg(&fresh, &[], std::slice::from_ref(&mine))
+    api.put_nsg(fresh.clone(), &[], std::slice::from_ref(&mine))
         .await
         .expect("put on a fresh read");
     let rules = admin_rules(&admin, "nsg-subnet").await;
@@ -1214,7 +1214,7 @@ async fn can_not_delete_lock_blocks_delete_rule_but_put_nsg_removes_the_rule() {
 
     // The write Azure allows: the whole NSG without the rule.
     let snap = api.read_nsg(&nsg).await.expect("read under the lock");
-    api.put_nsg(&snap, &["portcullis-ssh".to_string()], &[])
+    api.put_nsg(snap.clone(), &["portcullis-ssh".to_string()], &[])
         .await
         .expect("put_nsg under CanNotDelete");
     let rules = admin_rules(&admin, "nsg-nic").await;
@@ -1243,7 +1243,7 @@ async fn read_only_lock_makes_every_write_fail_permanently() {
         .unwrap_err();
     let delete = api.delete_rule(&nsg, "user-allow-https").await.unwrap_err();
     let whole = api
-        .put_nsg(&snap, &["user-allow-https".to_string()], &[])
+        .put_nsg(snap.clone(), &["user-allow-https".to_string()], &[])
         .await
         .unwrap_err();
     for err in [&put, &delete, &whole] {
@@ -1303,10 +1303,10 @@ async fn per_nsg_fault_is_permanent_on_that_nsg_only() {
         matches!(err, AzureError::NotFound { .. }) && err.is_permanent(),
         "{err:?}"
     );
-    let err = api.put_nsg(&before, &[], &[]).await.unwrap_err();
+    let err = api.put_nsg(before.clone(), &[], &[]).await.unwrap_err();
     assert!(err.is_precondition_failed(), "{err:?}");
     before.etag = None;
-    let err = api.put_nsg(&before, &[], &[]).await.unwrap_err();
+    let err = api.put_nsg(before.clone(), &[], &[]).await.unwrap_err();
     assert!(err.is_precondition_failed(), "{err:?}");
     let err = api.read_nsg(&nsg_id("nsg-subnet")).await.unwrap_err();
     assert!(
@@ -1333,7 +1333,7 @@ async fn rules_mixing_address_families_are_bad_requests() {
     assert!(err.is_permanent());
     let snap = api.read_nsg(&nsg).await.expect("read");
     let err = api
-        .put_nsg(&snap, &[], std::slice::from_ref(&mixed))
+        .put_nsg(snap.clone(), &[], std::slice::from_ref(&mixed))
         .await
         .unwrap_err();
     assert!(
@@ -1348,7 +1348,7 @@ async fn rules_mixing_address_families_are_bad_requests() {
     // One family per rule works.
     let mut v6 = mixed.clone();
     v6.destination_address_prefixes = vec!["2001:db8::4".into()];
-    api.put_nsg(&snap, &[], std::slice::from_ref(&v6))
+    api.put_nsg(snap.clone(), &[], std::slice::from_ref(&v6))
         .await
         .expect("IPv6-only rule");
     emu.shutdown().await;

@@ -376,8 +376,8 @@ impl AzureNetworkClient {
             Some(serde_json::Value::Array(list)) => list
                 .iter()
                 .map(|v| {
-                    let model: azure_mgmt_network::models::SecurityRule =
-                        serde_json::from_value(v.clone()).map_err(|e| {
+                    let model = <azure_mgmt_network::models::SecurityRule as serde::Deserialize>::deserialize(v)
+                        .map_err(|e| {
                             AzureError::InvalidResponse(format!(
                                 "a security rule of NSG {nsg_id} does not parse: {e}"
                             ))
@@ -1026,7 +1026,7 @@ impl NetworkApi for AzureNetworkClient {
 
     async fn put_nsg(
         &self,
-        snapshot: &NsgSnapshot,
+        snapshot: NsgSnapshot,
         deletes: &[String],
         puts: &[NsgRule],
     ) -> Result<(), AzureError> {
@@ -1035,18 +1035,26 @@ impl NetworkApi for AzureNetworkClient {
             "Microsoft.Network",
             &["networkSecurityGroups"],
         )?;
-        let body = nsg_put_body(&snapshot.raw, deletes, puts)?;
-        let body = serde_json::to_vec(&body)
+        let NsgSnapshot {
+            nsg_id,
+            etag,
+            raw,
+            rules,
+        } = snapshot;
+        drop(rules);
+        // Only the encoded body is kept while the write's operation runs: the parsed NSG is
+        // several times its size, and a burst has many NSGs in flight at once.
+        let body = serde_json::to_vec(&nsg_put_body(raw, deletes, puts)?)
             .map_err(|e| AzureError::InvalidInput(format!("cannot encode the NSG: {e}")))?;
         // Without an etag, `*` still refuses to recreate an NSG deleted since the read.
-        let if_match = snapshot.etag.as_deref().unwrap_or("*");
-        if snapshot.etag.is_none() {
-            warn!(nsg = %snapshot.nsg_id, "NSG read without an etag; writing it with If-Match: *");
+        let if_match = etag.as_deref().unwrap_or("*");
+        if etag.is_none() {
+            warn!(nsg = %nsg_id, "NSG read without an etag; writing it with If-Match: *");
         }
         let summary = format!("{} deletes, {} puts", deletes.len(), puts.len());
         let ctx = LogCtx {
             op: "put_nsg",
-            nsg: &snapshot.nsg_id,
+            nsg: &nsg_id,
             rule: &summary,
         };
         // A retry after a 429/5xx resends the same If-Match: if the first attempt did land, the
@@ -1063,12 +1071,11 @@ impl NetworkApi for AzureNetworkClient {
 /// lists is put). Everything else, unknown fields included, is sent back as read: ARM ignores
 /// the read-only fields (`etag`, `provisioningState`, `defaultSecurityRules`...) on a PUT.
 fn nsg_put_body(
-    raw: &serde_json::Value,
+    mut body: serde_json::Value,
     deletes: &[String],
     puts: &[NsgRule],
 ) -> Result<serde_json::Value, AzureError> {
     use serde_json::Value;
-    let mut body = raw.clone();
     let obj = body
         .as_object_mut()
         .ok_or_else(|| AzureError::InvalidInput("the NSG snapshot is not a JSON object".into()))?;
@@ -1249,7 +1256,7 @@ mod tests {
             }
         });
         let body = nsg_put_body(
-            &raw,
+            raw.clone(),
             &["mine-2".to_string()],
             &[rule("mine-1", "22"), rule("mine-3", "80")],
         )
@@ -1272,9 +1279,9 @@ mod tests {
 
         // No rules at all: the puts become the list.
         let empty = serde_json::json!({"location": "l", "properties": {}});
-        let body = nsg_put_body(&empty, &[], &[rule("a", "1")]).unwrap();
+        let body = nsg_put_body(empty, &[], &[rule("a", "1")]).unwrap();
         assert_eq!(body["properties"]["securityRules"][0]["name"], "a");
-        assert!(nsg_put_body(&serde_json::json!([]), &[], &[]).is_err());
+        assert!(nsg_put_body(serde_json::json!([]), &[], &[]).is_err());
     }
 
     #[test]

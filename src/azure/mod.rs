@@ -188,9 +188,11 @@ pub trait NetworkApi: Send + Sync {
     /// recreated), and drives the long-running operation to `Succeeded`.
     /// A 412 returns [`AzureError::PreconditionFailed`] without retrying: re-read and re-plan.
     /// Under a `CanNotDelete` lock this still removes rules, where `delete_rule` cannot.
+    /// Takes the snapshot: its JSON becomes the body, and none of it is held while the
+    /// long-running operation is awaited.
     async fn put_nsg(
         &self,
-        snapshot: &NsgSnapshot,
+        snapshot: NsgSnapshot,
         deletes: &[String],
         puts: &[NsgRule],
     ) -> Result<(), AzureError>;

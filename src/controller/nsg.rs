@@ -237,7 +237,7 @@ impl NsgSyncer {
             };
             self.check_writes_allowed()?;
             writes += 1;
-            match self.azure.put_nsg(&snapshot, &deletes, &puts).await {
+            match self.azure.put_nsg(snapshot, &deletes, &puts).await {
                 Ok(()) => return Ok(writes),
                 Err(e) if e.is_precondition_failed() && attempt < ATTEMPTS => continue,
                 Err(e) => return Err(e.into()),
