@@ -15,7 +15,7 @@ use super::telemetry::Telemetry;
 use super::world::{World, WorldGeneration};
 use crate::azure::{AzureError, NetworkApi, NsgSnapshot};
 use crate::plan::rule::NsgRule;
-use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, desired_rules, plan_nsg};
+use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, plan_nsg};
 
 /// What a sync did and what now stands in the NSG.
 #[derive(Clone, Debug, Default)]
@@ -402,7 +402,7 @@ impl NsgSyncer {
         }
         let world = world();
         let asked = Arc::new(Asked {
-            desired: desired_rules(nsg_id, &world.policies, &world.grants, now, &self.naming),
+            desired: world.desired_rules(nsg_id, now, &self.naming),
             quarantined: world.quarantined_policies.clone(),
         });
         *planned = generation.map(|generation| Planned {

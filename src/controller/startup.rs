@@ -77,6 +77,8 @@ async fn read_world(
         allow_unscoped,
     }
     .restrict(std::mem::take(&mut world.policies));
+    // Once, not for each NSG planned.
+    world.index_policies();
     Some(world)
 }
 

@@ -11,7 +11,10 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
-use crate::plan::{GrantKey, PolicyCheck, Scopes, grant_keys_behind};
+use crate::plan::desired::{
+    Indexed, PolicyIndex, RuleIntent, desired_rules_indexed, grant_keys_behind_indexed,
+};
+use crate::plan::{GrantKey, Naming, PolicyCheck, Scopes};
 
 /// A consistent snapshot of policies and grants.
 #[derive(Clone, Default)]
@@ -27,6 +30,9 @@ pub struct World {
     pub scopes: Vec<JitScope>,
     /// Whether a namespace no JitScope names may name any VM (`--allow-unscoped-namespaces`).
     pub allow_unscoped: bool,
+    /// Beside `policies`, each one's index (see [`PolicyIndex`]) as the view keeps it per
+    /// version; empty when none is kept, and then made when needed.
+    pub policy_indexes: Vec<Arc<PolicyIndex>>,
     /// Whether the JitScopes have been listed. Until then every namespace looks unscoped:
     /// nothing may be refused, activated or revoked for its scope (the controllers wait). The
     /// start does not wait for them, so that an install whose JitScope CRD is missing (Helm
@@ -53,6 +59,51 @@ impl World {
             .collect()
     }
 
+    /// Makes each policy's index, unless they are kept already.
+    pub fn index_policies(&mut self) {
+        if self.policy_indexes.len() != self.policies.len() {
+            self.policy_indexes = self
+                .policies
+                .iter()
+                .map(|p| Arc::new(PolicyIndex::of(p)))
+                .collect();
+        }
+    }
+
+    /// The policies, each with its index (made now where none is kept).
+    fn with_indexed<R>(&self, f: impl FnOnce(&[Indexed]) -> R) -> R {
+        let made: Vec<Arc<PolicyIndex>>;
+        let indexes = if self.policy_indexes.len() == self.policies.len() {
+            &self.policy_indexes
+        } else {
+            made = self
+                .policies
+                .iter()
+                .map(|p| Arc::new(PolicyIndex::of(p)))
+                .collect();
+            &made
+        };
+        let indexed: Vec<Indexed> = self
+            .policies
+            .iter()
+            .zip(indexes)
+            .map(|(p, i)| (p.as_ref(), i.as_ref()))
+            .collect();
+        f(&indexed)
+    }
+
+    /// Every rule this world asks of NSG `nsg_id` at `now` (see [`desired_rules_indexed`]).
+    pub fn desired_rules(
+        &self,
+        nsg_id: &str,
+        now: jiff::Timestamp,
+        names: &Naming,
+    ) -> Vec<RuleIntent> {
+        self.with_indexed(|policies| {
+            desired_rules_indexed(nsg_id, policies, &self.grants, now, names)
+        })
+    }
+
     /// The world's grants by [`GrantKey`], for [`World::behind`].
     pub fn grants_by_key(&self) -> HashMap<GrantKey, Vec<Arc<AccessGrant>>> {
         let mut by_key: HashMap<GrantKey, Vec<Arc<AccessGrant>>> = HashMap::new();
@@ -68,7 +119,8 @@ impl World {
     /// This world with, of its grants, those that may have rules in `nsg_id` (`by_key` is
     /// [`World::grants_by_key`]): the NSG's plan from it is its plan from the whole world.
     pub fn behind(&self, nsg_id: &str, by_key: &HashMap<GrantKey, Vec<Arc<AccessGrant>>>) -> World {
-        let grants = grant_keys_behind(nsg_id, &self.policies)
+        let grants = self
+            .with_indexed(|policies| grant_keys_behind_indexed(nsg_id, policies))
             .iter()
             .filter_map(|key| by_key.get(key))
             .flatten()
@@ -76,6 +128,7 @@ impl World {
             .collect();
         World {
             policies: self.policies.clone(),
+            policy_indexes: self.policy_indexes.clone(),
             grants,
             quarantined_policies: self.quarantined_policies.clone(),
             approvals: self.approvals.clone(),
@@ -222,8 +275,8 @@ struct Restricted {
 struct RestrictedPolicy {
     version: String,
     policy: Arc<JitPolicy>,
-    /// Its validation, once asked for (see [`WorldView::policy_check`]).
-    check: Option<PolicyCheck>,
+    /// Its validation and index, once asked for (see [`WorldView::policy_check`]).
+    index: Option<Arc<PolicyIndex>>,
 }
 
 /// Stores plus the overlay of our own recent writes.
@@ -500,10 +553,16 @@ impl WorldView {
             |_| true,
         );
         let policies = self.restrict(policies, &scopes);
+        let policy_indexes = self.indexes_of(&policies);
         let stored = match which {
             Grants::None => None,
             Grants::Behind(nsg_id) if self.grant_indexes.len() == self.grants.len() => {
-                let keys = grant_keys_behind(nsg_id, &policies);
+                let indexed: Vec<Indexed> = policies
+                    .iter()
+                    .zip(&policy_indexes)
+                    .map(|(p, i)| (p.as_ref(), i.as_ref()))
+                    .collect();
+                let keys = grant_keys_behind_indexed(nsg_id, &indexed);
                 let mut behind: Vec<Arc<AccessGrant>> = self
                     .grants
                     .iter()
@@ -556,6 +615,7 @@ impl WorldView {
         }
         World {
             policies,
+            policy_indexes,
             grants,
             quarantined_policies: undecodable
                 .iter()
@@ -604,7 +664,7 @@ impl WorldView {
                         let kept = RestrictedPolicy {
                             version,
                             policy: r.clone(),
-                            check: None,
+                            index: None,
                         };
                         cache.policies.insert(uid, kept);
                     }
@@ -635,9 +695,35 @@ impl WorldView {
         else {
             return PolicyCheck::of(policy);
         };
-        kept.check
-            .get_or_insert_with(|| PolicyCheck::of(policy))
+        kept.index
+            .get_or_insert_with(|| Arc::new(PolicyIndex::of(policy)))
+            .check
             .clone()
+    }
+
+    /// Each policy's index: kept per version for the very objects the view holds, else made.
+    fn indexes_of(&self, policies: &[Arc<JitPolicy>]) -> Vec<Arc<PolicyIndex>> {
+        let mut cache = self
+            .restricted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        policies
+            .iter()
+            .map(|policy| {
+                let uid = policy.metadata.uid.as_deref().unwrap_or_default();
+                match cache
+                    .policies
+                    .get_mut(uid)
+                    .filter(|kept| Arc::ptr_eq(&kept.policy, policy))
+                {
+                    Some(kept) => kept
+                        .index
+                        .get_or_insert_with(|| Arc::new(PolicyIndex::of(policy)))
+                        .clone(),
+                    None => Arc::new(PolicyIndex::of(policy)),
+                }
+            })
+            .collect()
     }
 
     pub fn record_policy(&self, policy: &JitPolicy) {

@@ -161,6 +161,93 @@ impl PolicyCheck {
     }
 }
 
+/// A policy made ready to plan NSGs, once per version (kept by the caller beside the policy):
+/// its check, and which of its resolved targets stand behind each NSG. Planning an NSG then
+/// walks the targets behind it, not every target of the policy with a search for each VM (a
+/// policy over 500 VMs planned for each of its 625 NSGs).
+#[derive(Debug)]
+pub struct PolicyIndex {
+    pub check: PolicyCheck,
+    /// Lower-cased NSG id -> the targets behind it (indices into `status.targets`).
+    behind: HashMap<String, Vec<usize>>,
+    /// Per target: the VM of the effective spec it resolves, when it is that VM's first target.
+    spec_vm: Vec<Option<usize>>,
+}
+
+/// A policy with its index, as the planner takes it.
+pub type Indexed<'a> = (&'a JitPolicy, &'a PolicyIndex);
+
+impl PolicyIndex {
+    pub fn of(policy: &JitPolicy) -> PolicyIndex {
+        PolicyIndex::checked(policy, PolicyCheck::of(policy))
+    }
+
+    pub fn checked(policy: &JitPolicy, check: PolicyCheck) -> PolicyIndex {
+        let targets = targets(policy);
+        let mut behind: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut first_of_vm: HashMap<String, usize> = HashMap::new();
+        for (i, target) in targets.iter().enumerate() {
+            first_of_vm
+                .entry(target.virtual_machine.to_ascii_lowercase())
+                .or_insert(i);
+            for nsg in &target.network_security_groups {
+                let listed = behind.entry(nsg.to_ascii_lowercase()).or_default();
+                if listed.last() != Some(&i) {
+                    listed.push(i);
+                }
+            }
+        }
+        let mut spec_vm = vec![None; targets.len()];
+        for (j, vm) in check
+            .effective_spec(policy)
+            .into_iter()
+            .flat_map(|spec| spec.virtual_machines.iter().enumerate())
+        {
+            if let Some(slot) = first_of_vm
+                .get(&vm.id.to_ascii_lowercase())
+                .and_then(|&i| spec_vm.get_mut(i))
+            {
+                slot.get_or_insert(j);
+            }
+        }
+        PolicyIndex {
+            check,
+            behind,
+            spec_vm,
+        }
+    }
+
+    /// The policy's targets behind `nsg_id`, each with its index.
+    fn targets_behind<'p>(
+        &'p self,
+        policy: &'p JitPolicy,
+        nsg_id: &str,
+    ) -> impl Iterator<Item = (usize, &'p ResolvedTarget)> + 'p {
+        let targets = targets(policy);
+        self.behind
+            .get(&nsg_id.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .filter_map(move |&i| targets.get(i).map(|t| (i, t)))
+    }
+}
+
+fn targets(policy: &JitPolicy) -> &[ResolvedTarget] {
+    policy
+        .status
+        .as_ref()
+        .map(|s| s.targets.as_slice())
+        .unwrap_or_default()
+}
+
+/// Each policy with an index made now, for callers that keep none.
+fn indexed<P: Borrow<JitPolicy>>(policies: &[P]) -> Vec<(&JitPolicy, PolicyIndex)> {
+    policies
+        .iter()
+        .map(|p| (p.borrow(), PolicyIndex::of(p.borrow())))
+        .collect()
+}
+
 /// The record of what a grant opens, made once at activation from the validated spec.
 pub fn granted_access(
     policy_name: &str,
@@ -331,11 +418,16 @@ pub const DENY_RULE_MAX_ADDRESSES: usize = 400;
 /// common case (every VM with the same ports) a policy takes one rule per protocol and family in
 /// each NSG, however many VMs it covers. A group over [`DENY_RULE_MAX_ADDRESSES`] addresses is
 /// split into chunks.
-fn policy_intents(nsg_id: &str, policy: &JitPolicy, names: &Naming, out: &mut Vec<RuleIntent>) {
+fn policy_intents(
+    nsg_id: &str,
+    (policy, index): Indexed,
+    names: &Naming,
+    out: &mut Vec<RuleIntent>,
+) {
     if policy.metadata.deletion_timestamp.is_some() {
         return;
     }
-    let Some(spec) = effective_spec(policy) else {
+    let Some(spec) = index.check.effective_spec(policy) else {
         return;
     };
     let (Some(uid), Some(namespace)) = (policy.uid(), policy.namespace()) else {
@@ -345,13 +437,16 @@ fn policy_intents(nsg_id: &str, policy: &JitPolicy, names: &Naming, out: &mut Ve
     // (protocol, ports, family) -> (VM id in lowercase, address), sorted.
     type Group = (u8, Vec<u16>, Family);
     let mut groups: BTreeMap<Group, (Protocol, Vec<(String, String)>)> = BTreeMap::new();
-    for vm in &spec.virtual_machines {
-        let Some(target) = target_of(policy, &vm.id) else {
+    for (i, target) in index.targets_behind(policy, nsg_id) {
+        let Some(vm) = index
+            .spec_vm
+            .get(i)
+            .copied()
+            .flatten()
+            .and_then(|j| spec.virtual_machines.get(j))
+        else {
             continue;
         };
-        if !contains_ci(&target.network_security_groups, nsg_id) {
-            continue;
-        }
         let by_protocol = ports_by_protocol(vm.ports.iter().map(|p| (p.number, p.protocol)));
         let vm_key = vm.id.to_ascii_lowercase();
         for (family, ips) in by_family(target.private_ip_addresses.iter()) {
@@ -533,20 +628,36 @@ pub fn desired_rules<P: Borrow<JitPolicy>, G: Borrow<AccessGrant>>(
     now: Timestamp,
     names: &Naming,
 ) -> Vec<RuleIntent> {
+    let indexed = indexed(policies);
+    let policies: Vec<Indexed> = indexed.iter().map(|(p, i)| (*p, i)).collect();
+    desired_rules_indexed(nsg_id, &policies, grants, now, names)
+}
+
+/// [`desired_rules`] with each policy's index kept by the caller.
+pub fn desired_rules_indexed<G: Borrow<AccessGrant>>(
+    nsg_id: &str,
+    policies: &[Indexed],
+    grants: &[G],
+    now: Timestamp,
+    names: &Naming,
+) -> Vec<RuleIntent> {
     let mut out = Vec::new();
     // By (namespace, name), the first one winning as in `policy_of`; `None`: it governs no VM
     // here, or has no effective spec, so no grant under it opens anything in this NSG.
     let mut governing: HashMap<PolicyKey, Option<(&JitPolicy, &JitPolicySpec, VmsBehind)>> =
         HashMap::new();
-    for policy in policies.iter().map(Borrow::borrow) {
-        policy_intents(nsg_id, policy, names, &mut out);
+    for &(policy, index) in policies {
+        policy_intents(nsg_id, (policy, index), names, &mut out);
         governing
             .entry((policy.namespace(), policy.name_any()))
             .or_insert_with(|| {
-                let behind = VmsBehind::of(policy, nsg_id);
+                let behind = VmsBehind::of((policy, index), nsg_id);
                 let governs = !behind.is_empty();
                 governs
-                    .then(|| effective_spec(policy).map(|spec| (policy, spec, behind)))
+                    .then(|| {
+                        let spec = index.check.effective_spec(policy)?;
+                        Some((policy, spec, behind))
+                    })
                     .flatten()
             });
     }
@@ -644,11 +755,18 @@ fn vm_key(grant: &AccessGrant) -> String {
 /// each VM behind the NSG by full ID and by name. A grant whose key is not among them gets no
 /// rule there, so planning the NSG from those grants alone plans it exactly.
 pub fn grant_keys_behind<P: Borrow<JitPolicy>>(nsg_id: &str, policies: &[P]) -> HashSet<GrantKey> {
+    let indexed = indexed(policies);
+    let policies: Vec<Indexed> = indexed.iter().map(|(p, i)| (*p, i)).collect();
+    grant_keys_behind_indexed(nsg_id, &policies)
+}
+
+/// [`grant_keys_behind`] with each policy's index kept by the caller.
+pub fn grant_keys_behind_indexed(nsg_id: &str, policies: &[Indexed]) -> HashSet<GrantKey> {
     let mut keys = HashSet::new();
-    for policy in policies.iter().map(Borrow::borrow) {
+    for &(policy, index) in policies {
         let namespace = policy.namespace().unwrap_or_default();
         let name = policy.name_any();
-        let behind = VmsBehind::of(policy, nsg_id);
+        let behind = VmsBehind::of((policy, index), nsg_id);
         for vm in behind.ids.into_iter().chain(behind.names) {
             keys.insert(GrantKey {
                 namespace: namespace.clone(),
@@ -669,14 +787,9 @@ struct VmsBehind {
 }
 
 impl VmsBehind {
-    fn of(policy: &JitPolicy, nsg_id: &str) -> VmsBehind {
-        let here = policy
-            .status
-            .iter()
-            .flat_map(|s| s.targets.iter())
-            .filter(|t| contains_ci(&t.network_security_groups, nsg_id));
+    fn of((policy, index): Indexed, nsg_id: &str) -> VmsBehind {
         let (mut ids, mut names) = (HashSet::new(), HashSet::new());
-        for target in here {
+        for (_, target) in index.targets_behind(policy, nsg_id) {
             ids.insert(target.virtual_machine.to_ascii_lowercase());
             names.insert(validate::vm_name(&target.virtual_machine).to_ascii_lowercase());
         }
@@ -877,6 +990,53 @@ pub(crate) mod tests {
         let vm2 = b.iter().find(|i| i.name == vm2).expect("vm2's rule");
         assert_eq!(vm2.destination_address_prefixes, ["10.0.2.4"]);
         assert_eq!(vm2.destination_port_ranges, ["3389"]);
+    }
+
+    #[test]
+    fn the_index_finds_each_vms_first_target_behind_an_nsg_whatever_its_case() {
+        let mut p = example_policy();
+        let targets = &mut p.status.as_mut().expect("status").targets;
+        // vm1 again, later and elsewhere: its first target is the one that counts.
+        targets.push(target(&vm_id("rg1", "VM1"), &["10.9.9.9"], &[NSG_B]));
+        // A VM the spec does not name, and an NSG listed twice in one target.
+        targets.push(target(
+            &vm_id("rg1", "stranger"),
+            &["10.7.7.7"],
+            &[NSG_A, NSG_A],
+        ));
+        targets[0].network_security_groups = vec![NSG_A.to_uppercase(), NSG_B.to_string()];
+        let index = PolicyIndex::of(&p);
+        let behind_a: Vec<usize> = index.targets_behind(&p, NSG_A).map(|(i, _)| i).collect();
+        assert_eq!(behind_a, [0, 3], "each target once, found by any case");
+        assert_eq!(index.spec_vm, [Some(0), Some(1), None, None]);
+
+        let names = Naming::default();
+        let a = desired_rules(NSG_A, std::slice::from_ref(&p), NO_GRANTS, now(), &names);
+        let addresses: Vec<&String> = a
+            .iter()
+            .flat_map(|i| &i.destination_address_prefixes)
+            .collect();
+        assert!(
+            !addresses.contains(&&"10.7.7.7".to_string()),
+            "a VM the policy does not name is not denied: {a:#?}"
+        );
+        let b = desired_rules(NSG_B, std::slice::from_ref(&p), NO_GRANTS, now(), &names);
+        let addresses: Vec<&String> = b
+            .iter()
+            .flat_map(|i| &i.destination_address_prefixes)
+            .collect();
+        assert!(addresses.contains(&&"10.0.1.4".to_string()), "{b:#?}");
+        assert!(
+            !addresses.contains(&&"10.9.9.9".to_string()),
+            "only a VM's first target counts: {b:#?}"
+        );
+        // An NSG nothing is behind plans nothing.
+        assert!(
+            index
+                .targets_behind(&p, "/subscriptions/s/x")
+                .next()
+                .is_none()
+        );
     }
 
     /// A policy over `n` VMs with the same port, `per_nsg` VMs behind each subnet NSG.
