@@ -13,6 +13,7 @@ use kube::{Resource, ResourceExt};
 use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
 use crate::plan::desired::{
     Indexed, PolicyIndex, RuleIntent, desired_rules_indexed, grant_keys_behind_indexed,
+    with_indexes,
 };
 use crate::plan::{GrantKey, Naming, PolicyCheck, Scopes};
 
@@ -70,26 +71,9 @@ impl World {
         }
     }
 
-    /// The policies, each with its index (made now where none is kept).
+    /// Calls `f` with each policy and its index (see [`with_indexes`]).
     fn with_indexed<R>(&self, f: impl FnOnce(&[Indexed]) -> R) -> R {
-        let made: Vec<Arc<PolicyIndex>>;
-        let indexes = if self.policy_indexes.len() == self.policies.len() {
-            &self.policy_indexes
-        } else {
-            made = self
-                .policies
-                .iter()
-                .map(|p| Arc::new(PolicyIndex::of(p)))
-                .collect();
-            &made
-        };
-        let indexed: Vec<Indexed> = self
-            .policies
-            .iter()
-            .zip(indexes)
-            .map(|(p, i)| (p.as_ref(), i.as_ref()))
-            .collect();
-        f(&indexed)
+        with_indexes(&self.policies, &self.policy_indexes, f)
     }
 
     /// Every rule this world asks of NSG `nsg_id` at `now` (see [`desired_rules_indexed`]).
@@ -557,12 +541,9 @@ impl WorldView {
         let stored = match which {
             Grants::None => None,
             Grants::Behind(nsg_id) if self.grant_indexes.len() == self.grants.len() => {
-                let indexed: Vec<Indexed> = policies
-                    .iter()
-                    .zip(&policy_indexes)
-                    .map(|(p, i)| (p.as_ref(), i.as_ref()))
-                    .collect();
-                let keys = grant_keys_behind_indexed(nsg_id, &indexed);
+                let keys = with_indexes(&policies, &policy_indexes, |indexed| {
+                    grant_keys_behind_indexed(nsg_id, indexed)
+                });
                 let mut behind: Vec<Arc<AccessGrant>> = self
                     .grants
                     .iter()

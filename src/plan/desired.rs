@@ -5,6 +5,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use kube::ResourceExt;
@@ -167,6 +168,8 @@ impl PolicyCheck {
 /// policy over 500 VMs planned for each of its 625 NSGs).
 #[derive(Debug)]
 pub struct PolicyIndex {
+    /// The policy's uid and resourceVersion: the version it was made for.
+    made_for: (Option<String>, Option<String>),
     pub check: PolicyCheck,
     /// Lower-cased NSG id -> the targets behind it (indices into `status.targets`).
     behind: HashMap<String, Vec<usize>>,
@@ -211,10 +214,15 @@ impl PolicyIndex {
             }
         }
         PolicyIndex {
+            made_for: version_of(policy),
             check,
             behind,
             spec_vm,
         }
+    }
+
+    fn made_for(&self, policy: &JitPolicy) -> bool {
+        self.made_for == version_of(policy)
     }
 
     /// The policy's targets behind `nsg_id`, each with its index.
@@ -240,12 +248,39 @@ fn targets(policy: &JitPolicy) -> &[ResolvedTarget] {
         .unwrap_or_default()
 }
 
-/// Each policy with an index made now, for callers that keep none.
-fn indexed<P: Borrow<JitPolicy>>(policies: &[P]) -> Vec<(&JitPolicy, PolicyIndex)> {
-    policies
+fn version_of(policy: &JitPolicy) -> (Option<String>, Option<String>) {
+    (policy.uid(), policy.resource_version())
+}
+
+/// Calls `f` with each policy and its index: the one at the same place in `kept` when it was
+/// made for this version of the policy, else one made now.
+pub fn with_indexes<P: Borrow<JitPolicy>, R>(
+    policies: &[P],
+    kept: &[Arc<PolicyIndex>],
+    f: impl FnOnce(&[Indexed]) -> R,
+) -> R {
+    let made: Vec<Option<PolicyIndex>> = policies
         .iter()
-        .map(|p| (p.borrow(), PolicyIndex::of(p.borrow())))
-        .collect()
+        .map(Borrow::borrow)
+        .enumerate()
+        .map(|(i, policy)| match kept.get(i) {
+            Some(index) if index.made_for(policy) => None,
+            _ => Some(PolicyIndex::of(policy)),
+        })
+        .collect();
+    let indexed: Vec<Indexed> = policies
+        .iter()
+        .zip(&made)
+        .enumerate()
+        .filter_map(|(i, (policy, made))| {
+            let index = match made {
+                Some(index) => index,
+                None => kept.get(i)?.as_ref(),
+            };
+            Some((policy.borrow(), index))
+        })
+        .collect();
+    f(&indexed)
 }
 
 /// The record of what a grant opens, made once at activation from the validated spec.
@@ -628,9 +663,9 @@ pub fn desired_rules<P: Borrow<JitPolicy>, G: Borrow<AccessGrant>>(
     now: Timestamp,
     names: &Naming,
 ) -> Vec<RuleIntent> {
-    let indexed = indexed(policies);
-    let policies: Vec<Indexed> = indexed.iter().map(|(p, i)| (*p, i)).collect();
-    desired_rules_indexed(nsg_id, &policies, grants, now, names)
+    with_indexes(policies, &[], |policies| {
+        desired_rules_indexed(nsg_id, policies, grants, now, names)
+    })
 }
 
 /// [`desired_rules`] with each policy's index kept by the caller.
@@ -755,9 +790,9 @@ fn vm_key(grant: &AccessGrant) -> String {
 /// each VM behind the NSG by full ID and by name. A grant whose key is not among them gets no
 /// rule there, so planning the NSG from those grants alone plans it exactly.
 pub fn grant_keys_behind<P: Borrow<JitPolicy>>(nsg_id: &str, policies: &[P]) -> HashSet<GrantKey> {
-    let indexed = indexed(policies);
-    let policies: Vec<Indexed> = indexed.iter().map(|(p, i)| (*p, i)).collect();
-    grant_keys_behind_indexed(nsg_id, &policies)
+    with_indexes(policies, &[], |policies| {
+        grant_keys_behind_indexed(nsg_id, policies)
+    })
 }
 
 /// [`grant_keys_behind`] with each policy's index kept by the caller.
@@ -1036,6 +1071,34 @@ pub(crate) mod tests {
                 .targets_behind(&p, "/subscriptions/s/x")
                 .next()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn a_kept_index_serves_only_the_version_it_was_made_for() {
+        let mut p = example_policy();
+        p.metadata.resource_version = Some("1".into());
+        let kept = vec![Arc::new(PolicyIndex::of(&p))];
+        with_indexes(std::slice::from_ref(&p), &kept, |indexed| {
+            assert!(std::ptr::eq(indexed[0].1, kept[0].as_ref()), "kept");
+        });
+        // A new version whose VM moved out of nsg-a: an index of its own, which sees the move.
+        p.metadata.resource_version = Some("2".into());
+        p.status.as_mut().expect("status").targets[0].network_security_groups =
+            vec![NSG_B.to_string()];
+        with_indexes(std::slice::from_ref(&p), &kept, |indexed| {
+            assert!(!std::ptr::eq(indexed[0].1, kept[0].as_ref()), "made anew");
+            assert_eq!(indexed[0].1.targets_behind(&p, NSG_A).count(), 0);
+        });
+        assert!(
+            desired_rules(
+                NSG_A,
+                std::slice::from_ref(&p),
+                NO_GRANTS,
+                now(),
+                &Naming::default()
+            )
+            .is_empty()
         );
     }
 
