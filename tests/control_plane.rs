@@ -220,3 +220,34 @@ async fn a_repeated_event_is_counted_on_one_event_and_another_reason_is_its_own(
         ]
     );
 }
+
+/// A one-off list (the start-up's) reads page by page and misses nothing.
+#[tokio::test]
+async fn a_list_in_pages_returns_every_object() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use portcullis::controller::decode;
+
+    let client = client().await;
+    let ns = fresh_namespace(&client, "pages").await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    for i in 0..5 {
+        let map: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("map-{i}")}
+        }))
+        .expect("a ConfigMap");
+        maps.create(&PostParams::default(), &map)
+            .await
+            .expect("create");
+    }
+    let raw = decode::raw_api::<ConfigMap>(client.clone(), Some(&ns));
+    let (listed, undecodable) = decode::list_in_pages::<ConfigMap>(&raw, 2)
+        .await
+        .expect("list");
+    let mut names: Vec<String> = listed
+        .iter()
+        .filter_map(|m| m.metadata.name.clone())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["map-0", "map-1", "map-2", "map-3", "map-4"]);
+    assert!(undecodable.is_empty());
+}

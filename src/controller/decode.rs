@@ -126,16 +126,39 @@ pub async fn list<K>(
 where
     K: Resource<DynamicType = ()> + DeserializeOwned,
 {
+    list_in_pages(api, LIST_PAGE).await
+}
+
+/// [`list`], `page` objects per request.
+pub async fn list_in_pages<K>(
+    api: &Api<DynamicObject>,
+    page: u32,
+) -> Result<(Vec<K>, Vec<Box<Undecodable>>), kube::Error>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
     let mut decoded = Vec::new();
     let mut failed = Vec::new();
-    for raw in api.list(&ListParams::default()).await?.items {
-        match undecodable::<K>(raw) {
-            Ok(obj) => decoded.push(obj),
-            Err(report) => failed.push(report),
+    // Page by page, as the watches list: 10,000 grants in one answer were held three times
+    // over (the body, its JSON, the decoded objects) at the start of a restart.
+    let mut params = ListParams::default().limit(page);
+    loop {
+        let page = api.list(&params).await?;
+        for raw in page.items {
+            match undecodable::<K>(raw) {
+                Ok(obj) => decoded.push(obj),
+                Err(report) => failed.push(report),
+            }
+        }
+        match page.metadata.continue_.filter(|token| !token.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok((decoded, failed)),
         }
     }
-    Ok((decoded, failed))
 }
+
+/// Objects per page of a one-off list (kube-runtime's watches list 500 at a time too).
+const LIST_PAGE: u32 = 500;
 
 fn undecodable<K>(mut raw: DynamicObject) -> Result<K, Box<Undecodable>>
 where
