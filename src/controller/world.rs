@@ -256,6 +256,25 @@ struct Restricted {
     policies: HashMap<String, RestrictedPolicy>,
 }
 
+impl Restricted {
+    /// The policy's index, kept with its restriction when `policy` is the very object kept (so
+    /// the index is of what the caller sees), else made now.
+    fn index_of(&mut self, policy: &JitPolicy) -> Arc<PolicyIndex> {
+        let uid = policy.metadata.uid.as_deref().unwrap_or_default();
+        match self
+            .policies
+            .get_mut(uid)
+            .filter(|kept| std::ptr::eq(kept.policy.as_ref(), policy))
+        {
+            Some(kept) => kept
+                .index
+                .get_or_insert_with(|| Arc::new(PolicyIndex::of(policy)))
+                .clone(),
+            None => Arc::new(PolicyIndex::of(policy)),
+        }
+    }
+}
+
 struct RestrictedPolicy {
     version: String,
     policy: Arc<JitPolicy>,
@@ -619,10 +638,7 @@ impl WorldView {
             scopes,
             allow_unscoped: self.allow_unscoped,
         };
-        let mut cache = self
-            .restricted
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cache = self.restricted_cache();
         let scopes_now: Vec<_> = scopes
             .iter()
             .map(|s| (s.metadata.uid.clone(), s.metadata.resource_version.clone()))
@@ -663,48 +679,20 @@ impl WorldView {
     /// The validation of `policy`, a policy of one of this view's snapshots: made once per
     /// version of the policy (and of the scopes), not at every reconcile of each of its grants.
     pub fn policy_check(&self, policy: &JitPolicy) -> PolicyCheck {
-        let uid = policy.metadata.uid.as_deref().unwrap_or_default();
-        let mut cache = self
-            .restricted
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // The very object the snapshot holds, so the check is of what the caller sees.
-        let Some(kept) = cache
-            .policies
-            .get_mut(uid)
-            .filter(|kept| std::ptr::eq(kept.policy.as_ref(), policy))
-        else {
-            return PolicyCheck::of(policy);
-        };
-        kept.index
-            .get_or_insert_with(|| Arc::new(PolicyIndex::of(policy)))
-            .check
-            .clone()
+        self.restricted_cache().index_of(policy).check.clone()
     }
 
-    /// Each policy's index: kept per version for the very objects the view holds, else made.
+    /// Each policy's index (see [`Restricted::index_of`]).
     fn indexes_of(&self, policies: &[Arc<JitPolicy>]) -> Vec<Arc<PolicyIndex>> {
-        let mut cache = self
-            .restricted
+        let mut cache = self.restricted_cache();
+        policies.iter().map(|p| cache.index_of(p)).collect()
+    }
+
+    fn restricted_cache(&self) -> std::sync::MutexGuard<'_, Restricted> {
+        // Only a cache: a panic elsewhere while holding it leaves it usable.
+        self.restricted
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        policies
-            .iter()
-            .map(|policy| {
-                let uid = policy.metadata.uid.as_deref().unwrap_or_default();
-                match cache
-                    .policies
-                    .get_mut(uid)
-                    .filter(|kept| Arc::ptr_eq(&kept.policy, policy))
-                {
-                    Some(kept) => kept
-                        .index
-                        .get_or_insert_with(|| Arc::new(PolicyIndex::of(policy)))
-                        .clone(),
-                    None => Arc::new(PolicyIndex::of(policy)),
-                }
-            })
-            .collect()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn record_policy(&self, policy: &JitPolicy) {
