@@ -134,14 +134,16 @@ async fn two_installations_sharing_nsgs_keep_each_others_rules() {
     env.wait_policy_ready("prod", T).await;
     env.create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT1H"))
         .await;
-    env.wait_grant_phase("alice", GrantPhase::Active, T).await;
+    // Opened, not just Active: a grant is recorded Active before its rules are written.
+    env.wait_grant_condition("alice", "Ready", "Opened", T)
+        .await;
     // The Env helpers act on `env.ns`: point them at green's namespace for its objects.
     env.ns = green_ns.clone();
     env.create_policy("prod", standard_policy()).await;
     env.wait_policy_ready("prod", T).await;
     env.create_grant("bob", grant_spec("vm1", &[22], "203.0.113.8/32", "PT1H"))
         .await;
-    env.wait_grant_phase("bob", GrantPhase::Active, T).await;
+    env.wait_grant_condition("bob", "Ready", "Opened", T).await;
     env.ns = blue_ns;
 
     let blue_rules = rules_where(&env, |n| blue_naming.is_owned(n)).await;
