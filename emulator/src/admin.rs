@@ -420,6 +420,9 @@ async fn rules(State(app): State<App>, Query(q): Query<NsgQuery>) -> Response {
 async fn dump(State(app): State<App>) -> Response {
     let mut g = app.inner.lock();
     g.settle(Instant::now());
+    // When the state was as dumped: a reader timing changes (a close's lag) would otherwise
+    // count the time spent writing and reading a large dump.
+    let at = jiff::Timestamp::now().to_string();
     let subs: Vec<Value> = g
         .world
         .subscriptions
@@ -443,6 +446,7 @@ async fn dump(State(app): State<App>) -> Response {
         .collect();
     let pending = g.ops.values().filter(|o| !o.done).count();
     axum::Json(json!({
+        "at": at,
         "config": g.config.view(),
         "faults": g.faults,
         "nsg_faults": g.nsg_faults,

@@ -107,7 +107,11 @@ pub async fn observe_azure(admin: &AdminClient) -> Observed {
         .state()
         .await
         .unwrap_or_else(|e| panic!("emulator state: {e}"));
-    let at = Timestamp::now();
+    // The emulator's time of the dump, not when it was read (a large dump takes a while).
+    let at = state["at"]
+        .as_str()
+        .and_then(|at| at.parse().ok())
+        .unwrap_or_else(Timestamp::now);
     let mut nsgs = BTreeMap::new();
     let mut nics = Vec::new();
     let mut subnets = Vec::new();
