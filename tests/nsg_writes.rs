@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use portcullis::api::GrantPhase;
 use serde_json::json;
-use support::operator::{Env, grant_spec, nsg_id, standard_policy};
+use support::operator::{Env, grant_spec, nsg_id, reads_nsg, standard_policy};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -118,11 +118,7 @@ async fn a_quiet_steady_state_reads_each_nsg_once_per_resync_whatever_the_number
     env.admin.clear_requests().await.expect("clear requests");
     let since = std::time::Instant::now();
     let lists = |requests: &[portcullis_azure_emulator::RequestRecord], nsg: &str| {
-        let path = format!("/networkSecurityGroups/{nsg}/securityRules?");
-        requests
-            .iter()
-            .filter(|r| r.method == "GET" && r.path.contains(&path))
-            .count()
+        requests.iter().filter(|r| reads_nsg(r, nsg)).count()
     };
     let deadline = since + T;
     let requests = loop {

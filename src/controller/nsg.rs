@@ -66,7 +66,7 @@ struct LastSync {
     outcome: NsgOutcome,
     /// The rules it was asked to make stand, and the policies whose rules it had to keep.
     asked: Arc<Asked>,
-    /// It found the NSG as asked: nothing written, nothing left without a priority.
+    /// It left the NSG as asked (found it so, or wrote it so): nothing without a priority.
     in_line: bool,
 }
 
@@ -183,10 +183,10 @@ impl NsgSyncer {
     }
 
     /// With the opt-in, makes sure the NSG re-evaluates established flows when rules change: one
-    /// conditional whole-NSG PUT that changes only `flushConnection`.
-    async fn ensure_flush_connection(&self, nsg_id: &str) -> Result<(), Error> {
+    /// conditional whole-NSG PUT that changes only `flushConnection`. Returns the writes made.
+    async fn ensure_flush_connection(&self, nsg_id: &str) -> Result<usize, Error> {
         let Some(flushed) = &self.flush_connections else {
-            return Ok(());
+            return Ok(0);
         };
         let key = nsg_id.to_ascii_lowercase();
         let flushed = || {
@@ -195,43 +195,50 @@ impl NsgSyncer {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
         };
         if flushed().contains(&key) {
-            return Ok(());
+            return Ok(0);
         }
-        self.write_whole_nsg(nsg_id, |snapshot| {
-            let Some(props) = snapshot
-                .raw
-                .get_mut("properties")
-                .and_then(|p| p.as_object_mut())
-            else {
-                return Err(
-                    AzureError::InvalidResponse(format!("NSG {nsg_id} has no properties")).into(),
-                );
-            };
-            if props.get("flushConnection").and_then(|v| v.as_bool()) == Some(true) {
-                return Ok(None);
-            }
-            props.insert("flushConnection".into(), serde_json::Value::Bool(true));
-            info!("setting flushConnection on the NSG (opt-in)");
-            Ok(Some(RuleEdits::default()))
-        })
-        .await?;
+        let writes = self
+            .write_whole_nsg(nsg_id, None, |snapshot| {
+                let Some(props) = snapshot
+                    .raw
+                    .get_mut("properties")
+                    .and_then(|p| p.as_object_mut())
+                else {
+                    return Err(AzureError::InvalidResponse(format!(
+                        "NSG {nsg_id} has no properties"
+                    ))
+                    .into());
+                };
+                if props.get("flushConnection").and_then(|v| v.as_bool()) == Some(true) {
+                    return Ok(None);
+                }
+                props.insert("flushConnection".into(), serde_json::Value::Bool(true));
+                info!("setting flushConnection on the NSG (opt-in)");
+                Ok(Some(RuleEdits::default()))
+            })
+            .await?;
         flushed().insert(key);
-        Ok(())
+        Ok(writes)
     }
 
-    /// One conditional write of the whole NSG: read it, let `edit` change the snapshot and name
+    /// One conditional write of the whole NSG: read it (unless `read` is a snapshot just read),
+    /// let `edit` change the snapshot and name
     /// the rules to drop and to put (`None`: nothing to write), PUT it with `If-Match` on the etag
     /// just read, and on 412 read and decide again, a few times. Every other property and rule
     /// goes back as read. Returns the number of writes made.
     async fn write_whole_nsg(
         &self,
         nsg_id: &str,
+        mut read: Option<NsgSnapshot>,
         mut edit: impl FnMut(&mut NsgSnapshot) -> Result<Option<RuleEdits>, Error>,
     ) -> Result<usize, Error> {
         const ATTEMPTS: usize = 3;
         let mut writes = 0;
         for attempt in 1..=ATTEMPTS {
-            let mut snapshot = self.azure.read_nsg(nsg_id).await?;
+            let mut snapshot = match read.take() {
+                Some(snapshot) => snapshot,
+                None => self.azure.read_nsg(nsg_id).await?,
+            };
             let Some(RuleEdits { deletes, puts }) = edit(&mut snapshot)? else {
                 return Ok(writes);
             };
@@ -302,7 +309,7 @@ impl NsgSyncer {
     /// Removes rules by one conditional PUT of the whole NSG without them (the write Azure
     /// allows under a `CanNotDelete` lock). Returns the number of writes made.
     async fn delete_by_nsg_put(&self, nsg_id: &str, names: &[String]) -> Result<usize, Error> {
-        self.write_whole_nsg(nsg_id, |snapshot| {
+        self.write_whole_nsg(nsg_id, None, |snapshot| {
             let present: Vec<String> = names
                 .iter()
                 .filter(|n| {
@@ -359,7 +366,8 @@ impl NsgSyncer {
         let outcome = self.sync_locked(nsg_id, &asked).await?;
         *last = Some(LastSync {
             started,
-            in_line: outcome.writes == 0 && outcome.unplaced.is_empty(),
+            // A write that succeeded left the NSG as asked, as surely as a read finding it so.
+            in_line: outcome.unplaced.is_empty(),
             outcome: outcome.clone(),
             asked,
         });
@@ -426,34 +434,39 @@ impl NsgSyncer {
             plan.keep_rules_of_policies(&self.naming, &asked.quarantined);
             plan
         };
-        let mut existing = self.azure.list_rules(nsg_id).await?;
-        let mut plan = plan_for(&existing);
+        // One read serves the plan and, when it has several changes, the conditional write.
+        let snapshot = self.azure.read_nsg(nsg_id).await?;
+        let plan = plan_for(&snapshot.rules);
         if let Some(telemetry) = &self.telemetry {
-            telemetry.set_band_usage(nsg_id, plan.band_usage(&existing, &self.bands));
+            telemetry.set_band_usage(nsg_id, plan.band_usage(&snapshot.rules, &self.bands));
         }
         if plan.is_noop() {
-            debug!(rules = existing.len(), "NSG already matches the plan");
+            debug!(rules = snapshot.rules.len(), "NSG already matches the plan");
             return Ok(NsgOutcome::planned(nsg_id, &plan));
         }
         self.record(nsg_id).await?;
-        self.ensure_flush_connection(nsg_id).await?;
-        if self.one_write_per_nsg && plan.deletes.len() + plan.puts.len() > 1 {
-            match self.apply_in_one_write(nsg_id, &plan_for).await {
-                Ok(outcome) => return Ok(outcome),
-                // Azure refused the write as a whole (one rule it will not take): apply the
-                // changes one by one, so that the others, and every close, still happen.
-                Err(e)
-                    if e.azure()
-                        .is_some_and(|a| a.is_permanent() && !a.is_scope_locked()) =>
-                {
-                    warn!(error = %e, "the NSG refused one write of all changes: writing them one by one");
-                    existing = self.azure.list_rules(nsg_id).await?;
-                    plan = plan_for(&existing);
-                }
-                Err(e) => return Err(e),
-            }
+        let flushed_now = self.ensure_flush_connection(nsg_id).await? > 0;
+        if !(self.one_write_per_nsg && plan.deletes.len() + plan.puts.len() > 1) {
+            return self
+                .apply_rule_by_rule(nsg_id, &snapshot.rules, &plan)
+                .await;
         }
-        self.apply_rule_by_rule(nsg_id, &existing, &plan).await
+        // Setting flushConnection wrote the NSG: its etag has moved on, so read it again.
+        let read = (!flushed_now).then_some(snapshot);
+        match self.apply_in_one_write(nsg_id, &plan_for, read).await {
+            // Azure refused the write as a whole (one rule it will not take): apply the
+            // changes one by one, so that the others, and every close, still happen.
+            Err(e)
+                if e.azure()
+                    .is_some_and(|a| a.is_permanent() && !a.is_scope_locked()) =>
+            {
+                warn!(error = %e, "the NSG refused one write of all changes: writing them one by one");
+                let existing = self.azure.list_rules(nsg_id).await?;
+                let plan = plan_for(&existing);
+                self.apply_rule_by_rule(nsg_id, &existing, &plan).await
+            }
+            done => done,
+        }
     }
 
     /// Applies a plan of several changes in one conditional write of the whole NSG (one ARM
@@ -464,10 +477,11 @@ impl NsgSyncer {
         &self,
         nsg_id: &str,
         plan_for: &impl Fn(&[NsgRule]) -> NsgPlan,
+        read: Option<NsgSnapshot>,
     ) -> Result<NsgOutcome, Error> {
         let mut applied: Option<(NsgPlan, HashSet<String>)> = None;
         let writes = self
-            .write_whole_nsg(nsg_id, |snapshot| {
+            .write_whole_nsg(nsg_id, read, |snapshot| {
                 let plan = plan_for(&snapshot.rules);
                 let existing = snapshot
                     .rules

@@ -14,7 +14,9 @@ use portcullis::azure::credential::{CredentialConfig, build_credential};
 use portcullis::controller::telemetry::Telemetry;
 use portcullis::controller::{self, Settings};
 use portcullis::plan::naming;
-use portcullis_azure_emulator::{AdminClient, EmulatorConfig, Fixture, RunningEmulator, spawn};
+use portcullis_azure_emulator::{
+    AdminClient, EmulatorConfig, Fixture, RequestRecord, RunningEmulator, spawn,
+};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -512,6 +514,17 @@ impl Env {
         )
         .await
     }
+}
+
+/// Whether `request` read NSG `nsg`'s rules: a GET of the NSG, or of its rule list.
+pub fn reads_nsg(request: &RequestRecord, nsg: &str) -> bool {
+    request.method == "GET"
+        && [
+            format!("/networkSecurityGroups/{nsg}?"),
+            format!("/networkSecurityGroups/{nsg}/securityRules?"),
+        ]
+        .iter()
+        .any(|path| request.path.contains(path))
 }
 
 pub fn rule_name(rule: &Value) -> &str {
