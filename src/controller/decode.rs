@@ -10,6 +10,7 @@
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::core::Resource;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -164,7 +165,7 @@ fn undecodable<K>(mut raw: DynamicObject) -> Result<K, Box<Undecodable>>
 where
     K: Resource<DynamicType = ()> + DeserializeOwned,
 {
-    strip_bookkeeping(&mut raw);
+    strip_bookkeeping(&mut raw.metadata);
     let reference = reference::<K>(&raw);
     let nsgs = raw_nsgs(&raw);
     decode::<K>(raw).map_err(|e| {
@@ -190,9 +191,9 @@ where
 /// in the stores (and planned from) for as long as it exists, so this is most of the memory per
 /// grant. Nothing is ever written back from these copies (status goes by server-side apply of the
 /// status alone), so the API server's own fields are untouched.
-fn strip_bookkeeping(raw: &mut DynamicObject) {
-    raw.metadata.managed_fields = None;
-    if let Some(annotations) = raw.metadata.annotations.as_mut() {
+pub fn strip_bookkeeping(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
         annotations.remove(LAST_APPLIED);
     }
 }

@@ -17,13 +17,21 @@ use crate::azure::{AzureError, NetworkApi, NsgSnapshot};
 use crate::plan::rule::NsgRule;
 use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, plan_nsg};
 
+/// A rule of ours that stands in an NSG: all that grants and policies record of it. Kept for
+/// every rule of every NSG between syncs, so nothing more than the name and the priority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlacedRule {
+    pub name: String,
+    pub priority: u16,
+}
+
 /// What a sync did and what now stands in the NSG.
 #[derive(Clone, Debug, Default)]
 pub struct NsgOutcome {
     pub nsg_id: String,
     /// Every Portcullis rule that stands in the NSG after the sync, with its priority. Shared:
     /// every grant the sync answers gets the outcome.
-    pub placed: Arc<[NsgRule]>,
+    pub placed: Arc<[PlacedRule]>,
     /// Rules that could not be given a priority: their band is full.
     pub unplaced: Vec<RuleIntent>,
     /// Rules of ours that were changed or deleted by hand and were put back.
@@ -46,7 +54,14 @@ impl NsgOutcome {
     /// What stands once `plan` is applied; nothing written yet.
     fn planned(nsg_id: &str, plan: &NsgPlan) -> NsgOutcome {
         NsgOutcome {
-            placed: plan.placed.as_slice().into(),
+            placed: plan
+                .placed
+                .iter()
+                .map(|r| PlacedRule {
+                    name: r.name.clone(),
+                    priority: r.priority,
+                })
+                .collect(),
             unplaced: plan.unplaced.clone(),
             ..NsgOutcome::new(nsg_id)
         }
@@ -409,10 +424,16 @@ impl NsgSyncer {
             return plan.asked.clone();
         }
         let world = world();
-        let asked = Arc::new(Asked {
+        let fresh = Asked {
             desired: world.desired_rules(nsg_id, now, &self.naming),
             quarantined: world.quarantined_policies.clone(),
-        });
+        };
+        // The same answer as before keeps the copy the last sync holds: one per NSG, however
+        // often the world moves elsewhere.
+        let asked = match planned.as_ref().filter(|p| *p.asked == fresh) {
+            Some(before) => before.asked.clone(),
+            None => Arc::new(fresh),
+        };
         *planned = generation.map(|generation| Planned {
             generation,
             until: next_lapse(&world, now),

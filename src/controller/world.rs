@@ -10,6 +10,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
+use super::decode::strip_bookkeeping;
 use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
 use crate::plan::desired::{
     Indexed, PolicyIndex, RuleIntent, desired_rules_indexed, grant_keys_behind_indexed,
@@ -159,9 +160,17 @@ struct IndexEntries {
     relisted: Option<HashSet<ObjectRef<AccessGrant>>>,
 }
 
+/// Where a grant sits in its store, without the version and uid a store lookup does not use
+/// (two copies per grant are kept here).
+fn index_ref(grant: &AccessGrant) -> ObjectRef<AccessGrant> {
+    let mut at = ObjectRef::from_obj(grant);
+    at.extra = Default::default();
+    at
+}
+
 impl IndexEntries {
     fn insert(&mut self, grant: &AccessGrant) {
-        let at = ObjectRef::from_obj(grant);
+        let at = index_ref(grant);
         let key = GrantKey::of(grant);
         if let Some(relisted) = &mut self.relisted {
             relisted.insert(at.clone());
@@ -204,7 +213,7 @@ impl GrantIndex {
             watcher::Event::Apply(grant) | watcher::Event::InitApply(grant) => {
                 entries.insert(grant)
             }
-            watcher::Event::Delete(grant) => entries.remove(&ObjectRef::from_obj(grant)),
+            watcher::Event::Delete(grant) => entries.remove(&index_ref(grant)),
             watcher::Event::Init => entries.relisted = Some(HashSet::new()),
             watcher::Event::InitDone => {
                 if let Some(listed) = entries.relisted.take() {
@@ -697,18 +706,20 @@ impl WorldView {
 
     pub fn record_policy(&self, policy: &JitPolicy) {
         if let Some(uid) = policy.uid() {
-            self.overlay()
-                .policies
-                .insert(uid, Arc::new(policy.clone()));
+            let mut policy = policy.clone();
+            strip_bookkeeping(&mut policy.metadata);
+            self.overlay().policies.insert(uid, Arc::new(policy));
             self.undecodable.generation().advance();
         }
     }
 
     pub fn record_grant(&self, grant: &AccessGrant) {
         if let Some(uid) = grant.uid() {
+            let mut grant = grant.clone();
+            strip_bookkeeping(&mut grant.metadata);
             let mut overlay = self.overlay();
-            overlay.grant_keys.insert(uid.clone(), GrantKey::of(grant));
-            overlay.grants.insert(uid, Arc::new(grant.clone()));
+            overlay.grant_keys.insert(uid.clone(), GrantKey::of(&grant));
+            overlay.grants.insert(uid, Arc::new(grant));
             drop(overlay);
             self.undecodable.generation().advance();
         }
