@@ -1024,6 +1024,11 @@ impl NetworkApi for AzureNetworkClient {
         .await
     }
 
+    fn budget_wait(&self, nsg_id: &str, kind: BudgetKind) -> Duration {
+        self.pacer
+            .expected_wait(nsg_id, kind, std::time::Instant::now())
+    }
+
     async fn put_nsg(
         &self,
         snapshot: NsgSnapshot,

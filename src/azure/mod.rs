@@ -196,6 +196,12 @@ pub trait NetworkApi: Send + Sync {
         deletes: &[String],
         puts: &[NsgRule],
     ) -> Result<(), AzureError>;
+
+    /// How long a request of `kind` to the NSG would now wait for the subscription's budget
+    /// (zero for a client that does not pace).
+    fn budget_wait(&self, _nsg_id: &str, _kind: BudgetKind) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// A parsed ARM resource id:

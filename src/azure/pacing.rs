@@ -184,7 +184,11 @@ impl Estimate {
     /// How long the request admitted as `seq` should still wait: until the refill covers it and
     /// every request admitted before it, above the reserve.
     fn wait_for(&self, seq: u64, spec: BucketSpec, options: &PacingOptions) -> Duration {
-        let ahead = self.pending.range(..=seq).count();
+        self.wait_behind(self.pending.range(..=seq).count(), spec, options)
+    }
+
+    /// How long a request with `ahead` requests before it (itself included) should wait.
+    fn wait_behind(&self, ahead: usize, spec: BucketSpec, options: &PacingOptions) -> Duration {
         let left = self.tokens - ahead as f64;
         let reserve = (f64::from(spec.burst) * options.reserve.clamp(0.0, 1.0)).floor();
         if options.enabled && left < reserve && spec.refill_per_sec > 0.0 {
@@ -279,6 +283,19 @@ impl Pacer {
             }
             None => Duration::ZERO,
         }
+    }
+
+    /// How long a request of `kind` to `path` would wait if it were admitted now. Nothing is
+    /// counted: for a caller that makes up its request only once the budget is there, so that
+    /// the request carries whatever arrived while it waited.
+    pub fn expected_wait(&self, path: &str, kind: BudgetKind, now: Instant) -> Duration {
+        let spec = self.options.spec(kind);
+        let mut map = self.lock();
+        let Some(est) = map.get_mut(&(subscription_of(path), kind)) else {
+            return Duration::ZERO;
+        };
+        est.refill(spec, now);
+        est.wait_behind(est.pending.len() + 1, spec, &self.options)
     }
 
     /// The estimated whole tokens left in a bucket now, requests in flight counted; `None`
@@ -403,6 +420,33 @@ mod tests {
         assert_eq!(waits[7], Duration::from_millis(1500));
         // Reads have their own bucket.
         assert_eq!(pacer.admit(&Method::Get, NSG, t0).wait, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_expected_wait_is_what_the_next_admission_would_wait_and_counts_nothing() {
+        let pacer = Pacer::new(opts(2, 2.0, 0.0));
+        let t0 = Instant::now();
+        assert_eq!(
+            pacer.expected_wait(NSG, BudgetKind::Write, t0),
+            Duration::ZERO,
+            "a bucket never used is full"
+        );
+        let in_flight: Vec<Admission> =
+            (0..2).map(|_| pacer.admit(&Method::Put, NSG, t0)).collect();
+        let expected = pacer.expected_wait(NSG, BudgetKind::Write, t0);
+        assert_eq!(expected, Duration::from_millis(500));
+        assert_eq!(
+            pacer.expected_wait(NSG, BudgetKind::Write, t0),
+            expected,
+            "asking again admits nothing"
+        );
+        assert_eq!(pacer.admit(&Method::Put, NSG, t0).wait, expected);
+        assert_eq!(
+            pacer.expected_wait(NSG, BudgetKind::Delete, t0),
+            Duration::ZERO,
+            "deletes have their own bucket"
+        );
+        drop(in_flight);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::Error;
 use super::inventory::Inventory;
 use super::telemetry::Telemetry;
 use super::world::{World, WorldGeneration};
-use crate::azure::{AzureError, NetworkApi, NsgSnapshot};
+use crate::azure::{AzureError, BudgetKind, NetworkApi, NsgSnapshot};
 use crate::plan::rule::NsgRule;
 use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, plan_nsg};
 
@@ -67,6 +67,10 @@ impl NsgOutcome {
         }
     }
 }
+
+/// The longest a sync waits for the subscription's write budget before it writes anyway (the
+/// client's own pacing and Azure's 429s still apply): an estimate gone wrong never stalls an NSG.
+const BUDGET_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What one whole-NSG write changes among the rules.
 #[derive(Default)]
@@ -353,7 +357,7 @@ impl NsgSyncer {
     pub async fn sync(
         &self,
         nsg_id: &str,
-        world: impl FnOnce() -> World,
+        world: impl Fn() -> World,
         now: Timestamp,
     ) -> Result<NsgOutcome, Error> {
         let requested = Instant::now();
@@ -369,17 +373,22 @@ impl NsgSyncer {
         let started = Instant::now();
         // The clock as of now, not as of the caller's reconcile start: the world is read now.
         let now = now.max(Timestamp::now());
-        let asked = self.asked_of(nsg_id, &mut state.planned, world, now);
-        let last = &mut state.last;
-        if let Some(done) = last.as_ref().filter(|d| self.still_in_line(d, &asked)) {
+        let asked = self.asked_of(nsg_id, &mut state.planned, &world, now);
+        if let Some(done) = state
+            .last
+            .as_ref()
+            .filter(|d| self.still_in_line(d, &asked))
+        {
             debug!("NSG found in line recently and asked for the same: no read");
             return Ok(NsgOutcome {
                 placed: done.outcome.placed.clone(),
                 ..NsgOutcome::new(nsg_id)
             });
         }
-        let outcome = self.sync_locked(nsg_id, &asked).await?;
-        *last = Some(LastSync {
+        let (outcome, asked) = self
+            .sync_locked(nsg_id, asked, &mut state.planned, &world)
+            .await?;
+        state.last = Some(LastSync {
             started,
             // A write that succeeded left the NSG as asked, as surely as a read finding it so.
             in_line: outcome.unplaced.is_empty(),
@@ -449,32 +458,70 @@ impl NsgSyncer {
             && (Arc::ptr_eq(&last.asked, asked) || last.asked == *asked)
     }
 
-    async fn sync_locked(&self, nsg_id: &str, asked: &Asked) -> Result<NsgOutcome, Error> {
-        let plan_for = |existing: &[NsgRule]| {
+    /// Reads the NSG once, plans, and writes what the plan changes. A write that the
+    /// subscription's budget would hold back is planned again, from the world as it is once the
+    /// budget is there: in a burst, the write then carries every grant that arrived while it
+    /// waited, instead of going out stale and leaving them to one more write each. Returns the
+    /// outcome and what it was asked for in the end.
+    async fn sync_locked(
+        &self,
+        nsg_id: &str,
+        mut asked: Arc<Asked>,
+        planned: &mut Option<Planned>,
+        world: &impl Fn() -> World,
+    ) -> Result<(NsgOutcome, Arc<Asked>), Error> {
+        let plan_for = |asked: &Asked, existing: &[NsgRule]| {
             let mut plan = plan_nsg(existing, &asked.desired, &self.bands, &self.naming);
             plan.keep_rules_of_policies(&self.naming, &asked.quarantined);
             plan
         };
         // One read serves the plan and, when it has several changes, the conditional write.
         let snapshot = self.azure.read_nsg(nsg_id).await?;
-        let plan = plan_for(&snapshot.rules);
+        let in_one_write =
+            |plan: &NsgPlan| self.one_write_per_nsg && plan.deletes.len() + plan.puts.len() > 1;
+        let waiting_since = Instant::now();
+        let plan = loop {
+            let plan = plan_for(&asked, &snapshot.rules);
+            if plan.is_noop() {
+                break plan;
+            }
+            let kind = if in_one_write(&plan) || !plan.puts.is_empty() {
+                BudgetKind::Write
+            } else {
+                BudgetKind::Delete
+            };
+            let wait = self.azure.budget_wait(nsg_id, kind);
+            if wait.is_zero() || waiting_since.elapsed() >= BUDGET_WAIT_MAX {
+                break plan;
+            }
+            debug!(
+                ?wait,
+                "the subscription's write budget is spent: planning again once it is there"
+            );
+            tokio::time::sleep(wait).await;
+            asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
+        };
         if let Some(telemetry) = &self.telemetry {
             telemetry.set_band_usage(nsg_id, plan.band_usage(&snapshot.rules, &self.bands));
         }
         if plan.is_noop() {
             debug!(rules = snapshot.rules.len(), "NSG already matches the plan");
-            return Ok(NsgOutcome::planned(nsg_id, &plan));
+            return Ok((NsgOutcome::planned(nsg_id, &plan), asked));
         }
         self.record(nsg_id).await?;
         let flushed_now = self.ensure_flush_connection(nsg_id).await? > 0;
-        if !(self.one_write_per_nsg && plan.deletes.len() + plan.puts.len() > 1) {
-            return self
+        if !in_one_write(&plan) {
+            let outcome = self
                 .apply_rule_by_rule(nsg_id, &snapshot.rules, &plan)
-                .await;
+                .await?;
+            return Ok((outcome, asked));
         }
         // Setting flushConnection wrote the NSG: its etag has moved on, so read it again.
         let read = (!flushed_now).then_some(snapshot);
-        match self.apply_in_one_write(nsg_id, &plan_for, read).await {
+        let outcome = match self
+            .apply_in_one_write(nsg_id, &|rules| plan_for(&asked, rules), read)
+            .await
+        {
             // Azure refused the write as a whole (one rule it will not take): apply the
             // changes one by one, so that the others, and every close, still happen.
             Err(e)
@@ -483,11 +530,12 @@ impl NsgSyncer {
             {
                 warn!(error = %e, "the NSG refused one write of all changes: writing them one by one");
                 let existing = self.azure.list_rules(nsg_id).await?;
-                let plan = plan_for(&existing);
-                self.apply_rule_by_rule(nsg_id, &existing, &plan).await
+                let plan = plan_for(&asked, &existing);
+                self.apply_rule_by_rule(nsg_id, &existing, &plan).await?
             }
-            done => done,
-        }
+            done => done?,
+        };
+        Ok((outcome, asked))
     }
 
     /// Applies a plan of several changes in one conditional write of the whole NSG (one ARM
