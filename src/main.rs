@@ -421,9 +421,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     info!(%addr, "health and metrics endpoint");
     let http = tokio::spawn(http);
-    let client = kube::Client::try_default()
+    let client = kube::Config::infer()
         .await
-        .map_err(|e| format!("Kubernetes client: {e}"))?;
+        .map_err(|e| format!("Kubernetes client configuration: {e}"))
+        .and_then(|config| {
+            controller::kube_client::client(config).map_err(|e| format!("Kubernetes client: {e}"))
+        })?;
     info!(azure_endpoint = %args.azure_endpoint, credential = ?credential_config, installation = %args.installation, adopt_legacy_rules = args.adopt_legacy_rules, finished_grant_ttl = ?args.finished_grant_ttl, "starting");
     // The operator's own namespace: the inventory's, which holds its Secrets too.
     let own_namespace = settings.inventory_namespace();

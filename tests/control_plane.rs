@@ -251,3 +251,57 @@ async fn a_list_in_pages_returns_every_object() {
     assert_eq!(names, ["map-0", "map-1", "map-2", "map-3", "map-4"]);
     assert!(undecodable.is_empty());
 }
+
+/// The operator's client speaks HTTP/2 to the API server: every request a stream of one
+/// connection, not a connection each. Lists, a watch and concurrent requests work over it.
+#[tokio::test]
+async fn the_operators_client_speaks_http2_to_the_api_server() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let config = kube::Config::infer().await.expect("a kubeconfig");
+    let client = portcullis::controller::kube_client::client(config).expect("a client");
+    let response = client
+        .send(
+            http::Request::get("/version")
+                .body(kube::client::Body::empty())
+                .expect("a request"),
+        )
+        .await
+        .expect("GET /version");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+
+    let ns = fresh_namespace(&support::kube::client().await, "h2").await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let mut watch = Box::pin(watcher(maps.clone(), watcher::Config::default()).applied_objects());
+    let creates = (0..20).map(|i| {
+        let maps = maps.clone();
+        async move {
+            let map: ConfigMap = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("map-{i}")}
+            }))
+            .expect("a ConfigMap");
+            maps.create(&PostParams::default(), &map).await
+        }
+    });
+    for created in futures::future::join_all(creates).await {
+        created.expect("create over HTTP/2");
+    }
+    assert_eq!(
+        maps.list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        20
+    );
+    let seen = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        futures::StreamExt::next(&mut watch),
+    )
+    .await
+    .expect("the watch shows a ConfigMap within 30 s")
+    .expect("the watch goes on")
+    .expect("a watch event");
+    assert!(seen.metadata.name.is_some_and(|n| n.starts_with("map-")));
+}

@@ -9,6 +9,7 @@ pub mod events;
 pub mod grant;
 pub mod http;
 pub mod inventory;
+pub mod kube_client;
 pub mod leader;
 pub mod nsg;
 pub mod policy;
