@@ -38,7 +38,8 @@ use super::error::{AzureError, error_chain};
 use super::pacing::{BudgetKind, Pacer, PacingOptions};
 use super::transport::{ArmTransport, AzureStats, parse_retry_after, with_operation};
 use super::{
-    IpConfigView, NetworkApi, NicView, NsgSnapshot, ResourceId, SubnetView, VmNics, VmTargets,
+    IpConfigView, NetworkApi, NicView, NsgSnapshot, Reserved, ResourceId, SubnetView, VmNics,
+    VmTargets,
 };
 use crate::plan::rule::NsgRule;
 
@@ -1024,9 +1025,20 @@ impl NetworkApi for AzureNetworkClient {
         .await
     }
 
-    fn budget_wait(&self, nsg_id: &str, kind: BudgetKind) -> Duration {
-        self.pacer
-            .expected_wait(nsg_id, kind, std::time::Instant::now())
+    async fn reserve_budget(
+        &self,
+        nsg_id: &str,
+        kind: BudgetKind,
+        bound: Duration,
+    ) -> Option<Reserved> {
+        let admission = self
+            .pacer
+            .admit_kind(kind, nsg_id, std::time::Instant::now());
+        let waited = self.pacer.wait_turn(&admission, bound).await;
+        if !waited.is_zero() {
+            self.stats.record_paced(kind, waited);
+        }
+        Some(Reserved { admission, waited })
     }
 
     async fn put_nsg(

@@ -30,7 +30,7 @@ pub use credential::{
 };
 pub use error::AzureError;
 pub use pacing::{BucketSpec, BudgetKind, PacingOptions};
-pub use transport::{AzureStats, Paced};
+pub use transport::{AzureStats, Paced, with_reserved};
 
 /// What a VM resolves to: where its traffic is filtered and which addresses it has.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -197,11 +197,24 @@ pub trait NetworkApi: Send + Sync {
         puts: &[NsgRule],
     ) -> Result<(), AzureError>;
 
-    /// How long a request of `kind` to the NSG would now wait for the subscription's budget
-    /// (zero for a client that does not pace).
-    fn budget_wait(&self, _nsg_id: &str, _kind: BudgetKind) -> std::time::Duration {
-        std::time::Duration::ZERO
+    /// Takes the next place in the subscription's budget for a request of `kind` to the NSG
+    /// and waits for it (at most `bound`): a caller that makes up its write only then carries
+    /// whatever arrived while it waited. Hand the place to the write with
+    /// [`with_reserved`]. `None` for a client that does not pace.
+    async fn reserve_budget(
+        &self,
+        _nsg_id: &str,
+        _kind: BudgetKind,
+        _bound: std::time::Duration,
+    ) -> Option<Reserved> {
+        None
     }
+}
+
+/// A place in the budget's queue, and how long it took to reach it.
+pub struct Reserved {
+    pub admission: pacing::Admission,
+    pub waited: std::time::Duration,
 }
 
 /// A parsed ARM resource id:

@@ -243,7 +243,12 @@ impl Pacer {
     /// Counts a request to `path` with `method` against its bucket and says how long it should
     /// wait first (zero when pacing is off or the bucket has room).
     pub fn admit(self: &Arc<Self>, method: &Method, path: &str, now: Instant) -> Admission {
-        let kind = BudgetKind::of(method);
+        self.admit_kind(BudgetKind::of(method), path, now)
+    }
+
+    /// [`Pacer::admit`] by the bucket's kind: a place in its queue taken before the request
+    /// is made up (see [`with_reserved`]).
+    pub fn admit_kind(self: &Arc<Self>, kind: BudgetKind, path: &str, now: Instant) -> Admission {
         let key = (subscription_of(path), kind);
         let spec = self.options.spec(kind);
         let mut map = self.lock();
@@ -268,6 +273,27 @@ impl Pacer {
         }
     }
 
+    /// Waits until `admission`'s turn, at most `bound`; returns how long it waited.
+    pub async fn wait_turn(&self, admission: &Admission, bound: Duration) -> Duration {
+        let mut wait = admission.wait.min(bound);
+        let mut waited = Duration::ZERO;
+        while !wait.is_zero() {
+            tracing::debug!(
+                kind = admission.kind.as_str(),
+                wait_ms = wait.as_millis() as u64,
+                "pacing: ARM budget low, waiting for the refill"
+            );
+            tokio::time::sleep(wait).await;
+            waited += wait;
+            // Answers that came in meanwhile may have moved the estimate: look again, within
+            // the bound.
+            wait = self
+                .recheck(admission, Instant::now())
+                .min(bound.saturating_sub(waited));
+        }
+        waited
+    }
+
     /// After a wait: how much longer `admission` should wait, by the estimate as it stands now
     /// (answers that came in meanwhile may have corrected it either way).
     pub fn recheck(&self, admission: &Admission, now: Instant) -> Duration {
@@ -283,19 +309,6 @@ impl Pacer {
             }
             None => Duration::ZERO,
         }
-    }
-
-    /// How long a request of `kind` to `path` would wait if it were admitted now. Nothing is
-    /// counted: for a caller that makes up its request only once the budget is there, so that
-    /// the request carries whatever arrived while it waited.
-    pub fn expected_wait(&self, path: &str, kind: BudgetKind, now: Instant) -> Duration {
-        let spec = self.options.spec(kind);
-        let mut map = self.lock();
-        let Some(est) = map.get_mut(&(subscription_of(path), kind)) else {
-            return Duration::ZERO;
-        };
-        est.refill(spec, now);
-        est.wait_behind(est.pending.len() + 1, spec, &self.options)
     }
 
     /// The estimated whole tokens left in a bucket now, requests in flight counted; `None`
@@ -330,6 +343,16 @@ impl Pacer {
 }
 
 impl Admission {
+    /// Never sent: it gives its place back without spending a token.
+    pub fn cancel(mut self) {
+        if let Some(key) = self.key.take() {
+            let mut map = self.pacer.lock();
+            if let Some(est) = map.get_mut(&key) {
+                est.pending.remove(&self.seq);
+            }
+        }
+    }
+
     /// The response arrived: take ARM's remaining count for this bucket, if it sent one.
     pub fn answered(mut self, headers: &Headers, now: Instant) {
         if let Some(key) = self.key.take() {
@@ -423,30 +446,36 @@ mod tests {
     }
 
     #[test]
-    fn the_expected_wait_is_what_the_next_admission_would_wait_and_counts_nothing() {
+    fn a_place_taken_by_kind_queues_like_a_request_and_a_cancelled_one_spends_nothing() {
         let pacer = Pacer::new(opts(2, 2.0, 0.0));
         let t0 = Instant::now();
+        let first = pacer.admit_kind(BudgetKind::Write, NSG, t0);
+        let second = pacer.admit_kind(BudgetKind::Write, NSG, t0);
+        assert_eq!((first.wait, second.wait), (Duration::ZERO, Duration::ZERO));
+        let third = pacer.admit_kind(BudgetKind::Write, NSG, t0);
         assert_eq!(
-            pacer.expected_wait(NSG, BudgetKind::Write, t0),
-            Duration::ZERO,
-            "a bucket never used is full"
+            third.wait,
+            Duration::from_millis(500),
+            "behind the two places taken"
         );
-        let in_flight: Vec<Admission> =
-            (0..2).map(|_| pacer.admit(&Method::Put, NSG, t0)).collect();
-        let expected = pacer.expected_wait(NSG, BudgetKind::Write, t0);
-        assert_eq!(expected, Duration::from_millis(500));
         assert_eq!(
-            pacer.expected_wait(NSG, BudgetKind::Write, t0),
-            expected,
-            "asking again admits nothing"
-        );
-        assert_eq!(pacer.admit(&Method::Put, NSG, t0).wait, expected);
-        assert_eq!(
-            pacer.expected_wait(NSG, BudgetKind::Delete, t0),
+            pacer.admit_kind(BudgetKind::Delete, NSG, t0).wait,
             Duration::ZERO,
             "deletes have their own bucket"
         );
-        drop(in_flight);
+        third.cancel();
+        second.cancel();
+        assert_eq!(
+            pacer.estimate("sub-1", BudgetKind::Write, t0),
+            Some(1),
+            "cancelled places spend no token; the first is still in flight"
+        );
+        drop(first);
+        assert_eq!(
+            pacer.estimate("sub-1", BudgetKind::Write, t0),
+            Some(1),
+            "dropped unanswered, a request counts as spent"
+        );
     }
 
     #[test]

@@ -11,11 +11,36 @@ use azure_core::headers::{HeaderName, Headers};
 use azure_core::{Context, HttpClient, Policy, PolicyResult, Request};
 
 use super::error::AzureError;
-use super::pacing::{BudgetKind, Pacer};
+use super::pacing::{Admission, BudgetKind, Pacer};
 
 tokio::task_local! {
     /// The logical operation the current task is performing (for stats labels).
     static OPERATION: &'static str;
+    /// A place in the budget's queue taken, and waited for, before the request was made up.
+    static RESERVED: std::cell::RefCell<Option<Admission>>;
+}
+
+/// Runs `fut` with `reserved` as the admission of its first request of the same kind: that
+/// request goes out at once, its wait already done.
+pub async fn with_reserved<F: std::future::Future>(reserved: Admission, fut: F) -> F::Output {
+    RESERVED
+        .scope(std::cell::RefCell::new(Some(reserved)), fut)
+        .await
+}
+
+/// The reserved admission, if there is one for a request of `kind`.
+fn take_reserved(kind: BudgetKind) -> Option<Admission> {
+    RESERVED
+        .try_with(|r| {
+            let mut r = r.borrow_mut();
+            if r.as_ref().is_some_and(|a| a.kind == kind) {
+                r.take()
+            } else {
+                None
+            }
+        })
+        .ok()
+        .flatten()
 }
 
 /// Runs `fut` with `op` as the operation label of every request it sends.
@@ -173,35 +198,26 @@ impl Policy for ArmTransport {
         _next: &[Arc<dyn Policy>],
     ) -> PolicyResult {
         let op = current_operation();
-        // Every ARM request is charged to a bucket; wait here when ours is running low.
-        let admission = self.pacer.admit(
-            request.method(),
-            request.url().path(),
-            std::time::Instant::now(),
-        );
-        let max_wait = self.pacer.options().max_wait;
-        let mut wait = admission.wait;
-        let mut waited = Duration::ZERO;
-        while !wait.is_zero() {
-            tracing::debug!(
-                op,
-                kind = admission.kind.as_str(),
-                wait_ms = wait.as_millis() as u64,
-                url = %request.url().path(),
-                "pacing: ARM budget low, waiting for the refill"
-            );
-            tokio::time::sleep(wait).await;
-            waited += wait;
-            // Answers that came in meanwhile may have moved the estimate: look again, within
-            // the bound.
-            wait = self
-                .pacer
-                .recheck(&admission, std::time::Instant::now())
-                .min(max_wait.saturating_sub(waited));
-        }
-        if !waited.is_zero() {
-            self.stats.record_paced(admission.kind, waited);
-        }
+        // Every ARM request is charged to a bucket; wait here when ours is running low (unless
+        // its place was taken and waited for before it was made up).
+        let kind = BudgetKind::of(request.method());
+        let admission = match take_reserved(kind) {
+            Some(reserved) => reserved,
+            None => {
+                let admission =
+                    self.pacer
+                        .admit_kind(kind, request.url().path(), std::time::Instant::now());
+                let waited = self
+                    .pacer
+                    .wait_turn(&admission, self.pacer.options().max_wait)
+                    .await;
+                if !waited.is_zero() {
+                    tracing::debug!(op, url = %request.url().path(), waited_ms = waited.as_millis() as u64, "paced");
+                    self.stats.record_paced(admission.kind, waited);
+                }
+                admission
+            }
+        };
         // On error or cancellation the admission's drop counts the request as spent.
         let response = match self.http.execute_request(request).await {
             Ok(r) => r,

@@ -13,7 +13,7 @@ use super::Error;
 use super::inventory::Inventory;
 use super::telemetry::Telemetry;
 use super::world::{World, WorldGeneration};
-use crate::azure::{AzureError, BudgetKind, NetworkApi, NsgSnapshot};
+use crate::azure::{AzureError, BudgetKind, NetworkApi, NsgSnapshot, with_reserved};
 use crate::plan::rule::NsgRule;
 use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, plan_nsg};
 
@@ -68,8 +68,9 @@ impl NsgOutcome {
     }
 }
 
-/// The longest a sync waits for the subscription's write budget before it writes anyway (the
-/// client's own pacing and Azure's 429s still apply): an estimate gone wrong never stalls an NSG.
+/// The longest a sync waits for its place in the subscription's write budget before it writes
+/// anyway (Azure's 429s are still honoured): an estimate gone wrong never stalls an NSG. Longer
+/// than the client's own bound: in a burst every NSG queues for a write, 10 per second.
 const BUDGET_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What one whole-NSG write changes among the rules.
@@ -477,49 +478,70 @@ impl NsgSyncer {
         };
         // One read serves the plan and, when it has several changes, the conditional write.
         let snapshot = self.azure.read_nsg(nsg_id).await?;
-        let in_one_write =
-            |plan: &NsgPlan| self.one_write_per_nsg && plan.deletes.len() + plan.puts.len() > 1;
-        let waiting_since = Instant::now();
-        let plan = loop {
-            let plan = plan_for(&asked, &snapshot.rules);
-            if plan.is_noop() {
-                break plan;
-            }
-            let kind = if in_one_write(&plan) || !plan.puts.is_empty() {
+        let mut plan = plan_for(&asked, &snapshot.rules);
+        // The write's place in the subscription's budget, taken before the write is made up.
+        let mut reserved = None;
+        if !plan.is_noop() {
+            let kind = if self.in_one_write(&plan) || !plan.puts.is_empty() {
                 BudgetKind::Write
             } else {
                 BudgetKind::Delete
             };
-            let wait = self.azure.budget_wait(nsg_id, kind);
-            if wait.is_zero() || waiting_since.elapsed() >= BUDGET_WAIT_MAX {
-                break plan;
+            if let Some(place) = self
+                .azure
+                .reserve_budget(nsg_id, kind, BUDGET_WAIT_MAX)
+                .await
+            {
+                if !place.waited.is_zero() {
+                    debug!(waited = ?place.waited, "waited for the subscription's budget: planning the write again");
+                    asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
+                    plan = plan_for(&asked, &snapshot.rules);
+                }
+                reserved = Some(place.admission);
             }
-            debug!(
-                ?wait,
-                "the subscription's write budget is spent: planning again once it is there"
-            );
-            tokio::time::sleep(wait).await;
-            asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
-        };
+        }
         if let Some(telemetry) = &self.telemetry {
             telemetry.set_band_usage(nsg_id, plan.band_usage(&snapshot.rules, &self.bands));
         }
         if plan.is_noop() {
             debug!(rules = snapshot.rules.len(), "NSG already matches the plan");
+            if let Some(place) = reserved {
+                place.cancel();
+            }
             return Ok((NsgOutcome::planned(nsg_id, &plan), asked));
         }
+        let write = self.write_plan(nsg_id, snapshot, &asked, &plan, &plan_for);
+        let outcome = match reserved {
+            Some(place) => with_reserved(place, write).await?,
+            None => write.await?,
+        };
+        Ok((outcome, asked))
+    }
+
+    /// Whether `plan` goes to Azure as one conditional write of the whole NSG.
+    fn in_one_write(&self, plan: &NsgPlan) -> bool {
+        self.one_write_per_nsg && plan.deletes.len() + plan.puts.len() > 1
+    }
+
+    /// Writes what `plan` (made from `snapshot`) changes: in one conditional write of the NSG
+    /// when it has several changes, else rule by rule.
+    async fn write_plan(
+        &self,
+        nsg_id: &str,
+        snapshot: NsgSnapshot,
+        asked: &Asked,
+        plan: &NsgPlan,
+        plan_for: &impl Fn(&Asked, &[NsgRule]) -> NsgPlan,
+    ) -> Result<NsgOutcome, Error> {
         self.record(nsg_id).await?;
         let flushed_now = self.ensure_flush_connection(nsg_id).await? > 0;
-        if !in_one_write(&plan) {
-            let outcome = self
-                .apply_rule_by_rule(nsg_id, &snapshot.rules, &plan)
-                .await?;
-            return Ok((outcome, asked));
+        if !self.in_one_write(plan) {
+            return self.apply_rule_by_rule(nsg_id, &snapshot.rules, plan).await;
         }
         // Setting flushConnection wrote the NSG: its etag has moved on, so read it again.
         let read = (!flushed_now).then_some(snapshot);
-        let outcome = match self
-            .apply_in_one_write(nsg_id, &|rules| plan_for(&asked, rules), read)
+        match self
+            .apply_in_one_write(nsg_id, &|rules| plan_for(asked, rules), read)
             .await
         {
             // Azure refused the write as a whole (one rule it will not take): apply the
@@ -530,12 +552,11 @@ impl NsgSyncer {
             {
                 warn!(error = %e, "the NSG refused one write of all changes: writing them one by one");
                 let existing = self.azure.list_rules(nsg_id).await?;
-                let plan = plan_for(&asked, &existing);
-                self.apply_rule_by_rule(nsg_id, &existing, &plan).await?
+                let plan = plan_for(asked, &existing);
+                self.apply_rule_by_rule(nsg_id, &existing, &plan).await
             }
-            done => done?,
-        };
-        Ok((outcome, asked))
+            done => done,
+        }
     }
 
     /// Applies a plan of several changes in one conditional write of the whole NSG (one ARM
