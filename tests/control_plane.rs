@@ -305,3 +305,59 @@ async fn the_operators_client_speaks_http2_to_the_api_server() {
     .expect("a watch event");
     assert!(seen.metadata.name.is_some_and(|n| n.starts_with("map-")));
 }
+
+/// A status write conditioned on the copy it was decided from (an activation) is refused when
+/// that copy is stale, as a reconcile handed a copy older than our own last write would have
+/// it, and changes nothing; from the current copy it goes through.
+#[tokio::test]
+async fn a_status_write_from_a_stale_copy_is_refused_and_changes_nothing() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use portcullis::api::{AccessGrant, AccessGrantStatus, GrantPhase};
+    use portcullis::controller::status::apply_status_if_unchanged;
+
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "stale").await;
+    let grants: Api<AccessGrant> = Api::namespaced(client.clone(), &ns);
+    let grant: AccessGrant = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGrant",
+        "metadata": {"name": "g"},
+        "spec": support::operator::grant_spec("vm1", &[22], "203.0.113.7", "PT1H"),
+    }))
+    .expect("a grant");
+    let created = grants
+        .create(&PostParams::default(), &grant)
+        .await
+        .expect("create");
+    let at = |secs: i64| Time(jiff::Timestamp::from_second(secs).expect("a time"));
+    let first = AccessGrantStatus {
+        phase: Some(GrantPhase::Active),
+        expires_at: Some(at(2_000_000_000)),
+        ..Default::default()
+    };
+    let written = apply_status_if_unchanged(&grants, &created, &first)
+        .await
+        .expect("the API server answers")
+        .expect("the copy is current: written");
+    let later = AccessGrantStatus {
+        expires_at: Some(at(2_000_003_600)),
+        ..first.clone()
+    };
+    let refused = apply_status_if_unchanged(&grants, &created, &later)
+        .await
+        .expect("the API server answers");
+    assert!(refused.is_none(), "a write from the stale copy is refused");
+    let now = grants.get("g").await.expect("get");
+    assert_eq!(
+        now.status.and_then(|s| s.expires_at),
+        Some(at(2_000_000_000)),
+        "the first write stands"
+    );
+    let moved = apply_status_if_unchanged(&grants, &written, &later)
+        .await
+        .expect("the API server answers");
+    assert!(
+        moved.is_some(),
+        "from the current copy the write goes through"
+    );
+}

@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as Finalizer;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Error;
 use super::audit::Step;
@@ -20,7 +20,7 @@ use super::context::Ctx;
 use super::nsg::NsgOutcome;
 use super::policy::SCOPES_NOT_LISTED_RETRY;
 use super::rounds::Intent;
-use super::status::apply_status;
+use super::status::{apply_status, apply_status_if_unchanged};
 use crate::admission::verify;
 use crate::api::condition::{READY, set_condition};
 use crate::api::{
@@ -104,6 +104,10 @@ enum Progress {
     Done,
     Waiting,
 }
+
+/// How soon a reconcile that met a newer version of its grant looks again (the watch brings the
+/// newer copy first, as a rule).
+const STALE_COPY_RETRY: Duration = Duration::from_secs(2);
 
 /// How long a grant waiting for its NSGs' rounds waits at most before it looks again, should a
 /// wake be lost.
@@ -358,6 +362,10 @@ enum Activation {
 }
 
 async fn apply(grant: &AccessGrant, api: &Api<AccessGrant>, ctx: &Ctx) -> Result<Action, Error> {
+    // The watch may not have shown our own last write yet (a reconcile woken by its NSGs'
+    // rounds soon after activating): decide from that write, not from the older copy.
+    let newer = ctx.world.newer_write_of(grant);
+    let grant = newer.as_deref().unwrap_or(grant);
     let status = grant.status.clone().unwrap_or_default();
     match status.phase {
         Some(phase @ (GrantPhase::Expired | GrantPhase::Revoked)) => {
@@ -606,7 +614,12 @@ async fn activate(
         generation,
         now,
     );
-    let activated = apply_status(api, grant, &status).await?;
+    // Once only: from a copy older than our own last write (the watch behind it), this grant
+    // may already be active, and a second activation would move its expiry later.
+    let Some(activated) = apply_status_if_unchanged(api, grant, &status).await? else {
+        debug!("the grant changed since this copy: activating from the newer one");
+        return Ok(Activation::Stop(Action::requeue(STALE_COPY_RETRY)));
+    };
     ctx.world.record_grant(&activated);
     info!(expires_at = %expires_at, "grant activated");
     Ok(Activation::Activated(Box::new(activated)))

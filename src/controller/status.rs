@@ -27,6 +27,39 @@ where
         .await?)
 }
 
+/// [`apply_status`] only if the object is still the version `obj` is (its `resourceVersion` is
+/// the apply's precondition). `None` when it has changed since: `obj` was a stale copy (a
+/// watch behind our own last write), and a decision made from it must not be written. For
+/// writes that must happen once, such as an activation, whose `expiresAt` a second write from a
+/// stale copy would move later.
+pub async fn apply_status_if_unchanged<K>(
+    api: &Api<K>,
+    obj: &K,
+    status: &impl Serialize,
+) -> Result<Option<K>, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let Some(version) = obj.meta().resource_version.as_deref() else {
+        return Err(Error::MissingField("metadata.resourceVersion"));
+    };
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"resourceVersion": version},
+        "status": status,
+    });
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    match api
+        .patch_status(&obj.name_any(), &pp, &Patch::Apply(&patch))
+        .await
+    {
+        Ok(updated) => Ok(Some(updated)),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Objects whose status carries `metav1.Condition`s.
 pub trait WithConditions:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug

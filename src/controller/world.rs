@@ -725,6 +725,17 @@ impl WorldView {
         }
     }
 
+    /// Our own last write of `grant`, when it is newer than this copy (the watch has not shown
+    /// it yet): what a reconcile handed this copy should decide from.
+    pub fn newer_write_of(&self, grant: &AccessGrant) -> Option<Arc<AccessGrant>> {
+        let uid = grant.uid()?;
+        self.overlay()
+            .grants
+            .get(&uid)
+            .filter(|mine| newer(mine.as_ref(), grant))
+            .cloned()
+    }
+
     /// The object is gone (its finalizer removed): never let a lagging store bring it back.
     pub fn forget(&self, uid: &str) {
         let mut overlay = self.overlay();
