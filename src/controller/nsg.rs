@@ -242,10 +242,10 @@ impl NsgSyncer {
     }
 
     /// One conditional write of the whole NSG: read it (unless `read` is a snapshot just read),
-    /// let `edit` change the snapshot and name
-    /// the rules to drop and to put (`None`: nothing to write), PUT it with `If-Match` on the etag
-    /// just read, and on 412 read and decide again, a few times. Every other property and rule
-    /// goes back as read. Returns the number of writes made.
+    /// let `edit` change the snapshot and name the rules to drop and to put (`None`: nothing to
+    /// write), PUT it with `If-Match` on the etag just read, and on 412 read and decide again, a
+    /// few times. Every other property and rule goes back as read. Returns the number of writes
+    /// made.
     async fn write_whole_nsg(
         &self,
         nsg_id: &str,
@@ -471,14 +471,9 @@ impl NsgSyncer {
         planned: &mut Option<Planned>,
         world: &impl Fn() -> World,
     ) -> Result<(NsgOutcome, Arc<Asked>), Error> {
-        let plan_for = |asked: &Asked, existing: &[NsgRule]| {
-            let mut plan = plan_nsg(existing, &asked.desired, &self.bands, &self.naming);
-            plan.keep_rules_of_policies(&self.naming, &asked.quarantined);
-            plan
-        };
         // One read serves the plan and, when it has several changes, the conditional write.
         let snapshot = self.azure.read_nsg(nsg_id).await?;
-        let mut plan = plan_for(&asked, &snapshot.rules);
+        let mut plan = self.plan_for(&asked, &snapshot.rules);
         // The write's place in the subscription's budget, taken before the write is made up.
         let mut reserved = None;
         if !plan.is_noop() {
@@ -495,7 +490,7 @@ impl NsgSyncer {
                 if !place.waited.is_zero() {
                     debug!(waited = ?place.waited, "waited for the subscription's budget: planning the write again");
                     asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
-                    plan = plan_for(&asked, &snapshot.rules);
+                    plan = self.plan_for(&asked, &snapshot.rules);
                 }
                 reserved = Some(place.admission);
             }
@@ -510,12 +505,19 @@ impl NsgSyncer {
             }
             return Ok((NsgOutcome::planned(nsg_id, &plan), asked));
         }
-        let write = self.write_plan(nsg_id, snapshot, &asked, &plan, &plan_for);
+        let write = self.write_plan(nsg_id, snapshot, &asked, &plan);
         let outcome = match reserved {
             Some(place) => with_reserved(place, write).await?,
             None => write.await?,
         };
         Ok((outcome, asked))
+    }
+
+    /// What `asked` makes of the NSG's rules `existing`.
+    fn plan_for(&self, asked: &Asked, existing: &[NsgRule]) -> NsgPlan {
+        let mut plan = plan_nsg(existing, &asked.desired, &self.bands, &self.naming);
+        plan.keep_rules_of_policies(&self.naming, &asked.quarantined);
+        plan
     }
 
     /// Whether `plan` goes to Azure as one conditional write of the whole NSG.
@@ -531,7 +533,6 @@ impl NsgSyncer {
         snapshot: NsgSnapshot,
         asked: &Asked,
         plan: &NsgPlan,
-        plan_for: &impl Fn(&Asked, &[NsgRule]) -> NsgPlan,
     ) -> Result<NsgOutcome, Error> {
         self.record(nsg_id).await?;
         let flushed_now = self.ensure_flush_connection(nsg_id).await? > 0;
@@ -541,7 +542,7 @@ impl NsgSyncer {
         // Setting flushConnection wrote the NSG: its etag has moved on, so read it again.
         let read = (!flushed_now).then_some(snapshot);
         match self
-            .apply_in_one_write(nsg_id, &|rules| plan_for(asked, rules), read)
+            .apply_in_one_write(nsg_id, &|rules| self.plan_for(asked, rules), read)
             .await
         {
             // Azure refused the write as a whole (one rule it will not take): apply the
@@ -552,7 +553,7 @@ impl NsgSyncer {
             {
                 warn!(error = %e, "the NSG refused one write of all changes: writing them one by one");
                 let existing = self.azure.list_rules(nsg_id).await?;
-                let plan = plan_for(asked, &existing);
+                let plan = self.plan_for(asked, &existing);
                 self.apply_rule_by_rule(nsg_id, &existing, &plan).await
             }
             done => done,

@@ -16,15 +16,7 @@ pub async fn apply_status<K>(api: &Api<K>, obj: &K, status: &impl Serialize) -> 
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    Ok(api
-        .patch_status(&obj.name_any(), &pp, &Patch::Apply(&patch))
-        .await?)
+    Ok(apply_status_at(api, obj, status, None).await?)
 }
 
 /// [`apply_status`] only if the object is still the version `obj` is (its `resourceVersion` is
@@ -43,24 +35,37 @@ where
     let Some(version) = obj.meta().resource_version.as_deref() else {
         return Err(Error::MissingField("metadata.resourceVersion"));
     };
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "metadata": {"resourceVersion": version},
-        "status": status,
-    });
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    match api
-        .patch_status(&obj.name_any(), &pp, &Patch::Apply(&patch))
-        .await
-    {
+    match apply_status_at(api, obj, status, Some(version)).await {
         Ok(updated) => Ok(Some(updated)),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Objects whose status carries `metav1.Condition`s.
+/// The server-side apply of the whole status, as our field manager; with `version`, only onto
+/// that `resourceVersion`.
+async fn apply_status_at<K>(
+    api: &Api<K>,
+    obj: &K,
+    status: &impl Serialize,
+    version: Option<&str>,
+) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let mut patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    if let Some(version) = version {
+        patch["metadata"] = serde_json::json!({"resourceVersion": version});
+    }
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(&obj.name_any(), &pp, &Patch::Apply(&patch))
+        .await
+}
+
 pub trait WithConditions:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug
 {
