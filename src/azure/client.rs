@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::convert::{from_model, to_model};
 use super::error::{AzureError, error_chain};
-use super::pacing::{BudgetKind, Pacer, PacingOptions};
+use super::pacing::{BudgetKind, BudgetLeft, Pacer, PacingOptions};
 use super::transport::{ArmTransport, AzureStats, parse_retry_after, with_operation};
 use super::{
     IpConfigView, NetworkApi, NicView, NsgSnapshot, Reserved, ResourceId, SubnetView, VmNics,
@@ -1039,6 +1039,10 @@ impl NetworkApi for AzureNetworkClient {
             self.stats.record_paced(kind, waited);
         }
         Some(Reserved { admission, waited })
+    }
+
+    fn budget_left(&self, nsg_id: &str, kind: BudgetKind) -> Option<BudgetLeft> {
+        self.pacer.left_for(nsg_id, kind, std::time::Instant::now())
     }
 
     async fn put_nsg(

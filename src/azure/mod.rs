@@ -131,6 +131,47 @@ pub struct NsgSnapshot {
     pub raw: serde_json::Value,
 }
 
+impl NsgSnapshot {
+    /// Puts the snapshot aside while its write waits: the JSON is kept encoded, a fraction of
+    /// its parsed size (in a burst every NSG may be waiting at once), the rules stay parsed.
+    pub fn park(self) -> ParkedNsg {
+        ParkedNsg {
+            raw: self.raw.to_string(),
+            snapshot: NsgSnapshot {
+                raw: serde_json::Value::Null,
+                ..self
+            },
+        }
+    }
+}
+
+/// An [`NsgSnapshot`] put aside (see [`NsgSnapshot::park`]).
+pub struct ParkedNsg {
+    /// Everything but `raw`.
+    snapshot: NsgSnapshot,
+    raw: String,
+}
+
+impl ParkedNsg {
+    pub fn rules(&self) -> &[NsgRule] {
+        &self.snapshot.rules
+    }
+
+    /// The snapshot as it was read.
+    pub fn unpark(self) -> Result<NsgSnapshot, AzureError> {
+        let raw = serde_json::from_str(&self.raw).map_err(|e| {
+            AzureError::InvalidResponse(format!(
+                "NSG {} no longer parses: {e}",
+                self.snapshot.nsg_id
+            ))
+        })?;
+        Ok(NsgSnapshot {
+            raw,
+            ..self.snapshot
+        })
+    }
+}
+
 /// What the controller needs from Azure. Object-safe: use it as `Arc<dyn NetworkApi>`.
 #[async_trait]
 pub trait NetworkApi: Send + Sync {
@@ -207,6 +248,12 @@ pub trait NetworkApi: Send + Sync {
         _kind: BudgetKind,
         _bound: std::time::Duration,
     ) -> Option<Reserved> {
+        None
+    }
+
+    /// What is left now of the subscription's `kind` budget for a request to the NSG, by this
+    /// client's estimate. `None` for a client that does not pace, or knows nothing yet.
+    fn budget_left(&self, _nsg_id: &str, _kind: BudgetKind) -> Option<pacing::BudgetLeft> {
         None
     }
 }

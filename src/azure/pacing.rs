@@ -201,6 +201,14 @@ impl Estimate {
 
 type Key = (String, BudgetKind);
 
+/// What is left of a bucket by the estimate (see [`Pacer::left_for`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BudgetLeft {
+    /// Whole tokens that could be spent now without waiting (negative: requests queue).
+    pub usable: i64,
+    pub spec: BucketSpec,
+}
+
 /// The budget estimates of one client. Cheap to share (`Arc`).
 #[derive(Debug)]
 pub struct Pacer {
@@ -319,6 +327,24 @@ impl Pacer {
         let est = map.get_mut(&(subscription.to_ascii_lowercase(), kind))?;
         est.refill(spec, now);
         Some((est.tokens - est.pending.len() as f64).floor() as i64)
+    }
+
+    /// What a request of `kind` to `path` could spend now without waiting: the estimate above
+    /// the reserve, requests in flight counted. `None` when pacing is off, or before any request
+    /// of that kind to that subscription (the bucket is then taken to be full).
+    pub fn left_for(&self, path: &str, kind: BudgetKind, now: Instant) -> Option<BudgetLeft> {
+        if !self.options.enabled {
+            return None;
+        }
+        let spec = self.options.spec(kind);
+        let mut map = self.lock();
+        let est = map.get_mut(&(subscription_of(path), kind))?;
+        est.refill(spec, now);
+        let reserve = (f64::from(spec.burst) * self.options.reserve.clamp(0.0, 1.0)).floor();
+        Some(BudgetLeft {
+            usable: (est.tokens - est.pending.len() as f64 - reserve).floor() as i64,
+            spec,
+        })
     }
 
     fn settle(&self, key: &Key, seq: u64, reported: Option<u64>, now: Instant) {
@@ -475,6 +501,40 @@ mod tests {
             pacer.estimate("sub-1", BudgetKind::Write, t0),
             Some(1),
             "dropped unanswered, a request counts as spent"
+        );
+    }
+
+    #[test]
+    fn what_is_left_counts_places_taken_and_keeps_the_reserve_out() {
+        // 10 tokens, a reserve of 2.
+        let pacer = Pacer::new(opts(10, 1.0, 0.2));
+        let t0 = Instant::now();
+        assert_eq!(
+            pacer.left_for(NSG, BudgetKind::Write, t0),
+            None,
+            "nothing known before the first request: a full bucket"
+        );
+        let a = pacer.admit_kind(BudgetKind::Write, NSG, t0);
+        let b = pacer.admit_kind(BudgetKind::Write, NSG, t0);
+        let left = pacer.left_for(NSG, BudgetKind::Write, t0).map(|l| l.usable);
+        assert_eq!(left, Some(10 - 2 - 2), "two in flight, two kept in reserve");
+        b.cancel();
+        drop(a);
+        let left = pacer.left_for(NSG, BudgetKind::Write, t0).map(|l| l.usable);
+        assert_eq!(
+            left,
+            Some(9 - 2),
+            "the cancelled place spent nothing, the other one"
+        );
+        let off = Pacer::new(PacingOptions {
+            enabled: false,
+            ..opts(10, 1.0, 0.2)
+        });
+        drop(off.admit_kind(BudgetKind::Write, NSG, t0));
+        assert_eq!(
+            off.left_for(NSG, BudgetKind::Write, t0),
+            None,
+            "pacing off: nothing is held back for the budget"
         );
     }
 

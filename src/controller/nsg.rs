@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use tracing::{debug, info, instrument, warn};
@@ -13,6 +13,7 @@ use super::Error;
 use super::inventory::Inventory;
 use super::telemetry::Telemetry;
 use super::world::{World, WorldGeneration};
+use crate::azure::pacing::Admission;
 use crate::azure::{AzureError, BudgetKind, NetworkApi, NsgSnapshot, with_reserved};
 use crate::plan::rule::NsgRule;
 use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, plan_nsg};
@@ -71,7 +72,20 @@ impl NsgOutcome {
 /// The longest a sync waits for its place in the subscription's write budget before it writes
 /// anyway (Azure's 429s are still honoured): an estimate gone wrong never stalls an NSG. Longer
 /// than the client's own bound: in a burst every NSG queues for a write, 10 per second.
-const BUDGET_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+const BUDGET_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// How long what an NSG is asked for must stand still before an open is written while the
+/// write budget is low (see [`NsgSyncer::hold_until_quiet`]).
+const QUIET_FOR: Duration = Duration::from_secs(1);
+
+/// The longest an open is held back for quiet, however many NSGs share the budget.
+const HOLD_MAX: Duration = Duration::from_secs(30);
+
+/// What a sync means to write, and what it was asked for.
+struct Decision {
+    asked: Arc<Asked>,
+    plan: NsgPlan,
+}
 
 /// What one whole-NSG write changes among the rules.
 #[derive(Default)]
@@ -315,12 +329,17 @@ impl NsgSyncer {
         &self.naming
     }
 
-    fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<NsgState>> {
-        let mut locks = self
-            .locks
+    /// Every NSG this process keeps, each behind its sync lock.
+    fn locks(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<NsgState>>>> {
+        self.locks
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        locks
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<NsgState>> {
+        self.locks()
             .entry(nsg_id.to_ascii_lowercase())
             .or_default()
             .clone()
@@ -459,42 +478,53 @@ impl NsgSyncer {
             && (Arc::ptr_eq(&last.asked, asked) || last.asked == *asked)
     }
 
-    /// Reads the NSG once, plans, and writes what the plan changes. A write that the
-    /// subscription's budget would hold back is planned again, from the world as it is once the
-    /// budget is there: in a burst, the write then carries every grant that arrived while it
-    /// waited, instead of going out stale and leaving them to one more write each. Returns the
-    /// outcome and what it was asked for in the end.
+    /// Reads the NSG once, plans, and writes what the plan changes. When the subscription's
+    /// write budget runs low, the write waits (see [`NsgSyncer::hold_until_quiet`] and
+    /// [`NsgSyncer::take_place`]) and is planned again from the world as it is once it may go:
+    /// in a burst it then carries every grant that arrived while it waited, instead of going
+    /// out stale and leaving them to one more write each. Returns the outcome and what it was
+    /// asked for in the end.
     async fn sync_locked(
         &self,
         nsg_id: &str,
-        mut asked: Arc<Asked>,
+        asked: Arc<Asked>,
         planned: &mut Option<Planned>,
         world: &impl Fn() -> World,
     ) -> Result<(NsgOutcome, Arc<Asked>), Error> {
         // One read serves the plan and, when it has several changes, the conditional write.
         let snapshot = self.azure.read_nsg(nsg_id).await?;
-        let mut plan = self.plan_for(&asked, &snapshot.rules);
-        // The write's place in the subscription's budget, taken before the write is made up.
-        let mut reserved = None;
-        if !plan.is_noop() {
-            let kind = if self.in_one_write(&plan) || !plan.puts.is_empty() {
-                BudgetKind::Write
-            } else {
-                BudgetKind::Delete
-            };
-            if let Some(place) = self
-                .azure
-                .reserve_budget(nsg_id, kind, BUDGET_WAIT_MAX)
-                .await
-            {
-                if !place.waited.is_zero() {
-                    debug!(waited = ?place.waited, "waited for the subscription's budget: planning the write again");
-                    asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
-                    plan = self.plan_for(&asked, &snapshot.rules);
-                }
-                reserved = Some(place.admission);
+        let mut decision = Decision {
+            plan: self.plan_for(&asked, &snapshot.rules),
+            asked,
+        };
+        let (snapshot, reserved) = match self.write_budget_low(nsg_id, &decision.plan) {
+            None => {
+                let place = self
+                    .take_place(nsg_id, &mut decision, planned, world, &snapshot.rules)
+                    .await;
+                (snapshot, place)
             }
-        }
+            Some(hold) => {
+                // Only the rules are needed while the write waits; the JSON waits encoded.
+                let parked = snapshot.park();
+                if decision.plan.deletes.is_empty() {
+                    self.hold_until_quiet(
+                        nsg_id,
+                        &mut decision,
+                        planned,
+                        world,
+                        parked.rules(),
+                        hold,
+                    )
+                    .await;
+                }
+                let place = self
+                    .take_place(nsg_id, &mut decision, planned, world, parked.rules())
+                    .await;
+                (parked.unpark()?, place)
+            }
+        };
+        let Decision { asked, plan } = decision;
         if let Some(telemetry) = &self.telemetry {
             telemetry.set_band_usage(nsg_id, plan.band_usage(&snapshot.rules, &self.bands));
         }
@@ -511,6 +541,101 @@ impl NsgSyncer {
             None => write.await?,
         };
         Ok((outcome, asked))
+    }
+
+    /// Plans again from the world as it is now; says whether what the NSG is asked for changed.
+    fn plan_again(
+        &self,
+        nsg_id: &str,
+        decision: &mut Decision,
+        planned: &mut Option<Planned>,
+        world: &impl Fn() -> World,
+        rules: &[NsgRule],
+    ) -> bool {
+        let asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
+        if Arc::ptr_eq(&asked, &decision.asked) || asked == decision.asked {
+            return false;
+        }
+        decision.plan = self.plan_for(&asked, rules);
+        decision.asked = asked;
+        true
+    }
+
+    /// Takes the write's place in the subscription's budget before the write is made up, and
+    /// plans again if it had to wait for it. `None`: nothing to write, or a client that does not
+    /// pace.
+    async fn take_place(
+        &self,
+        nsg_id: &str,
+        decision: &mut Decision,
+        planned: &mut Option<Planned>,
+        world: &impl Fn() -> World,
+        rules: &[NsgRule],
+    ) -> Option<Admission> {
+        let kind = self.budget_kind(&decision.plan)?;
+        let place = self
+            .azure
+            .reserve_budget(nsg_id, kind, BUDGET_WAIT_MAX)
+            .await?;
+        if !place.waited.is_zero() {
+            debug!(waited = ?place.waited, "waited for the subscription's budget: planning the write again");
+            self.plan_again(nsg_id, decision, planned, world, rules);
+        }
+        Some(place.admission)
+    }
+
+    /// The bucket `plan`'s write is charged to; `None` when it writes nothing.
+    fn budget_kind(&self, plan: &NsgPlan) -> Option<BudgetKind> {
+        if plan.is_noop() {
+            None
+        } else if self.in_one_write(plan) || !plan.puts.is_empty() {
+            Some(BudgetKind::Write)
+        } else {
+            Some(BudgetKind::Delete)
+        }
+    }
+
+    /// When the subscription's budget for `plan`'s write is too low for one write to every NSG
+    /// this process keeps (or to half the bucket, if it keeps more): how long an open may be
+    /// held back, one such round at the refill rate.
+    fn write_budget_low(&self, nsg_id: &str, plan: &NsgPlan) -> Option<Duration> {
+        let left = self.azure.budget_left(nsg_id, self.budget_kind(plan)?)?;
+        let nsgs = self.locks().len();
+        let round = nsgs.min(left.spec.burst as usize / 2);
+        if left.usable >= round as i64 {
+            return None;
+        }
+        let round_time = nsgs as f64 / left.spec.refill_per_sec.max(f64::EPSILON);
+        Some(Duration::from_secs_f64(round_time.min(HOLD_MAX.as_secs_f64())).max(QUIET_FOR))
+    }
+
+    /// In a burst that outruns the write budget, an open waits until what its NSG is asked for
+    /// has stood still for [`QUIET_FOR`] (at most `hold`), so that each write carries a whole
+    /// wave of arrivals rather than the few since the last write, and the budget left serves the
+    /// round after the wave at once. A close that arrives meanwhile ends the wait: closes never
+    /// wait for quiet.
+    async fn hold_until_quiet(
+        &self,
+        nsg_id: &str,
+        decision: &mut Decision,
+        planned: &mut Option<Planned>,
+        world: &impl Fn() -> World,
+        rules: &[NsgRule],
+        hold: Duration,
+    ) {
+        let started = Instant::now();
+        loop {
+            let left = hold.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(QUIET_FOR.min(left)).await;
+            let moved = self.plan_again(nsg_id, decision, planned, world, rules);
+            if !moved || decision.plan.is_noop() || !decision.plan.deletes.is_empty() {
+                break;
+            }
+        }
+        debug!(held = ?started.elapsed(), "write budget low: the NSG's opens waited for their arrivals to pause");
     }
 
     /// What `asked` makes of the NSG's rules `existing`.
