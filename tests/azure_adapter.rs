@@ -1535,12 +1535,8 @@ async fn the_budget_estimate_follows_the_remaining_headers() {
     emu.shutdown().await;
 }
 
-/// One policy over vm1 (port 22 in nsg-nic) and `grants` grants under it, each from its own
-/// address, active until `expires_at`.
-fn planned_world(
-    grants: usize,
-    expires_at: jiff::Timestamp,
-) -> portcullis::controller::world::World {
+/// One policy over vm1 (port 22 in nsg-nic) and one grant under it, active until `expires_at`.
+fn planned_world(expires_at: jiff::Timestamp) -> portcullis::controller::world::World {
     let policy: portcullis::api::JitPolicy = serde_json::from_value(serde_json::json!({
         "apiVersion": "portcullis.dev/v1alpha1",
         "kind": "JitPolicy",
@@ -1554,25 +1550,20 @@ fn planned_world(
     }))
     .expect("policy");
     let activated = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
-    let grants = (0..grants)
-        .map(|i| {
-            let grant: portcullis::api::AccessGrant = serde_json::from_value(serde_json::json!({
-                "apiVersion": "portcullis.dev/v1alpha1",
-                "kind": "AccessGrant",
-                "metadata": {"name": format!("g{i}"), "namespace": "t", "uid": format!("grant-uid-{i}")},
-                "spec": {"policyRef": {"name": "p"}, "virtualMachine": "vm1", "ports": [22],
-                    "sourceAddressPrefix": format!("203.0.113.{}", i + 1), "duration": "PT1H",
-                    "justification": "planned world"},
-                "status": {"phase": "Active", "activatedAt": activated.to_string(),
-                    "expiresAt": expires_at.to_string()}
-            }))
-            .expect("grant");
-            Arc::new(grant)
-        })
-        .collect();
+    let grant: portcullis::api::AccessGrant = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AccessGrant",
+        "metadata": {"name": "g", "namespace": "t", "uid": "grant-uid"},
+        "spec": {"policyRef": {"name": "p"}, "virtualMachine": "vm1", "ports": [22],
+            "sourceAddressPrefix": "203.0.113.7", "duration": "PT1H",
+            "justification": "plan cache test"},
+        "status": {"phase": "Active", "activatedAt": activated.to_string(),
+            "expiresAt": expires_at.to_string()}
+    }))
+    .expect("grant");
     portcullis::controller::world::World {
         policies: vec![Arc::new(policy)],
-        grants,
+        grants: vec![Arc::new(grant)],
         ..Default::default()
     }
 }
@@ -1592,7 +1583,7 @@ async fn an_nsg_is_planned_again_only_when_the_world_changes_or_a_grant_lapses()
     let syncer = NsgSyncer::new(Arc::new(client(&emu)), Bands::default(), Naming::default())
         .with_world_generation(generation.clone());
     let expires_at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
-    let world = planned_world(1, expires_at);
+    let world = planned_world(expires_at);
     let snapshots = AtomicUsize::new(0);
     let nsg = nsg_id("nsg-nic");
     let sync = || async {
@@ -1654,19 +1645,14 @@ async fn an_nsg_is_planned_again_only_when_the_world_changes_or_a_grant_lapses()
     assert_eq!(allow_rules().await, 0);
 }
 
-/// A burst that outruns the subscription's write budget: while the budget has room for a round
-/// of every NSG, each arrival is written as it comes; once it has not, an NSG's opens wait for
-/// the arrivals to pause and go in one write, which the budget left serves at once (waiting for
-/// the refill here would take 10 s per write).
+/// A write that closes takes its place in the write budget before the opens already waiting
+/// for theirs, through the real client: with the emulator's bucket spent, the close waits for
+/// one refill, the opens for the close's token and then their own.
 #[tokio::test]
-async fn opens_beyond_the_write_budget_wait_for_the_arrivals_to_pause_and_go_in_one_write() {
-    use portcullis::controller::nsg::NsgSyncer;
-    use portcullis::plan::{Bands, Naming};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
+async fn a_close_takes_its_place_in_the_write_budget_before_waiting_opens() {
     let bucket = BucketSpec {
-        burst: 6,
-        refill_per_sec: 0.1,
+        burst: 2,
+        refill_per_sec: 2.0,
     };
     let emu = start(EmulatorConfig {
         write_burst: bucket.burst,
@@ -1677,82 +1663,42 @@ async fn opens_beyond_the_write_budget_wait_for_the_arrivals_to_pause_and_go_in_
     let mut paced = options();
     paced.pacing.write = bucket;
     paced.pacing.reserve = 0.0;
-    let client = client_with(&emu, secret_credential(&emu, SECRET), paced);
-    let syncer = Arc::new(
-        NsgSyncer::new(Arc::new(client), Bands::default(), Naming::default())
-            .with_one_write_per_nsg(true),
-    );
-    let arrived = Arc::new(AtomicUsize::new(0));
-    // Well inside the grants' hour, whenever they count as activated.
-    let expires_at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1800);
-    let sync = |nsg: &'static str| {
-        let (syncer, arrived) = (syncer.clone(), arrived.clone());
-        async move {
-            syncer
-                .sync(
-                    &nsg_id(nsg),
-                    || planned_world(arrived.load(Ordering::SeqCst), expires_at),
-                    jiff::Timestamp::now(),
-                )
-                .await
-                .expect("sync")
-        }
-    };
-    // Three NSGs kept, so a round is three writes; the policy's Deny rule spends the first.
-    for nsg in ["nsg-subnet", "nsg-empty", "nsg-nic"] {
-        sync(nsg).await;
-    }
-    let nsg_writes = || async {
-        emu.admin()
-            .requests()
+    let api = Arc::new(client_with(&emu, secret_credential(&emu, SECRET), paced));
+    let nsg = nsg_id("nsg-empty");
+    // Spend the bucket; Azure's headers then say none is left.
+    for i in 0..2u16 {
+        api.put_rule(&nsg, &rule(&format!("portcullis-spend{i}"), 150 + i, "22"))
             .await
-            .expect("requests")
-            .iter()
-            .filter(|r| r.method != "GET" && r.path.contains("/networkSecurityGroups/nsg-nic"))
-            .filter(|r| (200..300).contains(&r.status))
-            .count()
+            .expect("put");
+    }
+    assert_eq!(api.budget_estimate(SUB, BudgetKind::Write), Some(0));
+    let place = |urgent: bool| {
+        let (api, nsg) = (api.clone(), nsg.clone());
+        tokio::spawn(async move {
+            let reserved = api
+                .reserve_budget(&nsg, BudgetKind::Write, urgent, Duration::from_secs(30))
+                .await
+                .expect("a pacing client reserves");
+            // Sent and answered without a header: one token spent.
+            drop(reserved.admission);
+            reserved.waited
+        })
     };
-    assert_eq!(nsg_writes().await, 1, "the Deny rule");
-
-    // Ten grants, one every 200 ms (each write takes a few ms), a sync asked for each.
-    let mut syncs = Vec::new();
-    for _ in 0..10 {
-        arrived.fetch_add(1, Ordering::SeqCst);
-        syncs.push(tokio::spawn(sync("nsg-nic")));
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let opens: Vec<_> = (0..3).map(|_| place(false)).collect();
+    // The opens are queued before the close is asked for.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let close = place(true).await.expect("close task");
+    let mut opened = Vec::new();
+    for open in opens {
+        opened.push(open.await.expect("open task"));
     }
-    let last_arrival = std::time::Instant::now();
-    let mut created = Vec::new();
-    for s in syncs {
-        created.push(s.await.expect("sync task").created.len());
-    }
-    let took = last_arrival.elapsed();
-
-    // Tokens 5, 4, 3: each arrival written at once. Below a round (3), the fourth sync holds
-    // until a second passes without an arrival, and writes the seven rules then.
-    assert_eq!(
-        created,
-        vec![1, 1, 1, 7, 0, 0, 0, 0, 0, 0],
-        "rules created by each arrival's sync"
-    );
-    assert_eq!(
-        nsg_writes().await,
-        1 + 4,
-        "after the Deny rule, four writes of the NSG for ten grants"
+    assert!(
+        close < Duration::from_millis(800),
+        "the close waited for one refill only: {close:?}"
     );
     assert!(
-        took < Duration::from_secs(5),
-        "the last write went without waiting for the refill: {took:?} after the last arrival"
-    );
-    let rules = admin_rules(&emu.admin(), "nsg-nic").await;
-    let allows = rules
-        .values()
-        .filter(|r| r["properties"]["access"] == "Allow" && r["name"] != "user-allow-https")
-        .count();
-    assert_eq!(allows, 10, "every grant's rule stands");
-    assert!(
-        rules.values().any(|r| r["name"] == "user-allow-https"),
-        "the NSG put aside while its write waited went back whole: {rules:?}"
+        opened.iter().all(|waited| *waited > close),
+        "every waiting open went after the close: close {close:?}, opens {opened:?}"
     );
     emu.shutdown().await;
 }

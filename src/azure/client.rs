@@ -1029,11 +1029,12 @@ impl NetworkApi for AzureNetworkClient {
         &self,
         nsg_id: &str,
         kind: BudgetKind,
+        urgent: bool,
         bound: Duration,
     ) -> Option<Reserved> {
         let admission = self
             .pacer
-            .admit_kind(kind, nsg_id, std::time::Instant::now());
+            .admit_place(kind, nsg_id, urgent, std::time::Instant::now());
         let waited = self.pacer.wait_turn(&admission, bound).await;
         if !waited.is_zero() {
             self.stats.record_paced(kind, waited);

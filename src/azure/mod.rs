@@ -239,13 +239,15 @@ pub trait NetworkApi: Send + Sync {
     ) -> Result<(), AzureError>;
 
     /// Takes the next place in the subscription's budget for a request of `kind` to the NSG
-    /// and waits for it (at most `bound`): a caller that makes up its write only then carries
-    /// whatever arrived while it waited. Hand the place to the write with
-    /// [`with_reserved`]. `None` for a client that does not pace.
+    /// (before every waiting one that is not `urgent`, if it is) and waits for it (at most
+    /// `bound`): a caller that makes up its write only then carries whatever arrived while it
+    /// waited. Hand the place to the write with [`with_reserved`]. `None` for a client that
+    /// does not pace.
     async fn reserve_budget(
         &self,
         _nsg_id: &str,
         _kind: BudgetKind,
+        _urgent: bool,
         _bound: std::time::Duration,
     ) -> Option<Reserved> {
         None
@@ -352,6 +354,24 @@ impl ResourceId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parked_snapshot_comes_back_as_read() {
+        let raw = serde_json::json!({
+            "etag": "W/\"7\"",
+            "properties": {"securityRules": [], "someFieldNoModelKnows": {"x": [1, 2.5, null]}},
+            "tags": {"team": "net"}
+        });
+        let snapshot = NsgSnapshot {
+            nsg_id: "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/networkSecurityGroups/n".into(),
+            etag: Some("W/\"7\"".into()),
+            rules: Vec::new(),
+            raw: raw.clone(),
+        };
+        let back = snapshot.clone().park().unpark().expect("unparks");
+        assert_eq!(back.raw, raw);
+        assert_eq!((back.nsg_id, back.etag), (snapshot.nsg_id, snapshot.etag));
+    }
 
     #[test]
     fn parses_nsg_id() {

@@ -10,7 +10,7 @@
 //! queue behind each other instead of all seeing the same last header. The lock guards only
 //! the arithmetic; waits happen outside it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -167,7 +167,7 @@ struct Estimate {
     tokens: f64,
     at: Instant,
     /// Requests admitted and not yet answered (waiting ones included), by admission number.
-    pending: BTreeSet<u64>,
+    pending: BTreeMap<u64, Place>,
     /// Admissions are numbered in order; the header of an answer older than the last one
     /// applied is stale (answers can overtake each other) and is not taken.
     next_seq: u64,
@@ -182,9 +182,23 @@ impl Estimate {
     }
 
     /// How long the request admitted as `seq` should still wait: until the refill covers it and
-    /// every request admitted before it, above the reserve.
+    /// every request ahead of it, above the reserve.
     fn wait_for(&self, seq: u64, spec: BucketSpec, options: &PacingOptions) -> Duration {
-        self.wait_behind(self.pending.range(..=seq).count(), spec, options)
+        let Some(me) = self.pending.get(&seq) else {
+            return Duration::ZERO;
+        };
+        let ahead = self
+            .pending
+            .iter()
+            .filter(|&(&other, place)| other == seq || place.goes_before(other, me, seq))
+            .count();
+        self.wait_behind(ahead, spec, options)
+    }
+
+    fn grant(&mut self, seq: u64) {
+        if let Some(place) = self.pending.get_mut(&seq) {
+            place.granted = true;
+        }
     }
 
     /// How long a request with `ahead` requests before it (itself included) should wait.
@@ -196,6 +210,26 @@ impl Estimate {
         } else {
             Duration::ZERO
         }
+    }
+}
+
+/// A request's place in its bucket's queue.
+#[derive(Clone, Copy, Debug)]
+struct Place {
+    /// Goes before every waiting request that is not urgent: a write that closes.
+    urgent: bool,
+    /// Its turn has come: it is being sent, or awaits its answer, and spends a token.
+    granted: bool,
+}
+
+impl Place {
+    /// Whether this place (admitted as `seq`) is served before `other` (admitted as `other_seq`):
+    /// a place whose turn came is; an urgent one is before any waiting one that is not; else
+    /// the first admitted is.
+    fn goes_before(&self, seq: u64, other: &Place, other_seq: u64) -> bool {
+        self.granted
+            || (self.urgent && !other.urgent)
+            || (self.urgent == other.urgent && seq < other_seq)
     }
 }
 
@@ -257,21 +291,38 @@ impl Pacer {
     /// [`Pacer::admit`] by the bucket's kind: a place in its queue taken before the request
     /// is made up (see [`with_reserved`]).
     pub fn admit_kind(self: &Arc<Self>, kind: BudgetKind, path: &str, now: Instant) -> Admission {
+        self.admit_place(kind, path, false, now)
+    }
+
+    /// [`Pacer::admit_kind`], `urgent`: served before every waiting request that is not (a
+    /// write that closes does not queue behind a burst of opens), never before one whose turn
+    /// has come.
+    pub fn admit_place(
+        self: &Arc<Self>,
+        kind: BudgetKind,
+        path: &str,
+        urgent: bool,
+        now: Instant,
+    ) -> Admission {
         let key = (subscription_of(path), kind);
         let spec = self.options.spec(kind);
         let mut map = self.lock();
         let est = map.entry(key.clone()).or_insert_with(|| Estimate {
             tokens: f64::from(spec.burst),
             at: now,
-            pending: BTreeSet::new(),
+            pending: BTreeMap::new(),
             next_seq: 0,
             applied_seq: 0,
         });
         est.refill(spec, now);
         est.next_seq += 1;
         let seq = est.next_seq;
-        est.pending.insert(seq);
+        let granted = false;
+        est.pending.insert(seq, Place { urgent, granted });
         let wait = est.wait_for(seq, spec, &self.options);
+        if wait.is_zero() {
+            est.grant(seq);
+        }
         Admission {
             pacer: Arc::clone(self),
             key: Some(key),
@@ -298,6 +349,13 @@ impl Pacer {
             wait = self
                 .recheck(admission, Instant::now())
                 .min(bound.saturating_sub(waited));
+        }
+        // Its turn (or the bound) has come: from now on it spends a token, and no urgent
+        // place admitted later goes before it.
+        if let Some(key) = admission.key.as_ref()
+            && let Some(est) = self.lock().get_mut(key)
+        {
+            est.grant(admission.seq);
         }
         waited
     }
@@ -501,6 +559,42 @@ mod tests {
             pacer.estimate("sub-1", BudgetKind::Write, t0),
             Some(1),
             "dropped unanswered, a request counts as spent"
+        );
+    }
+
+    #[test]
+    fn an_urgent_place_goes_before_waiting_ones_but_not_before_those_whose_turn_came() {
+        let pacer = Pacer::new(opts(2, 2.0, 0.0));
+        let t0 = Instant::now();
+        let first = pacer.admit_kind(BudgetKind::Write, NSG, t0);
+        let second = pacer.admit_kind(BudgetKind::Write, NSG, t0);
+        let third = pacer.admit_kind(BudgetKind::Write, NSG, t0);
+        let fourth = pacer.admit_kind(BudgetKind::Write, NSG, t0);
+        assert_eq!(
+            [first.wait, second.wait, third.wait, fourth.wait],
+            [
+                Duration::ZERO,
+                Duration::ZERO,
+                Duration::from_millis(500),
+                Duration::from_secs(1)
+            ]
+        );
+        let close = pacer.admit_place(BudgetKind::Write, NSG, true, t0);
+        assert_eq!(
+            close.wait,
+            Duration::from_millis(500),
+            "behind the two in flight only"
+        );
+        assert_eq!(
+            (pacer.recheck(&third, t0), pacer.recheck(&fourth, t0)),
+            (Duration::from_secs(1), Duration::from_millis(1500)),
+            "the waiting ones are one place further back"
+        );
+        let later_close = pacer.admit_place(BudgetKind::Write, NSG, true, t0);
+        assert_eq!(
+            later_close.wait,
+            Duration::from_secs(1),
+            "urgent places keep their order"
         );
     }
 

@@ -74,13 +74,6 @@ impl NsgOutcome {
 /// than the client's own bound: in a burst every NSG queues for a write, 10 per second.
 const BUDGET_WAIT_MAX: Duration = Duration::from_secs(60);
 
-/// How long what an NSG is asked for must stand still before an open is written while the
-/// write budget is low (see [`NsgSyncer::hold_until_quiet`]).
-const QUIET_FOR: Duration = Duration::from_secs(1);
-
-/// The longest an open is held back for quiet, however many NSGs share the budget.
-const HOLD_MAX: Duration = Duration::from_secs(30);
-
 /// What a sync means to write, and what it was asked for.
 struct Decision {
     asked: Arc<Asked>,
@@ -329,17 +322,12 @@ impl NsgSyncer {
         &self.naming
     }
 
-    /// Every NSG this process keeps, each behind its sync lock.
-    fn locks(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<NsgState>>>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<NsgState>> {
-        self.locks()
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks
             .entry(nsg_id.to_ascii_lowercase())
             .or_default()
             .clone()
@@ -478,12 +466,11 @@ impl NsgSyncer {
             && (Arc::ptr_eq(&last.asked, asked) || last.asked == *asked)
     }
 
-    /// Reads the NSG once, plans, and writes what the plan changes. When the subscription's
-    /// write budget runs low, the write waits (see [`NsgSyncer::hold_until_quiet`] and
-    /// [`NsgSyncer::take_place`]) and is planned again from the world as it is once it may go:
-    /// in a burst it then carries every grant that arrived while it waited, instead of going
-    /// out stale and leaving them to one more write each. Returns the outcome and what it was
-    /// asked for in the end.
+    /// Reads the NSG once, plans, and writes what the plan changes. The write first takes its
+    /// place in the subscription's budget (see [`NsgSyncer::take_place`]) and, if it had to
+    /// wait, is planned again from the world as it is once it may go: in a burst it then carries
+    /// every grant that arrived while it waited, instead of going out stale and leaving them to
+    /// one more write each. Returns the outcome and what it was asked for in the end.
     async fn sync_locked(
         &self,
         nsg_id: &str,
@@ -497,32 +484,19 @@ impl NsgSyncer {
             plan: self.plan_for(&asked, &snapshot.rules),
             asked,
         };
-        let (snapshot, reserved) = match self.write_budget_low(nsg_id, &decision.plan) {
-            None => {
-                let place = self
-                    .take_place(nsg_id, &mut decision, planned, world, &snapshot.rules)
-                    .await;
-                (snapshot, place)
-            }
-            Some(hold) => {
-                // Only the rules are needed while the write waits; the JSON waits encoded.
-                let parked = snapshot.park();
-                if decision.plan.deletes.is_empty() {
-                    self.hold_until_quiet(
-                        nsg_id,
-                        &mut decision,
-                        planned,
-                        world,
-                        parked.rules(),
-                        hold,
-                    )
-                    .await;
-                }
-                let place = self
-                    .take_place(nsg_id, &mut decision, planned, world, parked.rules())
-                    .await;
-                (parked.unpark()?, place)
-            }
+        let (snapshot, reserved) = if self.budget_running_low(nsg_id, &decision.plan) {
+            // The write will likely wait for its place, with every other NSG's in a burst:
+            // meanwhile only the rules are needed, and the JSON waits encoded.
+            let parked = snapshot.park();
+            let place = self
+                .take_place(nsg_id, &mut decision, planned, world, parked.rules())
+                .await;
+            (parked.unpark()?, place)
+        } else {
+            let place = self
+                .take_place(nsg_id, &mut decision, planned, world, &snapshot.rules)
+                .await;
+            (snapshot, place)
         };
         let Decision { asked, plan } = decision;
         if let Some(telemetry) = &self.telemetry {
@@ -535,30 +509,12 @@ impl NsgSyncer {
             }
             return Ok((NsgOutcome::planned(nsg_id, &plan), asked));
         }
-        let write = self.write_plan(nsg_id, snapshot, &asked, &plan);
+        let write = self.write_plan(nsg_id, snapshot, &asked, plan);
         let outcome = match reserved {
             Some(place) => with_reserved(place, write).await?,
             None => write.await?,
         };
         Ok((outcome, asked))
-    }
-
-    /// Plans again from the world as it is now; says whether what the NSG is asked for changed.
-    fn plan_again(
-        &self,
-        nsg_id: &str,
-        decision: &mut Decision,
-        planned: &mut Option<Planned>,
-        world: &impl Fn() -> World,
-        rules: &[NsgRule],
-    ) -> bool {
-        let asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
-        if Arc::ptr_eq(&asked, &decision.asked) || asked == decision.asked {
-            return false;
-        }
-        decision.plan = self.plan_for(&asked, rules);
-        decision.asked = asked;
-        true
     }
 
     /// Takes the write's place in the subscription's budget before the write is made up, and
@@ -573,13 +529,16 @@ impl NsgSyncer {
         rules: &[NsgRule],
     ) -> Option<Admission> {
         let kind = self.budget_kind(&decision.plan)?;
+        // A write that closes goes before the opens waiting for the budget.
+        let urgent = !decision.plan.deletes.is_empty();
         let place = self
             .azure
-            .reserve_budget(nsg_id, kind, BUDGET_WAIT_MAX)
+            .reserve_budget(nsg_id, kind, urgent, BUDGET_WAIT_MAX)
             .await?;
         if !place.waited.is_zero() {
             debug!(waited = ?place.waited, "waited for the subscription's budget: planning the write again");
-            self.plan_again(nsg_id, decision, planned, world, rules);
+            decision.asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
+            decision.plan = self.plan_for(&decision.asked, rules);
         }
         Some(place.admission)
     }
@@ -595,47 +554,12 @@ impl NsgSyncer {
         }
     }
 
-    /// When the subscription's budget for `plan`'s write is too low for one write to every NSG
-    /// this process keeps (or to half the bucket, if it keeps more): how long an open may be
-    /// held back, one such round at the refill rate.
-    fn write_budget_low(&self, nsg_id: &str, plan: &NsgPlan) -> Option<Duration> {
-        let left = self.azure.budget_left(nsg_id, self.budget_kind(plan)?)?;
-        let nsgs = self.locks().len();
-        let round = nsgs.min(left.spec.burst as usize / 2);
-        if left.usable >= round as i64 {
-            return None;
-        }
-        let round_time = nsgs as f64 / left.spec.refill_per_sec.max(f64::EPSILON);
-        Some(Duration::from_secs_f64(round_time.min(HOLD_MAX.as_secs_f64())).max(QUIET_FOR))
-    }
-
-    /// In a burst that outruns the write budget, an open waits until what its NSG is asked for
-    /// has stood still for [`QUIET_FOR`] (at most `hold`), so that each write carries a whole
-    /// wave of arrivals rather than the few since the last write, and the budget left serves the
-    /// round after the wave at once. A close that arrives meanwhile ends the wait: closes never
-    /// wait for quiet.
-    async fn hold_until_quiet(
-        &self,
-        nsg_id: &str,
-        decision: &mut Decision,
-        planned: &mut Option<Planned>,
-        world: &impl Fn() -> World,
-        rules: &[NsgRule],
-        hold: Duration,
-    ) {
-        let started = Instant::now();
-        loop {
-            let left = hold.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                break;
-            }
-            tokio::time::sleep(QUIET_FOR.min(left)).await;
-            let moved = self.plan_again(nsg_id, decision, planned, world, rules);
-            if !moved || decision.plan.is_noop() || !decision.plan.deletes.is_empty() {
-                break;
-            }
-        }
-        debug!(held = ?started.elapsed(), "write budget low: the NSG's opens waited for their arrivals to pause");
+    /// Whether less than half the subscription's budget for `plan`'s write is left (above the
+    /// reserve): a burst is under way, and writes queue for their places.
+    fn budget_running_low(&self, nsg_id: &str, plan: &NsgPlan) -> bool {
+        self.budget_kind(plan)
+            .and_then(|kind| self.azure.budget_left(nsg_id, kind))
+            .is_some_and(|left| left.usable < i64::from(left.spec.burst / 2))
     }
 
     /// What `asked` makes of the NSG's rules `existing`.
@@ -657,15 +581,17 @@ impl NsgSyncer {
         nsg_id: &str,
         snapshot: NsgSnapshot,
         asked: &Asked,
-        plan: &NsgPlan,
+        plan: NsgPlan,
     ) -> Result<NsgOutcome, Error> {
         self.record(nsg_id).await?;
         let flushed_now = self.ensure_flush_connection(nsg_id).await? > 0;
-        if !self.in_one_write(plan) {
-            return self.apply_rule_by_rule(nsg_id, &snapshot.rules, plan).await;
+        if !self.in_one_write(&plan) {
+            return self
+                .apply_rule_by_rule(nsg_id, &snapshot.rules, &plan)
+                .await;
         }
         // Setting flushConnection wrote the NSG: its etag has moved on, so read it again.
-        let read = (!flushed_now).then_some(snapshot);
+        let read = (!flushed_now).then_some((snapshot, plan));
         match self
             .apply_in_one_write(nsg_id, &|rules| self.plan_for(asked, rules), read)
             .await
@@ -687,18 +613,22 @@ impl NsgSyncer {
 
     /// Applies a plan of several changes in one conditional write of the whole NSG (one ARM
     /// write and one long-running operation instead of one per rule; Azure serialises writes to
-    /// an NSG anyway). On 412 the plan is made again from the fresh read, so a rule someone else
-    /// added in between stays.
+    /// an NSG anyway). `read`: the NSG just read and the plan made from it, for the first
+    /// attempt. On 412 the plan is made again from the fresh read, so a rule someone else added
+    /// in between stays.
     async fn apply_in_one_write(
         &self,
         nsg_id: &str,
         plan_for: &impl Fn(&[NsgRule]) -> NsgPlan,
-        read: Option<NsgSnapshot>,
+        read: Option<(NsgSnapshot, NsgPlan)>,
     ) -> Result<NsgOutcome, Error> {
+        let (read, mut first_plan) = read.unzip();
         let mut applied: Option<(NsgPlan, HashSet<String>)> = None;
         let writes = self
             .write_whole_nsg(nsg_id, read, |snapshot| {
-                let plan = plan_for(&snapshot.rules);
+                let plan = first_plan
+                    .take()
+                    .unwrap_or_else(|| plan_for(&snapshot.rules));
                 let existing = snapshot
                     .rules
                     .iter()
