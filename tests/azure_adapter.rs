@@ -1685,8 +1685,14 @@ async fn a_close_takes_its_place_in_the_write_budget_before_waiting_opens() {
         })
     };
     let opens: Vec<_> = (0..3).map(|_| place(false)).collect();
-    // The opens are queued before the close is asked for.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // On this one-thread runtime the opens run up to their wait, each place taken, before the
+    // close is asked for.
+    tokio::task::yield_now().await;
+    assert_eq!(
+        api.budget_estimate(SUB, BudgetKind::Write),
+        Some(-3),
+        "three opens queued"
+    );
     let close = place(true).await.expect("close task");
     let mut opened = Vec::new();
     for open in opens {

@@ -7,7 +7,9 @@
 //!
 //! The accounting is conservative: a request counts against its bucket from the moment it is
 //! admitted until its response (whose header then replaces the estimate), so concurrent callers
-//! queue behind each other instead of all seeing the same last header. The lock guards only
+//! queue behind each other instead of all seeing the same last header. They queue in the order
+//! they were admitted, except that an urgent place (a write that closes) goes before every
+//! waiting place that is not: a close never waits behind a burst of opens. The lock guards only
 //! the arithmetic; waits happen outside it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -118,6 +120,11 @@ impl Default for PacingOptions {
 }
 
 impl PacingOptions {
+    /// The whole tokens of a bucket kept in reserve.
+    fn reserve_of(&self, spec: BucketSpec) -> f64 {
+        (f64::from(spec.burst) * self.reserve.clamp(0.0, 1.0)).floor()
+    }
+
     fn spec(&self, kind: BudgetKind) -> BucketSpec {
         match kind {
             BudgetKind::Read => self.read,
@@ -204,7 +211,7 @@ impl Estimate {
     /// How long a request with `ahead` requests before it (itself included) should wait.
     fn wait_behind(&self, ahead: usize, spec: BucketSpec, options: &PacingOptions) -> Duration {
         let left = self.tokens - ahead as f64;
-        let reserve = (f64::from(spec.burst) * options.reserve.clamp(0.0, 1.0)).floor();
+        let reserve = options.reserve_of(spec);
         if options.enabled && left < reserve && spec.refill_per_sec > 0.0 {
             Duration::from_secs_f64((reserve - left) / spec.refill_per_sec).min(options.max_wait)
         } else {
@@ -395,12 +402,9 @@ impl Pacer {
             return None;
         }
         let spec = self.options.spec(kind);
-        let mut map = self.lock();
-        let est = map.get_mut(&(subscription_of(path), kind))?;
-        est.refill(spec, now);
-        let reserve = (f64::from(spec.burst) * self.options.reserve.clamp(0.0, 1.0)).floor();
+        let tokens = self.estimate(&subscription_of(path), kind, now)?;
         Some(BudgetLeft {
-            usable: (est.tokens - est.pending.len() as f64 - reserve).floor() as i64,
+            usable: tokens - self.options.reserve_of(spec) as i64,
             spec,
         })
     }
