@@ -379,6 +379,49 @@ fn installation_id_and_legacy_adoption_reach_the_operator() {
     }
 }
 
+/// The pacing settings reach the operator's flags: Azure's default buckets unless set, and a
+/// subscription's own limits when set (fractions through `--set-json`, as Helm's `--set` reads
+/// them as strings).
+#[test]
+fn pacing_settings_reach_the_operator() {
+    let helm = Helm::new();
+    let chart = chart_dir().display().to_string();
+    let render = |extra: &[&str]| {
+        let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+        args.extend(mode_values("workloadIdentity"));
+        args.extend(strings(extra));
+        let docs = documents(&helm.ok(&args));
+        let container =
+            one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0].clone();
+        [
+            "PORTCULLIS_AZURE_PACING",
+            "PORTCULLIS_AZURE_READ_BURST",
+            "PORTCULLIS_AZURE_READ_REFILL_PER_SEC",
+            "PORTCULLIS_AZURE_WRITE_BURST",
+            "PORTCULLIS_AZURE_WRITE_REFILL_PER_SEC",
+            "PORTCULLIS_AZURE_BUDGET_RESERVE",
+        ]
+        .map(|var| {
+            env_var(&container, var)
+                .and_then(|e| e["value"].as_str())
+                .unwrap_or_else(|| panic!("{var} is set"))
+                .to_string()
+        })
+    };
+    assert_eq!(render(&[]), ["true", "250", "25", "200", "10", "0.05"]);
+    let set = render(&[
+        "--set",
+        "azure.pacing.enabled=false",
+        "--set",
+        "azure.pacing.writeBurst=100",
+        "--set-json",
+        "azure.pacing.writeRefillPerSec=2.5",
+        "--set-json",
+        "azure.pacing.reserve=0.2",
+    ]);
+    assert_eq!(set, ["false", "250", "25", "100", "2.5", "0.2"]);
+}
+
 /// Whether a rendered Role/ClusterRole rule grants `verbs` on core Secrets (any names).
 fn reads_all_secrets(role: &Value) -> bool {
     role["rules"].as_array().into_iter().flatten().any(|r| {
@@ -690,6 +733,14 @@ fn wrong_values_fail_naming_the_value() {
             "priorityBands.allow",
         ),
         (strings(&["--set", "logFormat=xml"]), "logFormat"),
+        (
+            strings(&["--set-json", "azure.pacing.reserve=2"]),
+            "azure.pacing.reserve",
+        ),
+        (
+            strings(&["--set", "azure.pacing.writeBurst=0"]),
+            "azure.pacing.writeBurst",
+        ),
         (
             strings(&["--set-string", "notifications.enabled=yes"]),
             "notifications.enabled",
