@@ -385,14 +385,9 @@ fn installation_id_and_legacy_adoption_reach_the_operator() {
 #[test]
 fn pacing_settings_reach_the_operator() {
     let helm = Helm::new();
-    let chart = chart_dir().display().to_string();
     let render = |extra: &[&str]| {
-        let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
-        args.extend(mode_values("workloadIdentity"));
-        args.extend(strings(extra));
-        let docs = documents(&helm.ok(&args));
-        let container =
-            one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0].clone();
+        let docs = render_workload_identity(&helm, extra);
+        let container = operator_container(&docs);
         [
             "PORTCULLIS_AZURE_PACING",
             "PORTCULLIS_AZURE_READ_BURST",
@@ -596,19 +591,24 @@ fn only_this_namespace(ns: &str) -> Vec<String> {
     ])
 }
 
+/// The chart rendered in namespace `ops` with workload identity and `extra` arguments.
+fn render_workload_identity(helm: &Helm, extra: &[&str]) -> Vec<Value> {
+    let chart = chart_dir().display().to_string();
+    let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
+    args.extend(mode_values("workloadIdentity"));
+    args.extend(strings(extra));
+    documents(&helm.ok(&args))
+}
+
+/// The operator's container in the rendered Deployment.
+fn operator_container(docs: &[Value]) -> Value {
+    one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
 #[test]
 fn webhook_modes_render_their_certificate_wiring() {
     let helm = Helm::new();
-    let chart = chart_dir().display().to_string();
-    let render = |extra: &[&str]| {
-        let mut args = strings(&["template", "rel", &chart, "--namespace", "ops"]);
-        args.extend(mode_values("workloadIdentity"));
-        args.extend(strings(extra));
-        documents(&helm.ok(&args))
-    };
-    let deployment_container = |docs: &[Value]| -> Value {
-        one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0].clone()
-    };
+    let render = |extra: &[&str]| render_workload_identity(&helm, extra);
 
     // cert-manager: a Certificate for the Service's names from a self-signed Issuer, its
     // Secret mounted and named to the operator, the CA injected by the ca-injector, and no
@@ -642,7 +642,7 @@ fn webhook_modes_render_their_certificate_wiring() {
         );
         assert!(config["webhooks"][0]["clientConfig"]["caBundle"].is_null());
     }
-    let container = deployment_container(&docs);
+    let container = operator_container(&docs);
     assert_eq!(
         env_var(&container, "PORTCULLIS_WEBHOOK_CERT_DIR").expect("cert dir")["value"],
         "/webhook-tls"
@@ -696,7 +696,7 @@ fn webhook_modes_render_their_certificate_wiring() {
             .iter()
             .any(|s| s["metadata"]["name"] == "rel-portcullis-webhook")
     );
-    let container = deployment_container(&docs);
+    let container = operator_container(&docs);
     assert_eq!(
         env_var(&container, "PORTCULLIS_WEBHOOK").expect("webhook flag")["value"],
         "false"
