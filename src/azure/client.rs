@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 use super::convert::{from_model, to_model};
 use super::error::{AzureError, error_chain};
 use super::pacing::{BudgetKind, BudgetLeft, Pacer, PacingOptions};
-use super::transport::{ArmTransport, AzureStats, parse_retry_after, with_operation};
+use super::transport::{ArmTransport, AzureStats, parse_retry_after, wait_paced, with_operation};
 use super::{
     IpConfigView, NetworkApi, NicView, NsgSnapshot, Reserved, ResourceId, SubnetView, VmNics,
     VmTargets,
@@ -1035,10 +1035,7 @@ impl NetworkApi for AzureNetworkClient {
         let admission = self
             .pacer
             .admit_place(kind, nsg_id, urgent, std::time::Instant::now());
-        let waited = self.pacer.wait_turn(&admission, bound).await;
-        if !waited.is_zero() {
-            self.stats.record_paced(kind, waited);
-        }
+        let waited = wait_paced(&self.pacer, &self.stats, &admission, bound).await;
         Some(Reserved { admission, waited })
     }
 

@@ -28,6 +28,21 @@ pub async fn with_reserved<F: std::future::Future>(reserved: Admission, fut: F) 
         .await
 }
 
+/// Waits for `admission`'s turn in its bucket (at most `bound`) and counts the wait in `stats`;
+/// returns how long it waited.
+pub(super) async fn wait_paced(
+    pacer: &Pacer,
+    stats: &AzureStats,
+    admission: &Admission,
+    bound: Duration,
+) -> Duration {
+    let waited = pacer.wait_turn(admission, bound).await;
+    if !waited.is_zero() {
+        stats.record_paced(admission.kind, waited);
+    }
+    waited
+}
+
 /// The reserved admission, if there is one for a request of `kind`.
 fn take_reserved(kind: BudgetKind) -> Option<Admission> {
     RESERVED
@@ -207,13 +222,10 @@ impl Policy for ArmTransport {
                 let admission =
                     self.pacer
                         .admit_kind(kind, request.url().path(), std::time::Instant::now());
-                let waited = self
-                    .pacer
-                    .wait_turn(&admission, self.pacer.options().max_wait)
-                    .await;
+                let bound = self.pacer.options().max_wait;
+                let waited = wait_paced(&self.pacer, &self.stats, &admission, bound).await;
                 if !waited.is_zero() {
                     tracing::debug!(op, url = %request.url().path(), waited_ms = waited.as_millis() as u64, "paced");
-                    self.stats.record_paced(admission.kind, waited);
                 }
                 admission
             }

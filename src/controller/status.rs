@@ -66,6 +66,7 @@ where
         .await
 }
 
+/// Objects whose status carries `metav1.Condition`s.
 pub trait WithConditions:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug
 {
