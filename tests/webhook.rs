@@ -17,7 +17,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use portcullis::admission::{Admission, StampKey};
-use portcullis::api::GrantPhase;
+use portcullis::api::{GRANT_FINALIZER, GrantPhase};
 use portcullis::webhook::{
     self, CaBundlePatcher, CertStore, KubeLookup, SelfManaged, load_or_create_certificates,
     load_or_create_certificates_at, load_or_create_stamp_key,
@@ -38,8 +38,14 @@ async fn a_grant_create_goes_through_both_webhooks_and_is_admitted() {
         stats.mutate.load(Ordering::Relaxed),
         stats.validate.load(Ordering::Relaxed),
     );
-    env.create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"))
+    let created = env
+        .create_grant("alice", grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"))
         .await;
+    assert_eq!(
+        created.metadata.finalizers.as_deref(),
+        Some(&[GRANT_FINALIZER.to_string()][..]),
+        "the grant holds its finalizer from its creation (no patch by the controller needed)"
+    );
     assert!(
         stats.mutate.load(Ordering::Relaxed) > mutate,
         "the API server called /mutate"

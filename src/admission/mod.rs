@@ -3,7 +3,7 @@
 //! (`crate::webhook`) looks up through [`Lookup`]; [`decide`] holds the pure rules.
 //!
 //! - CREATE of an `AccessGrant`: stamped with the requester (whatever the client wrote there
-//!   is overwritten).
+//!   is overwritten), and given the finalizer that holds it until its rules are closed.
 //! - CREATE of an `AccessApproval`: stamped with the approver, bound to the grant as it is now;
 //!   refused for one's own grant, for someone the policy does not list, for a second decision
 //!   by the same person, and for a grant that is not waiting for one.
@@ -23,7 +23,7 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::api::{AccessApproval, AccessGrant, JitPolicy, decode};
+use crate::api::{AccessApproval, AccessGrant, GRANT_FINALIZER, JitPolicy, decode};
 use stamp::{Binding, DECIDED_BY_ANNOTATION, STAMP_ANNOTATION, Stamp, Who, bound_name};
 pub use stamp::{StampError, StampKey};
 
@@ -101,12 +101,13 @@ fn refuse(
     response.deny(why)
 }
 
-/// A JSON patch that sets `values` in the object's annotations, creating the map if needed.
+/// JSON patch operations that set `values` in the object's annotations, creating the map if
+/// needed.
 fn annotate(
     annotations: Option<&BTreeMap<String, String>>,
     values: &[(&str, String)],
-) -> Result<json_patch::Patch, serde_json::Error> {
-    let ops: Vec<Value> = match annotations {
+) -> Vec<Value> {
+    match annotations {
         None => {
             let map: serde_json::Map<String, Value> = values
                 .iter()
@@ -121,8 +122,28 @@ fn annotate(
                 json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": v})
             })
             .collect(),
-    };
-    serde_json::from_value(Value::Array(ops))
+    }
+}
+
+/// The JSON patch operation that adds `finalizer`, unless the object holds it already.
+fn add_finalizer(finalizers: Option<&Vec<String>>, finalizer: &str) -> Option<Value> {
+    match finalizers {
+        None => Some(json!({"op": "add", "path": "/metadata/finalizers", "value": [finalizer]})),
+        Some(held) if held.iter().any(|f| f == finalizer) => None,
+        Some(_) => Some(json!({"op": "add", "path": "/metadata/finalizers/-", "value": finalizer})),
+    }
+}
+
+/// `request`'s admission with `ops` as its patch.
+fn patched(
+    request: &AdmissionRequest<DynamicObject>,
+    ops: Vec<Value>,
+) -> Result<AdmissionResponse, String> {
+    let patch: json_patch::Patch =
+        serde_json::from_value(Value::Array(ops)).map_err(|e| e.to_string())?;
+    AdmissionResponse::from(request)
+        .with_patch(patch)
+        .map_err(|e| e.to_string())
 }
 
 /// An UPDATE that drops the stamps puts them back. A GitOps tool applying its manifest with
@@ -146,10 +167,10 @@ fn restore_stamps(request: &AdmissionRequest<DynamicObject>) -> AdmissionRespons
     if dropped.is_empty() {
         return response;
     }
-    match annotate(new.metadata.annotations.as_ref(), &dropped)
-        .map_err(|e| e.to_string())
-        .and_then(|p| response.with_patch(p).map_err(|e| e.to_string()))
-    {
+    match patched(
+        request,
+        annotate(new.metadata.annotations.as_ref(), &dropped),
+    ) {
         Ok(restored) => restored,
         Err(e) => {
             warn!(error = %e, "could not build the patch restoring a stamp");
@@ -179,8 +200,12 @@ impl Admission {
             object.metadata.generate_name.as_deref(),
         );
         let who = who(request);
-        let (binding, mut extra) = match kind {
-            Kind::Grant => (Binding::Grant { namespace, name }, Vec::new()),
+        let (binding, mut extra, finalizer) = match kind {
+            Kind::Grant => (
+                Binding::Grant { namespace, name },
+                Vec::new(),
+                add_finalizer(object.metadata.finalizers.as_ref(), GRANT_FINALIZER),
+            ),
             Kind::Approval => {
                 let approval: AccessApproval = match decode(object.clone()) {
                     Ok(a) => a,
@@ -209,18 +234,15 @@ impl Admission {
                     decision: approval.spec.decision.as_str().to_string(),
                     comment: approval.spec.comment.clone().unwrap_or_default(),
                 };
-                (binding, vec![(DECIDED_BY_ANNOTATION, who.username.clone())])
+                let decided_by = vec![(DECIDED_BY_ANNOTATION, who.username.clone())];
+                (binding, decided_by, None)
             }
         };
         let stamp = Stamp::sign(&self.key, &who, Timestamp::now(), &binding);
         extra.push((STAMP_ANNOTATION, stamp.to_annotation()));
-        match annotate(object.metadata.annotations.as_ref(), &extra)
-            .map_err(|e| e.to_string())
-            .and_then(|p| {
-                AdmissionResponse::from(request)
-                    .with_patch(p)
-                    .map_err(|e| e.to_string())
-            }) {
+        let mut ops = annotate(object.metadata.annotations.as_ref(), &extra);
+        ops.extend(finalizer);
+        match patched(request, ops) {
             Ok(response) => response,
             Err(e) => {
                 warn!(error = %e, "could not build the stamp patch");
@@ -290,5 +312,26 @@ impl Admission {
         let stamped = verify::decision(&self.key, &approval, &grant).map(|d| d.approver.username);
         decide::stamped_by(stamped, &approver.username)?;
         decide::approval(&self.key, &approver, &grant, policy.as_ref(), &others)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finalizer_is_added_once_beside_any_other() {
+        let none = add_finalizer(None, GRANT_FINALIZER);
+        assert_eq!(
+            none,
+            Some(json!({"op": "add", "path": "/metadata/finalizers", "value": [GRANT_FINALIZER]}))
+        );
+        let others = vec!["example.com/keep".to_string()];
+        assert_eq!(
+            add_finalizer(Some(&others), GRANT_FINALIZER),
+            Some(json!({"op": "add", "path": "/metadata/finalizers/-", "value": GRANT_FINALIZER}))
+        );
+        let held = vec![others[0].clone(), GRANT_FINALIZER.to_string()];
+        assert_eq!(add_finalizer(Some(&held), GRANT_FINALIZER), None);
     }
 }

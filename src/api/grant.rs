@@ -9,6 +9,10 @@ use super::approval::Decision;
 use super::identity::UserRef;
 use super::schema;
 
+/// Holds a grant until its rules are closed. The mutating webhook sets it at creation, which
+/// spares the API server a patch per grant; the controller adds it where no webhook runs.
+pub const GRANT_FINALIZER: &str = "portcullis.dev/close-rules";
+
 // kube-derive takes one `printcolumn(..)` per column; clippy reads their repeated keys as duplicates.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

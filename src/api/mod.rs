@@ -16,8 +16,8 @@ pub mod scope;
 
 pub use approval::{AccessApproval, AccessApprovalSpec, Decision, GrantRef};
 pub use grant::{
-    AccessGrant, AccessGrantSpec, AccessGrantStatus, GrantPhase, GrantedAccess, GrantedPort,
-    GrantedRule, PolicyRef, RecordedDecision,
+    AccessGrant, AccessGrantSpec, AccessGrantStatus, GRANT_FINALIZER, GrantPhase, GrantedAccess,
+    GrantedPort, GrantedRule, PolicyRef, RecordedDecision,
 };
 pub use identity::{ApprovalPolicy, Subjects, UserRef};
 pub use policy::{

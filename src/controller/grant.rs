@@ -24,7 +24,8 @@ use super::status::{apply_status, apply_status_if_unchanged};
 use crate::admission::verify;
 use crate::api::condition::{READY, set_condition};
 use crate::api::{
-    AccessGrant, AccessGrantStatus, Decision, GrantPhase, GrantedRule, JitPolicy, RecordedDecision,
+    AccessGrant, AccessGrantStatus, Decision, GRANT_FINALIZER, GrantPhase, GrantedRule, JitPolicy,
+    RecordedDecision,
 };
 use crate::azure::AzureError;
 use crate::plan::approval::{self, ApprovalState};
@@ -35,14 +36,13 @@ use crate::plan::{
     validate_grant_checked,
 };
 
-pub const FINALIZER: &str = "portcullis.dev/close-rules";
 /// The condition that says a spec edit after activation was not applied.
 pub const SPEC_FROZEN: &str = "SpecFrozen";
 
 pub async fn reconcile(grant: Arc<AccessGrant>, ctx: Ctx) -> Result<Action, Error> {
     super::reconcile_with_finalizer(
         "grant",
-        FINALIZER,
+        GRANT_FINALIZER,
         grant,
         ctx,
         |event, api, ctx| async move {
