@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
 use portcullis::api::{AccessGrant, GrantPhase};
+use portcullis::azure::nsg_json;
 use portcullis::controller::telemetry::Telemetry;
 use portcullis_azure_emulator::{EmulatorConfig, FixtureIpConfig, LockLevel, NsgFault};
 use serde_json::{Value, json};
@@ -793,8 +794,8 @@ async fn the_flush_connections_opt_in_sets_flush_connection_on_every_nsg_written
     for nsg in ["nsg-vm1", "nsg-subnet"] {
         let before = azure.read_nsg(&nsg_id(nsg)).await.expect("read");
         assert_ne!(
-            before.raw["properties"]["flushConnection"],
-            json!(true),
+            nsg_json::property(&before.raw, "flushConnection").expect("properties"),
+            Some(json!(true)),
             "{nsg} starts without it"
         );
     }
@@ -804,8 +805,8 @@ async fn the_flush_connections_opt_in_sets_flush_connection_on_every_nsg_written
     for nsg in ["nsg-vm1", "nsg-subnet"] {
         let after = azure.read_nsg(&nsg_id(nsg)).await.expect("read");
         assert_eq!(
-            after.raw["properties"]["flushConnection"],
-            json!(true),
+            nsg_json::property(&after.raw, "flushConnection").expect("properties"),
+            Some(json!(true)),
             "{nsg}"
         );
     }

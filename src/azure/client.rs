@@ -30,11 +30,13 @@ use azure_core::{
     TransportOptions, Url,
 };
 use futures::StreamExt;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::convert::{from_model, to_model};
 use super::error::{AzureError, error_chain};
+use super::nsg_json;
 use super::pacing::{BudgetKind, BudgetLeft, Pacer, PacingOptions};
 use super::transport::{ArmTransport, AzureStats, parse_retry_after, wait_paced, with_operation};
 use super::{
@@ -361,37 +363,14 @@ impl AzureNetworkClient {
         nsg: &ResourceId,
     ) -> Result<NsgSnapshot, AzureError> {
         let rsp = self.get_url(self.nsg_url(nsg, &[])?, "get_nsg").await?;
-        let raw: serde_json::Value = serde_json::from_slice(&rsp.body)
+        let raw: Box<RawValue> = serde_json::from_slice(&rsp.body)
             .map_err(|e| AzureError::InvalidResponse(format!("NSG {nsg_id} is not JSON: {e}")))?;
-        let etag = raw
-            .get("etag")
-            .and_then(|e| e.as_str())
-            .map(str::to_string)
-            .or_else(|| {
-                rsp.headers
-                    .get_optional_str(&HeaderName::from_static("etag"))
-                    .map(str::to_string)
-            });
-        let rules = match raw.pointer("/properties/securityRules") {
-            None | Some(serde_json::Value::Null) => Vec::new(),
-            Some(serde_json::Value::Array(list)) => list
-                .iter()
-                .map(|v| {
-                    let model = <azure_mgmt_network::models::SecurityRule as serde::Deserialize>::deserialize(v)
-                        .map_err(|e| {
-                            AzureError::InvalidResponse(format!(
-                                "a security rule of NSG {nsg_id} does not parse: {e}"
-                            ))
-                        })?;
-                    from_model(&model)
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            Some(_) => {
-                return Err(AzureError::InvalidResponse(format!(
-                    "NSG {nsg_id}: properties.securityRules is not a list"
-                )));
-            }
-        };
+        let (body_etag, rules) = nsg_json::etag_and_rules(&raw, nsg_id)?;
+        let etag = body_etag.or_else(|| {
+            rsp.headers
+                .get_optional_str(&HeaderName::from_static("etag"))
+                .map(str::to_string)
+        });
         Ok(NsgSnapshot {
             nsg_id: nsg_id.to_string(),
             etag,
@@ -1061,10 +1040,8 @@ impl NetworkApi for AzureNetworkClient {
             rules,
         } = snapshot;
         drop(rules);
-        // Only the encoded body is kept while the write's operation runs: the parsed NSG is
-        // several times its size, and a burst has many NSGs in flight at once.
-        let body = serde_json::to_vec(&nsg_put_body(raw, deletes, puts)?)
-            .map_err(|e| AzureError::InvalidInput(format!("cannot encode the NSG: {e}")))?;
+        let body = nsg_json::put_body(&raw, deletes, puts)?;
+        drop(raw);
         // Without an etag, `*` still refuses to recreate an NSG deleted since the read.
         let if_match = etag.as_deref().unwrap_or("*");
         if etag.is_none() {
@@ -1083,59 +1060,6 @@ impl NetworkApi for AzureNetworkClient {
         })
         .await
     }
-}
-
-/// The body of a whole-NSG PUT: `raw` as read, with `deletes` dropped and `puts` added or put
-/// in place of the rule of the same name (names compared case-insensitively; a name in both
-/// lists is put). Everything else, unknown fields included, is sent back as read: ARM ignores
-/// the read-only fields (`etag`, `provisioningState`, `defaultSecurityRules`...) on a PUT.
-fn nsg_put_body(
-    mut body: serde_json::Value,
-    deletes: &[String],
-    puts: &[NsgRule],
-) -> Result<serde_json::Value, AzureError> {
-    use serde_json::Value;
-    let obj = body
-        .as_object_mut()
-        .ok_or_else(|| AzureError::InvalidInput("the NSG snapshot is not a JSON object".into()))?;
-    let props = obj
-        .entry("properties")
-        .or_insert_with(|| Value::Object(serde_json::Map::new()))
-        .as_object_mut()
-        .ok_or_else(|| AzureError::InvalidInput("the NSG's properties are not an object".into()))?;
-    let existing = match props.remove("securityRules") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(list)) => list,
-        Some(_) => {
-            return Err(AzureError::InvalidInput(
-                "the NSG's securityRules are not a list".into(),
-            ));
-        }
-    };
-    let mut pending: Vec<Option<Value>> = puts
-        .iter()
-        .map(|r| {
-            serde_json::to_value(to_model(r)).map(Some).map_err(|e| {
-                AzureError::InvalidInput(format!("cannot encode rule {}: {e}", r.name))
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    let mut rules = Vec::with_capacity(existing.len() + puts.len());
-    for rule in existing {
-        let name = rule.get("name").and_then(Value::as_str).unwrap_or_default();
-        if let Some(i) = puts.iter().position(|p| p.name.eq_ignore_ascii_case(name)) {
-            if let Some(new) = pending.get_mut(i).and_then(Option::take) {
-                rules.push(new);
-            }
-            continue;
-        }
-        if !deletes.iter().any(|d| d.eq_ignore_ascii_case(name)) {
-            rules.push(rule);
-        }
-    }
-    rules.extend(pending.into_iter().flatten());
-    props.insert("securityRules".into(), Value::Array(rules));
-    Ok(body)
 }
 
 #[derive(Clone, Copy)]
@@ -1242,65 +1166,6 @@ mod tests {
         assert!(
             matches!(&e, AzureError::OperationFailed { code, .. } if code == "InternalServerError")
         );
-    }
-
-    fn rule(name: &str, port: &str) -> NsgRule {
-        NsgRule {
-            name: name.into(),
-            description: "d".into(),
-            priority: 200,
-            direction: crate::plan::rule::Direction::Inbound,
-            access: crate::plan::rule::Access::Allow,
-            protocol: crate::plan::rule::RuleProtocol::Tcp,
-            source_address_prefixes: vec!["203.0.113.7/32".into()],
-            source_port_ranges: vec!["*".into()],
-            destination_address_prefixes: vec!["10.0.0.4".into()],
-            destination_port_ranges: vec![port.into()],
-            provisioning_failed: false,
-        }
-    }
-
-    #[test]
-    fn nsg_put_body_changes_only_the_named_rules() {
-        let raw = serde_json::json!({
-            "name": "n", "etag": "W/\"1\"", "location": "westeurope", "tags": {"a": "b"},
-            "properties": {
-                "flushConnection": true,
-                "futureThing": {"x": [1, 2]},
-                "securityRules": [
-                    {"name": "Foreign", "properties": {"priority": 300, "unknownField": 7}},
-                    {"name": "MINE-1", "properties": {"priority": 100}},
-                    {"name": "mine-2", "properties": {"priority": 101}},
-                ]
-            }
-        });
-        let body = nsg_put_body(
-            raw.clone(),
-            &["mine-2".to_string()],
-            &[rule("mine-1", "22"), rule("mine-3", "80")],
-        )
-        .unwrap();
-        let rules = body["properties"]["securityRules"].as_array().unwrap();
-        let names: Vec<&str> = rules.iter().map(|r| r["name"].as_str().unwrap()).collect();
-        assert_eq!(names, vec!["Foreign", "mine-1", "mine-3"]);
-        assert_eq!(
-            rules[0], raw["properties"]["securityRules"][0],
-            "kept verbatim"
-        );
-        assert_eq!(rules[1]["properties"]["destinationPortRange"], "22");
-        assert_eq!(
-            body["properties"]["futureThing"],
-            raw["properties"]["futureThing"]
-        );
-        assert_eq!(body["properties"]["flushConnection"], true);
-        assert_eq!(body["tags"], raw["tags"]);
-        assert_eq!(body["location"], "westeurope");
-
-        // No rules at all: the puts become the list.
-        let empty = serde_json::json!({"location": "l", "properties": {}});
-        let body = nsg_put_body(empty, &[], &[rule("a", "1")]).unwrap();
-        assert_eq!(body["properties"]["securityRules"][0]["name"], "a");
-        assert!(nsg_put_body(serde_json::json!([]), &[], &[]).is_err());
     }
 
     #[test]

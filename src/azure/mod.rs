@@ -16,6 +16,7 @@ pub mod client;
 pub mod convert;
 pub mod credential;
 pub mod error;
+pub mod nsg_json;
 pub mod pacing;
 pub mod transport;
 
@@ -118,7 +119,7 @@ pub(crate) fn push_unique(list: &mut Vec<String>, value: String) {
     }
 }
 
-/// An NSG as read for a conditional whole-NSG write: its user rules, its etag, and the raw JSON.
+/// An NSG as read for a conditional whole-NSG write: its user rules, its etag, and its JSON.
 #[derive(Clone, Debug)]
 pub struct NsgSnapshot {
     /// The NSG id, as given to [`NetworkApi::read_nsg`].
@@ -127,49 +128,9 @@ pub struct NsgSnapshot {
     pub etag: Option<String>,
     /// The user (non-default) security rules, parsed as [`NetworkApi::list_rules`] does.
     pub rules: Vec<NsgRule>,
-    /// The NSG exactly as Azure returned it, unknown fields included.
-    pub raw: serde_json::Value,
-}
-
-impl NsgSnapshot {
-    /// Puts the snapshot aside while its write waits: the JSON is kept encoded, a fraction of
-    /// its parsed size (in a burst every NSG may be waiting at once), the rules stay parsed.
-    pub fn park(self) -> ParkedNsg {
-        ParkedNsg {
-            raw: self.raw.to_string(),
-            snapshot: NsgSnapshot {
-                raw: serde_json::Value::Null,
-                ..self
-            },
-        }
-    }
-}
-
-/// An [`NsgSnapshot`] put aside (see [`NsgSnapshot::park`]).
-pub struct ParkedNsg {
-    /// Everything but `raw`.
-    snapshot: NsgSnapshot,
-    raw: String,
-}
-
-impl ParkedNsg {
-    pub fn rules(&self) -> &[NsgRule] {
-        &self.snapshot.rules
-    }
-
-    /// The snapshot as it was read.
-    pub fn unpark(self) -> Result<NsgSnapshot, AzureError> {
-        let raw = serde_json::from_str(&self.raw).map_err(|e| {
-            AzureError::InvalidResponse(format!(
-                "NSG {} no longer parses: {e}",
-                self.snapshot.nsg_id
-            ))
-        })?;
-        Ok(NsgSnapshot {
-            raw,
-            ..self.snapshot
-        })
-    }
+    /// The NSG exactly as Azure returned it, unknown fields included, kept encoded (see
+    /// [`nsg_json`]).
+    pub raw: Box<serde_json::value::RawValue>,
 }
 
 /// What the controller needs from Azure. Object-safe: use it as `Arc<dyn NetworkApi>`.
@@ -354,24 +315,6 @@ impl ResourceId {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_parked_snapshot_comes_back_as_read() {
-        let raw = serde_json::json!({
-            "etag": "W/\"7\"",
-            "properties": {"securityRules": [], "someFieldNoModelKnows": {"x": [1, 2.5, null]}},
-            "tags": {"team": "net"}
-        });
-        let snapshot = NsgSnapshot {
-            nsg_id: "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/networkSecurityGroups/n".into(),
-            etag: Some("W/\"7\"".into()),
-            rules: Vec::new(),
-            raw: raw.clone(),
-        };
-        let back = snapshot.clone().park().unpark().expect("unparks");
-        assert_eq!(back.raw, raw);
-        assert_eq!((back.nsg_id, back.etag), (snapshot.nsg_id, snapshot.etag));
-    }
 
     #[test]
     fn parses_nsg_id() {

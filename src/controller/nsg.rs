@@ -14,7 +14,7 @@ use super::inventory::Inventory;
 use super::telemetry::Telemetry;
 use super::world::{World, WorldGeneration};
 use crate::azure::pacing::Admission;
-use crate::azure::{AzureError, BudgetKind, NetworkApi, NsgSnapshot, with_reserved};
+use crate::azure::{BudgetKind, NetworkApi, NsgSnapshot, nsg_json, with_reserved};
 use crate::plan::rule::NsgRule;
 use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, plan_nsg};
 
@@ -226,20 +226,15 @@ impl NsgSyncer {
         }
         let writes = self
             .write_whole_nsg(nsg_id, None, |snapshot| {
-                let Some(props) = snapshot
-                    .raw
-                    .get_mut("properties")
-                    .and_then(|p| p.as_object_mut())
-                else {
-                    return Err(AzureError::InvalidResponse(format!(
-                        "NSG {nsg_id} has no properties"
-                    ))
-                    .into());
-                };
-                if props.get("flushConnection").and_then(|v| v.as_bool()) == Some(true) {
+                let flushing = nsg_json::property(&snapshot.raw, "flushConnection")?;
+                if flushing.as_ref().and_then(serde_json::Value::as_bool) == Some(true) {
                     return Ok(None);
                 }
-                props.insert("flushConnection".into(), serde_json::Value::Bool(true));
+                snapshot.raw = nsg_json::with_property(
+                    &snapshot.raw,
+                    "flushConnection",
+                    &serde_json::Value::Bool(true),
+                )?;
                 info!("setting flushConnection on the NSG (opt-in)");
                 Ok(Some(RuleEdits::default()))
             })
@@ -484,20 +479,9 @@ impl NsgSyncer {
             plan: self.plan_for(&asked, &snapshot.rules),
             asked,
         };
-        let (snapshot, reserved) = if self.budget_running_low(nsg_id, &decision.plan) {
-            // The write will likely wait for its place, with every other NSG's in a burst:
-            // meanwhile only the rules are needed, and the JSON waits encoded.
-            let parked = snapshot.park();
-            let place = self
-                .take_place(nsg_id, &mut decision, planned, world, parked.rules())
-                .await;
-            (parked.unpark()?, place)
-        } else {
-            let place = self
-                .take_place(nsg_id, &mut decision, planned, world, &snapshot.rules)
-                .await;
-            (snapshot, place)
-        };
+        let reserved = self
+            .take_place(nsg_id, &mut decision, planned, world, &snapshot.rules)
+            .await;
         let Decision { asked, plan } = decision;
         if let Some(telemetry) = &self.telemetry {
             telemetry.set_band_usage(nsg_id, plan.band_usage(&snapshot.rules, &self.bands));
@@ -552,14 +536,6 @@ impl NsgSyncer {
         } else {
             Some(BudgetKind::Delete)
         }
-    }
-
-    /// Whether less than half the subscription's budget for `plan`'s write is left (above the
-    /// reserve): a burst is under way, and writes queue for their places.
-    fn budget_running_low(&self, nsg_id: &str, plan: &NsgPlan) -> bool {
-        self.budget_kind(plan)
-            .and_then(|kind| self.azure.budget_left(nsg_id, kind))
-            .is_some_and(|left| left.usable < i64::from(left.spec.burst / 2))
     }
 
     /// What `asked` makes of the NSG's rules `existing`.

@@ -1,0 +1,293 @@
+//! An NSG's JSON as Azure returned it, kept encoded (`RawValue`): what a whole-NSG write sends
+//! back is this text with only the named rules and properties changed, unknown fields included.
+//! Never parsed whole: in a burst every NSG may be read and waiting for its write at once, and a
+//! parsed `serde_json::Value` is several times the size of its text.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::convert::{from_model, to_model};
+use super::error::AzureError;
+use crate::plan::rule::NsgRule;
+
+/// The NSG text's fields that reading it needs.
+#[derive(Deserialize)]
+struct Read<'a> {
+    #[serde(default)]
+    etag: Option<Value>,
+    #[serde(default, borrow)]
+    properties: Option<ReadProperties<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ReadProperties<'a> {
+    #[serde(default, borrow, rename = "securityRules")]
+    security_rules: Option<Vec<&'a RawValue>>,
+}
+
+/// A security rule's name, all a write needs to know of a rule it keeps.
+#[derive(Deserialize)]
+struct Named {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// The NSG's body etag (if a string) and its user security rules, parsed as
+/// [`super::NetworkApi::list_rules`] does.
+pub fn etag_and_rules(
+    raw: &RawValue,
+    nsg_id: &str,
+) -> Result<(Option<String>, Vec<NsgRule>), AzureError> {
+    let read: Read = serde_json::from_str(raw.get())
+        .map_err(|e| AzureError::InvalidResponse(format!("NSG {nsg_id}: {e}")))?;
+    let etag = read
+        .etag
+        .as_ref()
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let rules = read
+        .properties
+        .and_then(|p| p.security_rules)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|rule| {
+            let model: azure_mgmt_network::models::SecurityRule = serde_json::from_str(rule.get())
+                .map_err(|e| {
+                    AzureError::InvalidResponse(format!(
+                        "a security rule of NSG {nsg_id} does not parse: {e}"
+                    ))
+                })?;
+            from_model(&model)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((etag, rules))
+}
+
+/// `properties.<key>` of the NSG, `None` when absent.
+pub fn property(raw: &RawValue, key: &str) -> Result<Option<Value>, AzureError> {
+    let Some(properties) = top_level(raw)?.remove("properties") else {
+        return Ok(None);
+    };
+    let mut properties = object(&properties, "the NSG's properties are not an object")?;
+    properties
+        .remove(key)
+        .map(|v| parse(&v, "an NSG property"))
+        .transpose()
+}
+
+/// The NSG with `properties.<key>` set to `value`, every other field as read.
+pub fn with_property(
+    raw: &RawValue,
+    key: &str,
+    value: &Value,
+) -> Result<Box<RawValue>, AzureError> {
+    let value = encode(value, "an NSG property")?;
+    with_properties(raw, |properties| {
+        properties.insert(key.to_string(), value);
+        Ok(())
+    })
+}
+
+/// The body of a whole-NSG PUT: `raw` as read, with `deletes` dropped and `puts` added or put
+/// in place of the rule of the same name (names compared case-insensitively; a name in both
+/// lists is put). Everything else, unknown fields included, is sent back as read: ARM ignores
+/// the read-only fields (`etag`, `provisioningState`, `defaultSecurityRules`...) on a PUT.
+pub fn put_body(
+    raw: &RawValue,
+    deletes: &[String],
+    puts: &[NsgRule],
+) -> Result<Vec<u8>, AzureError> {
+    let body = with_properties(raw, |properties| {
+        let existing: Vec<Box<RawValue>> = match properties.remove("securityRules") {
+            None => Vec::new(),
+            Some(list) if list.get() == "null" => Vec::new(),
+            Some(list) => serde_json::from_str(list.get()).map_err(|_| {
+                AzureError::InvalidInput("the NSG's securityRules are not a list".into())
+            })?,
+        };
+        let mut pending: Vec<Option<Box<RawValue>>> = puts
+            .iter()
+            .map(|r| encode(&to_model(r), &format!("rule {}", r.name)).map(Some))
+            .collect::<Result<_, _>>()?;
+        let mut rules = Vec::with_capacity(existing.len() + puts.len());
+        for rule in existing {
+            let name = serde_json::from_str::<Named>(rule.get())
+                .ok()
+                .and_then(|n| n.name)
+                .unwrap_or_default();
+            if let Some(i) = puts.iter().position(|p| p.name.eq_ignore_ascii_case(&name)) {
+                if let Some(new) = pending.get_mut(i).and_then(Option::take) {
+                    rules.push(new);
+                }
+                continue;
+            }
+            if !deletes.iter().any(|d| d.eq_ignore_ascii_case(&name)) {
+                rules.push(rule);
+            }
+        }
+        rules.extend(pending.into_iter().flatten());
+        properties.insert("securityRules".into(), encode(&rules, "the rules")?);
+        Ok(())
+    })?;
+    Ok(body.get().as_bytes().to_vec())
+}
+
+/// `raw` with its `properties` (an empty object if absent) changed by `edit`.
+fn with_properties(
+    raw: &RawValue,
+    edit: impl FnOnce(&mut BTreeMap<String, Box<RawValue>>) -> Result<(), AzureError>,
+) -> Result<Box<RawValue>, AzureError> {
+    let mut top = top_level(raw)?;
+    let mut properties = match top.remove("properties") {
+        None => BTreeMap::new(),
+        Some(p) => object(&p, "the NSG's properties are not an object")?,
+    };
+    edit(&mut properties)?;
+    top.insert(
+        "properties".into(),
+        encode(&properties, "the NSG's properties")?,
+    );
+    encode(&top, "the NSG")
+}
+
+fn top_level(raw: &RawValue) -> Result<BTreeMap<String, Box<RawValue>>, AzureError> {
+    object(raw, "the NSG snapshot is not a JSON object")
+}
+
+fn object(raw: &RawValue, not_one: &str) -> Result<BTreeMap<String, Box<RawValue>>, AzureError> {
+    serde_json::from_str(raw.get()).map_err(|_| AzureError::InvalidInput(not_one.to_string()))
+}
+
+fn parse(raw: &RawValue, what: &str) -> Result<Value, AzureError> {
+    serde_json::from_str(raw.get())
+        .map_err(|e| AzureError::InvalidResponse(format!("{what} does not parse: {e}")))
+}
+
+fn encode(value: &impl serde::Serialize, what: &str) -> Result<Box<RawValue>, AzureError> {
+    serde_json::value::to_raw_value(value)
+        .map_err(|e| AzureError::InvalidInput(format!("cannot encode {what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::rule::{Access, Direction, RuleProtocol};
+
+    fn raw(value: Value) -> Box<RawValue> {
+        serde_json::value::to_raw_value(&value).unwrap()
+    }
+
+    fn json(raw: &[u8]) -> Value {
+        serde_json::from_slice(raw).unwrap()
+    }
+
+    fn rule(name: &str, port: &str) -> NsgRule {
+        NsgRule {
+            name: name.into(),
+            description: String::new(),
+            priority: 100,
+            direction: Direction::Inbound,
+            access: Access::Allow,
+            protocol: RuleProtocol::Tcp,
+            source_address_prefixes: vec!["203.0.113.7/32".into()],
+            source_port_ranges: vec!["*".into()],
+            destination_address_prefixes: vec!["10.0.0.4".into()],
+            destination_port_ranges: vec![port.into()],
+            provisioning_failed: false,
+        }
+    }
+
+    #[test]
+    fn the_put_body_changes_only_the_named_rules() {
+        let read = serde_json::json!({
+            "name": "n", "etag": "W/\"1\"", "location": "westeurope", "tags": {"a": "b"},
+            "properties": {
+                "flushConnection": true,
+                "futureThing": {"x": [1, 2.5, null]},
+                "securityRules": [
+                    {"name": "Foreign", "properties": {"priority": 300, "unknownField": 7}},
+                    {"name": "MINE-1", "properties": {"priority": 100}},
+                    {"name": "mine-2", "properties": {"priority": 101}},
+                ]
+            }
+        });
+        let body = json(
+            &put_body(
+                &raw(read.clone()),
+                &["mine-2".to_string()],
+                &[rule("mine-1", "22"), rule("mine-3", "80")],
+            )
+            .unwrap(),
+        );
+        let rules = body["properties"]["securityRules"].as_array().unwrap();
+        let names: Vec<&str> = rules.iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(names, vec!["Foreign", "mine-1", "mine-3"]);
+        assert_eq!(
+            rules[0], read["properties"]["securityRules"][0],
+            "kept verbatim"
+        );
+        assert_eq!(rules[1]["properties"]["destinationPortRange"], "22");
+        assert_eq!(
+            body["properties"]["futureThing"],
+            read["properties"]["futureThing"]
+        );
+        assert_eq!(body["properties"]["flushConnection"], true);
+        assert_eq!(body["tags"], read["tags"]);
+        assert_eq!(body["location"], "westeurope");
+
+        // No rules at all: the puts become the list.
+        let empty = raw(serde_json::json!({"location": "l", "properties": {}}));
+        let body = json(&put_body(&empty, &[], &[rule("a", "1")]).unwrap());
+        assert_eq!(body["properties"]["securityRules"][0]["name"], "a");
+        assert!(put_body(&raw(serde_json::json!([])), &[], &[]).is_err());
+        let not_a_list = raw(serde_json::json!({"properties": {"securityRules": 3}}));
+        assert!(put_body(&not_a_list, &[], &[]).is_err());
+    }
+
+    #[test]
+    fn the_etag_and_rules_are_read_and_a_property_set_keeps_the_rest() {
+        let read = raw(serde_json::json!({
+            "etag": "W/\"7\"",
+            "properties": {
+                "securityRules": [{"name": "r1", "properties": {
+                    "priority": 200, "access": "Allow", "direction": "Inbound", "protocol": "Tcp",
+                    "sourceAddressPrefix": "*", "sourcePortRange": "*",
+                    "destinationAddressPrefix": "*", "destinationPortRange": "22"}}],
+                "someFieldNoModelKnows": {"x": [1, 2.5, null]}
+            },
+            "tags": {"team": "net"}
+        }));
+        let (etag, rules) = etag_and_rules(&read, "nsg").unwrap();
+        assert_eq!(etag.as_deref(), Some("W/\"7\""));
+        assert_eq!(rules.len(), 1);
+        assert_eq!((rules[0].name.as_str(), rules[0].priority), ("r1", 200));
+
+        assert_eq!(property(&read, "flushConnection").unwrap(), None);
+        let flushed = with_property(&read, "flushConnection", &Value::Bool(true)).unwrap();
+        assert_eq!(
+            property(&flushed, "flushConnection").unwrap(),
+            Some(Value::Bool(true))
+        );
+        let (before, after) = (json(read.get().as_bytes()), json(flushed.get().as_bytes()));
+        assert_eq!(after["tags"], before["tags"]);
+        assert_eq!(
+            after["properties"]["someFieldNoModelKnows"],
+            before["properties"]["someFieldNoModelKnows"]
+        );
+        assert_eq!(
+            after["properties"]["securityRules"],
+            before["properties"]["securityRules"]
+        );
+
+        let no_rules = raw(serde_json::json!({"properties": {"securityRules": null}}));
+        assert_eq!(
+            etag_and_rules(&no_rules, "nsg").unwrap(),
+            (None, Vec::new())
+        );
+        let not_a_list = raw(serde_json::json!({"properties": {"securityRules": {}}}));
+        assert!(etag_and_rules(&not_a_list, "nsg").is_err());
+    }
+}
