@@ -412,41 +412,16 @@ impl AzureNetworkClient {
         ctx: &LogCtx<'_>,
         deadline: Instant,
     ) -> Result<(), AzureError> {
-        let async_op = header_url(&first.headers, "azure-asyncoperation")?;
-        let location = header_url(&first.headers, "location")?;
         let first_wait = parse_retry_after(&first.headers);
-        if let Some(url) = async_op {
+        // Decided, and the response dropped, before polling: a PUT's response echoes the whole
+        // NSG, and a burst has an operation running on every NSG at once.
+        let Some((mode, url)) = next_poll(kind, first, resource_url)? else {
+            return Ok(());
+        };
+        if matches!(mode, Poll::AsyncOperation | Poll::Location) {
             self.check_origin(&url)?;
-            return self
-                .poll(Poll::AsyncOperation, url, first_wait, ctx, deadline)
-                .await;
         }
-        if first.status == StatusCode::Accepted
-            && let Some(url) = location
-        {
-            self.check_origin(&url)?;
-            return self
-                .poll(Poll::Location, url, first_wait, ctx, deadline)
-                .await;
-        }
-        match kind {
-            WriteKind::Delete if first.status == StatusCode::Accepted => {
-                // Accepted without a URL: watch the resource until it is gone.
-                self.poll(Poll::ResourceGone, resource_url, first_wait, ctx, deadline)
-                    .await
-            }
-            WriteKind::Delete => Ok(()),
-            WriteKind::Put => match provisioning_state(&first.body).as_deref() {
-                None | Some("Succeeded") => Ok(()),
-                Some(s @ ("Failed" | "Canceled" | "Cancelled")) => {
-                    Err(operation_failed(s, &first.body))
-                }
-                Some(_) => {
-                    self.poll(Poll::ResourceState, resource_url, first_wait, ctx, deadline)
-                        .await
-                }
-            },
-        }
+        self.poll(mode, url, first_wait, ctx, deadline).await
     }
 
     async fn poll(
@@ -1072,6 +1047,36 @@ struct LogCtx<'a> {
 impl LogCtx<'_> {
     fn what(&self) -> String {
         format!("{} {} on {}", self.op, self.rule, self.nsg)
+    }
+}
+
+/// What a write's first response leaves to poll, if anything.
+fn next_poll(
+    kind: WriteKind,
+    first: Collected,
+    resource_url: Url,
+) -> Result<Option<(Poll, Url)>, AzureError> {
+    if let Some(url) = header_url(&first.headers, "azure-asyncoperation")? {
+        return Ok(Some((Poll::AsyncOperation, url)));
+    }
+    if first.status == StatusCode::Accepted
+        && let Some(url) = header_url(&first.headers, "location")?
+    {
+        return Ok(Some((Poll::Location, url)));
+    }
+    match kind {
+        // Accepted without a URL: watch the resource until it is gone.
+        WriteKind::Delete if first.status == StatusCode::Accepted => {
+            Ok(Some((Poll::ResourceGone, resource_url)))
+        }
+        WriteKind::Delete => Ok(None),
+        WriteKind::Put => match provisioning_state(&first.body).as_deref() {
+            None | Some("Succeeded") => Ok(None),
+            Some(s @ ("Failed" | "Canceled" | "Cancelled")) => {
+                Err(operation_failed(s, &first.body))
+            }
+            Some(_) => Ok(Some((Poll::ResourceState, resource_url))),
+        },
     }
 }
 
