@@ -382,7 +382,7 @@ impl AzureNetworkClient {
     async fn put_nsg_once(
         &self,
         nsg: &ResourceId,
-        body: &[u8],
+        body: &azure_core::Body,
         if_match: &str,
         ctx: &LogCtx<'_>,
         deadline: Instant,
@@ -394,7 +394,8 @@ impl AzureNetworkClient {
                 let mut req = self.authed_request(url.clone(), Method::Put).await?;
                 req.insert_header(azure_core::headers::CONTENT_TYPE, "application/json");
                 req.insert_header(azure_core::headers::IF_MATCH, if_match.to_string());
-                req.set_body(body.to_vec());
+                // A shared buffer: the body is not copied per attempt.
+                req.set_body(body.clone());
                 self.send_raw(req, "put_nsg").await
             })
             .await?;
@@ -1015,7 +1016,7 @@ impl NetworkApi for AzureNetworkClient {
             rules,
         } = snapshot;
         drop(rules);
-        let body = nsg_json::put_body(&raw, deletes, puts)?;
+        let body = azure_core::Body::from(nsg_json::put_body(&raw, deletes, puts)?);
         drop(raw);
         // Without an etag, `*` still refuses to recreate an NSG deleted since the read.
         let if_match = etag.as_deref().unwrap_or("*");

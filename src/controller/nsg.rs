@@ -436,8 +436,12 @@ impl NsgSyncer {
             return plan.asked.clone();
         }
         let world = world();
+        let mut desired = world.desired_rules(nsg_id, now, &self.naming);
+        // Kept for as long as the NSG's plan holds (every NSG has one): without the slack the
+        // list grew with.
+        desired.shrink_to_fit();
         let fresh = Asked {
-            desired: world.desired_rules(nsg_id, now, &self.naming),
+            desired,
             quarantined: world.quarantined_policies.clone(),
         };
         // The same answer as before keeps the copy the last sync holds: one per NSG, however
