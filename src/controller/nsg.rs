@@ -74,6 +74,23 @@ impl NsgOutcome {
 /// than the client's own bound: in a burst every NSG queues for a write, 10 per second.
 const BUDGET_WAIT_MAX: Duration = Duration::from_secs(60);
 
+/// The least time between two writes of one NSG's opens when `usable` of a bucket of `burst`
+/// tokens are left: none while the bucket is full; below that, one long-running operation's time
+/// (Azure's `Retry-After`, 1 s, about what a write takes anyway) scaled by how far down it is (2
+/// s at half, 4 s at a quarter), up to [`WRITE_SPACING_MAX`].
+fn write_spacing(usable: i64, burst: u32) -> Option<Duration> {
+    let full = i64::from(burst);
+    if usable >= full {
+        return None;
+    }
+    let ratio = full as f64 / usable.max(1) as f64;
+    Some(WRITE_SPACING_UNIT.mul_f64(ratio).min(WRITE_SPACING_MAX))
+}
+
+const WRITE_SPACING_UNIT: Duration = Duration::from_secs(1);
+/// Bounds how long a grant can wait for its open to be spaced out.
+const WRITE_SPACING_MAX: Duration = Duration::from_secs(10);
+
 /// What a sync means to write, and what it was asked for.
 struct Decision {
     asked: Arc<Asked>,
@@ -122,6 +139,8 @@ impl Planned {
 struct NsgState {
     last: Option<LastSync>,
     planned: Option<Planned>,
+    /// When the last sync that wrote began.
+    last_write: Option<Instant>,
 }
 
 /// The earliest `expiresAt` after `now` among the world's grants: where a plan made at `now`
@@ -388,9 +407,13 @@ impl NsgSyncer {
                 ..NsgOutcome::new(nsg_id)
             });
         }
+        let last_write = state.last_write;
         let (outcome, asked) = self
-            .sync_locked(nsg_id, asked, &mut state.planned, &world)
+            .sync_locked(nsg_id, asked, &mut state.planned, &world, last_write)
             .await?;
+        if outcome.writes > 0 {
+            state.last_write = Some(started);
+        }
         state.last = Some(LastSync {
             started,
             // A write that succeeded left the NSG as asked, as surely as a read finding it so.
@@ -476,6 +499,7 @@ impl NsgSyncer {
         asked: Arc<Asked>,
         planned: &mut Option<Planned>,
         world: &impl Fn() -> World,
+        last_write: Option<Instant>,
     ) -> Result<(NsgOutcome, Arc<Asked>), Error> {
         // One read serves the plan and, when it has several changes, the conditional write.
         let snapshot = self.azure.read_nsg(nsg_id).await?;
@@ -484,7 +508,14 @@ impl NsgSyncer {
             asked,
         };
         let reserved = self
-            .take_place(nsg_id, &mut decision, planned, world, &snapshot.rules)
+            .take_place(
+                nsg_id,
+                &mut decision,
+                planned,
+                world,
+                &snapshot.rules,
+                last_write,
+            )
             .await;
         let Decision { asked, plan } = decision;
         if let Some(telemetry) = &self.telemetry {
@@ -506,8 +537,8 @@ impl NsgSyncer {
     }
 
     /// Takes the write's place in the subscription's budget before the write is made up, and
-    /// plans again if it had to wait for it. `None`: nothing to write, or a client that does not
-    /// pace.
+    /// plans again if it had to wait for it (or was spaced out, see [`NsgSyncer::space_out`]).
+    /// `None`: nothing to write, or a client that does not pace.
     async fn take_place(
         &self,
         nsg_id: &str,
@@ -515,20 +546,45 @@ impl NsgSyncer {
         planned: &mut Option<Planned>,
         world: &impl Fn() -> World,
         rules: &[NsgRule],
+        last_write: Option<Instant>,
     ) -> Option<Admission> {
         let kind = self.budget_kind(&decision.plan)?;
-        // A write that closes goes before the opens waiting for the budget.
+        // A write that closes goes before the opens waiting for the budget, and is never
+        // spaced out.
         let urgent = !decision.plan.deletes.is_empty();
+        let spaced = !urgent && self.space_out(nsg_id, kind, last_write).await;
         let place = self
             .azure
             .reserve_budget(nsg_id, kind, urgent, BUDGET_WAIT_MAX)
             .await?;
-        if !place.waited.is_zero() {
+        if spaced || !place.waited.is_zero() {
             debug!(waited = ?place.waited, "waited for the subscription's budget: planning the write again");
             decision.asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
             decision.plan = self.plan_for(&decision.asked, rules);
         }
         Some(place.admission)
+    }
+
+    /// Once the subscription's budget for `kind` is being spent, waits until the NSG's last
+    /// write is [`write_spacing`] old. In a burst an NSG's opens then go out less often the
+    /// lower the budget runs: each write carries more of the grants arriving meanwhile, and what
+    /// is left of the budget goes further, instead of being spent early on rounds that each
+    /// carry a few grants. Returns whether it waited.
+    async fn space_out(&self, nsg_id: &str, kind: BudgetKind, last_write: Option<Instant>) -> bool {
+        let (Some(last_write), Some(left)) = (last_write, self.azure.budget_left(nsg_id, kind))
+        else {
+            return false;
+        };
+        let Some(spacing) = write_spacing(left.usable, left.spec.burst) else {
+            return false;
+        };
+        let due = last_write + spacing;
+        if due <= Instant::now() {
+            return false;
+        }
+        debug!(?spacing, "budget low: spacing out the NSG's writes");
+        tokio::time::sleep_until(due.into()).await;
+        true
     }
 
     /// The bucket `plan`'s write is charged to; `None` when it writes nothing.
@@ -686,5 +742,23 @@ impl NsgSyncer {
             }
         }
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_spaced_out_more_the_lower_the_budget_runs() {
+        assert_eq!(write_spacing(200, 200), None, "full");
+        assert_eq!(write_spacing(100, 200), Some(Duration::from_secs(2)));
+        assert_eq!(write_spacing(50, 200), Some(Duration::from_secs(4)));
+        assert_eq!(write_spacing(1, 200), Some(WRITE_SPACING_MAX), "bounded");
+        assert_eq!(
+            write_spacing(-40, 200),
+            Some(WRITE_SPACING_MAX),
+            "places queued"
+        );
     }
 }
