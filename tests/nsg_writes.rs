@@ -8,6 +8,8 @@ mod support;
 use std::time::Duration;
 
 use portcullis::api::GrantPhase;
+use portcullis::azure::BucketSpec;
+use portcullis::controller::Settings;
 use serde_json::json;
 use support::operator::{Env, grant_spec, nsg_id, reads_nsg, standard_policy};
 
@@ -288,5 +290,64 @@ async fn a_reconcile_slot_is_not_held_while_azure_writes() {
     assert!(
         last - first < OPERATION.as_millis() as i64,
         "the four NSGs' first writes began within one operation of each other: {first_writes:?}"
+    );
+}
+
+/// In a burst, an NSG's opens go out less often the lower the write budget runs: a grant's open
+/// waits until the NSG's last write is 1 s x (burst / tokens left) old, and then carries every
+/// grant that arrived meanwhile.
+#[tokio::test]
+async fn opens_to_an_nsg_are_spaced_out_as_the_write_budget_runs_low() {
+    // A bucket of 10 writes that barely refills: the policy and the first grant leave about half.
+    let bucket = BucketSpec {
+        burst: 10,
+        refill_per_sec: 0.05,
+    };
+    let emulator = portcullis_azure_emulator::EmulatorConfig {
+        fixture: support::operator::demo_fixture(),
+        write_burst: bucket.burst,
+        write_refill_per_sec: bucket.refill_per_sec,
+        ..Default::default()
+    };
+    let settings = Settings {
+        resync: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let mut env = Env::with("spacing", emulator, settings).await;
+    env.pacing.write = bucket;
+    env.pacing.reserve = 0.0;
+    env.start_operator();
+    env.create_policy("prod", standard_policy()).await;
+    env.wait_policy_ready("prod", T).await;
+    env.create_grant("first", grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"))
+        .await;
+    env.wait_grant_condition("first", "Ready", "Opened", T)
+        .await;
+    let writes_to_vm1 = |requests: &[portcullis_azure_emulator::RequestRecord]| -> Vec<i64> {
+        requests
+            .iter()
+            .filter(|r| support::is_write_to_nsg(r, "nsg-vm1") && (200..300).contains(&r.status))
+            .map(|r| r.at_unix_ms)
+            .collect()
+    };
+    let before = writes_to_vm1(&env.admin.requests().await.expect("requests"));
+    let first_open = *before
+        .last()
+        .expect("the first grant was written to nsg-vm1");
+
+    env.create_grant("second", grant_spec("vm1", &[22], "203.0.113.8/32", "PT5M"))
+        .await;
+    env.wait_grant_condition("second", "Ready", "Opened", T)
+        .await;
+    let after = writes_to_vm1(&env.admin.requests().await.expect("requests"));
+    let second_open = *after
+        .get(before.len())
+        .expect("the second grant was written");
+    // About half the bucket is left: 2 s at least between the two writes (without spacing, the
+    // second goes at once: a token is there).
+    assert!(
+        second_open - first_open >= 1_500,
+        "the second open waited for the spacing: {} ms after the first",
+        second_open - first_open
     );
 }

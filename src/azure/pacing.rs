@@ -247,6 +247,8 @@ type Key = (String, BudgetKind);
 pub struct BudgetLeft {
     /// Whole tokens that could be spent now without waiting (negative: requests queue).
     pub usable: i64,
+    /// `usable` when the bucket is full: its burst less the reserve.
+    pub full: i64,
     pub spec: BucketSpec,
 }
 
@@ -403,8 +405,10 @@ impl Pacer {
         }
         let spec = self.options.spec(kind);
         let tokens = self.estimate(&subscription_of(path), kind, now)?;
+        let reserve = self.options.reserve_of(spec) as i64;
         Some(BudgetLeft {
-            usable: tokens - self.options.reserve_of(spec) as i64,
+            usable: tokens - reserve,
+            full: i64::from(spec.burst) - reserve,
             spec,
         })
     }
@@ -614,8 +618,12 @@ mod tests {
         );
         let a = pacer.admit_kind(BudgetKind::Write, NSG, t0);
         let b = pacer.admit_kind(BudgetKind::Write, NSG, t0);
-        let left = pacer.left_for(NSG, BudgetKind::Write, t0).map(|l| l.usable);
-        assert_eq!(left, Some(10 - 2 - 2), "two in flight, two kept in reserve");
+        let left = pacer.left_for(NSG, BudgetKind::Write, t0);
+        assert_eq!(
+            left.map(|l| (l.usable, l.full)),
+            Some((10 - 2 - 2, 10 - 2)),
+            "two in flight, two kept in reserve"
+        );
         b.cancel();
         drop(a);
         let left = pacer.left_for(NSG, BudgetKind::Write, t0).map(|l| l.usable);

@@ -74,16 +74,15 @@ impl NsgOutcome {
 /// than the client's own bound: in a burst every NSG queues for a write, 10 per second.
 const BUDGET_WAIT_MAX: Duration = Duration::from_secs(60);
 
-/// The least time between two writes of one NSG's opens when `usable` of a bucket of `burst`
-/// tokens are left: none while the bucket is full; below that, one long-running operation's time
-/// (Azure's `Retry-After`, 1 s, about what a write takes anyway) scaled by how far down it is (2
-/// s at half, 4 s at a quarter), up to [`WRITE_SPACING_MAX`].
-fn write_spacing(usable: i64, burst: u32) -> Option<Duration> {
-    let full = i64::from(burst);
+/// The least time between two writes of one NSG's opens when `usable` of the `full` tokens a
+/// bucket can have usable are left: none while it is full; below that, one long-running
+/// operation's time (Azure's `Retry-After`, 1 s, about what a write takes anyway) scaled by how
+/// far down it is (2 s at half, 4 s at a quarter), up to [`WRITE_SPACING_MAX`].
+fn write_spacing(usable: i64, full: i64) -> Option<Duration> {
     if usable >= full {
         return None;
     }
-    let ratio = full as f64 / usable.max(1) as f64;
+    let ratio = full.max(1) as f64 / usable.max(1) as f64;
     Some(WRITE_SPACING_UNIT.mul_f64(ratio).min(WRITE_SPACING_MAX))
 }
 
@@ -139,7 +138,7 @@ impl Planned {
 struct NsgState {
     last: Option<LastSync>,
     planned: Option<Planned>,
-    /// When the last sync that wrote began.
+    /// When the last sync that wrote ended.
     last_write: Option<Instant>,
 }
 
@@ -412,7 +411,7 @@ impl NsgSyncer {
             .sync_locked(nsg_id, asked, &mut state.planned, &world, last_write)
             .await?;
         if outcome.writes > 0 {
-            state.last_write = Some(started);
+            state.last_write = Some(Instant::now());
         }
         state.last = Some(LastSync {
             started,
@@ -575,7 +574,7 @@ impl NsgSyncer {
         else {
             return false;
         };
-        let Some(spacing) = write_spacing(left.usable, left.spec.burst) else {
+        let Some(spacing) = write_spacing(left.usable, left.full) else {
             return false;
         };
         let due = last_write + spacing;

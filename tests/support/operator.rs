@@ -8,9 +8,9 @@ use std::time::Duration;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use portcullis::api::{AccessGrant, GrantPhase, JitPolicy};
-use portcullis::azure::AzureStats;
 use portcullis::azure::client::{AzureClientOptions, AzureNetworkClient};
 use portcullis::azure::credential::{CredentialConfig, build_credential};
+use portcullis::azure::{AzureStats, PacingOptions};
 use portcullis::controller::telemetry::Telemetry;
 use portcullis::controller::{self, Settings};
 use portcullis::plan::naming;
@@ -74,6 +74,9 @@ pub struct Env {
     pub emu: RunningEmulator,
     pub admin: AdminClient,
     pub settings: Settings,
+    /// The operator's estimate of ARM's budget (Azure's defaults unless a test sets the
+    /// emulator's buckets otherwise).
+    pub pacing: PacingOptions,
     /// The fixture's user rules as the emulator served them before the operator ran.
     pub user_rules_at_start: Vec<Value>,
     operator: Option<RunningOperator>,
@@ -133,6 +136,7 @@ impl Env {
             emu,
             admin,
             settings,
+            pacing: AzureClientOptions::default().pacing,
             user_rules_at_start: Vec::new(),
             operator: None,
             webhook: None,
@@ -167,6 +171,7 @@ impl Env {
             build_credential(&cfg, &authority, azure_core::new_http_client()).expect("credential");
         let options = AzureClientOptions {
             operation_deadline: Duration::from_secs(30),
+            pacing: self.pacing.clone(),
             ..Default::default()
         };
         AzureNetworkClient::new(
