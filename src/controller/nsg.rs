@@ -547,29 +547,53 @@ impl NsgSyncer {
         rules: &[NsgRule],
         last_write: Option<Instant>,
     ) -> Option<Admission> {
-        let kind = self.budget_kind(&decision.plan)?;
+        let mut kind = self.budget_kind(&decision.plan)?;
         // A write that closes goes before the opens waiting for the budget, and is never
         // spaced out.
-        let urgent = !decision.plan.deletes.is_empty();
-        let spaced = !urgent && self.space_out(nsg_id, kind, last_write).await;
+        let mut urgent = !decision.plan.deletes.is_empty();
+        if !urgent && self.space_out(nsg_id, kind, last_write, world).await {
+            debug!("spaced out: planning the write again");
+            self.plan_again(nsg_id, decision, planned, world, rules);
+            kind = self.budget_kind(&decision.plan)?;
+            urgent = !decision.plan.deletes.is_empty();
+        }
         let place = self
             .azure
             .reserve_budget(nsg_id, kind, urgent, BUDGET_WAIT_MAX)
             .await?;
-        if spaced || !place.waited.is_zero() {
+        if !place.waited.is_zero() {
             debug!(waited = ?place.waited, "waited for the subscription's budget: planning the write again");
-            decision.asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
-            decision.plan = self.plan_for(&decision.asked, rules);
+            self.plan_again(nsg_id, decision, planned, world, rules);
         }
         Some(place.admission)
     }
 
+    /// `decision` made again from the world as it is now.
+    fn plan_again(
+        &self,
+        nsg_id: &str,
+        decision: &mut Decision,
+        planned: &mut Option<Planned>,
+        world: &impl Fn() -> World,
+        rules: &[NsgRule],
+    ) {
+        decision.asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
+        decision.plan = self.plan_for(&decision.asked, rules);
+    }
+
     /// Once the subscription's budget for `kind` is being spent, waits until the NSG's last
-    /// write is [`write_spacing`] old. In a burst an NSG's opens then go out less often the
+    /// write is [`write_spacing`] old, or until the next grant of the world lapses if that
+    /// comes first (its close must not wait). In a burst an NSG's opens then go out less often the
     /// lower the budget runs: each write carries more of the grants arriving meanwhile, and what
     /// is left of the budget goes further, instead of being spent early on rounds that each
     /// carry a few grants. Returns whether it waited.
-    async fn space_out(&self, nsg_id: &str, kind: BudgetKind, last_write: Option<Instant>) -> bool {
+    async fn space_out(
+        &self,
+        nsg_id: &str,
+        kind: BudgetKind,
+        last_write: Option<Instant>,
+        world: &impl Fn() -> World,
+    ) -> bool {
         let (Some(last_write), Some(left)) = (last_write, self.azure.budget_left(nsg_id, kind))
         else {
             return false;
@@ -577,7 +601,12 @@ impl NsgSyncer {
         let Some(spacing) = write_spacing(left.usable, left.full) else {
             return false;
         };
-        let due = last_write + spacing;
+        let mut due = last_write + spacing;
+        if let Some(lapse) = next_lapse(&world(), Timestamp::now()) {
+            let until_lapse = Duration::try_from(lapse.duration_since(Timestamp::now()))
+                .unwrap_or(Duration::ZERO);
+            due = due.min(Instant::now() + until_lapse);
+        }
         if due <= Instant::now() {
             return false;
         }
