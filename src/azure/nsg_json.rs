@@ -68,10 +68,7 @@ pub fn etag_and_rules(
 
 /// `properties.<key>` of the NSG, `None` when absent.
 pub fn property(raw: &RawValue, key: &str) -> Result<Option<Value>, AzureError> {
-    let Some(properties) = top_level(raw)?.remove("properties") else {
-        return Ok(None);
-    };
-    let mut properties = object(&properties, "the NSG's properties are not an object")?;
+    let (_, mut properties) = split(raw)?;
     properties
         .remove(key)
         .map(|v| parse(&v, "an NSG property"))
@@ -132,19 +129,15 @@ pub fn put_body(
         properties.insert("securityRules".into(), encode(&rules, "the rules")?);
         Ok(())
     })?;
-    Ok(body.get().as_bytes().to_vec())
+    Ok(Box::<str>::from(body).into_string().into_bytes())
 }
 
 /// `raw` with its `properties` (an empty object if absent) changed by `edit`.
 fn with_properties(
     raw: &RawValue,
-    edit: impl FnOnce(&mut BTreeMap<String, Box<RawValue>>) -> Result<(), AzureError>,
+    edit: impl FnOnce(&mut Fields) -> Result<(), AzureError>,
 ) -> Result<Box<RawValue>, AzureError> {
-    let mut top = top_level(raw)?;
-    let mut properties = match top.remove("properties") {
-        None => BTreeMap::new(),
-        Some(p) => object(&p, "the NSG's properties are not an object")?,
-    };
+    let (mut top, mut properties) = split(raw)?;
     edit(&mut properties)?;
     top.insert(
         "properties".into(),
@@ -153,11 +146,20 @@ fn with_properties(
     encode(&top, "the NSG")
 }
 
-fn top_level(raw: &RawValue) -> Result<BTreeMap<String, Box<RawValue>>, AzureError> {
-    object(raw, "the NSG snapshot is not a JSON object")
+/// A JSON object's fields, each value kept as its text.
+type Fields = BTreeMap<String, Box<RawValue>>;
+
+/// The NSG's top-level fields, and its `properties` taken out of them (empty if absent).
+fn split(raw: &RawValue) -> Result<(Fields, Fields), AzureError> {
+    let mut top = object(raw, "the NSG snapshot is not a JSON object")?;
+    let properties = match top.remove("properties") {
+        None => BTreeMap::new(),
+        Some(p) => object(&p, "the NSG's properties are not an object")?,
+    };
+    Ok((top, properties))
 }
 
-fn object(raw: &RawValue, not_one: &str) -> Result<BTreeMap<String, Box<RawValue>>, AzureError> {
+fn object(raw: &RawValue, not_one: &str) -> Result<Fields, AzureError> {
     serde_json::from_str(raw.get()).map_err(|_| AzureError::InvalidInput(not_one.to_string()))
 }
 

@@ -536,7 +536,8 @@ impl NsgSyncer {
     }
 
     /// Takes the write's place in the subscription's budget before the write is made up, and
-    /// plans again if it had to wait for it (or was spaced out, see [`NsgSyncer::space_out`]).
+    /// plans again if it had to wait for it (or was spaced out, see [`NsgSyncer::space_out`]:
+    /// then its urgency and bucket are decided again too).
     /// `None`: nothing to write, or a client that does not pace.
     async fn take_place(
         &self,
@@ -547,46 +548,36 @@ impl NsgSyncer {
         rules: &[NsgRule],
         last_write: Option<Instant>,
     ) -> Option<Admission> {
-        let mut kind = self.budget_kind(&decision.plan)?;
+        let plan_again = |decision: &mut Decision, planned: &mut Option<Planned>| {
+            decision.asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
+            decision.plan = self.plan_for(&decision.asked, rules);
+        };
         // A write that closes goes before the opens waiting for the budget, and is never
         // spaced out.
-        let mut urgent = !decision.plan.deletes.is_empty();
-        if !urgent && self.space_out(nsg_id, kind, last_write, world).await {
+        let urgent = |plan: &NsgPlan| !plan.deletes.is_empty();
+        let mut kind = self.budget_kind(&decision.plan)?;
+        if !urgent(&decision.plan) && self.space_out(nsg_id, kind, last_write, world).await {
             debug!("spaced out: planning the write again");
-            self.plan_again(nsg_id, decision, planned, world, rules);
+            plan_again(decision, planned);
             kind = self.budget_kind(&decision.plan)?;
-            urgent = !decision.plan.deletes.is_empty();
         }
         let place = self
             .azure
-            .reserve_budget(nsg_id, kind, urgent, BUDGET_WAIT_MAX)
+            .reserve_budget(nsg_id, kind, urgent(&decision.plan), BUDGET_WAIT_MAX)
             .await?;
         if !place.waited.is_zero() {
             debug!(waited = ?place.waited, "waited for the subscription's budget: planning the write again");
-            self.plan_again(nsg_id, decision, planned, world, rules);
+            plan_again(decision, planned);
         }
         Some(place.admission)
     }
 
-    /// `decision` made again from the world as it is now.
-    fn plan_again(
-        &self,
-        nsg_id: &str,
-        decision: &mut Decision,
-        planned: &mut Option<Planned>,
-        world: &impl Fn() -> World,
-        rules: &[NsgRule],
-    ) {
-        decision.asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
-        decision.plan = self.plan_for(&decision.asked, rules);
-    }
-
     /// Once the subscription's budget for `kind` is being spent, waits until the NSG's last
     /// write is [`write_spacing`] old, or until the next grant of the world lapses if that
-    /// comes first (its close must not wait). In a burst an NSG's opens then go out less often the
-    /// lower the budget runs: each write carries more of the grants arriving meanwhile, and what
-    /// is left of the budget goes further, instead of being spent early on rounds that each
-    /// carry a few grants. Returns whether it waited.
+    /// comes first (its close must not wait). In a burst an NSG's opens then go out less often
+    /// the lower the budget runs: each write carries more of the grants arriving meanwhile, and
+    /// what is left of the budget goes further, instead of being spent early on rounds that
+    /// each carry a few grants. Returns whether it waited.
     async fn space_out(
         &self,
         nsg_id: &str,
