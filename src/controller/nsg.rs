@@ -2,11 +2,13 @@
 //! per NSG at a time in this process, so two reconcilers never pick the same free priority.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use sha2::{Digest, Sha256};
 use tracing::{debug, info, instrument, warn};
 
 use super::Error;
@@ -92,7 +94,7 @@ const WRITE_SPACING_MAX: Duration = Duration::from_secs(10);
 
 /// What a sync means to write, and what it was asked for.
 struct Decision {
-    asked: Arc<Asked>,
+    asked: Asked,
     plan: NsgPlan,
 }
 
@@ -107,16 +109,50 @@ struct RuleEdits {
 struct LastSync {
     started: Instant,
     outcome: NsgOutcome,
-    /// The rules it was asked to make stand, and the policies whose rules it had to keep.
-    asked: Arc<Asked>,
+    asked: AskedDigest,
     /// It left the NSG as asked (found it so, or wrote it so): nothing without a priority.
     in_line: bool,
 }
 
-#[derive(Clone, PartialEq)]
+/// What the world asks of an NSG: the rules to make stand, and the policies whose rules to keep.
 struct Asked {
     desired: Vec<RuleIntent>,
     quarantined: Vec<String>,
+    digest: AskedDigest,
+}
+
+impl Asked {
+    fn new(desired: Vec<RuleIntent>, quarantined: Vec<String>) -> Asked {
+        let mut hasher = DigestHasher::default();
+        (&desired, &quarantined).hash(&mut hasher);
+        Asked {
+            desired,
+            quarantined,
+            digest: AskedDigest(hasher.0.finalize().into()),
+        }
+    }
+}
+
+/// Stands for an [`Asked`] between syncs, where only whether it changed matters: kept for every
+/// NSG, so a hash of it rather than a copy of every rule (most of the memory a sync kept, with
+/// 10,000 grants). SHA-256, so that two different asks never pass for one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct AskedDigest([u8; 32]);
+
+/// Feeds what `Hash` writes into SHA-256 (its encoding delimits strings and lists, so two
+/// different values never write the same bytes).
+#[derive(Default)]
+struct DigestHasher(Sha256);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// Unused: the digest is the whole SHA-256.
+    fn finish(&self) -> u64 {
+        0
+    }
 }
 
 /// What the world asked of an NSG, and for how long that answer holds without planning again:
@@ -124,7 +160,7 @@ struct Asked {
 struct Planned {
     generation: u64,
     until: Option<Timestamp>,
-    asked: Arc<Asked>,
+    asked: AskedDigest,
 }
 
 impl Planned {
@@ -394,11 +430,21 @@ impl NsgSyncer {
         let started = Instant::now();
         // The clock as of now, not as of the caller's reconcile start: the world is read now.
         let now = now.max(Timestamp::now());
-        let asked = self.asked_of(nsg_id, &mut state.planned, &world, now);
+        let known = state
+            .planned
+            .as_ref()
+            .and_then(|p| self.still_holds(p, now));
+        let (digest, asked) = match known {
+            Some(digest) => (digest, None),
+            None => {
+                let asked = self.ask(nsg_id, &mut state.planned, &world, now);
+                (asked.digest, Some(asked))
+            }
+        };
         if let Some(done) = state
             .last
             .as_ref()
-            .filter(|d| self.still_in_line(d, &asked))
+            .filter(|d| self.still_in_line(d, digest))
         {
             debug!("NSG found in line recently and asked for the same: no read");
             return Ok(NsgOutcome {
@@ -406,6 +452,7 @@ impl NsgSyncer {
                 ..NsgOutcome::new(nsg_id)
             });
         }
+        let asked = asked.unwrap_or_else(|| self.ask(nsg_id, &mut state.planned, &world, now));
         let last_write = state.last_write;
         let (outcome, asked) = self
             .sync_locked(nsg_id, asked, &mut state.planned, &world, last_write)
@@ -434,57 +481,49 @@ impl NsgSyncer {
         let planned = state.planned.as_ref()?;
         let last = state.last.as_ref()?;
         let repeats =
-            planned.holds(generation, Timestamp::now()) && self.still_in_line(last, &planned.asked);
+            planned.holds(generation, Timestamp::now()) && self.still_in_line(last, planned.asked);
         repeats.then(|| NsgOutcome {
             placed: last.outcome.placed.clone(),
             ..NsgOutcome::new(nsg_id)
         })
     }
 
-    /// What the world asks of the NSG at `now`: planned from a fresh snapshot, or the last plan
-    /// when the world has not changed since and no grant lapsed. The generation is read before
-    /// the snapshot, so a change racing with it only makes the plan look older than it is.
-    fn asked_of(
+    /// What the NSG was last asked for, while that answer still holds at `now`: the world has
+    /// not changed since and no grant has lapsed. The generation is read before the world it is
+    /// planned from, so a change racing with it only makes the plan look older than it is.
+    fn still_holds(&self, planned: &Planned, now: Timestamp) -> Option<AskedDigest> {
+        let generation = self.world_generation.as_ref()?.current();
+        planned.holds(generation, now).then_some(planned.asked)
+    }
+
+    /// What the world asks of the NSG at `now`, planned from a fresh snapshot; recorded (as its
+    /// digest) in `planned`.
+    fn ask(
         &self,
         nsg_id: &str,
         planned: &mut Option<Planned>,
         world: impl FnOnce() -> World,
         now: Timestamp,
-    ) -> Arc<Asked> {
+    ) -> Asked {
         let generation = self.world_generation.as_ref().map(WorldGeneration::current);
-        if let (Some(generation), Some(plan)) = (generation, planned.as_ref())
-            && plan.holds(generation, now)
-        {
-            return plan.asked.clone();
-        }
         let world = world();
-        let mut desired = world.desired_rules(nsg_id, now, &self.naming);
-        // Kept for as long as the NSG's plan holds (every NSG has one): without the slack the
-        // list grew with.
-        desired.shrink_to_fit();
-        let fresh = Asked {
-            desired,
-            quarantined: world.quarantined_policies.clone(),
-        };
-        // The same answer as before keeps the copy the last sync holds: one per NSG, however
-        // often the world moves elsewhere.
-        let asked = match planned.as_ref().filter(|p| *p.asked == fresh) {
-            Some(before) => before.asked.clone(),
-            None => Arc::new(fresh),
-        };
+        let asked = Asked::new(
+            world.desired_rules(nsg_id, now, &self.naming),
+            world.quarantined_policies.clone(),
+        );
         *planned = generation.map(|generation| Planned {
             generation,
             until: next_lapse(&world, now),
-            asked: asked.clone(),
+            asked: asked.digest,
         });
         asked
     }
 
-    fn still_in_line(&self, last: &LastSync, asked: &Arc<Asked>) -> bool {
+    fn still_in_line(&self, last: &LastSync, asked: AskedDigest) -> bool {
         self.read_sharing
             .is_some_and(|fresh_for| last.started.elapsed() < fresh_for)
             && last.in_line
-            && (Arc::ptr_eq(&last.asked, asked) || last.asked == *asked)
+            && last.asked == asked
     }
 
     /// Reads the NSG once, plans, and writes what the plan changes. The write first takes its
@@ -495,11 +534,11 @@ impl NsgSyncer {
     async fn sync_locked(
         &self,
         nsg_id: &str,
-        asked: Arc<Asked>,
+        asked: Asked,
         planned: &mut Option<Planned>,
         world: &impl Fn() -> World,
         last_write: Option<Instant>,
-    ) -> Result<(NsgOutcome, Arc<Asked>), Error> {
+    ) -> Result<(NsgOutcome, AskedDigest), Error> {
         // One read serves the plan and, when it has several changes, the conditional write.
         let snapshot = self.azure.read_nsg(nsg_id).await?;
         let mut decision = Decision {
@@ -525,14 +564,14 @@ impl NsgSyncer {
             if let Some(place) = reserved {
                 place.cancel();
             }
-            return Ok((NsgOutcome::planned(nsg_id, &plan), asked));
+            return Ok((NsgOutcome::planned(nsg_id, &plan), asked.digest));
         }
         let write = self.write_plan(nsg_id, snapshot, &asked, plan);
         let outcome = match reserved {
             Some(place) => with_reserved(place, write).await?,
             None => write.await?,
         };
-        Ok((outcome, asked))
+        Ok((outcome, asked.digest))
     }
 
     /// Takes the write's place in the subscription's budget before the write is made up, and
@@ -549,7 +588,7 @@ impl NsgSyncer {
         last_write: Option<Instant>,
     ) -> Option<Admission> {
         let plan_again = |decision: &mut Decision, planned: &mut Option<Planned>| {
-            decision.asked = self.asked_of(nsg_id, planned, world, Timestamp::now());
+            decision.asked = self.ask(nsg_id, planned, world, Timestamp::now());
             decision.plan = self.plan_for(&decision.asked, rules);
         };
         // A write that closes goes before the opens waiting for the budget, and is never
@@ -778,6 +817,47 @@ mod tests {
             write_spacing(-40, 200),
             Some(WRITE_SPACING_MAX),
             "places queued"
+        );
+    }
+
+    fn intent(ports: &[&str]) -> RuleIntent {
+        RuleIntent {
+            owner: crate::plan::desired::Owner::Grant {
+                uid: "u1".into(),
+                namespace: "team".into(),
+                name: "ssh".into(),
+            },
+            name: "jit-g-1".into(),
+            description: "ssh for alice".into(),
+            access: crate::plan::Access::Allow,
+            direction: crate::plan::Direction::Inbound,
+            protocol: crate::plan::RuleProtocol::Tcp,
+            source_address_prefixes: vec!["203.0.113.7".into()],
+            source_port_ranges: vec!["*".into()],
+            destination_address_prefixes: vec!["10.0.0.4".into()],
+            destination_port_ranges: ports.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_ask_is_known_by_its_digest_and_any_change_moves_it() {
+        let digest = |ports: &[&str], quarantined: &[&str]| {
+            let quarantined = quarantined.iter().map(|q| q.to_string()).collect();
+            Asked::new(vec![intent(ports)], quarantined).digest
+        };
+        assert!(digest(&["22"], &[]) == digest(&["22"], &[]), "the same ask");
+        assert!(digest(&["22"], &[]) != digest(&["2222"], &[]), "a port");
+        assert!(
+            digest(&["22"], &[]) != digest(&["22"], &["p1"]),
+            "a quarantine"
+        );
+        assert!(
+            digest(&["22", "80"], &[]) != digest(&["2280"], &[]),
+            "strings are delimited"
+        );
+        assert!(
+            Asked::new(vec![], vec![]).digest != Asked::new(vec![intent(&["22"])], vec![]).digest,
+            "a rule more"
         );
     }
 }

@@ -36,7 +36,7 @@ pub enum Owner {
 }
 
 /// A rule that should exist in an NSG, without its priority (the diff picks that).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RuleIntent {
     pub owner: Owner,
     pub name: String,
