@@ -351,3 +351,68 @@ async fn opens_to_an_nsg_are_spaced_out_as_the_write_budget_runs_low() {
         second_open - first_open
     );
 }
+
+/// A close is never held back behind the spacing of opens: a grant deleted while a later
+/// grant's open to the same NSGs is being spaced out ends the wait, and its rules go at once
+/// (with the later grant's, in the same writes), not when the spacing would have ended.
+#[tokio::test]
+async fn a_close_asked_while_opens_are_spaced_out_ends_the_wait() {
+    // The policy and the first grant leave 2 of 7 writes: a spacing of 3.5 s, and a write for
+    // each of the two NSGs when the close comes.
+    let bucket = BucketSpec {
+        burst: 7,
+        refill_per_sec: 0.05,
+    };
+    let emulator = portcullis_azure_emulator::EmulatorConfig {
+        fixture: support::operator::demo_fixture(),
+        write_burst: bucket.burst,
+        write_refill_per_sec: bucket.refill_per_sec,
+        ..Default::default()
+    };
+    let settings = Settings {
+        resync: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let mut env = Env::with("spacing-close", emulator, settings).await;
+    env.pacing.write = bucket;
+    env.pacing.reserve = 0.0;
+    let telemetry = env.start_operator();
+    env.create_policy("prod", standard_policy()).await;
+    env.wait_policy_ready("prod", T).await;
+    let first = env
+        .create_grant("first", grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"))
+        .await;
+    env.wait_grant_condition("first", "Ready", "Opened", T)
+        .await;
+
+    env.create_grant("second", grant_spec("vm1", &[22], "203.0.113.8/32", "PT5M"))
+        .await;
+    support::wait_for("the second grant's open spaced out", T, || async {
+        (telemetry.nsgs_spacing_out() > 0).then_some(())
+    })
+    .await;
+    let deleted = std::time::Instant::now();
+    env.delete_grant("first").await;
+    env.wait_rules_gone(&first, T).await;
+    let closed_after = deleted.elapsed();
+    // The spacing was due 3.5 s after the first grant's write; without the wake the close
+    // waited for it (2.3 s after the delete, measured), with it the close went in 70 ms.
+    assert!(
+        closed_after < Duration::from_millis(1_200),
+        "the close went {closed_after:?} after the delete"
+    );
+    env.wait_grant_condition("second", "Ready", "Opened", T)
+        .await;
+    let metrics = telemetry.encode().expect("metrics");
+    let spaced: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_nsg_spacing_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no spacing counter in:\n{metrics}"));
+    assert!(spaced > 0.0, "the spacing's wait is counted: {spaced}");
+    assert_eq!(
+        telemetry.nsgs_spacing_out(),
+        0,
+        "no sync is spacing out now"
+    );
+}

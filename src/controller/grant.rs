@@ -140,6 +140,9 @@ async fn ask_grant_nsgs(
         ctx.rounds.withdraw(grant, &nsgs, intent);
         return Some((outcomes, Vec::new()));
     }
+    if intent == Intent::Close {
+        nsgs.iter().for_each(|n| ctx.nsgs.close_asked(n));
+    }
     let answers = match wait {
         Wait::Woken => ctx.rounds.ask(grant, &nsgs, intent)?,
         Wait::InPlace => ctx.rounds.ask_and_wait(grant, &nsgs, intent).await,

@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use tokio::sync::Notify;
+
 use jiff::Timestamp;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, instrument, warn};
@@ -169,6 +172,15 @@ impl Planned {
     }
 }
 
+/// One NSG's place in this process: its sync lock, and a signal that reaches a sync while it
+/// holds the lock.
+#[derive(Default)]
+struct NsgSlot {
+    state: tokio::sync::Mutex<NsgState>,
+    /// A grant asked for its rules in the NSG to be closed (see [`NsgSyncer::close_asked`]).
+    close_asked: tokio::sync::Notify,
+}
+
 /// Everything this process remembers about one NSG, behind its sync lock.
 #[derive(Default)]
 struct NsgState {
@@ -193,7 +205,7 @@ pub struct NsgSyncer {
     azure: Arc<dyn NetworkApi>,
     bands: Bands,
     naming: Naming,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<NsgState>>>>,
+    slots: Mutex<HashMap<String, Arc<NsgSlot>>>,
     /// Cleared the moment leadership is lost: no write starts after that.
     writes_allowed: AtomicBool,
     /// Where every NSG is recorded before its first write (see `inventory`).
@@ -219,7 +231,7 @@ impl NsgSyncer {
             azure,
             bands,
             naming,
-            locks: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
             writes_allowed: AtomicBool::new(true),
             inventory: None,
             flush_connections: None,
@@ -371,15 +383,23 @@ impl NsgSyncer {
         &self.naming
     }
 
-    fn lock_for(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<NsgState>> {
-        let mut locks = self
-            .locks
+    fn slot(&self, nsg_id: &str) -> Arc<NsgSlot> {
+        let mut slots = self
+            .slots
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        locks
+        slots
             .entry(nsg_id.to_ascii_lowercase())
             .or_default()
             .clone()
+    }
+
+    /// A grant's close is due in the NSG (expired, revoked or deleted): a sync spacing out its
+    /// opens there (see [`NsgSyncer::space_out`]) stops waiting and plans again, so the close is
+    /// not held back behind the spacing. Kept until a sync takes it, so a close asked just before
+    /// the wait began still ends it.
+    pub fn close_asked(&self, nsg_id: &str) {
+        self.slot(nsg_id).close_asked.notify_one();
     }
 
     /// Removes rules by one conditional PUT of the whole NSG without them (the write Azure
@@ -418,8 +438,10 @@ impl NsgSyncer {
         now: Timestamp,
     ) -> Result<NsgOutcome, Error> {
         let requested = Instant::now();
-        let lock = self.lock_for(nsg_id);
-        let mut state = lock.lock().await;
+        let slot = self.slot(nsg_id);
+        let mut state = slot.state.lock().await;
+        // A close asked before now is in the world this sync reads.
+        let _ = slot.close_asked.notified().now_or_never();
         // Many reconciles ask for the same NSG at once (every grant in a shared subnet NSG): a
         // sync that began after this request read a world at least as new as the caller's, so
         // its result stands for this request too, and the queue drains in one more sync.
@@ -453,9 +475,8 @@ impl NsgSyncer {
             });
         }
         let asked = asked.unwrap_or_else(|| self.ask(nsg_id, &mut state.planned, &world, now));
-        let last_write = state.last_write;
         let (outcome, asked) = self
-            .sync_locked(nsg_id, asked, &mut state.planned, &world, last_write)
+            .sync_locked(nsg_id, asked, &mut state, &world, &slot.close_asked)
             .await?;
         if outcome.writes > 0 {
             state.last_write = Some(Instant::now());
@@ -476,8 +497,8 @@ impl NsgSyncer {
     /// instead of waiting for a round. `None` while a sync of the NSG runs.
     pub fn in_line_now(&self, nsg_id: &str) -> Option<NsgOutcome> {
         let generation = self.world_generation.as_ref()?.current();
-        let lock = self.lock_for(nsg_id);
-        let state = lock.try_lock().ok()?;
+        let slot = self.slot(nsg_id);
+        let state = slot.state.try_lock().ok()?;
         let planned = state.planned.as_ref()?;
         let last = state.last.as_ref()?;
         let repeats =
@@ -535,9 +556,9 @@ impl NsgSyncer {
         &self,
         nsg_id: &str,
         asked: Asked,
-        planned: &mut Option<Planned>,
+        state: &mut NsgState,
         world: &impl Fn() -> World,
-        last_write: Option<Instant>,
+        close_asked: &Notify,
     ) -> Result<(NsgOutcome, AskedDigest), Error> {
         // One read serves the plan and, when it has several changes, the conditional write.
         let snapshot = self.azure.read_nsg(nsg_id).await?;
@@ -549,10 +570,10 @@ impl NsgSyncer {
             .take_place(
                 nsg_id,
                 &mut decision,
-                planned,
+                state,
                 world,
                 &snapshot.rules,
-                last_write,
+                close_asked,
             )
             .await;
         let Decision { asked, plan } = decision;
@@ -582,10 +603,10 @@ impl NsgSyncer {
         &self,
         nsg_id: &str,
         decision: &mut Decision,
-        planned: &mut Option<Planned>,
+        state: &mut NsgState,
         world: &impl Fn() -> World,
         rules: &[NsgRule],
-        last_write: Option<Instant>,
+        close_asked: &Notify,
     ) -> Option<Admission> {
         let plan_again = |decision: &mut Decision, planned: &mut Option<Planned>| {
             decision.asked = self.ask(nsg_id, planned, world, Timestamp::now());
@@ -595,9 +616,13 @@ impl NsgSyncer {
         // spaced out.
         let urgent = |plan: &NsgPlan| !plan.deletes.is_empty();
         let mut kind = self.budget_kind(&decision.plan)?;
-        if !urgent(&decision.plan) && self.space_out(nsg_id, kind, last_write, world).await {
+        if !urgent(&decision.plan)
+            && self
+                .space_out(nsg_id, kind, state.last_write, world, close_asked)
+                .await
+        {
             debug!("spaced out: planning the write again");
-            plan_again(decision, planned);
+            plan_again(decision, &mut state.planned);
             kind = self.budget_kind(&decision.plan)?;
         }
         let place = self
@@ -606,14 +631,14 @@ impl NsgSyncer {
             .await?;
         if !place.waited.is_zero() {
             debug!(waited = ?place.waited, "waited for the subscription's budget: planning the write again");
-            plan_again(decision, planned);
+            plan_again(decision, &mut state.planned);
         }
         Some(place.admission)
     }
 
     /// Once the subscription's budget for `kind` is being spent, waits until the NSG's last
-    /// write is [`write_spacing`] old, or until the next grant of the world lapses if that
-    /// comes first (its close must not wait). In a burst an NSG's opens then go out less often
+    /// write is [`write_spacing`] old, or until the next grant of the world lapses or a grant's
+    /// close is asked in the NSG if that comes first (a close must not wait). In a burst an NSG's opens then go out less often
     /// the lower the budget runs: each write carries more of the grants arriving meanwhile, and
     /// what is left of the budget goes further, instead of being spent early on rounds that
     /// each carry a few grants. Returns whether it waited.
@@ -623,6 +648,7 @@ impl NsgSyncer {
         kind: BudgetKind,
         last_write: Option<Instant>,
         world: &impl Fn() -> World,
+        close_asked: &Notify,
     ) -> bool {
         let (Some(last_write), Some(left)) = (last_write, self.azure.budget_left(nsg_id, kind))
         else {
@@ -641,7 +667,15 @@ impl NsgSyncer {
             return false;
         }
         debug!(?spacing, "budget low: spacing out the NSG's writes");
-        tokio::time::sleep_until(due.into()).await;
+        let spacing_out = self.telemetry.as_ref().map(|t| t.spacing_out());
+        let waited = Instant::now();
+        tokio::select! {
+            () = tokio::time::sleep_until(due.into()) => {}
+            () = close_asked.notified() => debug!("a close was asked: spacing ended"),
+        }
+        if let Some(spacing_out) = spacing_out {
+            spacing_out.done(waited.elapsed());
+        }
         true
     }
 

@@ -118,6 +118,21 @@ impl prometheus_client::collector::Collector for AzureRequests {
     }
 }
 
+/// An NSG sync spacing out its opens (see [`Telemetry::spacing_out`]).
+pub struct SpacingOut<'a>(&'a Telemetry);
+
+impl SpacingOut<'_> {
+    pub fn done(self, waited: std::time::Duration) {
+        self.0.nsg_spacing_seconds.inc_by(waited.as_secs_f64());
+    }
+}
+
+impl Drop for SpacingOut<'_> {
+    fn drop(&mut self) {
+        self.0.nsgs_spacing_out.dec();
+    }
+}
+
 pub struct Telemetry {
     registry: Registry,
     reconciles: Family<ReconcileLabels, Counter>,
@@ -139,6 +154,8 @@ pub struct Telemetry {
     notifications: Family<ResultLabels, Counter>,
     nsg_rounds: Family<ResultLabels, Counter>,
     nsgs_in_rounds: Gauge,
+    nsgs_spacing_out: Gauge,
+    nsg_spacing_seconds: Counter<f64, AtomicU64>,
     caches_synced: AtomicBool,
     standby: AtomicBool,
 }
@@ -260,6 +277,18 @@ impl Telemetry {
             "NSGs being synced or waiting for a sync that grants asked for",
             nsgs_in_rounds.clone(),
         );
+        let nsgs_spacing_out = Gauge::default();
+        registry.register(
+            "nsgs_spacing_out",
+            "NSG syncs holding back their opens until the NSG's last write is old enough, as the subscription's write budget runs low",
+            nsgs_spacing_out.clone(),
+        );
+        let nsg_spacing_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "nsg_spacing_seconds",
+            "Time NSG syncs held back their opens to space out writes as the write budget ran low",
+            nsg_spacing_seconds.clone(),
+        );
         if let Some(stats) = azure {
             registry.register_collector(Box::new(AzureRequests(stats)));
         }
@@ -283,6 +312,8 @@ impl Telemetry {
             notifications,
             nsg_rounds,
             nsgs_in_rounds,
+            nsgs_spacing_out,
+            nsg_spacing_seconds,
             caches_synced: AtomicBool::new(false),
             standby: AtomicBool::new(false),
         })
@@ -413,6 +444,17 @@ impl Telemetry {
 
     pub fn set_nsgs_in_rounds(&self, busy: usize) {
         self.nsgs_in_rounds.set(busy as i64);
+    }
+
+    /// An NSG sync begins to space out its opens; counted until the returned guard is done or
+    /// dropped.
+    pub fn spacing_out(&self) -> SpacingOut<'_> {
+        self.nsgs_spacing_out.inc();
+        SpacingOut(self)
+    }
+
+    pub fn nsgs_spacing_out(&self) -> i64 {
+        self.nsgs_spacing_out.get()
     }
 
     /// One notification (or refused target) with `result` `sent`, `failed`, `dropped` or
