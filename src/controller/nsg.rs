@@ -8,10 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use tokio::sync::Notify;
-
 use jiff::Timestamp;
 use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
 use tracing::{debug, info, instrument, warn};
 
 use super::Error;
@@ -178,7 +177,7 @@ impl Planned {
 struct NsgSlot {
     state: tokio::sync::Mutex<NsgState>,
     /// A grant asked for its rules in the NSG to be closed (see [`NsgSyncer::close_asked`]).
-    close_asked: tokio::sync::Notify,
+    close_asked: Notify,
 }
 
 /// Everything this process remembers about one NSG, behind its sync lock.
@@ -551,7 +550,8 @@ impl NsgSyncer {
     /// place in the subscription's budget (see [`NsgSyncer::take_place`]) and, if it had to
     /// wait, is planned again from the world as it is once it may go: in a burst it then carries
     /// every grant that arrived while it waited, instead of going out stale and leaving them to
-    /// one more write each. Returns the outcome and what it was asked for in the end.
+    /// one more write each. Returns the outcome and (the digest of) what it was asked for in
+    /// the end.
     async fn sync_locked(
         &self,
         nsg_id: &str,
@@ -638,10 +638,10 @@ impl NsgSyncer {
 
     /// Once the subscription's budget for `kind` is being spent, waits until the NSG's last
     /// write is [`write_spacing`] old, or until the next grant of the world lapses or a grant's
-    /// close is asked in the NSG if that comes first (a close must not wait). In a burst an NSG's opens then go out less often
-    /// the lower the budget runs: each write carries more of the grants arriving meanwhile, and
-    /// what is left of the budget goes further, instead of being spent early on rounds that
-    /// each carry a few grants. Returns whether it waited.
+    /// close is asked in the NSG if that comes first (a close must not wait). In a burst an
+    /// NSG's opens then go out less often the lower the budget runs: each write carries more of
+    /// the grants arriving meanwhile, and what is left of the budget goes further, instead of
+    /// being spent early on rounds that each carry a few grants. Returns whether it waited.
     async fn space_out(
         &self,
         nsg_id: &str,
