@@ -1576,9 +1576,10 @@ fn planned_world(expires_at: jiff::Timestamp) -> portcullis::controller::world::
     }
 }
 
-/// With the world's generation, an NSG is planned again only when the world changed or a live
-/// grant lapsed: a steady state takes no snapshot and plans nothing, and a lapse still closes on
-/// time with no event at all.
+/// With the world's generation and read sharing, an NSG found in line is planned again only
+/// when the world changed or a live grant lapsed: a steady state takes no snapshot and plans
+/// nothing, and a lapse still closes on time with no event at all. (Only a digest of what it
+/// was asked for is kept: a sync that reads Azure plans from a snapshot again.)
 #[tokio::test]
 async fn an_nsg_is_planned_again_only_when_the_world_changes_or_a_grant_lapses() {
     use portcullis::controller::nsg::NsgSyncer;
@@ -1589,7 +1590,8 @@ async fn an_nsg_is_planned_again_only_when_the_world_changes_or_a_grant_lapses()
     let emu = start(config()).await;
     let generation = WorldGeneration::default();
     let syncer = NsgSyncer::new(Arc::new(client(&emu)), Bands::default(), Naming::default())
-        .with_world_generation(generation.clone());
+        .with_world_generation(generation.clone())
+        .with_read_sharing(Duration::from_secs(60));
     let expires_at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
     let world = planned_world(expires_at);
     let snapshots = AtomicUsize::new(0);

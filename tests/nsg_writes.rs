@@ -5,11 +5,13 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use portcullis::api::GrantPhase;
+use portcullis::api::{AccessGrant, GrantPhase};
 use portcullis::azure::BucketSpec;
 use portcullis::controller::Settings;
+use portcullis::controller::telemetry::Telemetry;
 use serde_json::json;
 use support::operator::{Env, grant_spec, nsg_id, reads_nsg, standard_policy};
 
@@ -293,14 +295,15 @@ async fn a_reconcile_slot_is_not_held_while_azure_writes() {
     );
 }
 
-/// In a burst, an NSG's opens go out less often the lower the write budget runs: a grant's open
-/// waits until the NSG's last write is 1 s x (burst / tokens left) old, and then carries every
-/// grant that arrived meanwhile.
-#[tokio::test]
-async fn opens_to_an_nsg_are_spaced_out_as_the_write_budget_runs_low() {
-    // A bucket of 10 writes that barely refills: the policy and the first grant leave about half.
+/// The operator running against a write bucket of `burst` that barely refills (as the
+/// operator's pacing knows it, without a reserve), with the standard policy enforced and a
+/// first grant opened in vm1's two NSGs.
+async fn first_grant_open_with_write_burst(
+    name: &str,
+    burst: u32,
+) -> (Env, Arc<Telemetry>, AccessGrant) {
     let bucket = BucketSpec {
-        burst: 10,
+        burst,
         refill_per_sec: 0.05,
     };
     let emulator = portcullis_azure_emulator::EmulatorConfig {
@@ -313,16 +316,27 @@ async fn opens_to_an_nsg_are_spaced_out_as_the_write_budget_runs_low() {
         resync: Duration::from_secs(30),
         ..Default::default()
     };
-    let mut env = Env::with("spacing", emulator, settings).await;
+    let mut env = Env::with(name, emulator, settings).await;
     env.pacing.write = bucket;
     env.pacing.reserve = 0.0;
-    env.start_operator();
+    let telemetry = env.start_operator();
     env.create_policy("prod", standard_policy()).await;
     env.wait_policy_ready("prod", T).await;
-    env.create_grant("first", grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"))
+    let first = env
+        .create_grant("first", grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"))
         .await;
     env.wait_grant_condition("first", "Ready", "Opened", T)
         .await;
+    (env, telemetry, first)
+}
+
+/// In a burst, an NSG's opens go out less often the lower the write budget runs: a grant's open
+/// waits until the NSG's last write is 1 s x (burst / tokens left) old, and then carries every
+/// grant that arrived meanwhile.
+#[tokio::test]
+async fn opens_to_an_nsg_are_spaced_out_as_the_write_budget_runs_low() {
+    // A bucket of 10 writes: the policy and the first grant leave about half.
+    let (env, _, _) = first_grant_open_with_write_burst("spacing", 10).await;
     let writes_to_vm1 = |requests: &[portcullis_azure_emulator::RequestRecord]| -> Vec<i64> {
         requests
             .iter()
@@ -359,31 +373,7 @@ async fn opens_to_an_nsg_are_spaced_out_as_the_write_budget_runs_low() {
 async fn a_close_asked_while_opens_are_spaced_out_ends_the_wait() {
     // The policy and the first grant leave 2 of 7 writes: a spacing of 3.5 s, and a write for
     // each of the two NSGs when the close comes.
-    let bucket = BucketSpec {
-        burst: 7,
-        refill_per_sec: 0.05,
-    };
-    let emulator = portcullis_azure_emulator::EmulatorConfig {
-        fixture: support::operator::demo_fixture(),
-        write_burst: bucket.burst,
-        write_refill_per_sec: bucket.refill_per_sec,
-        ..Default::default()
-    };
-    let settings = Settings {
-        resync: Duration::from_secs(30),
-        ..Default::default()
-    };
-    let mut env = Env::with("spacing-close", emulator, settings).await;
-    env.pacing.write = bucket;
-    env.pacing.reserve = 0.0;
-    let telemetry = env.start_operator();
-    env.create_policy("prod", standard_policy()).await;
-    env.wait_policy_ready("prod", T).await;
-    let first = env
-        .create_grant("first", grant_spec("vm1", &[22], "203.0.113.7/32", "PT5M"))
-        .await;
-    env.wait_grant_condition("first", "Ready", "Opened", T)
-        .await;
+    let (env, telemetry, first) = first_grant_open_with_write_burst("spacing-close", 7).await;
 
     env.create_grant("second", grant_spec("vm1", &[22], "203.0.113.8/32", "PT5M"))
         .await;
