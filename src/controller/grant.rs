@@ -144,8 +144,13 @@ async fn ask_grant_nsgs(
         nsgs.iter().for_each(|n| ctx.nsgs.close_asked(n));
     }
     let answers = match wait {
-        Wait::Woken => ctx.rounds.ask(grant, &nsgs, intent)?,
-        Wait::InPlace => ctx.rounds.ask_and_wait(grant, &nsgs, intent).await,
+        Wait::Woken => ctx.rounds.ask(grant, &nsgs, intent),
+        Wait::InPlace => Some(ctx.rounds.ask_and_wait(grant, &nsgs, intent).await),
+    };
+    let Some(answers) = answers else {
+        // Requests still coming hold back a spaced-out open (see `NsgSyncer::asked`).
+        nsgs.iter().for_each(|n| ctx.nsgs.asked(n));
+        return None;
     };
     let mut outcomes = Vec::new();
     let mut failures = Vec::new();

@@ -93,6 +93,8 @@ fn write_spacing(usable: i64, full: i64) -> Option<Duration> {
 const WRITE_SPACING_UNIT: Duration = Duration::from_secs(1);
 /// Bounds how long a grant can wait for its open to be spaced out.
 const WRITE_SPACING_MAX: Duration = Duration::from_secs(10);
+/// The least time without a request after which a spaced-out open goes.
+const QUIET_MIN: Duration = Duration::from_millis(250);
 
 /// What a sync means to write, and what it was asked for.
 struct Decision {
@@ -178,6 +180,17 @@ struct NsgSlot {
     state: tokio::sync::Mutex<NsgState>,
     /// A grant asked for its rules in the NSG to be closed (see [`NsgSyncer::close_asked`]).
     close_asked: Notify,
+    /// When a grant last asked for the NSG to be synced (see [`NsgSyncer::asked`]).
+    last_asked: Mutex<Option<Instant>>,
+}
+
+impl NsgSlot {
+    fn last_asked(&self) -> Option<Instant> {
+        *self
+            .last_asked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Everything this process remembers about one NSG, behind its sync lock.
@@ -401,6 +414,16 @@ impl NsgSyncer {
         self.slot(nsg_id).close_asked.notify_one();
     }
 
+    /// A grant asked for the NSG to be synced: a sync spacing out its opens there waits until
+    /// requests have stopped coming for a while (see [`NsgSyncer::space_out`]).
+    pub fn asked(&self, nsg_id: &str) {
+        let slot = self.slot(nsg_id);
+        *slot
+            .last_asked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
+    }
+
     /// Removes rules by one conditional PUT of the whole NSG without them (the write Azure
     /// allows under a `CanNotDelete` lock). Returns the number of writes made.
     async fn delete_by_nsg_put(&self, nsg_id: &str, names: &[String]) -> Result<usize, Error> {
@@ -475,7 +498,7 @@ impl NsgSyncer {
         }
         let asked = asked.unwrap_or_else(|| self.ask(nsg_id, &mut state.planned, &world, now));
         let (outcome, asked) = self
-            .sync_locked(nsg_id, asked, &mut state, &world, &slot.close_asked)
+            .sync_locked(nsg_id, asked, &mut state, &world, &slot)
             .await?;
         if outcome.writes > 0 {
             state.last_write = Some(Instant::now());
@@ -558,7 +581,7 @@ impl NsgSyncer {
         asked: Asked,
         state: &mut NsgState,
         world: &impl Fn() -> World,
-        close_asked: &Notify,
+        slot: &NsgSlot,
     ) -> Result<(NsgOutcome, AskedDigest), Error> {
         // One read serves the plan and, when it has several changes, the conditional write.
         let snapshot = self.azure.read_nsg(nsg_id).await?;
@@ -567,14 +590,7 @@ impl NsgSyncer {
             asked,
         };
         let reserved = self
-            .take_place(
-                nsg_id,
-                &mut decision,
-                state,
-                world,
-                &snapshot.rules,
-                close_asked,
-            )
+            .take_place(nsg_id, &mut decision, state, world, &snapshot.rules, slot)
             .await;
         let Decision { asked, plan } = decision;
         if let Some(telemetry) = &self.telemetry {
@@ -606,7 +622,7 @@ impl NsgSyncer {
         state: &mut NsgState,
         world: &impl Fn() -> World,
         rules: &[NsgRule],
-        close_asked: &Notify,
+        slot: &NsgSlot,
     ) -> Option<Admission> {
         let plan_again = |decision: &mut Decision, planned: &mut Option<Planned>| {
             decision.asked = self.ask(nsg_id, planned, world, Timestamp::now());
@@ -618,7 +634,7 @@ impl NsgSyncer {
         let mut kind = self.budget_kind(&decision.plan)?;
         if !urgent(&decision.plan)
             && self
-                .space_out(nsg_id, kind, state.last_write, world, close_asked)
+                .space_out(nsg_id, kind, state.last_write, world, slot)
                 .await
         {
             debug!("spaced out: planning the write again");
@@ -637,18 +653,20 @@ impl NsgSyncer {
     }
 
     /// Once the subscription's budget for `kind` is being spent, waits until the NSG's last
-    /// write is [`write_spacing`] old, or until the next grant of the world lapses or a grant's
-    /// close is asked in the NSG if that comes first (a close must not wait). In a burst an
-    /// NSG's opens then go out less often the lower the budget runs: each write carries more of
-    /// the grants arriving meanwhile, and what is left of the budget goes further, instead of
-    /// being spent early on rounds that each carry a few grants. Returns whether it waited.
+    /// write is [`write_spacing`] old. In a burst an NSG's opens then go out less often the
+    /// lower the budget runs: each write carries more of the grants arriving meanwhile, and what
+    /// is left of the budget goes further, instead of being spent early on rounds that each
+    /// carry a few grants. The wait ends sooner once no grant has asked for the NSG for a
+    /// quarter of the spacing (the grants to carry are all there), at the next grant lapse, and
+    /// when a grant's close is asked in the NSG (a close must not wait). Returns whether it
+    /// waited.
     async fn space_out(
         &self,
         nsg_id: &str,
         kind: BudgetKind,
         last_write: Option<Instant>,
         world: &impl Fn() -> World,
-        close_asked: &Notify,
+        slot: &NsgSlot,
     ) -> bool {
         let (Some(last_write), Some(left)) = (last_write, self.azure.budget_left(nsg_id, kind))
         else {
@@ -669,9 +687,20 @@ impl NsgSyncer {
         debug!(?spacing, "budget low: spacing out the NSG's writes");
         let spacing_out = self.telemetry.as_ref().map(|t| t.spacing_out());
         let waited = Instant::now();
-        tokio::select! {
-            () = tokio::time::sleep_until(due.into()) => {}
-            () = close_asked.notified() => debug!("a close was asked: spacing ended"),
+        let quiet_for = (spacing / 4).max(QUIET_MIN);
+        loop {
+            let quiet = slot.last_asked().unwrap_or(waited).max(waited) + quiet_for;
+            let wake = due.min(quiet);
+            if wake <= Instant::now() {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(wake.into()) => {}
+                () = slot.close_asked.notified() => {
+                    debug!("a close was asked: spacing ended");
+                    break;
+                }
+            }
         }
         if let Some(spacing_out) = spacing_out {
             spacing_out.done(waited.elapsed());
