@@ -466,6 +466,62 @@ async fn one_failing_nsg_never_keeps_the_other_from_closing_and_status_names_it(
     env.assert_user_rules_untouched().await;
 }
 
+// Defect 2, for a policy: a deleted policy's rules go from every NSG it has them in while one of
+// them refuses every write; the policy keeps its finalizer until that one is clean too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_policys_rules_go_from_every_nsg_while_one_refuses() {
+    let (env, _) = ready_env("policydel").await;
+    for nsg in ["nsg-vm1", "nsg-subnet"] {
+        assert!(
+            !env.owned_rules(nsg).await.is_empty(),
+            "Deny rules in {nsg}"
+        );
+    }
+    // The policy's NSGs are synced in its targets' order: vm1's NIC NSG first.
+    env.admin
+        .set_nsg_fault(&NsgFault {
+            nsg: nsg_id("nsg-vm1"),
+            status: 403,
+            code: None,
+            message: None,
+            writes_only: true,
+        })
+        .await
+        .expect("fault");
+    env.policies()
+        .delete("prod", &kube::api::DeleteParams::default())
+        .await
+        .expect("delete policy");
+
+    wait_for("the policy's rules gone from nsg-subnet", T, || async {
+        env.owned_rules("nsg-subnet").await.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        !env.owned_rules("nsg-vm1").await.is_empty(),
+        "nsg-vm1 refuses: its rule stays"
+    );
+    assert!(
+        env.policies().get_opt("prod").await.expect("get").is_some(),
+        "the policy waits for the NSG that refused"
+    );
+
+    env.admin
+        .clear_nsg_fault(&nsg_id("nsg-vm1"))
+        .await
+        .expect("clear");
+    wait_for(
+        "the policy gone, and its rules",
+        Duration::from_secs(60),
+        || async {
+            let gone = env.policies().get_opt("prod").await.ok()?.is_none();
+            (gone && env.owned_rules("nsg-vm1").await.is_empty()).then_some(())
+        },
+    )
+    .await;
+    env.assert_user_rules_untouched().await;
+}
+
 // Defect 2: under a CanNotDelete lock a rule DELETE is refused, a PUT of the NSG without it is
 // not: closing succeeds by the write Azure allows, and keeps every other rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -246,9 +246,7 @@ async fn keep_last_valid(
         warn!(reason, %message, "policy refused");
         ctx.event(policy, true, reason, "Validate", message).await;
     }
-    for nsg in nsgs_of_policy(policy) {
-        ctx.nsgs.sync(&nsg, || ctx.world.for_nsg(&nsg), now).await?;
-    }
+    sync_all(&nsgs_of_policy(policy), ctx, now).await?;
     Ok(Action::requeue(ctx.resync))
 }
 
@@ -270,9 +268,7 @@ async fn cleanup(policy: &JitPolicy, ctx: &Ctx) -> Result<Action, Error> {
     // With the policy marked deleted in the world, its Deny rules and its grants' Allow rules
     // are no longer desired: syncing its NSGs removes them.
     ctx.world.record_policy(policy);
-    for nsg in nsgs_of_policy(policy) {
-        ctx.nsgs.sync(&nsg, || ctx.world.for_nsg(&nsg), now).await?;
-    }
+    sync_all(&nsgs_of_policy(policy), ctx, now).await?;
     let grants_api: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &ns);
     let world = ctx.world.snapshot();
     for grant in world.grants.iter().filter(|g| {
