@@ -9,6 +9,7 @@ pub mod azure;
 pub mod cli;
 pub mod controller;
 pub mod defender;
+pub mod locks;
 pub mod notify;
 pub mod plan;
 pub mod webhook;

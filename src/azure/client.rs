@@ -43,6 +43,7 @@ use super::{
     IpConfigView, NetworkApi, NicView, NsgSnapshot, Reserved, ResourceId, SubnetView, VmNics,
     VmTargets,
 };
+use crate::locks::lock;
 use crate::plan::rule::NsgRule;
 
 pub const DEFAULT_ENDPOINT: &str = "https://management.azure.com";
@@ -204,10 +205,7 @@ impl AzureNetworkClient {
 
     fn nsg_lock(&self, nsg_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let key = nsg_id.trim_end_matches('/').to_ascii_lowercase();
-        let mut locks = match self.locks.lock() {
-            Ok(l) => l,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut locks = lock(&self.locks);
         // Forget locks nobody holds or waits for, so the map stays small.
         if locks.len() > 256 {
             locks.retain(|_, l| Arc::strong_count(l) > 1);

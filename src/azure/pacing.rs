@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::locks::lock;
 use azure_core::Method;
 use azure_core::headers::{HeaderName, Headers};
 
@@ -285,10 +286,7 @@ impl Pacer {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Estimate>> {
-        match self.estimates.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        lock(&self.estimates)
     }
 
     /// Counts a request to `path` with `method` against its bucket and says how long it should

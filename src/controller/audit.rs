@@ -17,6 +17,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::api::{AccessGrant, GrantedPort, GrantedRule, RecordedDecision, Subjects, UserRef};
+use crate::locks::lock;
 
 /// The log target of audit records when they share the operator's log.
 pub const TARGET: &str = "portcullis::audit";
@@ -203,7 +204,7 @@ impl AuditLog {
         match &self.file {
             None => info!(target: TARGET, record = %line, "audit"),
             Some(file) => {
-                let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+                let mut file = lock(file);
                 if let Err(e) = writeln!(file, "{line}").and_then(|()| file.flush()) {
                     // The record is not lost: it goes to the log instead.
                     warn!(error = %e, record = %line, "could not write the audit log");

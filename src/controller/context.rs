@@ -15,6 +15,7 @@ use super::resolve::Resolutions;
 use super::rounds::Rounds;
 use super::telemetry::Telemetry;
 use super::world::WorldView;
+use crate::locks::lock;
 
 pub const FIELD_MANAGER: &str = "portcullis";
 
@@ -84,16 +85,11 @@ impl Context {
 
     /// The grants whose overdue close was recorded (see `grant::record_overdue`).
     pub fn overdue_recorded(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.overdue_recorded
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.overdue_recorded)
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        // Plain counters: a panic elsewhere while holding the lock leaves them usable.
-        self.failures
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.failures)
     }
 
     /// Counts one more failure of the object; returns how many in a row.

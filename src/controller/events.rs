@@ -8,6 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
+use crate::locks::lock;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event as K8sEvent, EventSeries};
@@ -72,10 +73,7 @@ impl EventPublisher {
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
-        // Only a cache: a panic elsewhere while holding it leaves it usable.
-        self.recent
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.recent)
     }
 
     fn event(

@@ -25,6 +25,7 @@ use kube::api::{Api, PostParams};
 use tracing::{info, warn};
 
 use super::Error;
+use crate::locks::lock;
 
 /// What client-go assumes when a Lease names a holder but no duration.
 const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -259,10 +260,7 @@ impl LeaderElector {
 
     /// Notes `record` as seen now; returns when it was first seen in this state.
     fn observe(&self, record: LeaseRecord) -> Instant {
-        let mut observed = self
-            .observed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut observed = lock(&self.observed);
         match observed.as_ref() {
             Some(o) if o.record == record => o.at,
             _ => {

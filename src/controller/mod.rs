@@ -37,6 +37,7 @@ pub use error::Error;
 
 use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
 use crate::azure::NetworkApi;
+use crate::locks::lock;
 use crate::plan::{Bands, Naming};
 use context::{Context, Ctx};
 use decode::OnUndecodable;
@@ -555,9 +556,7 @@ async fn run_controllers(
                 move |scope: JitScope| {
                     let mut named = scope.spec.namespaces.clone();
                     if let Some(uid) = scope.uid() {
-                        let mut before = named_before
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                        let mut before = lock(&named_before);
                         if let Some(old) = before.insert(uid, scope.spec.namespaces.clone()) {
                             named.extend(old);
                         }

@@ -19,6 +19,7 @@ use super::telemetry::Telemetry;
 use super::world::{World, WorldGeneration};
 use crate::azure::pacing::Admission;
 use crate::azure::{BudgetKind, NetworkApi, NsgSnapshot, nsg_json, with_reserved};
+use crate::locks::lock;
 use crate::plan::rule::NsgRule;
 use crate::plan::{Bands, Naming, NsgPlan, RuleIntent, plan_nsg};
 
@@ -186,10 +187,7 @@ struct NsgSlot {
 
 impl NsgSlot {
     fn last_asked(&self) -> Option<Instant> {
-        *self
-            .last_asked
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *lock(&self.last_asked)
     }
 }
 
@@ -294,11 +292,7 @@ impl NsgSyncer {
             return Ok(0);
         };
         let key = nsg_id.to_ascii_lowercase();
-        let flushed = || {
-            flushed
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        };
+        let flushed = || lock(flushed);
         if flushed().contains(&key) {
             return Ok(0);
         }
@@ -396,10 +390,7 @@ impl NsgSyncer {
     }
 
     fn slot(&self, nsg_id: &str) -> Arc<NsgSlot> {
-        let mut slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slots = lock(&self.slots);
         slots
             .entry(nsg_id.to_ascii_lowercase())
             .or_default()
@@ -418,10 +409,7 @@ impl NsgSyncer {
     /// requests have stopped coming for a while (see [`NsgSyncer::space_out`]).
     pub fn asked(&self, nsg_id: &str) {
         let slot = self.slot(nsg_id);
-        *slot
-            .last_asked
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
+        *lock(&slot.last_asked) = Some(Instant::now());
     }
 
     /// Removes rules by one conditional PUT of the whole NSG without them (the write Azure

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::azure::{AzureError, NetworkApi, NicView, ResourceId, VmTargets};
+use crate::locks::lock;
 
 /// A value read from Azure, and the instant it goes stale.
 struct Timed<T> {
@@ -57,10 +58,7 @@ impl<T> Slots<T> {
 
     fn get(&self, key: &str, now: Instant, ttl: Duration) -> Slot<T> {
         // Plain data: a panic elsewhere while holding the lock leaves it usable.
-        let mut map = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = lock(&self.inner);
         if map.slots.len() > map.prune_above {
             // Forget keys nobody has asked about for a whole period (and nobody is reading).
             map.slots.retain(|_, slot| match slot.try_lock() {

@@ -19,6 +19,7 @@ use super::nsg::{NsgOutcome, NsgSyncer};
 use super::telemetry::Telemetry;
 use super::world::WorldView;
 use crate::api::AccessGrant;
+use crate::locks::lock;
 
 /// How many NSGs are synced at once. Not the reconcile concurrency: an NSG round is mostly a
 /// wait on Azure, and the subscription's write budget (see `azure::pacing`) sets the pace.
@@ -205,10 +206,7 @@ impl Rounds {
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
-        // Plain bookkeeping: a panic elsewhere while holding the lock leaves it usable.
-        self.book
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.book)
     }
 
     /// The answers for the grant's NSGs (see [`Book::ask`]); `None` wakes the grant later.

@@ -12,6 +12,7 @@ use kube::{Resource, ResourceExt};
 
 use super::decode::strip_bookkeeping;
 use crate::api::{AccessApproval, AccessGrant, JitPolicy, JitScope};
+use crate::locks::lock;
 use crate::plan::desired::{
     Indexed, PolicyIndex, RuleIntent, desired_rules_indexed, grant_keys_behind_indexed,
     with_indexes,
@@ -201,9 +202,7 @@ impl IndexEntries {
 
 impl GrantIndex {
     fn entries(&self) -> std::sync::MutexGuard<'_, IndexEntries> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.0)
     }
 
     /// Follows one watch event, as the reflector applies it to the store.
@@ -344,9 +343,7 @@ impl UndecodableMarks {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
-        self.marks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.marks)
     }
 }
 
@@ -516,10 +513,7 @@ impl WorldView {
     }
 
     fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
-        // A panic while holding this lock leaves plain data behind; keep using it.
-        self.overlay
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.overlay)
     }
 
     pub fn snapshot(&self) -> World {
@@ -698,10 +692,7 @@ impl WorldView {
     }
 
     fn restricted_cache(&self) -> std::sync::MutexGuard<'_, Restricted> {
-        // Only a cache: a panic elsewhere while holding it leaves it usable.
-        self.restricted
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.restricted)
     }
 
     pub fn record_policy(&self, policy: &JitPolicy) {

@@ -26,6 +26,7 @@ use crate::api::NotificationRef;
 use crate::controller::audit::Record;
 use crate::controller::events::EventPublisher;
 use crate::controller::telemetry::Telemetry;
+use crate::locks::lock;
 
 /// Records waiting to be sent; past this, new ones are dropped (and counted).
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -317,11 +318,7 @@ impl Dispatcher {
             refusal.kind, refusal.namespace, refusal.name, refusal.error
         );
         warn!(kind = refusal.kind, object = %format!("{}/{}", refusal.namespace, refusal.name), error = %refusal.error, "notification target refused: nothing sent to it");
-        let first = self
-            .reported
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key);
+        let first = lock(&self.reported).insert(key);
         if !first {
             return;
         }
