@@ -365,6 +365,20 @@ async fn writes_to(env: &Env, nsg: &str) -> usize {
         .count()
 }
 
+/// The emulator refuses every write to `nsg` (403) until the fault is cleared.
+async fn refuse_writes(env: &Env, nsg: &str) {
+    env.admin
+        .set_nsg_fault(&NsgFault {
+            nsg: nsg_id(nsg),
+            status: 403,
+            code: None,
+            message: None,
+            writes_only: true,
+        })
+        .await
+        .expect("fault");
+}
+
 // Defect 2: each NSG is closed on its own; a permanent failure backs off, is named in status,
 // fires an Event and shows in the overdue gauge; other grants keep opening and closing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,16 +389,7 @@ async fn one_failing_nsg_never_keeps_the_other_from_closing_and_status_names_it(
         .await;
     env.wait_grant_condition("alice", "Ready", "Opened", T)
         .await;
-    env.admin
-        .set_nsg_fault(&NsgFault {
-            nsg: nsg_id("nsg-vm1"),
-            status: 403,
-            code: None,
-            message: None,
-            writes_only: true,
-        })
-        .await
-        .expect("fault");
+    refuse_writes(&env, "nsg-vm1").await;
 
     // The subnet NSG closes although the NIC's NSG refuses: access is cut there.
     let expired = env
@@ -478,16 +483,7 @@ async fn a_deleted_policys_rules_go_from_every_nsg_while_one_refuses() {
         );
     }
     // The policy's NSGs are synced in its targets' order: vm1's NIC NSG first.
-    env.admin
-        .set_nsg_fault(&NsgFault {
-            nsg: nsg_id("nsg-vm1"),
-            status: 403,
-            code: None,
-            message: None,
-            writes_only: true,
-        })
-        .await
-        .expect("fault");
+    refuse_writes(&env, "nsg-vm1").await;
     env.policies()
         .delete("prod", &kube::api::DeleteParams::default())
         .await
