@@ -119,6 +119,16 @@ struct LastSync {
     in_line: bool,
 }
 
+impl LastSync {
+    /// What a sync that would only repeat this one answers: the rules standing, nothing done.
+    fn repeated(&self, nsg_id: &str) -> NsgOutcome {
+        NsgOutcome {
+            placed: self.outcome.placed.clone(),
+            ..NsgOutcome::new(nsg_id)
+        }
+    }
+}
+
 /// What the world asks of an NSG: the rules to make stand, and the policies whose rules to keep.
 struct Asked {
     desired: Vec<RuleIntent>,
@@ -479,10 +489,7 @@ impl NsgSyncer {
             .filter(|d| self.still_in_line(d, digest))
         {
             debug!("NSG found in line recently and asked for the same: no read");
-            return Ok(NsgOutcome {
-                placed: done.outcome.placed.clone(),
-                ..NsgOutcome::new(nsg_id)
-            });
+            return Ok(done.repeated(nsg_id));
         }
         let asked = asked.unwrap_or_else(|| self.ask(nsg_id, &mut state.planned, &world, now));
         let (outcome, asked) = self
@@ -506,17 +513,12 @@ impl NsgSyncer {
     /// line within the read-sharing window. A reconcile that merely checks (a resync) takes it
     /// instead of waiting for a round. `None` while a sync of the NSG runs.
     pub fn in_line_now(&self, nsg_id: &str) -> Option<NsgOutcome> {
-        let generation = self.world_generation.as_ref()?.current();
         let slot = self.slot(nsg_id);
         let state = slot.state.try_lock().ok()?;
-        let planned = state.planned.as_ref()?;
+        let asked = self.still_holds(state.planned.as_ref()?, Timestamp::now())?;
         let last = state.last.as_ref()?;
-        let repeats =
-            planned.holds(generation, Timestamp::now()) && self.still_in_line(last, planned.asked);
-        repeats.then(|| NsgOutcome {
-            placed: last.outcome.placed.clone(),
-            ..NsgOutcome::new(nsg_id)
-        })
+        self.still_in_line(last, asked)
+            .then(|| last.repeated(nsg_id))
     }
 
     /// What the NSG was last asked for, while that answer still holds at `now`: the world has
