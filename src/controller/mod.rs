@@ -149,7 +149,10 @@ pub fn retry_delay(error: &Error, attempt: u32) -> Duration {
 }
 
 /// Retries of a failed watch: soon, and at most 2 s apart. kube-runtime's default grows to 30 s,
-/// so a grant created right after the API server came back waited up to half a minute.
+/// so a grant created right after the API server came back waited up to half a minute. The
+/// controllers' trigger streams use it too: kube-runtime backs off the merged triggers once more
+/// on every error, with that same default, and after an API-server restart the watches' 410s
+/// (too old resource version) had paused every trigger of a controller for 20 to 60 s.
 struct WatchBackoff {
     next: Duration,
 }
@@ -514,6 +517,7 @@ async fn run_controllers(
             woken.recv().await.map(|grant| (grant, woken))
         });
         let grant_ctl = Controller::for_stream(grants, grants_store.clone())
+            .trigger_backoff(WatchBackoff::default())
             .reconcile_on(woken)
             .watches_stream(approvals, |approval: AccessApproval| {
                 let ns = approval.namespace()?;
@@ -551,9 +555,9 @@ async fn run_controllers(
         let named_before =
             std::sync::Mutex::new(std::collections::HashMap::<String, Vec<String>>::new());
         policy_ctls.push(
-            Controller::for_stream(policies, policies_store.clone()).watches_stream(
-                jit_scopes,
-                move |scope: JitScope| {
+            Controller::for_stream(policies, policies_store.clone())
+                .trigger_backoff(WatchBackoff::default())
+                .watches_stream(jit_scopes, move |scope: JitScope| {
                     let mut named = scope.spec.namespaces.clone();
                     if let Some(uid) = scope.uid() {
                         let mut before = lock(&named_before);
@@ -567,8 +571,7 @@ async fn run_controllers(
                         .filter(|p| p.namespace().is_some_and(|ns| named.contains(&ns)))
                         .map(|p| ObjectRef::from_obj(p.as_ref()))
                         .collect::<Vec<_>>()
-                },
-            ),
+                }),
         );
         grant_ctls.push(grant_ctl);
         policy_stores.push(policies_store);
