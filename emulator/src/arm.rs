@@ -854,6 +854,17 @@ fn violation(v: Violation) -> ArmError {
     ArmError::bad_request(v.code, v.message)
 }
 
+/// Azure's words (the HTTP status is not documented; 400 as for the other limits).
+fn too_many_rules() -> ArmError {
+    ArmError::bad_request(
+        validate::TOO_MANY_RULES,
+        format!(
+            "A security group cannot have more than {} security rules.",
+            validate::MAX_RULES_PER_NSG
+        ),
+    )
+}
+
 fn busy_check(g: &Inner, nsg: &Nsg, ctx: &Ctx, what: &str) -> Result<(), ArmError> {
     if let Some((op, until)) = &nsg.pending
         && *until > ctx.now
@@ -977,15 +988,17 @@ fn put_rule(
     .map_err(violation)?;
     let exists = n.rule(rule).is_some();
     if !exists && n.rules.len() >= validate::MAX_RULES_PER_NSG {
-        return Err(ArmError::bad_request(
-            validate::TOO_MANY_RULES,
-            format!(
-                "Network security group {nsg_id} has {} security rules; the limit is {}.",
-                n.rules.len(),
-                validate::MAX_RULES_PER_NSG
-            ),
-        ));
+        return Err(too_many_rules());
     }
+    validate::check_address_limit(
+        &nsg_id,
+        n.rules
+            .iter()
+            .filter(|x| !x.name.eq_ignore_ascii_case(rule))
+            .map(|x| &x.props)
+            .chain([&props]),
+    )
+    .map_err(violation)?;
     let Some(n) = g.world.nsg_mut(&sub_id, &rg_name, &nsg_name) else {
         return Err(resource_not_found("networkSecurityGroups", nsg, rg));
     };
@@ -1179,14 +1192,7 @@ fn put_nsg(
         }
     };
     if rule_values.len() > validate::MAX_RULES_PER_NSG {
-        return Err(ArmError::bad_request(
-            validate::TOO_MANY_RULES,
-            format!(
-                "Network security group {nsg_id} would have {} security rules; the limit is {}.",
-                rule_values.len(),
-                validate::MAX_RULES_PER_NSG
-            ),
-        ));
+        return Err(too_many_rules());
     }
     let mut rules: Vec<Rule> = Vec::with_capacity(rule_values.len());
     for rv in &rule_values {
@@ -1214,6 +1220,7 @@ fn put_nsg(
             props,
         });
     }
+    validate::check_address_limit(&nsg_id, rules.iter().map(|x| &x.props)).map_err(violation)?;
     let created = existing.is_none();
     let Some(rgm) = g.world.sub_mut(&sub_id).and_then(|s| s.rg_mut(&rg_name)) else {
         return Err(resource_not_found("networkSecurityGroups", nsg, rg));

@@ -23,7 +23,11 @@ pub const DESCRIPTION_TOO_LONG: &str = "SecurityRuleDescriptionTooLong";
 pub const INVALID_ADDRESS_PREFIX: &str = "SecurityRuleInvalidAddressPrefix";
 pub const INVALID_PORT_RANGE: &str = "SecurityRuleInvalidPortRange";
 pub const UNSUPPORTED_VALUE: &str = "SecurityRuleParameterContainsUnsupportedValue";
-pub const TOO_MANY_RULES: &str = "SecurityRulesPerNetworkSecurityGroupLimitReached";
+pub const TOO_MANY_RULES: &str = "SecurityRuleCountLimitReached";
+pub const TOO_MANY_ADDRESSES: &str = "SecurityRuleAddressesOrPortsPerSecurityGroupLimitReached";
+/// IP addresses and ranges of one NSG, summed over all its rules and counted apart for sources
+/// and destinations.
+pub const MAX_ADDRESSES_PER_NSG: usize = 4000;
 pub const MIXED_FAMILIES: &str = "ResourceCannotContainAddressPrefixesFromDifferentAddressFamilies";
 
 /// A refused rule: an ARM error code and a message.
@@ -409,6 +413,52 @@ pub fn validate_rule(rule_id: &str, props: &RuleProps) -> Result<RuleProps, Viol
         },
     )?;
     Ok(out)
+}
+
+/// Refuses an NSG whose rules, together, name more than [`MAX_ADDRESSES_PER_NSG`] source or
+/// destination IP addresses and ranges. Only addresses and CIDR ranges count ("IP addresses and
+/// ranges", in Azure's limits); `*` and service tags do not. Whether Azure counts tags is not
+/// documented.
+pub fn check_address_limit<'a>(
+    nsg_id: &str,
+    rules: impl IntoIterator<Item = &'a RuleProps>,
+) -> Result<(), Violation> {
+    let (mut source, mut destination) = (0, 0);
+    for r in rules {
+        source += addresses_in(
+            r.source_address_prefix.as_deref(),
+            &r.source_address_prefixes,
+        );
+        destination += addresses_in(
+            r.destination_address_prefix.as_deref(),
+            &r.destination_address_prefixes,
+        );
+    }
+    for (count, what) in [
+        (source, "SourceAddressPrefixes"),
+        (destination, "DestinationAddressPrefixes"),
+    ] {
+        if count > MAX_ADDRESSES_PER_NSG {
+            return Err(violation(
+                TOO_MANY_ADDRESSES,
+                format!(
+                    "Network security group {nsg_id} has {count} {what}. A security group cannot \
+                     have more than {MAX_ADDRESSES_PER_NSG} {what} as per the limit \
+                     MaxSecurityRuleAddressesOrPortsPerSecurityGroup."
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The IP addresses and CIDR ranges among a rule's prefixes (one side).
+fn addresses_in(single: Option<&str>, many: &[String]) -> usize {
+    single
+        .into_iter()
+        .chain(many.iter().map(String::as_str))
+        .filter(|p| p.parse::<IpAddr>().is_ok() || p.parse::<IpNet>().is_ok())
+        .count()
 }
 
 /// Checks a (validated) rule against the NSG's other rules: no two rules may share priority

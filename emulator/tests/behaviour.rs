@@ -397,13 +397,98 @@ async fn too_many_rules_is_refused() {
         )
         .await;
     assert_eq!(r.status, 400, "{r:?}");
-    assert_eq!(r.code(), "SecurityRulesPerNetworkSecurityGroupLimitReached");
+    assert_eq!(r.code(), "SecurityRuleCountLimitReached");
     assert_eq!(arm.get(&nsg_path("nsg-vm1")).await.body, before.body);
     // Replacing an existing rule is still allowed at the limit.
     let r = arm
         .put(&rule_path("nsg-vm1", "bulk-0"), &rule_body(4000, "23"))
         .await;
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// Azure's 4,000 IP addresses and ranges per NSG, summed over its rules and counted apart for
+/// sources and destinations, on both ways of writing rules.
+#[tokio::test]
+async fn too_many_addresses_in_an_nsg_is_refused() {
+    let emu = start(EmulatorConfig {
+        async_delay: Duration::ZERO,
+        ..demo_config()
+    })
+    .await;
+    let arm = Arm::login(&emu.base_url()).await;
+    let ips = |n: usize, third: u8| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.{third}.{}.{}", i / 250, i % 250 + 1))
+            .collect()
+    };
+    let wide = |name: &str, priority: i64, sources: Vec<String>, destinations: Vec<String>| {
+        let mut body = rule_body(priority, "22");
+        let p = &mut body["properties"];
+        p.as_object_mut().unwrap().remove("sourceAddressPrefix");
+        p.as_object_mut()
+            .unwrap()
+            .remove("destinationAddressPrefix");
+        p["sourceAddressPrefixes"] = json!(sources);
+        p["destinationAddressPrefixes"] = json!(destinations);
+        json!({"name": name, "properties": body["properties"].clone()})
+    };
+    let nsg = |rules: Vec<Value>| json!({"location": "westeurope", "properties": {"securityRules": rules}});
+
+    // 4,000 sources and 4,000 destinations, over two rules: at the limit on both sides.
+    let at_limit = nsg(vec![
+        wide("a", 130, ips(2000, 1), ips(3999, 2)),
+        wide("b", 131, ips(2000, 3), vec!["10.9.0.1".into()]),
+    ]);
+    let r = arm.put(&nsg_path("nsg-wide"), &at_limit).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    arm.wait_op(&r).await;
+    let before = arm.get(&nsg_path("nsg-wide")).await;
+
+    // One more source, in a rule of its own: refused, nothing changed.
+    let r = arm
+        .put(&rule_path("nsg-wide", "c"), &rule_body(132, "22"))
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(
+        r.code(),
+        "SecurityRuleAddressesOrPortsPerSecurityGroupLimitReached"
+    );
+    assert!(
+        r.body.to_string().contains("4001 SourceAddressPrefixes"),
+        "{r:?}"
+    );
+    assert_eq!(arm.get(&nsg_path("nsg-wide")).await.body, before.body);
+
+    // Replacing a rule counts its new addresses instead of its old ones.
+    let narrower = wide("b", 131, ips(1999, 3), vec!["10.9.0.1".into()]);
+    let r = arm
+        .put(
+            &rule_path("nsg-wide", "b"),
+            &json!({"properties": narrower["properties"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    arm.wait_op(&r).await;
+
+    // The whole NSG in one write: one destination too many.
+    let over = nsg(vec![
+        wide("a", 130, ips(10, 1), ips(4000, 2)),
+        wide("b", 131, ips(10, 3), vec!["10.9.0.1".into()]),
+    ]);
+    let before = arm.get(&nsg_path("nsg-wide")).await;
+    let r = arm.put(&nsg_path("nsg-wide"), &over).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(
+        r.code(),
+        "SecurityRuleAddressesOrPortsPerSecurityGroupLimitReached"
+    );
+    assert!(
+        r.body
+            .to_string()
+            .contains("4001 DestinationAddressPrefixes"),
+        "{r:?}"
+    );
+    assert_eq!(arm.get(&nsg_path("nsg-wide")).await.body, before.body);
 }
 
 #[tokio::test]
