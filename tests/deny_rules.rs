@@ -249,6 +249,11 @@ async fn per_vm_deny_rules_migrate_in_at_most_two_writes_per_nsg() {
 /// `nsg-subnet`, then `nsg-subnet1`, ...). `nsg-vm1` holds a user rule and governs nothing (the
 /// test environment compares users' rules in it and `nsg-subnet`).
 fn subnets_fixture(vms: usize, per_subnet: usize) -> Fixture {
+    serde_json::from_value(subnets_world(vms, per_subnet)).expect("fixture")
+}
+
+/// The fixture of [`subnets_fixture`], as JSON to adjust.
+fn subnets_world(vms: usize, per_subnet: usize) -> Value {
     let subnets = vms.div_ceil(per_subnet);
     let nsg = |s: usize| {
         if s == 0 {
@@ -265,7 +270,7 @@ fn subnets_fixture(vms: usize, per_subnet: usize) -> Fixture {
     };
     let mut nsgs = vec![json!({"name": "nsg-vm1", "securityRules": [user_rule(110)]})];
     nsgs.extend((0..subnets).map(|s| json!({"name": nsg(s), "securityRules": [user_rule(300)]})));
-    let value = json!({"subscriptions": [{"id": SUB, "resourceGroups": [{
+    json!({"subscriptions": [{"id": SUB, "resourceGroups": [{
         "name": "rg-demo", "location": "westeurope",
         "networkSecurityGroups": nsgs,
         "virtualNetworks": [{"name": "vnet-wide", "subnets": (0..subnets).map(|s| json!({
@@ -276,8 +281,7 @@ fn subnets_fixture(vms: usize, per_subnet: usize) -> Fixture {
             "ipConfigurations": [{"name": "ipconfig1",
                 "privateIPAddress": format!("10.{}.{}.{}", i / per_subnet, (i % per_subnet) / 250, (i % per_subnet) % 250 + 4),
                 "subnet": format!("vnet-wide/s{}", i / per_subnet)}]})).collect::<Vec<_>>(),
-    }]}]});
-    serde_json::from_value(value).expect("fixture")
+    }]}]})
 }
 
 /// Issue 10's target at a smaller size: a policy over 200 VMs behind 2 subnet NSGs (100 VMs
@@ -346,4 +350,114 @@ async fn a_policy_over_200_vms_behind_2_subnet_nsgs_is_enforced_in_at_most_two_w
     }
     assert!(env.owned_rules("nsg-vm1").await.is_empty());
     env.assert_user_rules_untouched().await;
+}
+
+/// Azure's 4,000 destination addresses per NSG, counted over everyone's rules: in an NSG where
+/// someone else's rule already names 3,995, a policy's Deny rule for 10 more VMs is not written
+/// (Azure would refuse the whole write): the policy says why, its other NSG is enforced, and no
+/// write is refused. Once that rule names fewer, the Deny rule goes in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_rule_over_azures_4000_addresses_per_nsg_waits_and_says_why() {
+    let (vms, per_subnet) = (20, 10);
+    let many = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("172.16.{}.{}", i / 250, i % 250 + 1))
+            .collect()
+    };
+    let mut world = subnets_world(vms, per_subnet);
+    let crowded = &mut world["subscriptions"][0]["resourceGroups"][0]["networkSecurityGroups"][1];
+    assert_eq!(crowded["name"], "nsg-subnet");
+    let user_rule = &mut crowded["securityRules"][0]["properties"];
+    user_rule
+        .as_object_mut()
+        .expect("rule")
+        .remove("destinationAddressPrefix");
+    user_rule["destinationAddressPrefixes"] = json!(many(3995));
+    let mut env = Env::with(
+        "deny-limit",
+        EmulatorConfig {
+            fixture: serde_json::from_value(world).expect("fixture"),
+            ..Default::default()
+        },
+        Settings {
+            resync: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    env.admin.clear_requests().await.expect("clear requests");
+    env.start_operator();
+    let spec = json!({"virtualMachines": (0..vms).map(|i| json!({"id": vm_id(&format!("w{i}")), "ports": [
+        {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefixes": ["198.18.0.0/15"], "maxRequestAccessDuration": "PT3H"}
+    ]})).collect::<Vec<_>>()});
+    env.create_policy("wide", spec).await;
+    let policy = env
+        .wait_policy_condition("wide", "PriorityBandFull", T)
+        .await;
+    let ready = policy
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .expect("Ready");
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready.message.contains("4,000 addresses"),
+        "{}",
+        ready.message
+    );
+    wait_for("the Deny rule in nsg-subnet1", T, || async {
+        (env.owned_rules("nsg-subnet1").await.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        coverage(&env.owned_rules("nsg-subnet1").await[0]).len(),
+        per_subnet
+    );
+    assert!(env.owned_rules("nsg-subnet").await.is_empty());
+    let refused: Vec<_> = env
+        .admin
+        .requests()
+        .await
+        .expect("request log")
+        .into_iter()
+        .filter(|r| r.status == 400)
+        .collect();
+    assert!(refused.is_empty(), "writes Azure refused: {refused:#?}");
+
+    // Someone narrows their rule: room for the policy's 10 addresses.
+    let mut narrowed = env
+        .admin
+        .rules(&nsg_id("nsg-subnet"))
+        .await
+        .expect("rules")
+        .into_iter()
+        .find(|r| rule_name(r) == "user-rule")
+        .expect("user-rule");
+    narrowed["properties"]["destinationAddressPrefixes"] = json!(many(3990));
+    env.admin
+        .put_rule_directly(
+            &format!("{}/securityRules/user-rule", nsg_id("nsg-subnet")),
+            &narrowed,
+        )
+        .await
+        .expect("narrow the user rule");
+    let policy = env.wait_policy_ready("wide", T).await;
+    let ready = policy
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .expect("Ready");
+    assert_eq!(ready.reason, "Enforced", "{}", ready.message);
+    let owned = env.owned_rules("nsg-subnet").await;
+    assert_eq!(owned.len(), 1, "{owned:#?}");
+    assert_eq!(coverage(&owned[0]).len(), per_subnet);
+    let refused = env
+        .admin
+        .requests()
+        .await
+        .expect("request log")
+        .into_iter()
+        .filter(|r| r.status == 400)
+        .count();
+    assert_eq!(refused, 0, "writes Azure refused");
 }

@@ -1171,6 +1171,32 @@ mod tests {
         assert_eq!(plan.deletes, vec![other, mine.to_uppercase()]);
     }
 
+    /// A policy that cannot be read keeps its Deny rules (`keep_rules_of_policies`), so their
+    /// addresses still count towards Azure's 4,000: a plan that spent them would be refused.
+    #[test]
+    fn kept_rules_of_unreadable_policies_count_towards_the_address_limit() {
+        let own = Naming::default();
+        let kept = group_intent("q", &[22], 0, &ips(MAX_ADDRESSES_PER_NSG - 5)).with_priority(4000);
+        let plan_with_kept = |intent: &RuleIntent| {
+            let mut plan = plan_nsg(
+                std::slice::from_ref(&kept),
+                std::slice::from_ref(intent),
+                &Bands::default(),
+                &own,
+            );
+            plan.keep_rules_of_policies(&own, &["q".to_string()]);
+            plan
+        };
+        let too_many = group_intent("p", &[22], 0, &ips(6));
+        let plan = plan_with_kept(&too_many);
+        assert!(plan.is_noop(), "{plan:?}");
+        assert_eq!(plan.unplaced, vec![too_many]);
+        let fits = group_intent("p", &[22], 0, &ips(5));
+        let plan = plan_with_kept(&fits);
+        assert!(plan.deletes.is_empty(), "{plan:?}");
+        assert_eq!(plan.puts, vec![fits.with_priority(4001)]);
+    }
+
     mod props {
         use super::*;
         use proptest::prelude::*;
