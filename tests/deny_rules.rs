@@ -12,7 +12,7 @@ use portcullis::controller::Settings;
 use portcullis::plan::naming::{self, RuleKind, RuleName};
 use portcullis_azure_emulator::{EmulatorConfig, Fixture, RequestRecord};
 use serde_json::{Value, json};
-use support::operator::{Env, SUB, nsg_id, prop, rule_name, standard_policy, vm_id};
+use support::operator::{Env, SUB, grant_spec, nsg_id, prop, rule_name, standard_policy, vm_id};
 use support::wait_for;
 
 const T: Duration = Duration::from_secs(60);
@@ -355,7 +355,8 @@ async fn a_policy_over_200_vms_behind_2_subnet_nsgs_is_enforced_in_at_most_two_w
 /// Azure's 4,000 destination addresses per NSG, counted over everyone's rules: in an NSG where
 /// someone else's rule already names 3,995, a policy's Deny rule for 10 more VMs is not written
 /// (Azure would refuse the whole write): the policy says why, its other NSG is enforced, and no
-/// write is refused. Once that rule names fewer, the Deny rule goes in.
+/// write is refused. Once that rule names fewer, the Deny rule goes in, and a grant's Allow
+/// rule that would name one address more is refused alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deny_rule_over_azures_4000_addresses_per_nsg_waits_and_says_why() {
     let (vms, per_subnet) = (20, 10);
@@ -451,6 +452,30 @@ async fn a_deny_rule_over_azures_4000_addresses_per_nsg_waits_and_says_why() {
     let owned = env.owned_rules("nsg-subnet").await;
     assert_eq!(owned.len(), 1, "{owned:#?}");
     assert_eq!(coverage(&owned[0]).len(), per_subnet);
+
+    // Full now (3,990 + 10): a grant's Allow rule there would name one destination more.
+    let mut spec = grant_spec("w0", &[22], "198.18.0.9/32", "PT1H");
+    spec["policyRef"]["name"] = json!("wide");
+    spec["virtualMachine"] = json!(vm_id("w0"));
+    env.create_grant("over", spec).await;
+    let grant = env
+        .wait_grant_condition("over", "Ready", "PriorityBandFull", T)
+        .await;
+    let ready = grant
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .expect("Ready");
+    assert!(
+        ready.message.contains("4,000 addresses"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(
+        env.owned_rules("nsg-subnet").await.len(),
+        1,
+        "only the Deny rule"
+    );
     let refused = env
         .admin
         .requests()

@@ -938,7 +938,8 @@ async fn open_and_heal(
         (false, "AzureError", msg)
     } else if !band_full.is_empty() {
         let msg = format!(
-            "no free priority in the allow band for {}",
+            "no room in the NSG (no free priority in the allow band, or over Azure's 4,000 \
+             addresses per NSG) for {}",
             band_full.join(", ")
         );
         (false, "PriorityBandFull", msg)
