@@ -40,8 +40,8 @@ use super::nsg_json;
 use super::pacing::{BudgetKind, BudgetLeft, Pacer, PacingOptions};
 use super::transport::{ArmTransport, AzureStats, parse_retry_after, wait_paced, with_operation};
 use super::{
-    IpConfigView, NetworkApi, NicView, NsgSnapshot, Reserved, ResourceId, SubnetView, VmNics,
-    VmTargets,
+    IpConfigView, NetworkApi, NicView, NsgPage, NsgSnapshot, Reserved, ResourceId, SubnetView,
+    VmNics, VmTargets,
 };
 use crate::locks::lock;
 use crate::plan::rule::NsgRule;
@@ -328,6 +328,18 @@ impl AzureNetworkClient {
 
     /// The URL of the NSG, or of something under it (`["securityRules", name]`).
     fn nsg_url(&self, nsg: &ResourceId, under: &[&str]) -> Result<Url, AzureError> {
+        let mut path = vec!["networkSecurityGroups", nsg.name()];
+        path.extend(under);
+        self.network_url(&nsg.subscription, &nsg.resource_group, &path)
+    }
+
+    /// The URL of `path` under the resource group's `Microsoft.Network` provider.
+    fn network_url(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+        path: &[&str],
+    ) -> Result<Url, AzureError> {
         let mut url = self.endpoint.clone();
         {
             let mut segs = url.path_segments_mut().map_err(|_| {
@@ -336,19 +348,40 @@ impl AzureNetworkClient {
             segs.pop_if_empty()
                 .extend([
                     "subscriptions",
-                    &nsg.subscription,
+                    subscription,
                     "resourceGroups",
-                    &nsg.resource_group,
+                    resource_group,
                     "providers",
                     "Microsoft.Network",
-                    "networkSecurityGroups",
-                    nsg.name(),
                 ])
-                .extend(under);
+                .extend(path);
         }
         url.query_pairs_mut()
             .append_pair("api-version", "2024-03-01");
         Ok(url)
+    }
+
+    /// One page of a list of NSGs at `url`, each NSG parsed as `read_nsg_once` parses one.
+    async fn list_nsgs_page_once(&self, url: Url) -> Result<NsgPage, AzureError> {
+        let rsp = self.get_url(url, "list_nsgs").await?;
+        let page = nsg_json::page_of_nsgs(&rsp.body)?;
+        let nsgs = page
+            .nsgs
+            .into_iter()
+            .map(|(nsg_id, raw)| {
+                let (etag, rules) = nsg_json::etag_and_rules(&raw, &nsg_id)?;
+                Ok(NsgSnapshot {
+                    nsg_id,
+                    etag,
+                    rules,
+                    raw,
+                })
+            })
+            .collect::<Result<Vec<_>, AzureError>>()?;
+        Ok(NsgPage {
+            nsgs,
+            next: page.next_link,
+        })
     }
 
     fn rule_url(&self, nsg: &ResourceId, rule_name: &str) -> Result<Url, AzureError> {
@@ -974,6 +1007,31 @@ impl NetworkApi for AzureNetworkClient {
         let deadline = Instant::now() + self.options.operation_deadline;
         self.with_retries(&what, deadline, |_| {
             self.timed(&what, deadline, self.read_nsg_once(nsg_id, &nsg))
+        })
+        .await
+    }
+
+    async fn list_nsgs_page(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+        next: Option<&str>,
+    ) -> Result<NsgPage, AzureError> {
+        let url = match next {
+            // The link carries our bearer token's audience: only ever on ARM's own origin.
+            Some(link) => {
+                let url = Url::parse(link).map_err(|e| {
+                    AzureError::InvalidResponse(format!("nextLink {link} is not a URL: {e}"))
+                })?;
+                self.check_origin(&url)?;
+                url
+            }
+            None => self.network_url(subscription, resource_group, &["networkSecurityGroups"])?,
+        };
+        let what = format!("list the NSGs of {subscription}/{resource_group}");
+        let deadline = Instant::now() + self.options.operation_deadline;
+        self.with_retries(&what, deadline, |_| {
+            self.timed(&what, deadline, self.list_nsgs_page_once(url.clone()))
         })
         .await
     }

@@ -133,6 +133,14 @@ pub struct NsgSnapshot {
     pub raw: Box<serde_json::value::RawValue>,
 }
 
+/// One page of the NSGs of a resource group, each read as [`NetworkApi::read_nsg`] reads one.
+#[derive(Debug)]
+pub struct NsgPage {
+    pub nsgs: Vec<NsgSnapshot>,
+    /// Where the next page is (`nextLink`); `None` on the last.
+    pub next: Option<String>,
+}
+
 /// What the controller needs from Azure. Object-safe: use it as `Arc<dyn NetworkApi>`.
 #[async_trait]
 pub trait NetworkApi: Send + Sync {
@@ -182,6 +190,16 @@ pub trait NetworkApi: Send + Sync {
     /// GETs the NSG itself (not the rules collection): user rules parsed as in `list_rules`,
     /// etag, raw body. A missing NSG is [`AzureError::NotFound`].
     async fn read_nsg(&self, nsg_id: &str) -> Result<NsgSnapshot, AzureError>;
+
+    /// One page of the NSGs of a resource group (`NetworkSecurityGroups_List`): the first with
+    /// `next` `None`, then each page's [`NsgPage::next`]. One read for many NSGs, where
+    /// `read_nsg` reads one. A missing resource group is [`AzureError::NotFound`].
+    async fn list_nsgs_page(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+        next: Option<&str>,
+    ) -> Result<NsgPage, AzureError>;
 
     /// One PUT of the whole NSG built from `snapshot.raw`: drops the rules named in `deletes`
     /// (case-insensitive), adds or replaces `puts` (a replaced rule keeps its place), keeps every

@@ -66,6 +66,52 @@ pub fn etag_and_rules(
     Ok((etag, rules))
 }
 
+/// A page of a list of NSGs (`NetworkSecurityGroups_List`).
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    value: Vec<Box<RawValue>>,
+    #[serde(default, rename = "nextLink")]
+    next_link: Option<String>,
+}
+
+/// An NSG's id, all a list needs to know of each NSG it returns.
+#[derive(Deserialize)]
+struct Identified {
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// The NSGs of one page of a list, each with its id and kept as its own text, and the link to
+/// the next page.
+pub fn page_of_nsgs(body: &[u8]) -> Result<NsgsPage, AzureError> {
+    let page: Page = serde_json::from_slice(body)
+        .map_err(|e| AzureError::InvalidResponse(format!("a list of NSGs: {e}")))?;
+    let nsgs = page
+        .value
+        .into_iter()
+        .map(|raw| {
+            let id = serde_json::from_str::<Identified>(raw.get())
+                .ok()
+                .and_then(|n| n.id)
+                .ok_or_else(|| {
+                    AzureError::InvalidResponse("an NSG in a list has no id".to_string())
+                })?;
+            Ok((id, raw))
+        })
+        .collect::<Result<Vec<_>, AzureError>>()?;
+    Ok(NsgsPage {
+        nsgs,
+        next_link: page.next_link.filter(|l| !l.is_empty()),
+    })
+}
+
+/// See [`page_of_nsgs`].
+pub struct NsgsPage {
+    pub nsgs: Vec<(String, Box<RawValue>)>,
+    pub next_link: Option<String>,
+}
+
 /// `properties.<key>` of the NSG, `None` when absent.
 pub fn property(raw: &RawValue, key: &str) -> Result<Option<Value>, AzureError> {
     let (_, mut properties) = split(raw)?;

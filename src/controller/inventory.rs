@@ -1,8 +1,10 @@
 //! The inventory: a ConfigMap in the operator's namespace that lists every NSG this install has
-//! ever written, and the sweep that syncs the ones no live object names any more.
+//! ever written, and the sweep that syncs them all every resync, reading them by resource group.
 //!
 //! Without it an NSG is only synced while a live grant or policy names it, so rules orphaned by
-//! a finalizer stripped by hand, a deleted namespace or deleted CRDs would stand forever.
+//! a finalizer stripped by hand, a deleted namespace or deleted CRDs would stand forever. And
+//! read one by one by the objects that name them, a steady state would cost one read per NSG
+//! per resync; one list of a resource group's NSGs reads them all.
 //!
 //! Write-ahead: an NSG is recorded (and the API server has acknowledged it) before the first
 //! Azure write to it; a failure to record refuses the write, so nothing is ever written where
@@ -28,7 +30,7 @@ use tracing::{debug, info, warn};
 use super::Error;
 use super::context::Ctx;
 use super::world::World;
-use crate::azure::AzureError;
+use crate::azure::{AzureError, NsgSnapshot, ResourceId};
 use crate::plan::{nsgs_of_grant, nsgs_of_policy};
 
 /// The ConfigMap's default name.
@@ -245,7 +247,9 @@ fn named_nsgs(world: &World) -> HashSet<String> {
 pub struct SweepOutcome {
     /// NSGs synced because no live object names them.
     pub swept: usize,
-    /// Rules deleted from them.
+    /// NSGs brought in line from a list of their resource group's NSGs (named ones included).
+    pub listed: usize,
+    /// Rules deleted from the NSGs no live object names.
     pub deleted: usize,
     /// NSGs that no longer exist, dropped from the inventory.
     pub dropped: usize,
@@ -253,21 +257,38 @@ pub struct SweepOutcome {
     pub failed: usize,
 }
 
-/// Syncs every inventoried NSG that no live object names: the normal sync plans it from the
-/// whole world, so it deletes exactly the rules of ours nobody explains. Each NSG on its own:
-/// one failing never stops the others.
+/// Syncs every inventoried NSG, from one paged list of NSGs per resource group: the normal sync
+/// plans it from the whole world, so in an NSG no live object names it deletes exactly the
+/// rules of ours nobody explains, and in the others it heals drift. One list read stands for
+/// every NSG it returns: a steady state reads each resource group's NSGs once per sweep (every
+/// resync), not each NSG, and the objects' own periodic syncs find them in line. An NSG the
+/// lists do not return (gone, or its list failed) is synced with a read of its own if no live
+/// object names it, and left to the objects that do otherwise. Each NSG on its own: one
+/// failing never stops the others.
 pub async fn sweep(ctx: &Ctx, inventory: &Inventory) -> Result<SweepOutcome, kube::Error> {
     let recorded = inventory.refresh().await?;
     ctx.telemetry.set_inventory_nsgs(recorded.len());
     let named = named_nsgs(&ctx.world.snapshot());
-    let orphaned: Vec<String> = recorded
+    let mut outcome = SweepOutcome::default();
+    let mut unlisted = Vec::new();
+    for ((subscription, resource_group), nsgs) in by_resource_group(recorded, &mut unlisted) {
+        let left = sync_listed(
+            ctx,
+            inventory,
+            &subscription,
+            &resource_group,
+            nsgs,
+            &named,
+            &mut outcome,
+        )
+        .await;
+        unlisted.extend(left);
+    }
+    let orphaned: Vec<String> = unlisted
         .into_iter()
         .filter(|n| !named.contains(&n.to_ascii_lowercase()))
         .collect();
-    let mut outcome = SweepOutcome {
-        swept: orphaned.len(),
-        ..Default::default()
-    };
+    outcome.swept += orphaned.len();
     let mut results = futures::stream::iter(orphaned)
         .map(|nsg| async move {
             let result = ctx
@@ -278,35 +299,139 @@ pub async fn sweep(ctx: &Ctx, inventory: &Inventory) -> Result<SweepOutcome, kub
         })
         .buffer_unordered(SWEEP_CONCURRENCY);
     while let Some((nsg, result)) = results.next().await {
-        match result {
-            Ok(synced) => {
+        record_result(inventory, ctx, &nsg, true, result, &mut outcome).await;
+    }
+    Ok(outcome)
+}
+
+/// The recorded NSGs by (subscription, resource group), lower-cased; ids that do not parse go
+/// to `unparsed`.
+fn by_resource_group(
+    recorded: Vec<String>,
+    unparsed: &mut Vec<String>,
+) -> BTreeMap<(String, String), Vec<String>> {
+    let mut groups: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for nsg in recorded {
+        match ResourceId::parse_typed(&nsg, "Microsoft.Network", &["networkSecurityGroups"]) {
+            Ok(id) => groups
+                .entry((
+                    id.subscription.to_ascii_lowercase(),
+                    id.resource_group.to_ascii_lowercase(),
+                ))
+                .or_default()
+                .push(nsg),
+            Err(_) => unparsed.push(nsg),
+        }
+    }
+    groups
+}
+
+/// Lists the resource group's NSGs page by page and syncs each of `nsgs` from its page (one
+/// page held at a time). Returns those of `nsgs` no page returned.
+async fn sync_listed(
+    ctx: &Ctx,
+    inventory: &Inventory,
+    subscription: &str,
+    resource_group: &str,
+    nsgs: Vec<String>,
+    named: &HashSet<String>,
+    outcome: &mut SweepOutcome,
+) -> Vec<String> {
+    let mut left: BTreeMap<String, String> = nsgs
+        .into_iter()
+        .map(|n| (n.to_ascii_lowercase(), n))
+        .collect();
+    let mut next: Option<String> = None;
+    loop {
+        let listed_at = std::time::Instant::now();
+        let page = match ctx
+            .nsgs
+            .azure()
+            .list_nsgs_page(subscription, resource_group, next.as_deref())
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                warn!(subscription, resource_group, error = %e, "sweep: could not list the resource group's NSGs; the next sweep retries");
+                ctx.telemetry.sweep_failed();
+                break;
+            }
+        };
+        let mine: Vec<(String, NsgSnapshot)> = page
+            .nsgs
+            .into_iter()
+            .filter_map(|listed| {
+                left.remove(&listed.nsg_id.to_ascii_lowercase())
+                    .map(|nsg| (nsg, listed))
+            })
+            .collect();
+        outcome.listed += mine.len();
+        let mut results = futures::stream::iter(mine)
+            .map(|(nsg, listed)| async move {
+                let result = ctx
+                    .nsgs
+                    .sync_listed(
+                        &nsg,
+                        || ctx.world.for_nsg(&nsg),
+                        Timestamp::now(),
+                        listed,
+                        listed_at,
+                    )
+                    .await;
+                (nsg, result)
+            })
+            .buffer_unordered(SWEEP_CONCURRENCY);
+        while let Some((nsg, result)) = results.next().await {
+            let orphaned = !named.contains(&nsg.to_ascii_lowercase());
+            outcome.swept += usize::from(orphaned);
+            record_result(inventory, ctx, &nsg, orphaned, result, outcome).await;
+        }
+        match page.next {
+            Some(link) => next = Some(link),
+            None => break,
+        }
+    }
+    left.into_values().collect()
+}
+
+/// Logs and counts one NSG's sync; an NSG that no longer exists leaves the inventory.
+async fn record_result(
+    inventory: &Inventory,
+    ctx: &Ctx,
+    nsg: &str,
+    orphaned: bool,
+    result: Result<super::nsg::NsgOutcome, Error>,
+    outcome: &mut SweepOutcome,
+) {
+    match result {
+        Ok(synced) => {
+            if orphaned {
                 if !synced.deleted.is_empty() {
                     info!(nsg, rules = ?synced.deleted, "sweep: deleted rules no live object explains");
                 }
                 outcome.deleted += synced.deleted.len();
             }
-            Err(Error::Azure(AzureError::NotFound { .. })) => {
-                info!(
-                    nsg,
-                    "sweep: the NSG no longer exists; dropping it from the inventory"
-                );
-                match inventory.forget(&nsg).await {
-                    Ok(()) => outcome.dropped += 1,
-                    Err(e) => {
-                        warn!(nsg, error = %e, "sweep: could not drop a deleted NSG from the inventory");
-                        ctx.telemetry.sweep_failed();
-                        outcome.failed += 1;
-                    }
+        }
+        Err(Error::Azure(AzureError::NotFound { .. })) => {
+            info!(
+                nsg,
+                "sweep: the NSG no longer exists; dropping it from the inventory"
+            );
+            match inventory.forget(nsg).await {
+                Ok(()) => outcome.dropped += 1,
+                Err(e) => {
+                    warn!(nsg, error = %e, "sweep: could not drop a deleted NSG from the inventory");
+                    ctx.telemetry.sweep_failed();
+                    outcome.failed += 1;
                 }
             }
-            Err(e) => {
-                warn!(nsg, error = %e, "sweep: could not sync this NSG; the next sweep retries");
-                ctx.telemetry.sweep_failed();
-                outcome.failed += 1;
-            }
+        }
+        Err(e) => {
+            warn!(nsg, error = %e, "sweep: could not sync this NSG; the next sweep retries");
+            ctx.telemetry.sweep_failed();
+            outcome.failed += 1;
         }
     }
-    Ok(outcome)
 }
 
 /// Sweeps once the caches are synced (the world must be whole, or live rules would look

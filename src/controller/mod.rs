@@ -360,7 +360,10 @@ pub async fn run(
         .with_flush_connections(settings.flush_connections)
         .with_one_write_per_nsg(settings.one_write_per_nsg)
         .with_telemetry(telemetry.clone())
-        .with_read_sharing(settings.resync);
+        // The sweep reads every inventoried NSG once per resync (a list per resource group):
+        // what it found in line is trusted a little longer than that, so the objects' own
+        // periodic syncs between two sweeps do not read the NSG again.
+        .with_read_sharing(settings.resync + settings.resync / 2);
     let controllers = run_controllers(
         client,
         nsgs,
@@ -704,7 +707,8 @@ async fn run_controllers(
             grant::record_overdue(&ctx, &world, jiff::Timestamp::now());
         }
     };
-    // Orphans in NSGs no live object names: swept once the caches are synced, then every
+    // Every inventoried NSG, read by one list per resource group: orphans in NSGs no live
+    // object names swept, drift in the others healed; once the caches are synced, then every
     // resync, beside the controllers (never before them).
     let sweeps = inventory::run_sweeps(ctx.clone(), inventory, settings.resync);
     info!("controllers running");

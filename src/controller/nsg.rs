@@ -470,6 +470,59 @@ impl NsgSyncer {
             return Ok(done.outcome.clone());
         }
         let started = Instant::now();
+        self.sync_asked(nsg_id, &world, now, &mut state, &slot, started, None)
+            .await
+    }
+
+    /// [`NsgSyncer::sync`] from `listed`, the NSG as a list of its resource group's NSGs
+    /// returned it at `listed_at` (one read for many NSGs, see `inventory::sweep`), instead of
+    /// a read of its own; never answered from the last sync, so drift is found. A sync that
+    /// began after the list was read stands (it read the NSG later); a write since the list was
+    /// read makes its copy stale, and the NSG is read again.
+    #[instrument(skip(self, world, listed), fields(nsg = %nsg_id))]
+    pub async fn sync_listed(
+        &self,
+        nsg_id: &str,
+        world: impl Fn() -> World,
+        now: Timestamp,
+        listed: NsgSnapshot,
+        listed_at: Instant,
+    ) -> Result<NsgOutcome, Error> {
+        let slot = self.slot(nsg_id);
+        let mut state = slot.state.lock().await;
+        let _ = slot.close_asked.notified().now_or_never();
+        if let Some(done) = state.last.as_ref().filter(|d| d.started >= listed_at) {
+            debug!("NSG synced since the list was read: result stands");
+            return Ok(done.repeated(nsg_id));
+        }
+        let listed = NsgSnapshot {
+            nsg_id: nsg_id.to_string(),
+            ..listed
+        };
+        let written_since = state.last_write.is_some_and(|w| w >= listed_at);
+        let listed = (!written_since).then_some(listed);
+        let started = if listed.is_some() {
+            listed_at
+        } else {
+            Instant::now()
+        };
+        self.sync_asked(nsg_id, &world, now, &mut state, &slot, started, listed)
+            .await
+    }
+
+    /// The body of a sync once its slot is held: plan, read (unless `listed` is the read) and
+    /// write, and record the outcome as of `started`.
+    #[allow(clippy::too_many_arguments)]
+    async fn sync_asked(
+        &self,
+        nsg_id: &str,
+        world: &impl Fn() -> World,
+        now: Timestamp,
+        state: &mut NsgState,
+        slot: &NsgSlot,
+        started: Instant,
+        listed: Option<NsgSnapshot>,
+    ) -> Result<NsgOutcome, Error> {
         // The clock as of now, not as of the caller's reconcile start: the world is read now.
         let now = now.max(Timestamp::now());
         let known = state
@@ -479,21 +532,22 @@ impl NsgSyncer {
         let (digest, asked) = match known {
             Some(digest) => (digest, None),
             None => {
-                let asked = self.ask(nsg_id, &mut state.planned, &world, now);
+                let asked = self.ask(nsg_id, &mut state.planned, world, now);
                 (asked.digest, Some(asked))
             }
         };
-        if let Some(done) = state
-            .last
-            .as_ref()
-            .filter(|d| self.still_in_line(d, digest))
+        if listed.is_none()
+            && let Some(done) = state
+                .last
+                .as_ref()
+                .filter(|d| self.still_in_line(d, digest))
         {
             debug!("NSG found in line recently and asked for the same: no read");
             return Ok(done.repeated(nsg_id));
         }
-        let asked = asked.unwrap_or_else(|| self.ask(nsg_id, &mut state.planned, &world, now));
+        let asked = asked.unwrap_or_else(|| self.ask(nsg_id, &mut state.planned, world, now));
         let (outcome, asked) = self
-            .sync_locked(nsg_id, asked, &mut state, &world, &slot)
+            .sync_locked(nsg_id, asked, state, world, slot, listed)
             .await?;
         if outcome.writes > 0 {
             state.last_write = Some(Instant::now());
@@ -572,9 +626,13 @@ impl NsgSyncer {
         state: &mut NsgState,
         world: &impl Fn() -> World,
         slot: &NsgSlot,
+        listed: Option<NsgSnapshot>,
     ) -> Result<(NsgOutcome, AskedDigest), Error> {
         // One read serves the plan and, when it has several changes, the conditional write.
-        let snapshot = self.azure.read_nsg(nsg_id).await?;
+        let snapshot = match listed {
+            Some(listed) => listed,
+            None => self.azure.read_nsg(nsg_id).await?,
+        };
         let mut decision = Decision {
             plan: self.plan_for(&asked, &snapshot.rules),
             asked,
