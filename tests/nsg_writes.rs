@@ -13,7 +13,7 @@ use portcullis::azure::BucketSpec;
 use portcullis::controller::Settings;
 use portcullis::controller::telemetry::Telemetry;
 use serde_json::json;
-use support::operator::{Env, grant_spec, nsg_id, reads_nsg, standard_policy};
+use support::operator::{Env, grant_spec, lists_nsgs, nsg_id, reads_nsg, standard_policy};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -123,16 +123,10 @@ async fn a_quiet_steady_state_reads_the_nsgs_by_one_list_per_resync_whatever_the
     // times: at least two resync periods.
     env.admin.clear_requests().await.expect("clear requests");
     let since = std::time::Instant::now();
-    let is_list = |r: &portcullis_azure_emulator::RequestRecord| {
-        r.method == "GET"
-            && r.path.contains(
-                "/resourceGroups/rg-demo/providers/Microsoft.Network/networkSecurityGroups?",
-            )
-    };
     let deadline = since + T;
     let requests = loop {
         let requests = env.admin.requests().await.expect("requests");
-        if requests.iter().filter(|r| is_list(r)).count() >= 3 {
+        if requests.iter().filter(|r| lists_nsgs(r)).count() >= 3 {
             break requests;
         }
         assert!(
@@ -142,7 +136,7 @@ async fn a_quiet_steady_state_reads_the_nsgs_by_one_list_per_resync_whatever_the
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let periods = since.elapsed().as_secs_f64() / resync.as_secs_f64();
-    let lists = requests.iter().filter(|r| is_list(r)).count() as f64;
+    let lists = requests.iter().filter(|r| lists_nsgs(r)).count() as f64;
     assert!(
         lists <= periods + 2.0,
         "{lists} lists in {periods:.1} resync periods"

@@ -12,7 +12,8 @@ use portcullis_azure_emulator::{EmulatorConfig, Faults};
 use serde_json::{Value, json};
 
 use support::operator::{
-    Env, demo_fixture, grant_spec, nsg_id, prop, reads_nsg, rule_name, standard_policy, vm_id,
+    Env, demo_fixture, grant_spec, nsg_id, prop, reads_nsg_or_lists, rule_name, standard_policy,
+    vm_id,
 };
 use support::wait_for;
 
@@ -567,7 +568,7 @@ async fn an_unchanged_world_makes_zero_writes_over_several_resyncs() {
         Duration::from_secs(40),
         || async {
             let log = env.admin.requests().await.ok()?;
-            let lists = |nsg: &str| log.iter().filter(|r| reads_nsg(r, nsg)).count();
+            let lists = |nsg: &str| log.iter().filter(|r| reads_nsg_or_lists(r, nsg)).count();
             (lists("nsg-vm1") >= 4 && lists("nsg-subnet") >= 4).then_some(())
         },
     )
@@ -618,7 +619,11 @@ async fn reapplying_an_expired_grant_does_not_reopen_it() {
         T,
         || async {
             let log = env.admin.requests().await.ok()?;
-            (log.iter().filter(|r| reads_nsg(r, "nsg-vm1")).count() >= 2).then_some(())
+            (log.iter()
+                .filter(|r| reads_nsg_or_lists(r, "nsg-vm1"))
+                .count()
+                >= 2)
+                .then_some(())
         },
     )
     .await;
@@ -734,7 +739,11 @@ async fn one_operator_watching_two_namespaces_keeps_both_namespaces_rules_in_a_s
     env.admin.clear_requests().await.expect("clear");
     wait_for("three more syncs of nsg-subnet", T, || async {
         let log = env.admin.requests().await.ok()?;
-        (log.iter().filter(|r| reads_nsg(r, "nsg-subnet")).count() >= 3).then_some(())
+        (log.iter()
+            .filter(|r| reads_nsg_or_lists(r, "nsg-subnet"))
+            .count()
+            >= 3)
+            .then_some(())
     })
     .await;
     assert!(

@@ -257,7 +257,8 @@ pub struct SweepOutcome {
     pub failed: usize,
 }
 
-/// Syncs every inventoried NSG, from one paged list of NSGs per resource group: the normal sync
+/// Syncs every inventoried NSG not read in the last half resync, from one paged list of NSGs
+/// per resource group: the normal sync
 /// plans it from the whole world, so in an NSG no live object names it deletes exactly the
 /// rules of ours nobody explains, and in the others it heals drift. One list read stands for
 /// every NSG it returns: a steady state reads each resource group's NSGs once per sweep (every
@@ -326,8 +327,10 @@ fn by_resource_group(
     groups
 }
 
-/// Lists the resource group's NSGs page by page and syncs each of `nsgs` from its page (one
-/// page held at a time). Returns those of `nsgs` no page returned.
+/// Lists the resource group's NSGs page by page and syncs each of `nsgs` that is due from its
+/// page (one page held at a time). An NSG read less than half a resync ago is not due (in a
+/// burst the rounds read and write every NSG all the time), and a resource group with none due
+/// is not listed. Returns those due that no page returned.
 async fn sync_listed(
     ctx: &Ctx,
     inventory: &Inventory,
@@ -337,10 +340,19 @@ async fn sync_listed(
     named: &HashSet<String>,
     outcome: &mut SweepOutcome,
 ) -> Vec<String> {
+    let due = |nsg: &String| {
+        ctx.nsgs
+            .last_read(nsg)
+            .is_none_or(|read| read.elapsed() >= ctx.resync / 2)
+    };
     let mut left: BTreeMap<String, String> = nsgs
         .into_iter()
+        .filter(due)
         .map(|n| (n.to_ascii_lowercase(), n))
         .collect();
+    if left.is_empty() {
+        return Vec::new();
+    }
     let mut next: Option<String> = None;
     loop {
         let listed_at = std::time::Instant::now();
@@ -387,8 +399,8 @@ async fn sync_listed(
             record_result(inventory, ctx, &nsg, orphaned, result, outcome).await;
         }
         match page.next {
-            Some(link) => next = Some(link),
-            None => break,
+            Some(link) if !left.is_empty() => next = Some(link),
+            _ => break,
         }
     }
     left.into_values().collect()

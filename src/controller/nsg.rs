@@ -562,6 +562,16 @@ impl NsgSyncer {
         Ok(outcome)
     }
 
+    /// When the NSG was last read by a sync (by its own read, or from a list's copy); `None`
+    /// if never. While a sync of it runs, now: that sync reads it.
+    pub fn last_read(&self, nsg_id: &str) -> Option<Instant> {
+        let slot = self.slot(nsg_id);
+        let Ok(state) = slot.state.try_lock() else {
+            return Some(Instant::now());
+        };
+        state.last.as_ref().map(|last| last.started)
+    }
+
     /// The NSG's last outcome, when a sync asked for now would only repeat it: the world has
     /// not changed since its plan was made, no grant has lapsed since, and the NSG was found in
     /// line within the read-sharing window. A reconcile that merely checks (a resync) takes it

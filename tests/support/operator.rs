@@ -532,6 +532,19 @@ pub fn reads_nsg(request: &RequestRecord, nsg: &str) -> bool {
         .any(|path| request.path.contains(path))
 }
 
+/// Whether `request` listed the demo resource group's NSGs (the sweep's one read of them all).
+pub fn lists_nsgs(request: &RequestRecord) -> bool {
+    request.method == "GET"
+        && request
+            .path
+            .contains("/resourceGroups/rg-demo/providers/Microsoft.Network/networkSecurityGroups?")
+}
+
+/// Whether `request` read NSG `nsg` of the demo resource group, on its own or in a list.
+pub fn reads_nsg_or_lists(request: &RequestRecord, nsg: &str) -> bool {
+    reads_nsg(request, nsg) || lists_nsgs(request)
+}
+
 pub fn rule_name(rule: &Value) -> &str {
     rule["name"].as_str().unwrap_or_default()
 }
