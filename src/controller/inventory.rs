@@ -29,8 +29,9 @@ use tracing::{debug, info, warn};
 
 use super::Error;
 use super::context::Ctx;
+use super::nsg::Listed;
 use super::world::World;
-use crate::azure::{AzureError, NsgSnapshot, ResourceId};
+use crate::azure::{AzureError, ResourceId};
 use crate::plan::{nsgs_of_grant, nsgs_of_policy};
 
 /// The ConfigMap's default name.
@@ -247,7 +248,7 @@ fn named_nsgs(world: &World) -> HashSet<String> {
 pub struct SweepOutcome {
     /// NSGs synced because no live object names them.
     pub swept: usize,
-    /// NSGs brought in line from a list of their resource group's NSGs (named ones included).
+    /// NSGs found in line in a list of their resource group's NSGs (named ones included).
     pub listed: usize,
     /// Rules deleted from the NSGs no live object names.
     pub deleted: usize,
@@ -257,14 +258,15 @@ pub struct SweepOutcome {
     pub failed: usize,
 }
 
-/// Syncs every inventoried NSG not read in the last half resync, from one paged list of NSGs
-/// per resource group: the normal sync
-/// plans it from the whole world, so in an NSG no live object names it deletes exactly the
-/// rules of ours nobody explains, and in the others it heals drift. One list read stands for
-/// every NSG it returns: a steady state reads each resource group's NSGs once per sweep (every
-/// resync), not each NSG, and the objects' own periodic syncs find them in line. An NSG the
-/// lists do not return (gone, or its list failed) is synced with a read of its own if no live
-/// object names it, and left to the objects that do otherwise. Each NSG on its own: one
+/// Checks every inventoried NSG not read in the last half resync against one paged list of
+/// NSGs per resource group, and syncs on its own each that the list shows out of line: the
+/// normal sync plans it from the whole world, so in an NSG no live object names it deletes
+/// exactly the rules of ours nobody explains, and in the others it heals drift. One list read
+/// stands for every NSG it shows in line: a steady state reads each resource group's NSGs once
+/// per sweep (every resync), not each NSG, and the objects' own periodic syncs find them in
+/// line. A page is checked without waiting for anything and dropped before any sync. An NSG
+/// the lists do not return (gone, or its list failed) is synced with a read of its own if no
+/// live object names it, and left to the objects that do otherwise. Each NSG on its own: one
 /// failing never stops the others.
 pub async fn sweep(ctx: &Ctx, inventory: &Inventory) -> Result<SweepOutcome, kube::Error> {
     let recorded = inventory.refresh().await?;
@@ -272,35 +274,32 @@ pub async fn sweep(ctx: &Ctx, inventory: &Inventory) -> Result<SweepOutcome, kub
     let named = named_nsgs(&ctx.world.snapshot());
     let mut outcome = SweepOutcome::default();
     let mut unlisted = Vec::new();
+    let mut out_of_line = Vec::new();
     for ((subscription, resource_group), nsgs) in by_resource_group(recorded, &mut unlisted) {
-        let left = sync_listed(
-            ctx,
-            inventory,
-            &subscription,
-            &resource_group,
-            nsgs,
-            &named,
-            &mut outcome,
-        )
-        .await;
-        unlisted.extend(left);
+        let checked = check_listed(ctx, &subscription, &resource_group, nsgs, &mut outcome).await;
+        out_of_line.extend(checked.out_of_line);
+        unlisted.extend(checked.unlisted);
     }
-    let orphaned: Vec<String> = unlisted
+    let orphaned = |n: &String| !named.contains(&n.to_ascii_lowercase());
+    let to_sync = out_of_line
         .into_iter()
-        .filter(|n| !named.contains(&n.to_ascii_lowercase()))
-        .collect();
-    outcome.swept += orphaned.len();
-    let mut results = futures::stream::iter(orphaned)
-        .map(|nsg| async move {
-            let result = ctx
-                .nsgs
-                .sync(&nsg, || ctx.world.for_nsg(&nsg), Timestamp::now())
-                .await;
+        .map(|n| (n, true))
+        .chain(unlisted.into_iter().filter(orphaned).map(|n| (n, false)));
+    let mut results = futures::stream::iter(to_sync)
+        .map(|(nsg, fresh)| async move {
+            let world = || ctx.world.for_nsg(&nsg);
+            let result = if fresh {
+                ctx.nsgs.sync_fresh(&nsg, world, Timestamp::now()).await
+            } else {
+                ctx.nsgs.sync(&nsg, world, Timestamp::now()).await
+            };
             (nsg, result)
         })
         .buffer_unordered(SWEEP_CONCURRENCY);
     while let Some((nsg, result)) = results.next().await {
-        record_result(inventory, ctx, &nsg, true, result, &mut outcome).await;
+        let is_orphaned = orphaned(&nsg);
+        outcome.swept += usize::from(is_orphaned);
+        record_result(inventory, ctx, &nsg, is_orphaned, result, &mut outcome).await;
     }
     Ok(outcome)
 }
@@ -327,19 +326,25 @@ fn by_resource_group(
     groups
 }
 
-/// Lists the resource group's NSGs page by page and syncs each of `nsgs` that is due from its
-/// page (one page held at a time). An NSG read less than half a resync ago is not due (in a
-/// burst the rounds read and write every NSG all the time), and a resource group with none due
-/// is not listed. Returns those due that no page returned.
-async fn sync_listed(
+/// What the lists of one resource group left to sync.
+struct Checked {
+    /// Shown out of line: to sync with a read of their own.
+    out_of_line: Vec<String>,
+    /// Due, but returned by no page.
+    unlisted: Vec<String>,
+}
+
+/// Lists the resource group's NSGs page by page and checks each of `nsgs` that is due against
+/// its page (see [`super::nsg::NsgSyncer::check_listed`]), one page held at a time. An NSG read
+/// less than half a resync ago is not due (in a burst the rounds read every NSG all the time),
+/// and a resource group with none due is not listed.
+async fn check_listed(
     ctx: &Ctx,
-    inventory: &Inventory,
     subscription: &str,
     resource_group: &str,
     nsgs: Vec<String>,
-    named: &HashSet<String>,
     outcome: &mut SweepOutcome,
-) -> Vec<String> {
+) -> Checked {
     let due = |nsg: &String| {
         ctx.nsgs
             .last_read(nsg)
@@ -350,11 +355,9 @@ async fn sync_listed(
         .filter(due)
         .map(|n| (n.to_ascii_lowercase(), n))
         .collect();
-    if left.is_empty() {
-        return Vec::new();
-    }
+    let mut out_of_line = Vec::new();
     let mut next: Option<String> = None;
-    loop {
+    while !left.is_empty() {
         let listed_at = std::time::Instant::now();
         let page = match ctx
             .nsgs
@@ -369,41 +372,29 @@ async fn sync_listed(
                 break;
             }
         };
-        let mine: Vec<(String, NsgSnapshot)> = page
-            .nsgs
-            .into_iter()
-            .filter_map(|listed| {
-                left.remove(&listed.nsg_id.to_ascii_lowercase())
-                    .map(|nsg| (nsg, listed))
-            })
-            .collect();
-        outcome.listed += mine.len();
-        let mut results = futures::stream::iter(mine)
-            .map(|(nsg, listed)| async move {
-                let result = ctx
-                    .nsgs
-                    .sync_listed(
-                        &nsg,
-                        || ctx.world.for_nsg(&nsg),
-                        Timestamp::now(),
-                        listed,
-                        listed_at,
-                    )
-                    .await;
-                (nsg, result)
-            })
-            .buffer_unordered(SWEEP_CONCURRENCY);
-        while let Some((nsg, result)) = results.next().await {
-            let orphaned = !named.contains(&nsg.to_ascii_lowercase());
-            outcome.swept += usize::from(orphaned);
-            record_result(inventory, ctx, &nsg, orphaned, result, outcome).await;
+        for listed in page.nsgs {
+            let Some(nsg) = left.remove(&listed.nsg_id.to_ascii_lowercase()) else {
+                continue;
+            };
+            let world = || ctx.world.for_nsg(&nsg);
+            match ctx
+                .nsgs
+                .check_listed(&nsg, world, Timestamp::now(), &listed, listed_at)
+            {
+                Listed::InLine => outcome.listed += 1,
+                Listed::Busy => {}
+                Listed::OutOfLine => out_of_line.push(nsg),
+            }
         }
         match page.next {
-            Some(link) if !left.is_empty() => next = Some(link),
-            _ => break,
+            Some(link) => next = Some(link),
+            None => break,
         }
     }
-    left.into_values().collect()
+    Checked {
+        out_of_line,
+        unlisted: left.into_values().collect(),
+    }
 }
 
 /// Logs and counts one NSG's sync; an NSG that no longer exists leaves the inventory.

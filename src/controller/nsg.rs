@@ -110,6 +110,18 @@ struct RuleEdits {
     puts: Vec<NsgRule>,
 }
 
+/// What a list's copy of an NSG showed (see [`NsgSyncer::check_listed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listed {
+    /// As asked: counted as read when the list was.
+    InLine,
+    /// A sync of it runs now, or began after the list was read: that one reads it.
+    Busy,
+    /// Something to write, a rule without room, or a copy older than the NSG's last write:
+    /// it needs a sync of its own.
+    OutOfLine,
+}
+
 /// The last successful sync of an NSG: when it began, what it did, and what it was asked for.
 struct LastSync {
     started: Instant,
@@ -470,48 +482,70 @@ impl NsgSyncer {
             return Ok(done.outcome.clone());
         }
         let started = Instant::now();
-        self.sync_asked(nsg_id, &world, now, &mut state, &slot, started, None)
+        self.sync_asked(nsg_id, &world, now, &mut state, &slot, started, false)
             .await
     }
 
-    /// [`NsgSyncer::sync`] from `listed`, the NSG as a list of its resource group's NSGs
-    /// returned it at `listed_at` (one read for many NSGs, see `inventory::sweep`), instead of
-    /// a read of its own; never answered from the last sync, so drift is found. A sync that
-    /// began after the list was read stands (it read the NSG later); a write since the list was
-    /// read makes its copy stale, and the NSG is read again.
-    #[instrument(skip(self, world, listed), fields(nsg = %nsg_id))]
-    pub async fn sync_listed(
+    /// [`NsgSyncer::sync`] that reads Azure whatever the last sync found: for an NSG a list's
+    /// copy showed out of line (see [`NsgSyncer::check_listed`]).
+    #[instrument(skip(self, world), fields(nsg = %nsg_id))]
+    pub async fn sync_fresh(
         &self,
         nsg_id: &str,
         world: impl Fn() -> World,
         now: Timestamp,
-        listed: NsgSnapshot,
-        listed_at: Instant,
     ) -> Result<NsgOutcome, Error> {
         let slot = self.slot(nsg_id);
         let mut state = slot.state.lock().await;
         let _ = slot.close_asked.notified().now_or_never();
-        if let Some(done) = state.last.as_ref().filter(|d| d.started >= listed_at) {
-            debug!("NSG synced since the list was read: result stands");
-            return Ok(done.repeated(nsg_id));
-        }
-        let listed = NsgSnapshot {
-            nsg_id: nsg_id.to_string(),
-            ..listed
-        };
-        let written_since = state.last_write.is_some_and(|w| w >= listed_at);
-        let listed = (!written_since).then_some(listed);
-        let started = if listed.is_some() {
-            listed_at
-        } else {
-            Instant::now()
-        };
-        self.sync_asked(nsg_id, &world, now, &mut state, &slot, started, listed)
+        let started = Instant::now();
+        self.sync_asked(nsg_id, &world, now, &mut state, &slot, started, true)
             .await
     }
 
-    /// The body of a sync once its slot is held: plan, read (unless `listed` is the read) and
-    /// write, and record the outcome as of `started`.
+    /// Checks the NSG against `listed`, its copy in a list of its resource group's NSGs read at
+    /// `listed_at` (one read for many NSGs, see `inventory::sweep`), without calling Azure and
+    /// without waiting: found in line, it counts as read then, and the objects' own syncs need
+    /// not read it. Anything else is left to a sync of its own.
+    pub fn check_listed(
+        &self,
+        nsg_id: &str,
+        world: impl FnOnce() -> World,
+        now: Timestamp,
+        listed: &NsgSnapshot,
+        listed_at: Instant,
+    ) -> Listed {
+        let slot = self.slot(nsg_id);
+        // A sync running now reads the NSG itself.
+        let Ok(mut state) = slot.state.try_lock() else {
+            return Listed::Busy;
+        };
+        if state.last.as_ref().is_some_and(|d| d.started >= listed_at) {
+            return Listed::Busy;
+        }
+        if state.last_write.is_some_and(|w| w >= listed_at) {
+            return Listed::OutOfLine;
+        }
+        let now = now.max(Timestamp::now());
+        let asked = self.ask(nsg_id, &mut state.planned, world, now);
+        let plan = self.plan_for(&asked, &listed.rules);
+        if !plan.is_noop() || !plan.unplaced.is_empty() {
+            return Listed::OutOfLine;
+        }
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.set_band_usage(nsg_id, plan.band_usage(&listed.rules, &self.bands));
+        }
+        state.last = Some(LastSync {
+            started: listed_at,
+            in_line: true,
+            outcome: NsgOutcome::planned(nsg_id, &plan),
+            asked: asked.digest,
+        });
+        Listed::InLine
+    }
+
+    /// The body of a sync once its slot is held: plan, read (unless the NSG was found in line
+    /// recently and `fresh` is false) and write, and record the outcome as of `started`.
     #[allow(clippy::too_many_arguments)]
     async fn sync_asked(
         &self,
@@ -521,7 +555,7 @@ impl NsgSyncer {
         state: &mut NsgState,
         slot: &NsgSlot,
         started: Instant,
-        listed: Option<NsgSnapshot>,
+        fresh: bool,
     ) -> Result<NsgOutcome, Error> {
         // The clock as of now, not as of the caller's reconcile start: the world is read now.
         let now = now.max(Timestamp::now());
@@ -536,7 +570,7 @@ impl NsgSyncer {
                 (asked.digest, Some(asked))
             }
         };
-        if listed.is_none()
+        if !fresh
             && let Some(done) = state
                 .last
                 .as_ref()
@@ -546,9 +580,7 @@ impl NsgSyncer {
             return Ok(done.repeated(nsg_id));
         }
         let asked = asked.unwrap_or_else(|| self.ask(nsg_id, &mut state.planned, world, now));
-        let (outcome, asked) = self
-            .sync_locked(nsg_id, asked, state, world, slot, listed)
-            .await?;
+        let (outcome, asked) = self.sync_locked(nsg_id, asked, state, world, slot).await?;
         if outcome.writes > 0 {
             state.last_write = Some(Instant::now());
         }
@@ -636,13 +668,9 @@ impl NsgSyncer {
         state: &mut NsgState,
         world: &impl Fn() -> World,
         slot: &NsgSlot,
-        listed: Option<NsgSnapshot>,
     ) -> Result<(NsgOutcome, AskedDigest), Error> {
         // One read serves the plan and, when it has several changes, the conditional write.
-        let snapshot = match listed {
-            Some(listed) => listed,
-            None => self.azure.read_nsg(nsg_id).await?,
-        };
+        let snapshot = self.azure.read_nsg(nsg_id).await?;
         let mut decision = Decision {
             plan: self.plan_for(&asked, &snapshot.rules),
             asked,
