@@ -364,24 +364,7 @@ impl AzureNetworkClient {
     /// One page of a list of NSGs at `url`, each NSG parsed as `read_nsg_once` parses one.
     async fn list_nsgs_page_once(&self, url: Url) -> Result<NsgPage, AzureError> {
         let rsp = self.get_url(url, "list_nsgs").await?;
-        let page = nsg_json::page_of_nsgs(&rsp.body)?;
-        let nsgs = page
-            .nsgs
-            .into_iter()
-            .map(|(nsg_id, raw)| {
-                let (etag, rules) = nsg_json::etag_and_rules(&raw, &nsg_id)?;
-                Ok(NsgSnapshot {
-                    nsg_id,
-                    etag,
-                    rules,
-                    raw,
-                })
-            })
-            .collect::<Result<Vec<_>, AzureError>>()?;
-        Ok(NsgPage {
-            nsgs,
-            next: page.next_link,
-        })
+        nsg_json::page_of_nsgs(&rsp.body)
     }
 
     fn rule_url(&self, nsg: &ResourceId, rule_name: &str) -> Result<Url, AzureError> {

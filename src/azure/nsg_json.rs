@@ -11,11 +11,14 @@ use serde_json::value::RawValue;
 
 use super::convert::{from_model, to_model};
 use super::error::AzureError;
+use super::{NsgPage, NsgSnapshot};
 use crate::plan::rule::NsgRule;
 
 /// The NSG text's fields that reading it needs.
 #[derive(Deserialize)]
 struct Read<'a> {
+    #[serde(default)]
+    id: Option<String>,
     #[serde(default)]
     etag: Option<Value>,
     #[serde(default, borrow)]
@@ -41,6 +44,19 @@ pub fn etag_and_rules(
     raw: &RawValue,
     nsg_id: &str,
 ) -> Result<(Option<String>, Vec<NsgRule>), AzureError> {
+    let parsed = read_nsg_text(raw, nsg_id)?;
+    Ok((parsed.etag, parsed.rules))
+}
+
+/// What reading an NSG's text gives: its id, body etag (if a string) and user rules.
+struct Parsed {
+    id: Option<String>,
+    etag: Option<String>,
+    rules: Vec<NsgRule>,
+}
+
+/// Reads the NSG's text once; `nsg_id` names it in errors.
+fn read_nsg_text(raw: &RawValue, nsg_id: &str) -> Result<Parsed, AzureError> {
     let read: Read = serde_json::from_str(raw.get())
         .map_err(|e| AzureError::InvalidResponse(format!("NSG {nsg_id}: {e}")))?;
     let etag = read
@@ -63,7 +79,11 @@ pub fn etag_and_rules(
             from_model(&model)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((etag, rules))
+    Ok(Parsed {
+        id: read.id,
+        etag,
+        rules,
+    })
 }
 
 /// A page of a list of NSGs (`NetworkSecurityGroups_List`).
@@ -75,41 +95,31 @@ struct Page {
     next_link: Option<String>,
 }
 
-/// An NSG's id, all a list needs to know of each NSG it returns.
-#[derive(Deserialize)]
-struct Identified {
-    #[serde(default)]
-    id: Option<String>,
-}
-
-/// The NSGs of one page of a list, each with its id and kept as its own text, and the link to
-/// the next page.
-pub fn page_of_nsgs(body: &[u8]) -> Result<NsgsPage, AzureError> {
+/// One page of a list of NSGs, each NSG read as a read of it alone is (kept as its own text)
+/// and named by its id, and the link to the next page.
+pub fn page_of_nsgs(body: &[u8]) -> Result<NsgPage, AzureError> {
     let page: Page = serde_json::from_slice(body)
         .map_err(|e| AzureError::InvalidResponse(format!("a list of NSGs: {e}")))?;
     let nsgs = page
         .value
         .into_iter()
         .map(|raw| {
-            let id = serde_json::from_str::<Identified>(raw.get())
-                .ok()
-                .and_then(|n| n.id)
-                .ok_or_else(|| {
-                    AzureError::InvalidResponse("an NSG in a list has no id".to_string())
-                })?;
-            Ok((id, raw))
+            let parsed = read_nsg_text(&raw, "in a list")?;
+            let nsg_id = parsed.id.ok_or_else(|| {
+                AzureError::InvalidResponse("an NSG in a list has no id".to_string())
+            })?;
+            Ok(NsgSnapshot {
+                nsg_id,
+                etag: parsed.etag,
+                rules: parsed.rules,
+                raw,
+            })
         })
         .collect::<Result<Vec<_>, AzureError>>()?;
-    Ok(NsgsPage {
+    Ok(NsgPage {
         nsgs,
-        next_link: page.next_link.filter(|l| !l.is_empty()),
+        next: page.next_link.filter(|l| !l.is_empty()),
     })
-}
-
-/// See [`page_of_nsgs`].
-pub struct NsgsPage {
-    pub nsgs: Vec<(String, Box<RawValue>)>,
-    pub next_link: Option<String>,
 }
 
 /// `properties.<key>` of the NSG, `None` when absent.
