@@ -481,8 +481,7 @@ impl NsgSyncer {
             debug!("NSG synced since this request: result shared");
             return Ok(done.outcome.clone());
         }
-        let started = Instant::now();
-        self.sync_asked(nsg_id, &world, now, &mut state, &slot, started, false)
+        self.sync_asked(nsg_id, &world, now, &mut state, &slot, false)
             .await
     }
 
@@ -498,8 +497,7 @@ impl NsgSyncer {
         let slot = self.slot(nsg_id);
         let mut state = slot.state.lock().await;
         let _ = slot.close_asked.notified().now_or_never();
-        let started = Instant::now();
-        self.sync_asked(nsg_id, &world, now, &mut state, &slot, started, true)
+        self.sync_asked(nsg_id, &world, now, &mut state, &slot, true)
             .await
     }
 
@@ -545,8 +543,7 @@ impl NsgSyncer {
     }
 
     /// The body of a sync once its slot is held: plan, read (unless the NSG was found in line
-    /// recently and `fresh` is false) and write, and record the outcome as of `started`.
-    #[allow(clippy::too_many_arguments)]
+    /// recently and `fresh` is false) and write, and record the outcome as of its start.
     async fn sync_asked(
         &self,
         nsg_id: &str,
@@ -554,9 +551,9 @@ impl NsgSyncer {
         now: Timestamp,
         state: &mut NsgState,
         slot: &NsgSlot,
-        started: Instant,
         fresh: bool,
     ) -> Result<NsgOutcome, Error> {
+        let started = Instant::now();
         // The clock as of now, not as of the caller's reconcile start: the world is read now.
         let now = now.max(Timestamp::now());
         let known = state
