@@ -475,7 +475,11 @@ async fn nsg_list_pages_read_each_nsg_as_read_nsg_does() {
             .await
             .expect("a page");
         pages += 1;
-        listed.extend(page.nsgs);
+        for nsg in page.nsgs().expect("the page's NSGs") {
+            let snapshot = nsg.snapshot().expect("an NSG of the page");
+            assert_eq!(nsg.rules().expect("its rules"), snapshot.rules);
+            listed.push(snapshot);
+        }
         match page.next {
             Some(link) => next = Some(link),
             None => break,

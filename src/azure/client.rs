@@ -131,7 +131,7 @@ enum WriteKind {
 struct Collected {
     status: StatusCode,
     headers: Headers,
-    body: Vec<u8>,
+    body: bytes::Bytes,
 }
 
 impl AzureNetworkClient {
@@ -361,10 +361,10 @@ impl AzureNetworkClient {
         Ok(url)
     }
 
-    /// One page of a list of NSGs at `url`, each NSG parsed as `read_nsg_once` parses one.
+    /// One page of a list of NSGs at `url`, checked and kept as text.
     async fn list_nsgs_page_once(&self, url: Url) -> Result<NsgPage, AzureError> {
         let rsp = self.get_url(url, "list_nsgs").await?;
-        nsg_json::page_of_nsgs(&rsp.body)
+        nsg_json::page_of_nsgs(rsp.body)
     }
 
     fn rule_url(&self, nsg: &ResourceId, rule_name: &str) -> Result<Url, AzureError> {
@@ -1140,7 +1140,7 @@ async fn collect(rsp: azure_core::Response) -> Result<Collected, AzureError> {
     Ok(Collected {
         status,
         headers,
-        body: body.to_vec(),
+        body,
     })
 }
 

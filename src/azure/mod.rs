@@ -133,12 +133,20 @@ pub struct NsgSnapshot {
     pub raw: Box<serde_json::value::RawValue>,
 }
 
-/// One page of the NSGs of a resource group, each read as [`NetworkApi::read_nsg`] reads one.
+/// One page of the NSGs of a resource group, kept as the text Azure sent: its NSGs are read
+/// one by one on demand ([`NsgPage::nsgs`]), each as [`NetworkApi::read_nsg`] reads one.
 #[derive(Debug)]
 pub struct NsgPage {
-    pub nsgs: Vec<NsgSnapshot>,
+    body: bytes::Bytes,
     /// Where the next page is (`nextLink`); `None` on the last.
     pub next: Option<String>,
+}
+
+impl NsgPage {
+    /// The page's NSGs, each named by its id and otherwise still text.
+    pub fn nsgs(&self) -> Result<Vec<nsg_json::ListedNsg<'_>>, AzureError> {
+        nsg_json::nsgs_of_page(&self.body)
+    }
 }
 
 /// What the controller needs from Azure. Object-safe: use it as `Arc<dyn NetworkApi>`.

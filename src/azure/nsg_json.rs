@@ -18,8 +18,6 @@ use crate::plan::rule::NsgRule;
 #[derive(Deserialize)]
 struct Read<'a> {
     #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
     etag: Option<Value>,
     #[serde(default, borrow)]
     properties: Option<ReadProperties<'a>>,
@@ -48,9 +46,8 @@ pub fn etag_and_rules(
     Ok((parsed.etag, parsed.rules))
 }
 
-/// What reading an NSG's text gives: its id, body etag (if a string) and user rules.
+/// What reading an NSG's text gives: its body etag (if a string) and user rules.
 struct Parsed {
-    id: Option<String>,
     etag: Option<String>,
     rules: Vec<NsgRule>,
 }
@@ -79,47 +76,74 @@ fn read_nsg_text(raw: &RawValue, nsg_id: &str) -> Result<Parsed, AzureError> {
             from_model(&model)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Parsed {
-        id: read.id,
-        etag,
-        rules,
-    })
+    Ok(Parsed { etag, rules })
 }
 
-/// A page of a list of NSGs (`NetworkSecurityGroups_List`).
+/// A page of a list of NSGs (`NetworkSecurityGroups_List`), borrowed from its text.
 #[derive(Deserialize)]
-struct Page {
-    #[serde(default)]
-    value: Vec<Box<RawValue>>,
+struct Page<'a> {
+    #[serde(default, borrow)]
+    value: Vec<&'a RawValue>,
     #[serde(default, rename = "nextLink")]
     next_link: Option<String>,
 }
 
-/// One page of a list of NSGs, each NSG read as a read of it alone is (kept as its own text)
-/// and named by its id, and the link to the next page.
-pub fn page_of_nsgs(body: &[u8]) -> Result<NsgPage, AzureError> {
-    let page: Page = serde_json::from_slice(body)
-        .map_err(|e| AzureError::InvalidResponse(format!("a list of NSGs: {e}")))?;
-    let nsgs = page
+fn read_page(body: &[u8]) -> Result<Page<'_>, AzureError> {
+    serde_json::from_slice(body)
+        .map_err(|e| AzureError::InvalidResponse(format!("a list of NSGs: {e}")))
+}
+
+/// A list's page as Azure sent it: checked, its next link read, its NSGs left as text until
+/// [`NsgPage::nsgs`] asks. A page of a hundred large NSGs is megabytes: only the NSGs a caller
+/// needs are ever parsed or copied.
+pub fn page_of_nsgs(body: bytes::Bytes) -> Result<NsgPage, AzureError> {
+    let next = read_page(&body)?.next_link.filter(|l| !l.is_empty());
+    Ok(NsgPage { body, next })
+}
+
+/// Each NSG of a page checked by [`page_of_nsgs`], named by its id.
+pub fn nsgs_of_page(body: &[u8]) -> Result<Vec<ListedNsg<'_>>, AzureError> {
+    #[derive(Deserialize)]
+    struct Id {
+        #[serde(default)]
+        id: Option<String>,
+    }
+    read_page(body)?
         .value
         .into_iter()
         .map(|raw| {
-            let parsed = read_nsg_text(&raw, "in a list")?;
-            let nsg_id = parsed.id.ok_or_else(|| {
+            let Id { id } = serde_json::from_str(raw.get())
+                .map_err(|e| AzureError::InvalidResponse(format!("an NSG in a list: {e}")))?;
+            let nsg_id = id.ok_or_else(|| {
                 AzureError::InvalidResponse("an NSG in a list has no id".to_string())
             })?;
-            Ok(NsgSnapshot {
-                nsg_id,
-                etag: parsed.etag,
-                rules: parsed.rules,
-                raw,
-            })
+            Ok(ListedNsg { nsg_id, raw })
         })
-        .collect::<Result<Vec<_>, AzureError>>()?;
-    Ok(NsgPage {
-        nsgs,
-        next: page.next_link.filter(|l| !l.is_empty()),
-    })
+        .collect()
+}
+
+/// One NSG of a list's page, still as text.
+pub struct ListedNsg<'a> {
+    pub nsg_id: String,
+    raw: &'a RawValue,
+}
+
+impl ListedNsg<'_> {
+    /// Its user security rules, parsed as [`super::NetworkApi::read_nsg`] parses them.
+    pub fn rules(&self) -> Result<Vec<NsgRule>, AzureError> {
+        Ok(read_nsg_text(self.raw, &self.nsg_id)?.rules)
+    }
+
+    /// The NSG as a read of it alone gives it (etag, rules, text).
+    pub fn snapshot(&self) -> Result<NsgSnapshot, AzureError> {
+        let parsed = read_nsg_text(self.raw, &self.nsg_id)?;
+        Ok(NsgSnapshot {
+            nsg_id: self.nsg_id.clone(),
+            etag: parsed.etag,
+            rules: parsed.rules,
+            raw: self.raw.to_owned(),
+        })
+    }
 }
 
 /// `properties.<key>` of the NSG, `None` when absent.
@@ -347,5 +371,37 @@ mod tests {
         );
         let not_a_list = raw(serde_json::json!({"properties": {"securityRules": {}}}));
         assert!(etag_and_rules(&not_a_list, "nsg").is_err());
+    }
+
+    /// A page is read lazily: an NSG whose rules do not parse spoils only itself, found when
+    /// its rules are asked for; a page or an NSG without an id is refused whole.
+    #[test]
+    fn a_page_names_its_nsgs_and_parses_one_only_when_asked() {
+        let page = |value: Value| bytes::Bytes::from(serde_json::to_vec(&value).unwrap());
+        let good = serde_json::json!({"id": "/n/1", "etag": "W/\"1\"", "properties": {
+            "securityRules": [{"name": "r1", "properties": {
+                "priority": 200, "access": "Allow", "direction": "Inbound", "protocol": "Tcp",
+                "sourceAddressPrefix": "*", "sourcePortRange": "*",
+                "destinationAddressPrefix": "*", "destinationPortRange": "22"}}]}});
+        let spoilt = serde_json::json!({"id": "/n/2", "properties": {"securityRules": {}}});
+        let read = page_of_nsgs(page(serde_json::json!({
+            "value": [good, spoilt], "nextLink": "https://arm/next"
+        })))
+        .unwrap();
+        assert_eq!(read.next.as_deref(), Some("https://arm/next"));
+        let nsgs = read.nsgs().unwrap();
+        let ids: Vec<_> = nsgs.iter().map(|n| n.nsg_id.as_str()).collect();
+        assert_eq!(ids, ["/n/1", "/n/2"]);
+        let first = nsgs[0].snapshot().unwrap();
+        assert_eq!(first.etag.as_deref(), Some("W/\"1\""));
+        assert_eq!(first.rules, nsgs[0].rules().unwrap());
+        assert_eq!(json(first.raw.get().as_bytes())["id"], "/n/1");
+        assert!(nsgs[1].rules().is_err());
+
+        let last = page_of_nsgs(page(serde_json::json!({"value": [], "nextLink": ""}))).unwrap();
+        assert_eq!(last.next, None);
+        let no_id = page_of_nsgs(page(serde_json::json!({"value": [{"properties": {}}]})));
+        assert!(no_id.unwrap().nsgs().is_err());
+        assert!(page_of_nsgs(page(serde_json::json!({"value": {}}))).is_err());
     }
 }

@@ -372,15 +372,25 @@ async fn check_listed(
                 break;
             }
         };
-        for listed in page.nsgs {
+        let listed = match page.nsgs() {
+            Ok(listed) => listed,
+            Err(e) => {
+                warn!(subscription, resource_group, error = %e, "sweep: a page of the resource group's NSGs does not parse; the next sweep retries");
+                ctx.telemetry.sweep_failed();
+                break;
+            }
+        };
+        for listed in listed {
             let Some(nsg) = left.remove(&listed.nsg_id.to_ascii_lowercase()) else {
                 continue;
             };
-            let world = || ctx.world.for_nsg(&nsg);
-            match ctx
-                .nsgs
-                .check_listed(&nsg, world, Timestamp::now(), &listed, listed_at)
-            {
+            // An NSG whose rules do not parse here is read on its own, which says why.
+            let in_line = listed.rules().map(|rules| {
+                let world = || ctx.world.for_nsg(&nsg);
+                ctx.nsgs
+                    .check_listed(&nsg, world, Timestamp::now(), &rules, listed_at)
+            });
+            match in_line.unwrap_or(Listed::OutOfLine) {
                 Listed::InLine => outcome.listed += 1,
                 Listed::Busy => {}
                 Listed::OutOfLine => out_of_line.push(nsg),

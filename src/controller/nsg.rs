@@ -501,7 +501,7 @@ impl NsgSyncer {
             .await
     }
 
-    /// Checks the NSG against `listed`, its copy in a list of its resource group's NSGs read at
+    /// Checks the NSG against `listed`, its rules in a list of its resource group's NSGs read at
     /// `listed_at` (one read for many NSGs, see `inventory::sweep`), without calling Azure and
     /// without waiting: found in line, it counts as read then, and the objects' own syncs need
     /// not read it. Anything else is left to a sync of its own.
@@ -510,7 +510,7 @@ impl NsgSyncer {
         nsg_id: &str,
         world: impl FnOnce() -> World,
         now: Timestamp,
-        listed: &NsgSnapshot,
+        listed: &[NsgRule],
         listed_at: Instant,
     ) -> Listed {
         let slot = self.slot(nsg_id);
@@ -526,12 +526,12 @@ impl NsgSyncer {
         }
         let now = now.max(Timestamp::now());
         let asked = self.ask(nsg_id, &mut state.planned, world, now);
-        let plan = self.plan_for(&asked, &listed.rules);
+        let plan = self.plan_for(&asked, listed);
         if !plan.is_noop() || !plan.unplaced.is_empty() {
             return Listed::OutOfLine;
         }
         if let Some(telemetry) = &self.telemetry {
-            telemetry.set_band_usage(nsg_id, plan.band_usage(&listed.rules, &self.bands));
+            telemetry.set_band_usage(nsg_id, plan.band_usage(listed, &self.bands));
         }
         state.last = Some(LastSync {
             started: listed_at,
