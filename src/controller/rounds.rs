@@ -17,7 +17,7 @@ use tracing::debug;
 use super::Error;
 use super::nsg::{NsgOutcome, NsgSyncer};
 use super::telemetry::Telemetry;
-use super::world::WorldView;
+use super::world::{WorldView, index_ref};
 use crate::api::AccessGrant;
 use crate::locks::lock;
 
@@ -41,13 +41,36 @@ pub type Wake = Box<dyn Fn(ObjectRef<AccessGrant>) + Send + Sync>;
 
 /// The bookkeeping of rounds, without I/O: which NSGs are dirty, which round each request needs,
 /// whom a finished round answers.
+/// NSGs are keyed by their lower-cased id, one allocation shared by every request for the NSG:
+/// in a burst of 10,000 grants each holds its tickets until its rounds have run.
 #[derive(Default)]
 struct Book {
-    nsgs: HashMap<String, NsgRounds>,
+    nsgs: HashMap<Arc<str>, NsgRounds>,
     /// Dirty NSGs with no sync running, oldest request first.
-    queue: VecDeque<String>,
-    /// Per grant uid: per NSG and intent, the round its request needs.
-    tickets: HashMap<String, HashMap<(String, Intent), u64>>,
+    queue: VecDeque<Arc<str>>,
+    /// Per grant uid: the requests it has not taken the answers of.
+    tickets: HashMap<String, Vec<Ticket>>,
+}
+
+/// The NSG's key: its lower-cased id, shared with the NSG's entry if it has one.
+fn key_of(nsgs: &HashMap<Arc<str>, NsgRounds>, nsg: &str) -> Arc<str> {
+    let lower = nsg.to_ascii_lowercase();
+    match nsgs.get_key_value(lower.as_str()) {
+        Some((key, _)) => key.clone(),
+        None => lower.into(),
+    }
+}
+
+/// A grant's request for an NSG: the round it needs.
+struct Ticket {
+    nsg: Arc<str>,
+    intent: Intent,
+    round: u64,
+}
+
+/// Drops the tickets for `nsgs` (any case) and `intent`.
+fn drop_tickets(tickets: &mut Vec<Ticket>, nsgs: &[String], intent: Intent) {
+    tickets.retain(|t| t.intent != intent || !nsgs.iter().any(|n| n.eq_ignore_ascii_case(&t.nsg)));
 }
 
 #[derive(Default)]
@@ -82,12 +105,22 @@ impl Book {
         let mut answers = Vec::new();
         let mut waiting = false;
         for nsg in nsgs {
-            let key = (nsg.to_ascii_lowercase(), intent);
-            let entry = self.nsgs.entry(key.0.clone()).or_insert_with(|| NsgRounds {
+            let key = key_of(&self.nsgs, nsg);
+            let entry = self.nsgs.entry(key.clone()).or_insert_with(|| NsgRounds {
                 id: nsg.clone(),
                 ..Default::default()
             });
-            let needed = *tickets.entry(key.clone()).or_insert(entry.started + 1);
+            let needed = match tickets.iter().find(|t| t.intent == intent && t.nsg == key) {
+                Some(ticket) => ticket.round,
+                None => {
+                    tickets.push(Ticket {
+                        nsg: key.clone(),
+                        intent,
+                        round: entry.started + 1,
+                    });
+                    entry.started + 1
+                }
+            };
             if let Some(result) = entry.last.as_ref().filter(|_| entry.finished >= needed) {
                 answers.push((nsg.clone(), result.clone()));
                 continue;
@@ -100,19 +133,17 @@ impl Book {
             if !entry.dirty && entry.started < needed {
                 entry.dirty = true;
                 if !entry.running {
-                    self.queue.push_back(key.0);
+                    self.queue.push_back(key);
                 }
             }
         }
         if waiting {
             return None;
         }
-        for nsg in nsgs {
-            tickets.remove(&(nsg.to_ascii_lowercase(), intent));
-        }
+        drop_tickets(tickets, nsgs, intent);
         if intent == Intent::Close {
             // A closed grant never opens again: an open it asked for before is moot.
-            tickets.retain(|(_, asked), _| *asked != Intent::Open);
+            tickets.retain(|t| t.intent != Intent::Open);
         }
         if tickets.is_empty() {
             self.tickets.remove(uid);
@@ -139,7 +170,7 @@ impl Book {
         round: u64,
         result: RoundResult,
     ) -> Vec<ObjectRef<AccessGrant>> {
-        let key = nsg.to_ascii_lowercase();
+        let key = key_of(&self.nsgs, nsg);
         let entry = self.nsgs.entry(key.clone()).or_default();
         entry.running = false;
         entry.finished = round;
@@ -166,9 +197,7 @@ impl Book {
     /// Drops `uid`'s requests for `nsgs`: they were answered without a round.
     fn withdraw(&mut self, uid: &str, nsgs: &[String], intent: Intent) {
         if let Some(tickets) = self.tickets.get_mut(uid) {
-            for nsg in nsgs {
-                tickets.remove(&(nsg.to_ascii_lowercase(), intent));
-            }
+            drop_tickets(tickets, nsgs, intent);
             if tickets.is_empty() {
                 self.tickets.remove(uid);
             }
@@ -227,7 +256,7 @@ impl Rounds {
         wake: bool,
     ) -> Option<Vec<(String, RoundResult)>> {
         let uid = grant.metadata.uid.clone().unwrap_or_default();
-        let who = wake.then(|| ObjectRef::from_obj(grant));
+        let who = wake.then(|| index_ref(grant));
         let answers = self.book().ask(&uid, who.as_ref(), nsgs, intent);
         if answers.is_none() {
             self.dirty.notify_one();

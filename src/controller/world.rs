@@ -162,8 +162,8 @@ struct IndexEntries {
 }
 
 /// Where a grant sits in its store, without the version and uid a store lookup does not use
-/// (two copies per grant are kept here).
-fn index_ref(grant: &AccessGrant) -> ObjectRef<AccessGrant> {
+/// (for references kept per grant: two here, one per NSG in the rounds).
+pub fn index_ref(grant: &AccessGrant) -> ObjectRef<AccessGrant> {
     let mut at = ObjectRef::from_obj(grant);
     at.extra = Default::default();
     at
