@@ -1727,6 +1727,111 @@ async fn an_nsg_is_planned_again_only_when_the_world_changes_or_a_grant_lapses()
     assert_eq!(allow_rules().await, 0);
 }
 
+/// The sweep's one list for many NSGs stands for an NSG's read only while nothing newer does: a
+/// copy listed before a sync began, or before the NSG's last write ended, is not taken as read
+/// even when it shows the NSG as asked.
+#[tokio::test]
+async fn a_listed_copy_counts_as_a_read_only_if_no_sync_or_write_came_after_it() {
+    use portcullis::controller::nsg::{Listed, NsgSyncer};
+    use portcullis::plan::{Bands, Naming};
+    use std::time::Instant;
+
+    let emu = start(EmulatorConfig {
+        // Long enough to list the NSG while its write runs, on a loaded machine too.
+        async_delay: Duration::from_secs(2),
+        ..config()
+    })
+    .await;
+    let api = Arc::new(client(&emu));
+    // The world's generation moves whenever the test changes the world, as watch events do.
+    let generation = portcullis::controller::world::WorldGeneration::default();
+    let syncer = Arc::new(
+        NsgSyncer::new(api.clone(), Bands::default(), Naming::default())
+            .with_world_generation(generation.clone()),
+    );
+    let nsg = nsg_id("nsg-nic");
+    let granted = planned_world(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1800));
+    // A second grant in the same NSG: one rule more to write.
+    let mut second = (*granted.grants[0]).clone();
+    second.metadata.name = Some("g2".into());
+    second.metadata.uid = Some("grant-2-uid".into());
+    second.spec.source_address_prefix = "203.0.113.8".into();
+    let both = portcullis::controller::world::World {
+        grants: vec![granted.grants[0].clone(), Arc::new(second)],
+        ..granted.clone()
+    };
+    let listed = || async {
+        let at = Instant::now();
+        let page = api.list_nsgs_page(SUB, "rg1", None).await.expect("a page");
+        let nsgs = page.nsgs().expect("its NSGs");
+        let copy = nsgs
+            .iter()
+            .find(|n| n.nsg_id.eq_ignore_ascii_case(&nsg))
+            .expect("nsg-nic listed");
+        (at, copy.rules().expect("its rules"))
+    };
+    let check = |world: &portcullis::controller::world::World, rules: &[NsgRule], at: Instant| {
+        syncer.check_listed(&nsg, || world.clone(), jiff::Timestamp::now(), rules, at)
+    };
+    let now = jiff::Timestamp::now;
+
+    syncer
+        .sync(&nsg, || granted.clone(), now())
+        .await
+        .expect("open");
+    let (at, in_line) = listed().await;
+    assert_eq!(
+        check(&granted, &in_line, at),
+        Listed::InLine,
+        "listed after the open"
+    );
+    syncer
+        .sync_fresh(&nsg, || granted.clone(), now())
+        .await
+        .expect("a read of its own");
+    assert_eq!(
+        check(&granted, &in_line, at),
+        Listed::Busy,
+        "a sync began after the list: its read stands, not the list's"
+    );
+
+    // The second grant's rule is written while the NSG is listed.
+    generation.advance();
+    emu.admin().clear_requests().await.expect("clear log");
+    let opening = tokio::spawn({
+        let (syncer, nsg, both) = (syncer.clone(), nsg.clone(), both.clone());
+        async move { syncer.sync(&nsg, || both.clone(), now()).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = emu.admin().requests().await.expect("requests");
+        if log
+            .iter()
+            .any(|r| r.method == "PUT" && r.path.contains("/nsg-nic"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no write of nsg-nic: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (during, mid_write) = listed().await;
+    opening.await.expect("task").expect("the second open");
+    let (_, after) = listed().await;
+    assert_eq!(
+        mid_write, after,
+        "the copy listed mid-write already shows the result"
+    );
+    assert_eq!(
+        check(&both, &mid_write, during),
+        Listed::OutOfLine,
+        "listed before the write ended: not taken as read"
+    );
+    emu.shutdown().await;
+}
+
 /// A write that closes takes its place in the write budget before the opens already waiting
 /// for theirs, through the real client: with the emulator's bucket spent, the close waits for
 /// one refill, the opens for the close's token and then their own.
