@@ -251,7 +251,6 @@ fn status_in_phase(
 /// Closes the grant: removes its Allow rules from every NSG (each on its own), then records the
 /// final phase. Rules an NSG refused to give up stay listed in status with the NSG and the
 /// error, a Warning Event says so, and the reconcile fails so that it is retried with backoff.
-#[allow(clippy::too_many_arguments)]
 async fn close(
     grant: &AccessGrant,
     api: &Api<AccessGrant>,

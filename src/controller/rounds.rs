@@ -41,6 +41,7 @@ pub type Wake = Box<dyn Fn(ObjectRef<AccessGrant>) + Send + Sync>;
 
 /// The bookkeeping of rounds, without I/O: which NSGs are dirty, which round each request needs,
 /// whom a finished round answers.
+///
 /// NSGs are keyed by their lower-cased id, one allocation shared by every request for the NSG:
 /// in a burst of 10,000 grants each holds its tickets until its rounds have run.
 #[derive(Default)]
