@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use portcullis::api::condition::{self, READY};
 use portcullis::api::{AccessApproval, AccessGrant, Decision, GrantPhase};
 use serde_json::{Value, json};
 use support::operator::{Env, grant_spec, standard_policy, vm_id};
@@ -109,7 +110,7 @@ async fn ready(prefix: &str, policy: Value, users: &[&str]) -> Env {
 fn ready_message(g: &AccessGrant) -> String {
     g.status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| condition::find(&s.conditions, READY))
         .map(|c| c.message.clone())
         .unwrap_or_default()
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use portcullis::api::Protocol;
+use portcullis::api::condition::{self, READY};
 use portcullis::controller::Settings;
 use portcullis::plan::naming::{self, RuleKind, RuleName};
 use portcullis_azure_emulator::{EmulatorConfig, Fixture, RequestRecord};
@@ -334,7 +335,7 @@ async fn a_policy_over_200_vms_behind_2_subnet_nsgs_is_enforced_in_at_most_two_w
     let ready = policy
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| condition::find(&s.conditions, READY))
         .expect("Ready");
     assert_eq!(ready.reason, "Enforced", "{}", ready.message);
     assert_eq!(ready.message, "2 deny rule(s) in 2 NSG(s)");
@@ -406,7 +407,7 @@ async fn a_deny_rule_over_azures_4000_addresses_per_nsg_waits_and_says_why() {
     let ready = policy
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| condition::find(&s.conditions, READY))
         .expect("Ready");
     assert_eq!(ready.status, "False");
     assert!(
@@ -447,7 +448,7 @@ async fn a_deny_rule_over_azures_4000_addresses_per_nsg_waits_and_says_why() {
     let ready = policy
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| condition::find(&s.conditions, READY))
         .expect("Ready");
     assert_eq!(ready.reason, "Enforced", "{}", ready.message);
     let owned = env.owned_rules("nsg-subnet").await;
@@ -465,7 +466,7 @@ async fn a_deny_rule_over_azures_4000_addresses_per_nsg_waits_and_says_why() {
     let ready = grant
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| condition::find(&s.conditions, READY))
         .expect("Ready");
     assert!(
         ready.message.contains("4,000 addresses"),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
+use portcullis::api::condition::{self, READY};
 use portcullis::api::{AccessGrant, GrantPhase};
 use portcullis::azure::nsg_json;
 use portcullis::controller::telemetry::Telemetry;
@@ -168,7 +169,7 @@ async fn a_status_edited_to_ask_for_more_than_the_policy_allows_is_closed() {
         let ready = closed
             .status
             .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .and_then(|s| condition::find(&s.conditions, READY))
             .expect("Ready");
         assert_eq!(ready.reason, "NoLongerAllowed", "{name}");
         env.wait_rules_gone(grant, T).await;
@@ -314,7 +315,7 @@ async fn address_families_are_never_mixed_and_a_source_that_cannot_reach_the_vm_
     let ready = denied
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| condition::find(&s.conditions, READY))
         .expect("Ready");
     assert_eq!(ready.reason, "AddressFamilyMismatch");
     assert!(ready.message.contains("IPv4 only"), "{}", ready.message);
@@ -348,7 +349,7 @@ fn ready_condition(grant: &portcullis::api::AccessGrant) -> (String, String) {
     grant
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| condition::find(&s.conditions, READY))
         .map(|c| (c.reason.clone(), c.message.clone()))
         .unwrap_or_default()
 }

@@ -13,6 +13,7 @@ use jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::discovery::ApiResource;
+use portcullis::api::condition::{self, READY};
 use portcullis::api::{AccessGrant, GrantPhase, JitPolicy};
 use serde_json::{Value, json};
 
@@ -965,7 +966,7 @@ async fn apply_all<'a>(env: &Env, cases: &'a [Case]) -> Vec<&'a Case> {
 async fn grant_outcome(env: &Env, name: &str) -> Option<(GrantPhase, String, String)> {
     let g = env.grants().get(name).await.ok()?;
     let status = g.status?;
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let ready = condition::find(&status.conditions, READY);
     Some((
         status.phase?,
         ready.map(|c| c.reason.clone()).unwrap_or_default(),

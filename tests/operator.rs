@@ -8,6 +8,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use kube::api::DeleteParams;
 use portcullis::api::GrantPhase;
+use portcullis::api::condition::{self, READY};
 use portcullis_azure_emulator::{EmulatorConfig, Faults};
 use serde_json::{Value, json};
 
@@ -267,11 +268,7 @@ async fn out_of_policy_grants_are_denied_with_zero_writes() {
     for (name, _, reason) in &cases {
         let g = env.wait_grant_phase(name, GrantPhase::Denied, T).await;
         let status = g.status.expect("status");
-        let ready = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .expect("Ready condition");
+        let ready = condition::find(&status.conditions, READY).expect("Ready condition");
         assert_eq!(ready.status, "False");
         assert_eq!(ready.reason, *reason, "{name}: {}", ready.message);
         assert!(!ready.message.is_empty());

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use portcullis::api::condition::{self, READY};
 use portcullis::api::{GrantPhase, JitScope};
 use portcullis_azure_emulator::{
     EmulatorConfig, FixtureIpConfig, FixtureNic, FixtureNsg, FixtureResourceGroup, FixtureSubnet,
@@ -85,7 +86,7 @@ fn ready_message(policy: &portcullis::api::JitPolicy) -> String {
     policy
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| condition::find(&s.conditions, READY))
         .map(|c| c.message.clone())
         .unwrap_or_default()
 }
@@ -356,12 +357,7 @@ async fn a_namespace_no_scope_names_is_refused_by_default() {
     let uid = created.uid().expect("uid");
     let refused = wait_for("the unscoped policy OutOfScope", T, || async {
         let p = policies.get("prod").await.ok()?;
-        let c = p
-            .status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")?;
+        let c = condition::find(&p.status.as_ref()?.conditions, READY)?;
         (c.reason == "OutOfScope").then(|| c.message.clone())
     })
     .await;
@@ -414,12 +410,7 @@ async fn allow_unscoped_namespaces_opens_only_namespaces_no_scope_names() {
         .expect("create");
     wait_for("the unscoped policy Ready (open mode)", T, || async {
         let p = policies.get("prod").await.ok()?;
-        let c = p
-            .status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")?;
+        let c = condition::find(&p.status.as_ref()?.conditions, READY)?;
         (c.status == "True").then_some(())
     })
     .await;
