@@ -469,20 +469,7 @@ impl NsgSyncer {
         world: impl Fn() -> World,
         now: Timestamp,
     ) -> Result<NsgOutcome, Error> {
-        let requested = Instant::now();
-        let slot = self.slot(nsg_id);
-        let mut state = slot.state.lock().await;
-        // A close asked before now is in the world this sync reads.
-        let _ = slot.close_asked.notified().now_or_never();
-        // Many reconciles ask for the same NSG at once (every grant in a shared subnet NSG): a
-        // sync that began after this request read a world at least as new as the caller's, so
-        // its result stands for this request too, and the queue drains in one more sync.
-        if let Some(done) = state.last.as_ref().filter(|d| d.started >= requested) {
-            debug!("NSG synced since this request: result shared");
-            return Ok(done.outcome.clone());
-        }
-        self.sync_asked(nsg_id, &world, now, &mut state, &slot, false)
-            .await
+        self.sync_held(nsg_id, &world, now, false).await
     }
 
     /// [`NsgSyncer::sync`] that reads Azure whatever the last sync found: for an NSG a list's
@@ -494,10 +481,31 @@ impl NsgSyncer {
         world: impl Fn() -> World,
         now: Timestamp,
     ) -> Result<NsgOutcome, Error> {
+        self.sync_held(nsg_id, &world, now, true).await
+    }
+
+    /// Takes the NSG's slot, then syncs it (see [`NsgSyncer::sync_asked`]). Unless `fresh`,
+    /// a sync that began after this request answers it.
+    async fn sync_held(
+        &self,
+        nsg_id: &str,
+        world: &impl Fn() -> World,
+        now: Timestamp,
+        fresh: bool,
+    ) -> Result<NsgOutcome, Error> {
+        let requested = Instant::now();
         let slot = self.slot(nsg_id);
         let mut state = slot.state.lock().await;
+        // A close asked before now is in the world this sync reads.
         let _ = slot.close_asked.notified().now_or_never();
-        self.sync_asked(nsg_id, &world, now, &mut state, &slot, true)
+        // Many reconciles ask for the same NSG at once (every grant in a shared subnet NSG): a
+        // sync that began after this request read a world at least as new as the caller's, so
+        // its result stands for this request too, and the queue drains in one more sync.
+        if !fresh && let Some(done) = state.last.as_ref().filter(|d| d.started >= requested) {
+            debug!("NSG synced since this request: result shared");
+            return Ok(done.outcome.clone());
+        }
+        self.sync_asked(nsg_id, world, now, &mut state, &slot, fresh)
             .await
     }
 
