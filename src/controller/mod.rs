@@ -242,10 +242,15 @@ where
         }
         tracing::debug!("world ready");
         let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-        let result = kube::runtime::finalizer::finalizer(&api, finalizer_name, obj, |event| {
-            handle(event, api.clone(), ctx.clone())
-        })
-        .await;
+        let result = match with_finalizer(&api, finalizer_name, obj).await {
+            Ok(obj) => {
+                kube::runtime::finalizer::finalizer(&api, finalizer_name, obj, |event| {
+                    handle(event, api.clone(), ctx.clone())
+                })
+                .await
+            }
+            Err(e) => Err(kube::runtime::finalizer::Error::AddFinalizer(e)),
+        };
         let result = match result {
             Err(e) if behind_our_own_finalizer_patch(&e) => {
                 tracing::debug!("the watch has not yet shown our finalizer patch: wait for it");
@@ -260,6 +265,46 @@ where
     }
     .instrument(span)
     .await
+}
+
+/// The object with our finalizer added, if a live object lacks it. kube-runtime's own step adds
+/// it and waits for the watch to bring the object back, one round trip through the API server
+/// per new object before anything else happens; the patch's answer is already that object.
+/// The same JSON patch (a `test` of the list seen, so a concurrent edit fails rather than
+/// doubling the entry).
+async fn with_finalizer<K>(
+    api: &Api<K>,
+    finalizer_name: &str,
+    obj: Arc<K>,
+) -> Result<Arc<K>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let has_it = obj.finalizers().iter().any(|f| f == finalizer_name);
+    if has_it || obj.meta().deletion_timestamp.is_some() {
+        return Ok(obj);
+    }
+    let seen = obj.finalizers();
+    let ops = if seen.is_empty() {
+        serde_json::json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": null },
+            { "op": "add", "path": "/metadata/finalizers", "value": [finalizer_name] },
+        ])
+    } else {
+        serde_json::json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": seen },
+            { "op": "add", "path": "/metadata/finalizers/-", "value": finalizer_name },
+        ])
+    };
+    let patch: json_patch::Patch = serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
+    let patched = api
+        .patch(
+            &obj.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Json::<()>(patch),
+        )
+        .await?;
+    Ok(Arc::new(patched))
 }
 
 /// kube-runtime patches the finalizers with a JSON-patch `test` of the list the reconcile saw.
