@@ -303,7 +303,7 @@ async fn close(
         warn!(failed = %describe(&failures), "grant not fully closed");
         if before.rules != status.rules || before.phase != Some(phase) {
             let note = format!("could not close in {}", describe(&failures));
-            ctx.event(grant, true, "CloseFailed", "Close", note).await;
+            ctx.event(grant, true, "CloseFailed", "Close", note);
         }
         return first_error(failures).map(|()| Progress::Done);
     }
@@ -319,8 +319,7 @@ async fn close(
             expiry_lag_seconds = lag,
             "grant closed"
         );
-        ctx.event(grant, false, phase.as_str(), "Close", message)
-            .await;
+        ctx.event(grant, false, phase.as_str(), "Close", message);
     }
     Ok(Progress::Done)
 }
@@ -494,8 +493,7 @@ async fn delete_finished(
     let ttl = crate::api::duration::format_iso8601(ttl.unwrap_or_default());
     let message =
         format!("{phase} since {finished_at}; deleted after the finished-grant TTL {ttl}");
-    ctx.event(&latest, false, "FinishedTtl", "Delete", message.clone())
-        .await;
+    ctx.event(&latest, false, "FinishedTtl", "Delete", message.clone());
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             uid: latest.uid(),
@@ -869,8 +867,7 @@ async fn deny(
     warn!(reason, message = %denial.message, "grant denied");
     ctx.audit
         .record(&updated, Step::Denied, reason, &denial.message);
-    ctx.event(grant, true, "Denied", "Validate", denial.message)
-        .await;
+    ctx.event(grant, true, "Denied", "Validate", denial.message);
     Ok(Activation::Stop(Action::await_change()))
 }
 
@@ -964,18 +961,16 @@ async fn open_and_heal(
     if ready && !was_ready {
         let note = activated_note(grant, expires_at);
         ctx.audit.record(&current, Step::Activated, "Opened", &note);
-        ctx.event(grant, false, "Activated", "Open", note).await;
+        ctx.event(grant, false, "Activated", "Open", note);
     }
     if let Some(note) = edited {
-        ctx.event(grant, true, "SpecIgnored", "Validate", note)
-            .await;
+        ctx.event(grant, true, "SpecIgnored", "Validate", note);
     }
     if !drift.is_empty() {
         let note = format!("put back or removed: {}", drift.join(", "));
         ctx.audit
             .record(&current, Step::DriftCorrected, "DriftCorrected", &note);
-        ctx.event(grant, false, "DriftCorrected", "Heal", note)
-            .await;
+        ctx.event(grant, false, "DriftCorrected", "Heal", note);
     }
     first_error(failures).map(|()| Progress::Done)
 }

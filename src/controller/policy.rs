@@ -189,8 +189,7 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
             "DriftCorrected",
             "Heal",
             format!("put back: {}", drift.join(", ")),
-        )
-        .await;
+        );
     }
     Ok(Action::requeue(requeue))
 }
@@ -244,7 +243,7 @@ async fn keep_last_valid(
     if policy.status.as_ref() != Some(&status) {
         write_status(policy, api, ctx, &status).await?;
         warn!(reason, %message, "policy refused");
-        ctx.event(policy, true, reason, "Validate", message).await;
+        ctx.event(policy, true, reason, "Validate", message);
     }
     sync_all(&nsgs_of_policy(policy), ctx, now).await?;
     Ok(Action::requeue(ctx.resync))
@@ -283,8 +282,7 @@ async fn cleanup(policy: &JitPolicy, ctx: &Ctx) -> Result<Action, Error> {
         let status = closed_status(grant, GrantPhase::Revoked, "PolicyDeleted", &msg, now);
         let updated = apply_status(&grants_api, grant, &status).await?;
         ctx.world.record_grant(&updated);
-        ctx.event(grant.as_ref(), false, "Revoked", "Close", msg)
-            .await;
+        ctx.event(grant.as_ref(), false, "Revoked", "Close", msg);
     }
     if let Some(uid) = policy.uid() {
         ctx.world.forget(&uid);

@@ -66,8 +66,7 @@ async fn quarantined(ctx: &Ctx, report: &Undecodable) {
         error = %report.error,
         "object does not decode"
     );
-    ctx.event_for(&report.reference, true, "Undecodable", "Decode", note)
-        .await;
+    ctx.event_for(&report.reference, true, "Undecodable", "Decode", note);
     // Off this loop: a slow NSG must not delay what the streams report next.
     let (ctx, nsgs) = (ctx.clone(), report.nsgs.clone());
     tokio::spawn(async move {
