@@ -19,7 +19,7 @@ use super::audit::Step;
 use super::context::Ctx;
 use super::nsg::NsgOutcome;
 use super::policy::SCOPES_NOT_LISTED_RETRY;
-use super::rounds::Intent;
+use super::rounds::{Answer, Intent};
 use super::status::{apply_status, apply_status_if_unchanged};
 use crate::admission::verify;
 use crate::api::condition::{READY, set_condition};
@@ -145,12 +145,16 @@ async fn ask_grant_nsgs(
     }
     let answers = match wait {
         Wait::Woken => ctx.rounds.ask(grant, &nsgs, intent),
-        Wait::InPlace => Some(ctx.rounds.ask_and_wait(grant, &nsgs, intent).await),
+        Wait::InPlace => Answer::Ready(ctx.rounds.ask_and_wait(grant, &nsgs, intent).await),
     };
-    let Some(answers) = answers else {
-        // Requests still coming hold back a spaced-out open (see `NsgSyncer::asked`).
-        nsgs.iter().for_each(|n| ctx.nsgs.asked(n));
-        return None;
+    let answers = match answers {
+        Answer::Ready(answers) => answers,
+        Answer::Pending { new } => {
+            // New requests still coming hold back a spaced-out open (see `NsgSyncer::asked`);
+            // a grant woken by one NSG's round while it waits for another's asks nothing new.
+            new.iter().for_each(|n| ctx.nsgs.asked(n));
+            return None;
+        }
     };
     let mut outcomes = Vec::new();
     let mut failures = Vec::new();

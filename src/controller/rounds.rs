@@ -62,6 +62,24 @@ fn key_of(nsgs: &HashMap<Arc<str>, NsgRounds>, nsg: &str) -> Arc<str> {
     }
 }
 
+/// What asking gives a grant.
+pub enum Answer {
+    /// Every NSG answered: the result of a round that began after each request was made.
+    Ready(Vec<(String, RoundResult)>),
+    /// Not yet (the grant is woken when they have). `new`: the NSGs this call asked for the
+    /// first time; the others were asked before and are in, or due for, their round.
+    Pending { new: Vec<String> },
+}
+
+impl Answer {
+    pub fn ready(self) -> Option<Vec<(String, RoundResult)>> {
+        match self {
+            Answer::Ready(answers) => Some(answers),
+            Answer::Pending { .. } => None,
+        }
+    }
+}
+
 /// A grant's request for an NSG: the round it needs.
 struct Ticket {
     nsg: Arc<str>,
@@ -101,10 +119,11 @@ impl Book {
         who: Option<&ObjectRef<AccessGrant>>,
         nsgs: &[String],
         intent: Intent,
-    ) -> Option<Vec<(String, RoundResult)>> {
+    ) -> Answer {
         let tickets = self.tickets.entry(uid.to_string()).or_default();
         let mut answers = Vec::new();
         let mut waiting = false;
+        let mut new = Vec::new();
         for nsg in nsgs {
             let key = key_of(&self.nsgs, nsg);
             let entry = self.nsgs.entry(key.clone()).or_insert_with(|| NsgRounds {
@@ -114,6 +133,7 @@ impl Book {
             let needed = match tickets.iter().find(|t| t.intent == intent && t.nsg == key) {
                 Some(ticket) => ticket.round,
                 None => {
+                    new.push(nsg.clone());
                     tickets.push(Ticket {
                         nsg: key.clone(),
                         intent,
@@ -139,7 +159,7 @@ impl Book {
             }
         }
         if waiting {
-            return None;
+            return Answer::Pending { new };
         }
         drop_tickets(tickets, nsgs, intent);
         if intent == Intent::Close {
@@ -149,7 +169,7 @@ impl Book {
         if tickets.is_empty() {
             self.tickets.remove(uid);
         }
-        Some(answers)
+        Answer::Ready(answers)
     }
 
     /// Begins the next round of the oldest dirty NSG: its id (as first asked for) and the
@@ -239,30 +259,20 @@ impl Rounds {
         lock(&self.book)
     }
 
-    /// The answers for the grant's NSGs (see [`Book::ask`]); `None` wakes the grant later.
-    pub fn ask(
-        &self,
-        grant: &AccessGrant,
-        nsgs: &[String],
-        intent: Intent,
-    ) -> Option<Vec<(String, RoundResult)>> {
+    /// The answers for the grant's NSGs (see [`Book::ask`]); if pending, the grant is woken
+    /// later.
+    pub fn ask(&self, grant: &AccessGrant, nsgs: &[String], intent: Intent) -> Answer {
         self.ask_for(grant, nsgs, intent, true)
     }
 
-    fn ask_for(
-        &self,
-        grant: &AccessGrant,
-        nsgs: &[String],
-        intent: Intent,
-        wake: bool,
-    ) -> Option<Vec<(String, RoundResult)>> {
+    fn ask_for(&self, grant: &AccessGrant, nsgs: &[String], intent: Intent, wake: bool) -> Answer {
         let uid = grant.metadata.uid.clone().unwrap_or_default();
         let who = wake.then(|| index_ref(grant));
-        let answers = self.book().ask(&uid, who.as_ref(), nsgs, intent);
-        if answers.is_none() {
+        let answer = self.book().ask(&uid, who.as_ref(), nsgs, intent);
+        if let Answer::Pending { .. } = answer {
             self.dirty.notify_one();
         }
-        answers
+        answer
     }
 
     /// Like [`Rounds::ask`], but waits in place for the answers (holding the caller's slot);
@@ -277,7 +287,7 @@ impl Rounds {
             let finished = self.finished.notified();
             tokio::pin!(finished);
             finished.as_mut().enable();
-            if let Some(answers) = self.ask_for(grant, nsgs, intent, false) {
+            if let Answer::Ready(answers) = self.ask_for(grant, nsgs, intent, false) {
                 return answers;
             }
             finished.await;
@@ -362,7 +372,9 @@ mod tests {
 
     /// `name` asks for `ids`; the writes of each answer, or `None` while waiting.
     fn ask(book: &mut Book, name: &str, ids: &[&str], intent: Intent) -> Option<Vec<usize>> {
-        let answers = book.ask(name, Some(&grant(name)), &nsgs(ids), intent)?;
+        let answers = book
+            .ask(name, Some(&grant(name)), &nsgs(ids), intent)
+            .ready()?;
         Some(
             answers
                 .into_iter()
@@ -427,6 +439,29 @@ mod tests {
         assert_eq!(
             ask(&mut book, "a", &["x", "y"], Intent::Open),
             Some(vec![1, 1])
+        );
+    }
+
+    /// What holds back a spaced-out open is new requests: a grant woken by one NSG's round while
+    /// it still waits for another's asks nothing new of either.
+    #[test]
+    fn only_a_first_request_for_an_nsg_is_new() {
+        let mut book = Book::default();
+        let new = |answer: Answer| match answer {
+            Answer::Pending { new } => new,
+            Answer::Ready(_) => panic!("answered"),
+        };
+        let a = Some(grant("a"));
+        let (xy, intent) = (nsgs(&["x", "y"]), Intent::Open);
+        assert_eq!(new(book.ask("a", a.as_ref(), &xy, intent)), xy);
+        let (_, rx) = book.begin().expect("x dirty");
+        let (_, _ry) = book.begin().expect("y dirty");
+        book.finish("x", rx, outcome("x", 1));
+        assert!(new(book.ask("a", a.as_ref(), &xy, intent)).is_empty());
+        assert_eq!(
+            new(book.ask("a", a.as_ref(), &nsgs(&["x", "z"]), intent)),
+            nsgs(&["z"]),
+            "z is new; x is still asked from before"
         );
     }
 
