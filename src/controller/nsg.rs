@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,10 +91,53 @@ fn write_spacing(usable: i64, full: i64) -> Option<Duration> {
     Some(WRITE_SPACING_UNIT.mul_f64(ratio).min(WRITE_SPACING_MAX))
 }
 
+/// When grants last asked for syncs (see [`NsgSyncer::asked`]), and whether the budget left
+/// would pay for a write of every NSG spacing out now.
+#[derive(Clone, Copy)]
+struct LastAsked {
+    this_nsg: Option<Instant>,
+    any_nsg: Option<Instant>,
+    budget_for_all: bool,
+}
+
+/// When a spacing of `spacing`, due to end at `due`, begun at `began`, ends given the requests
+/// so far (see [`NsgSyncer::space_out`]): at `due`, or once requests have stopped coming, for
+/// this NSG for a quarter of the spacing, or for every NSG for [`QUIET_MIN`] while the budget
+/// left would pay for a write of every NSG spacing out. (Not otherwise: with the budget short,
+/// the end of a burst would start every NSG's write at once, to wait in the pacer's queue with
+/// its NSG read.)
+fn spacing_ends(due: Instant, spacing: Duration, began: Instant, asked: LastAsked) -> Instant {
+    let quiet_after =
+        |last: Option<Instant>, quiet_for: Duration| last.unwrap_or(began).max(began) + quiet_for;
+    let nsg_quiet = quiet_after(asked.this_nsg, (spacing / 4).max(QUIET_MIN));
+    let end = due.min(nsg_quiet);
+    match asked.budget_for_all {
+        true => end.min(quiet_after(asked.any_nsg, QUIET_MIN)),
+        false => end,
+    }
+}
+
+/// Counts a sync as spacing out for as long as it lives.
+struct SpacingOut<'a>(&'a AtomicUsize);
+
+impl<'a> SpacingOut<'a> {
+    fn begin(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        SpacingOut(count)
+    }
+}
+
+impl Drop for SpacingOut<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 const WRITE_SPACING_UNIT: Duration = Duration::from_secs(1);
 /// Bounds how long a grant can wait for its open to be spaced out.
 const WRITE_SPACING_MAX: Duration = Duration::from_secs(10);
-/// The least time without a request after which a spaced-out open goes.
+/// The least time without a request after which a spaced-out open goes; also how long no NSG
+/// at all must be asked for before a burst counts as over.
 const QUIET_MIN: Duration = Duration::from_millis(250);
 
 /// What a sync means to write, and what it was asked for.
@@ -238,6 +281,10 @@ pub struct NsgSyncer {
     bands: Bands,
     naming: Naming,
     slots: Mutex<HashMap<String, Arc<NsgSlot>>>,
+    /// When a grant last asked for any NSG (see [`NsgSyncer::asked`]).
+    last_asked_any: Mutex<Option<Instant>>,
+    /// Syncs spacing out their writes now (over every subscription: an overcount with several).
+    spacing_now: AtomicUsize,
     /// Cleared the moment leadership is lost: no write starts after that.
     writes_allowed: AtomicBool,
     /// Where every NSG is recorded before its first write (see `inventory`).
@@ -264,6 +311,8 @@ impl NsgSyncer {
             bands,
             naming,
             slots: Mutex::new(HashMap::new()),
+            last_asked_any: Mutex::new(None),
+            spacing_now: AtomicUsize::new(0),
             writes_allowed: AtomicBool::new(true),
             inventory: None,
             flush_connections: None,
@@ -431,7 +480,9 @@ impl NsgSyncer {
     /// requests have stopped coming for a while (see [`NsgSyncer::space_out`]).
     pub fn asked(&self, nsg_id: &str) {
         let slot = self.slot(nsg_id);
-        *lock(&slot.last_asked) = Some(Instant::now());
+        let now = Instant::now();
+        *lock(&slot.last_asked) = Some(now);
+        *lock(&self.last_asked_any) = Some(now);
     }
 
     /// Removes rules by one conditional PUT of the whole NSG without them (the write Azure
@@ -747,10 +798,11 @@ impl NsgSyncer {
     /// write is [`write_spacing`] old. In a burst an NSG's opens then go out less often the
     /// lower the budget runs: each write carries more of the grants arriving meanwhile, and what
     /// is left of the budget goes further, instead of being spent early on rounds that each
-    /// carry a few grants. The wait ends sooner once no grant has asked for the NSG for a
-    /// quarter of the spacing (the grants to carry are all there), at the next grant lapse, and
-    /// when a grant's close is asked in the NSG (a close must not wait). Returns whether it
-    /// waited.
+    /// carry a few grants. The wait ends sooner once the grants to carry are all there (see
+    /// [`spacing_ends`]): no grant has asked for the NSG for a quarter of the spacing, or for any
+    /// NSG for [`QUIET_MIN`] (the burst is over, wherever it was) while the budget would pay for
+    /// every NSG spacing out. It also ends at the next grant lapse, and when a grant's close is
+    /// asked in the NSG (a close must not wait). Returns whether it waited.
     async fn space_out(
         &self,
         nsg_id: &str,
@@ -778,10 +830,17 @@ impl NsgSyncer {
         debug!(?spacing, "budget low: spacing out the NSG's writes");
         let spacing_out = self.telemetry.as_ref().map(|t| t.spacing_out());
         let waited = Instant::now();
-        let quiet_for = (spacing / 4).max(QUIET_MIN);
+        let _counted = SpacingOut::begin(&self.spacing_now);
         loop {
-            let quiet = slot.last_asked().unwrap_or(waited).max(waited) + quiet_for;
-            let wake = due.min(quiet);
+            let spacing_now = self.spacing_now.load(Ordering::Relaxed);
+            let asked = LastAsked {
+                this_nsg: slot.last_asked(),
+                any_nsg: *lock(&self.last_asked_any),
+                budget_for_all: self.azure.budget_left(nsg_id, kind).is_some_and(|left| {
+                    left.usable >= i64::try_from(spacing_now).unwrap_or(i64::MAX)
+                }),
+            };
+            let wake = spacing_ends(due, spacing, waited, asked);
             if wake <= Instant::now() {
                 break;
             }
@@ -960,6 +1019,57 @@ impl NsgSyncer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A spaced-out open goes once the grants it would carry are all there: requests for its
+    /// NSG have stopped for a quarter of the spacing, or requests for every NSG have stopped (a
+    /// burst over many NSGs has ended) for `QUIET_MIN` and the budget would pay for them all;
+    /// at the latest when the spacing is due.
+    #[test]
+    fn spacing_ends_when_requests_stop_here_or_everywhere() {
+        let began = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let spacing = Duration::from_secs(4);
+        let due = began + spacing;
+        let asked = |this: u64, any: u64| LastAsked {
+            this_nsg: Some(began + ms(this)),
+            any_nsg: Some(began + ms(any)),
+            budget_for_all: true,
+        };
+        assert_eq!(
+            spacing_ends(due, spacing, began, asked(3_000, 3_900)),
+            due,
+            "requests still coming: due"
+        );
+        assert_eq!(
+            spacing_ends(due, spacing, began, asked(1_000, 3_000)),
+            began + ms(2_000),
+            "quiet here for a quarter of the spacing, while other NSGs are still asked for"
+        );
+        assert_eq!(
+            spacing_ends(due, spacing, began, asked(2_500, 2_500)),
+            began + ms(2_500) + QUIET_MIN,
+            "no NSG asked for since: the burst is over"
+        );
+        let short = LastAsked {
+            budget_for_all: false,
+            ..asked(2_500, 2_500)
+        };
+        assert_eq!(
+            spacing_ends(due, spacing, began, short),
+            began + ms(3_500),
+            "the budget would not pay for every NSG spacing out: only this NSG's quiet counts"
+        );
+        let never = LastAsked {
+            this_nsg: None,
+            any_nsg: None,
+            budget_for_all: true,
+        };
+        assert_eq!(
+            spacing_ends(due, spacing, began, never),
+            began + QUIET_MIN,
+            "counted from the spacing's start"
+        );
+    }
 
     #[test]
     fn writes_are_spaced_out_more_the_lower_the_budget_runs() {
