@@ -55,7 +55,10 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Context {
-            events: EventQueue::start(EventPublisher::new(client.clone(), reporter)),
+            events: EventQueue::start(
+                EventPublisher::new(client.clone(), reporter),
+                telemetry.clone(),
+            ),
             client,
             nsgs,
             rounds: Rounds::new(1, None),
