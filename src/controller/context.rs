@@ -55,10 +55,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Context {
-            events: EventQueue::start(
-                EventPublisher::new(client.clone(), reporter),
-                telemetry.clone(),
-            ),
+            events: EventQueue::start(EventPublisher::new(client.clone(), reporter)),
             client,
             nsgs,
             rounds: Rounds::new(1, None),

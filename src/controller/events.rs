@@ -13,7 +13,6 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::warn;
 
-use super::telemetry::Telemetry;
 use crate::locks::lock;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -36,36 +35,32 @@ const QUEUED: usize = 1000;
 
 /// Publishes in flight at most. In a burst, Events then wait behind the status writes that
 /// people and tools wait on, rather than taking the API server's time beside them.
-const IN_FLIGHT: usize = 16;
+const IN_FLIGHT: usize = 8;
 
 /// Events queued for publishing off the reconcile path (as client-go's recorder does).
 pub struct EventQueue {
     tx: mpsc::Sender<(Event, ObjectReference)>,
-    telemetry: Arc<Telemetry>,
 }
 
 impl EventQueue {
     /// Starts the task that publishes what is queued; it ends once the queue is dropped.
-    pub fn start(publisher: EventPublisher, telemetry: Arc<Telemetry>) -> Self {
+    pub fn start(publisher: EventPublisher) -> Self {
         let (tx, rx) = mpsc::channel(QUEUED);
         tokio::spawn(publish_queued(Arc::new(publisher), rx));
-        EventQueue { tx, telemetry }
+        EventQueue { tx }
     }
 
     pub fn send(&self, event: Event, regarding: ObjectReference) {
-        let Err(e) = self.tx.try_send((event, regarding)) else {
-            return;
-        };
-        let (why, (event, regarding)) = match e {
-            TrySendError::Full(queued) => ("the Event queue is full", queued),
-            TrySendError::Closed(queued) => ("the Event publisher has stopped", queued),
-        };
-        self.telemetry.event_dropped();
-        warn!(
-            reason = %event.reason,
-            name = regarding.name.as_deref().unwrap_or_default(),
-            "{why}: Event dropped"
-        );
+        if let Err(e) = self.tx.try_send((event, regarding)) {
+            let (event, regarding) = match e {
+                TrySendError::Full(queued) | TrySendError::Closed(queued) => queued,
+            };
+            warn!(
+                reason = %event.reason,
+                name = regarding.name.as_deref().unwrap_or_default(),
+                "the Event queue is full: Event dropped"
+            );
+        }
     }
 }
 
@@ -246,37 +241,6 @@ impl Recent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Queuing never waits: past `QUEUED` Events waiting, the next is dropped and counted. (On
-    /// this single-threaded runtime the publishing task cannot run between the sends.)
-    #[tokio::test]
-    async fn an_event_past_a_full_queue_is_dropped_and_counted() {
-        let nowhere = kube::Config::new("http://127.0.0.1:9".parse().expect("a URI"));
-        let reporter = Reporter {
-            controller: "test".into(),
-            instance: None,
-        };
-        let telemetry = Telemetry::new(None);
-        let queue = EventQueue::start(
-            EventPublisher::new(kube::Client::try_from(nowhere).expect("a client"), reporter),
-            telemetry.clone(),
-        );
-        let regarding = ObjectReference {
-            name: Some("g".into()),
-            ..Default::default()
-        };
-        for i in 0..QUEUED + 5 {
-            let event = Event {
-                type_: EventType::Normal,
-                reason: "Activated".into(),
-                note: Some(format!("{i}")),
-                action: "Open".into(),
-                secondary: None,
-            };
-            queue.send(event, regarding.clone());
-        }
-        assert_eq!(telemetry.events_dropped(), 5);
-    }
 
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + secs).unwrap_or(Timestamp::UNIX_EPOCH)

@@ -145,7 +145,6 @@ pub struct Telemetry {
     leader: Gauge,
     inventory_nsgs: Gauge,
     sweep_failures: Counter,
-    events_dropped: Counter,
     webhook_admissions: Family<WebhookLabels, Counter>,
     open_grants: Family<OpenGrantLabels, Gauge>,
     band_usage: Family<BandLabels, Gauge<f64, AtomicU64>>,
@@ -229,12 +228,6 @@ impl Telemetry {
             "Inventoried NSGs the orphan sweep could not sync (or an inventory it could not read)",
             sweep_failures.clone(),
         );
-        let events_dropped = Counter::default();
-        registry.register(
-            "events_dropped",
-            "Kubernetes Events not published because the queue of Events to publish was full",
-            events_dropped.clone(),
-        );
         let webhook_admissions = Family::<WebhookLabels, Counter>::default();
         registry.register(
             "webhook_admissions",
@@ -311,7 +304,6 @@ impl Telemetry {
             leader,
             inventory_nsgs,
             sweep_failures,
-            events_dropped,
             webhook_admissions,
             open_grants,
             band_usage,
@@ -433,10 +425,6 @@ impl Telemetry {
         self.sweep_failures.inc();
     }
 
-    pub fn event_dropped(&self) {
-        self.events_dropped.inc();
-    }
-
     /// One admission request answered: `path` `/mutate` or `/validate`, `result` `allowed`,
     /// `refused` or `invalid` (not an AdmissionReview).
     pub fn webhook_admission(&self, path: &'static str, result: &'static str) {
@@ -481,10 +469,6 @@ impl Telemetry {
         self.notifications
             .get_or_create(&ResultLabels { result })
             .get()
-    }
-
-    pub fn events_dropped(&self) -> u64 {
-        self.events_dropped.get()
     }
 
     pub fn sweep_failures(&self) -> u64 {
