@@ -7,8 +7,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::{Client, Resource};
+use tracing::warn;
 
-use super::events::{EventPublisher, EventQueue};
+use super::events::EventPublisher;
 use super::nsg::NsgSyncer;
 use super::resolve::Resolutions;
 use super::rounds::Rounds;
@@ -33,7 +34,7 @@ pub struct Context {
     pub audit: super::audit::AuditLog,
     /// See `Settings::finished_grant_ttl`.
     pub finished_grant_ttl: Option<Duration>,
-    events: EventQueue,
+    events: EventPublisher,
     /// Consecutive failed reconciles per object (uid), for its backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Grants (uids) whose overdue close was recorded, while they stay overdue.
@@ -55,7 +56,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Context {
-            events: EventQueue::start(EventPublisher::new(client.clone(), reporter)),
+            events: EventPublisher::new(client.clone(), reporter),
             client,
             nsgs,
             rounds: Rounds::new(1, None),
@@ -103,9 +104,8 @@ impl Context {
         self.failures().remove(key);
     }
 
-    /// Queues an Event for publishing (see `events::EventQueue`); it never holds up, nor fails,
-    /// the reconcile.
-    pub fn event<K: Resource<DynamicType = ()>>(
+    /// Publishes an Event; a failure to publish is logged, never fails the reconcile.
+    pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
         warning: bool,
@@ -113,11 +113,12 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        self.event_for(&obj.object_ref(&()), warning, reason, action, note);
+        self.event_for(&obj.object_ref(&()), warning, reason, action, note)
+            .await;
     }
 
-    /// Queues an Event about an object known only by reference (one that does not decode).
-    pub fn event_for(
+    /// Publishes an Event about an object known only by reference (one that does not decode).
+    pub async fn event_for(
         &self,
         reference: &ObjectReference,
         warning: bool,
@@ -136,7 +137,9 @@ impl Context {
             action: action.to_string(),
             secondary: None,
         };
-        self.events.send(event, reference.clone());
+        if let Err(e) = self.events.publish(&event, reference).await {
+            warn!(error = %e, reason, "could not publish an Event");
+        }
     }
 }
 

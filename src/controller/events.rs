@@ -6,12 +6,7 @@
 //! time order, and at most `REMEMBERED` of them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-
-use futures::StreamExt;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
-use tracing::warn;
+use std::sync::Mutex;
 
 use crate::locks::lock;
 use jiff::{SignedDuration, Timestamp};
@@ -28,60 +23,6 @@ const SERIES_WINDOW: SignedDuration = SignedDuration::from_mins(6);
 /// Series remembered at most. Past it the oldest is forgotten: its next repeat starts a new
 /// Event rather than counting on the old one.
 const REMEMBERED: usize = 4096;
-
-/// Events waiting to be published at most. Past it a new Event is dropped with a warning, as
-/// client-go's recorder drops when its queue is full: an Event never holds up a reconcile.
-const QUEUED: usize = 1000;
-
-/// Publishes in flight at most. In a burst, Events then wait behind the status writes that
-/// people and tools wait on, rather than taking the API server's time beside them.
-const IN_FLIGHT: usize = 8;
-
-/// Events queued for publishing off the reconcile path (as client-go's recorder does).
-pub struct EventQueue {
-    tx: mpsc::Sender<(Event, ObjectReference)>,
-}
-
-impl EventQueue {
-    /// Starts the task that publishes what is queued; it ends once the queue is dropped.
-    pub fn start(publisher: EventPublisher) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUED);
-        tokio::spawn(publish_queued(Arc::new(publisher), rx));
-        EventQueue { tx }
-    }
-
-    pub fn send(&self, event: Event, regarding: ObjectReference) {
-        if let Err(e) = self.tx.try_send((event, regarding)) {
-            let (event, regarding) = match e {
-                TrySendError::Full(queued) | TrySendError::Closed(queued) => queued,
-            };
-            warn!(
-                reason = %event.reason,
-                name = regarding.name.as_deref().unwrap_or_default(),
-                "the Event queue is full: Event dropped"
-            );
-        }
-    }
-}
-
-async fn publish_queued(
-    publisher: Arc<EventPublisher>,
-    rx: mpsc::Receiver<(Event, ObjectReference)>,
-) {
-    let queued = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|queued| (queued, rx))
-    });
-    queued
-        .for_each_concurrent(IN_FLIGHT, |(event, regarding)| {
-            let publisher = publisher.clone();
-            async move {
-                if let Err(e) = publisher.publish(&event, &regarding).await {
-                    warn!(error = %e, reason = %event.reason, "could not publish an Event");
-                }
-            }
-        })
-        .await;
-}
 
 pub struct EventPublisher {
     client: Client,

@@ -307,7 +307,7 @@ async fn close(
         warn!(failed = %describe(&failures), "grant not fully closed");
         if before.rules != status.rules || before.phase != Some(phase) {
             let note = format!("could not close in {}", describe(&failures));
-            ctx.event(grant, true, "CloseFailed", "Close", note);
+            ctx.event(grant, true, "CloseFailed", "Close", note).await;
         }
         return first_error(failures).map(|()| Progress::Done);
     }
@@ -323,7 +323,8 @@ async fn close(
             expiry_lag_seconds = lag,
             "grant closed"
         );
-        ctx.event(grant, false, phase.as_str(), "Close", message);
+        ctx.event(grant, false, phase.as_str(), "Close", message)
+            .await;
     }
     Ok(Progress::Done)
 }
@@ -497,7 +498,8 @@ async fn delete_finished(
     let ttl = crate::api::duration::format_iso8601(ttl.unwrap_or_default());
     let message =
         format!("{phase} since {finished_at}; deleted after the finished-grant TTL {ttl}");
-    ctx.event(&latest, false, "FinishedTtl", "Delete", message.clone());
+    ctx.event(&latest, false, "FinishedTtl", "Delete", message.clone())
+        .await;
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             uid: latest.uid(),
@@ -871,7 +873,8 @@ async fn deny(
     warn!(reason, message = %denial.message, "grant denied");
     ctx.audit
         .record(&updated, Step::Denied, reason, &denial.message);
-    ctx.event(grant, true, "Denied", "Validate", denial.message);
+    ctx.event(grant, true, "Denied", "Validate", denial.message)
+        .await;
     Ok(Activation::Stop(Action::await_change()))
 }
 
@@ -965,16 +968,18 @@ async fn open_and_heal(
     if ready && !was_ready {
         let note = activated_note(grant, expires_at);
         ctx.audit.record(&current, Step::Activated, "Opened", &note);
-        ctx.event(grant, false, "Activated", "Open", note);
+        ctx.event(grant, false, "Activated", "Open", note).await;
     }
     if let Some(note) = edited {
-        ctx.event(grant, true, "SpecIgnored", "Validate", note);
+        ctx.event(grant, true, "SpecIgnored", "Validate", note)
+            .await;
     }
     if !drift.is_empty() {
         let note = format!("put back or removed: {}", drift.join(", "));
         ctx.audit
             .record(&current, Step::DriftCorrected, "DriftCorrected", &note);
-        ctx.event(grant, false, "DriftCorrected", "Heal", note);
+        ctx.event(grant, false, "DriftCorrected", "Heal", note)
+            .await;
     }
     first_error(failures).map(|()| Progress::Done)
 }

@@ -189,7 +189,8 @@ async fn apply(policy: &JitPolicy, api: &Api<JitPolicy>, ctx: &Ctx) -> Result<Ac
             "DriftCorrected",
             "Heal",
             format!("put back: {}", drift.join(", ")),
-        );
+        )
+        .await;
     }
     Ok(Action::requeue(requeue))
 }
@@ -243,7 +244,7 @@ async fn keep_last_valid(
     if policy.status.as_ref() != Some(&status) {
         write_status(policy, api, ctx, &status).await?;
         warn!(reason, %message, "policy refused");
-        ctx.event(policy, true, reason, "Validate", message);
+        ctx.event(policy, true, reason, "Validate", message).await;
     }
     sync_all(&nsgs_of_policy(policy), ctx, now).await?;
     Ok(Action::requeue(ctx.resync))
@@ -282,7 +283,8 @@ async fn cleanup(policy: &JitPolicy, ctx: &Ctx) -> Result<Action, Error> {
         let status = closed_status(grant, GrantPhase::Revoked, "PolicyDeleted", &msg, now);
         let updated = apply_status(&grants_api, grant, &status).await?;
         ctx.world.record_grant(&updated);
-        ctx.event(grant.as_ref(), false, "Revoked", "Close", msg);
+        ctx.event(grant.as_ref(), false, "Revoked", "Close", msg)
+            .await;
     }
     if let Some(uid) = policy.uid() {
         ctx.world.forget(&uid);

@@ -66,7 +66,8 @@ async fn quarantined(ctx: &Ctx, report: &Undecodable) {
         error = %report.error,
         "object does not decode"
     );
-    ctx.event_for(&report.reference, true, "Undecodable", "Decode", note);
+    ctx.event_for(&report.reference, true, "Undecodable", "Decode", note)
+        .await;
     // Off this loop: a slow NSG must not delay what the streams report next.
     let (ctx, nsgs) = (ctx.clone(), report.nsgs.clone());
     tokio::spawn(async move {
