@@ -218,7 +218,9 @@ impl Arm {
                 Instant::now() < deadline,
                 "operation did not finish in 10 s"
             );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // Under the read bucket's refill (25 per s): polling every 10 ms drained its 250
+            // tokens when a loaded machine stretched the operations, and the next poll got 429.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
