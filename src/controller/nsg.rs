@@ -111,9 +111,10 @@ fn spacing_ends(due: Instant, spacing: Duration, began: Instant, asked: LastAske
         |last: Option<Instant>, quiet_for: Duration| last.unwrap_or(began).max(began) + quiet_for;
     let nsg_quiet = quiet_after(asked.this_nsg, (spacing / 4).max(QUIET_MIN));
     let end = due.min(nsg_quiet);
-    match asked.budget_for_all {
-        true => end.min(quiet_after(asked.any_nsg, QUIET_MIN)),
-        false => end,
+    if asked.budget_for_all {
+        end.min(quiet_after(asked.any_nsg, QUIET_MIN))
+    } else {
+        end
     }
 }
 
