@@ -9,7 +9,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools \
  && rm -rf /var/lib/apt/lists/* \
  && rustup target add "${TARGET}"
-# ring (rustls' crypto) compiles C: use musl's compiler wrapper. Strip the release binary.
+# ring (rustls' crypto) and jemalloc (the allocator) compile C: use musl's compiler wrapper. Strip the release binary.
 ENV CC_x86_64_unknown_linux_musl=musl-gcc \
     CARGO_PROFILE_RELEASE_STRIP=symbols \
     CARGO_TERM_COLOR=never
