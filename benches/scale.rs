@@ -68,6 +68,10 @@ struct Args {
     /// More `portcullis run` flags, e.g. `--operator-arg=--one-write-per-nsg=true`.
     #[arg(long = "operator-arg", allow_hyphen_values = true)]
     operator_args: Vec<String>,
+    /// Grants go through the operator's admission webhooks, as in the chart's default install
+    /// (`--webhook false`: the operator adds each grant's finalizer itself, as before 2026-11-27).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    webhook: bool,
     /// Also append the tables to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -152,6 +156,7 @@ fn main() {
         emulator_bin,
         operator_bin: Some(operator.clone()),
         operator_args: args.operator_args,
+        webhook: args.webhook,
         log_dir: logs.clone(),
         live: true,
     };

@@ -42,6 +42,7 @@ async fn the_scale_benchmark_runs_every_phase_in_a_small_case() {
             .map(|d| d.join("portcullis-azure-emulator")),
         operator_bin: None,
         operator_args: Vec::new(),
+        webhook: true,
         log_dir: logs.path().to_path_buf(),
         live: false,
     };
@@ -55,6 +56,8 @@ async fn the_scale_benchmark_runs_every_phase_in_a_small_case() {
     let finite = !text.contains("NaN") && !text.contains("inf");
     let sane = report.policy_ready
         && report.opened == 5
+        // Through the operator's mutating webhook, as `webhook: true` asks.
+        && report.created_with_finalizer == 5
         && report.closed == 12
         && report.still_open == 0
         && report.never_open == 0

@@ -18,7 +18,7 @@ use jiff::Timestamp;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use portcullis::api::{AccessGrant, GrantPhase, JitPolicy};
+use portcullis::api::{AccessGrant, GRANT_FINALIZER, GrantPhase, JitPolicy};
 use portcullis::plan::naming::Naming;
 use portcullis_azure_emulator::{AdminClient, EmulatorConfig, Fixture, RunningEmulator, Stats};
 use serde_json::{Value, json};
@@ -98,6 +98,9 @@ pub struct ScaleConfig {
     pub operator_bin: Option<PathBuf>,
     /// More `portcullis run` flags.
     pub operator_args: Vec<String>,
+    /// Whether grants go through the operator's admission webhooks, as in the chart's default
+    /// install (the mutating one adds the finalizer at creation, sparing the operator a patch).
+    pub webhook: bool,
     /// Where the operator's and the emulator's logs go.
     pub log_dir: PathBuf,
     /// Print each table to stdout as soon as its phase ends (a long run killed midway keeps
@@ -145,6 +148,9 @@ pub struct ScaleReport {
     pub policy_ready: bool,
     /// Grants of the burst seen Active with Ready=True, of `grants`.
     pub opened: usize,
+    /// Grants of the burst that held the operator's finalizer as created (the mutating
+    /// webhook adds it), of `grants`.
+    pub created_with_finalizer: usize,
     /// Close grants (both close phases and start-up) whose rules were seen standing and then
     /// gone, of 3K.
     pub closed: usize,
@@ -269,6 +275,14 @@ fn vm_id(i: usize) -> String {
 enum Emulator {
     Process(KillOnDrop),
     InProcess(RunningEmulator),
+}
+
+/// A grant as the harness created it.
+struct Created {
+    /// When its create returned.
+    at: Timestamp,
+    /// Whether it was stored with the operator's finalizer already (by the mutating webhook).
+    finalizer: bool,
 }
 
 /// A child process killed (and reaped) when dropped.
@@ -694,7 +708,7 @@ impl Run<'_> {
         std::time::Instant::now() + self.cfg.phase_timeout
     }
 
-    async fn create_grants(&self, specs: Vec<(String, Value)>) -> HashMap<String, Timestamp> {
+    async fn create_grants(&self, specs: Vec<(String, Value)>) -> HashMap<String, Created> {
         let api = self.grants();
         let ns = self.ns.clone();
         futures::stream::iter(specs)
@@ -706,15 +720,45 @@ impl Run<'_> {
                         "metadata": {"name": name, "namespace": ns}, "spec": spec
                     }))
                     .unwrap_or_else(|e| panic!("grant {name}: {e}"));
-                    api.create(&PostParams::default(), &obj)
+                    let stored = api
+                        .create(&PostParams::default(), &obj)
                         .await
                         .unwrap_or_else(|e| panic!("create grant {name}: {e}"));
-                    (name, Timestamp::now())
+                    let created = Created {
+                        at: Timestamp::now(),
+                        finalizer: stored.finalizers().iter().any(|f| f == GRANT_FINALIZER),
+                    };
+                    (name, created)
                 }
             })
             .buffer_unordered(16)
             .collect()
             .await
+    }
+
+    /// Waits until a grant's server-side dry-run create is admitted: the API server then calls
+    /// the operator's webhooks, once it has patched its CA into their configurations.
+    async fn wait_admitted(&self) {
+        let probe: AccessGrant = serde_json::from_value(json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGrant",
+            "metadata": {"name": "webhook-probe", "namespace": self.ns},
+            "spec": Self::grant_spec(0, "198.18.0.1/32".to_string(), None)
+        }))
+        .expect("probe grant");
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let api = self.grants();
+        crate::support::wait_for(
+            "the API server to admit a grant through the operator's webhooks",
+            Duration::from_secs(60),
+            || {
+                let (api, probe, dry_run) = (api.clone(), probe.clone(), dry_run.clone());
+                async move { api.create(&dry_run, &probe).await.ok().map(|_| ()) }
+            },
+        )
+        .await;
     }
 
     /// Waits until every named grant was seen Active and Ready (or the deadline passes).
@@ -850,11 +894,13 @@ impl Run<'_> {
                     .iter()
                     .filter_map(|n| {
                         let at = board.get(n)?.active_ready?;
-                        Some(secs_between(*created.get(n)?, at))
+                        Some(secs_between(created.get(n)?.at, at))
                     })
                     .collect(),
             )
         };
+        let with_finalizer = created.values().filter(|c| c.finalizer).count();
+        self.report.created_with_finalizer = with_finalizer;
         let allow = rules_now(&self.admin).await.allow;
         let mut per_vm = vec![0u64; v];
         for i in 0..n {
@@ -872,6 +918,7 @@ impl Run<'_> {
                 "V",
                 "NSGs",
                 "created in (s)",
+                "finalizer at creation",
                 "Active+Ready",
                 "all Active+Ready (s)",
                 "per grant p50 (s)",
@@ -894,6 +941,7 @@ impl Run<'_> {
             v.to_string(),
             self.topo.nsgs().to_string(),
             s(created_in),
+            format!("{with_finalizer}/{n}"),
             format!("{opened}/{n}"),
             if opened == n {
                 s(total)
@@ -917,7 +965,10 @@ impl Run<'_> {
         t.notes.push(format!(
             "Time from the first create to the last grant seen Active with Ready=True; per grant, \
              from its create returning to that. Each grant opens one Allow rule in each NSG of its \
-             VM (its NIC's and its subnet's). {FLOOR_FORMULA} \"1 write/NSG\": w = 1 in every \
+             VM (its NIC's and its subnet's). \"Finalizer at creation\": grants stored with the \
+             operator's finalizer, which its mutating webhook adds (without the webhooks the \
+             operator patches it in: one more API write per grant). {FLOOR_FORMULA} \
+             \"1 write/NSG\": w = 1 in every \
              NSG touched (all grants known at the start); \"with arrivals\": the last grant \
              cannot open before it is created, so at least the creation time plus one operation; \
              \"1 rule/write\": w = the rules of the burst in that NSG."
@@ -1346,6 +1397,13 @@ pub async fn run(cfg: &ScaleConfig) -> ScaleReport {
         cfg.resync.as_secs().max(1).to_string(),
     ];
     extra.extend(cfg.operator_args.iter().cloned());
+    // A fixed port: the configurations name it, and a restarted operator must serve it again.
+    let webhook = cfg
+        .webhook
+        .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
+    if webhook.is_some() {
+        extra.extend(["--webhook-configuration-name".to_string(), ns.clone()]);
+    }
     let cmd = OperatorCmd {
         kubeconfig: cfg.kubeconfig.clone(),
         azure: base.clone(),
@@ -1353,6 +1411,7 @@ pub async fn run(cfg: &ScaleConfig) -> ScaleReport {
         extra_args: extra,
         log: cfg.log_dir.join("operator.log"),
         binary: cfg.operator_bin.clone(),
+        webhook_listen: webhook,
     };
     let (board, watch) = watch_grants(&client, &ns);
     let mut operator = OperatorProcess::spawn(&cmd);
@@ -1376,6 +1435,10 @@ pub async fn run(cfg: &ScaleConfig) -> ScaleReport {
     };
     let c0 = counts(&run.admin).await;
     run.policy_phase().await;
+    if let Some(addr) = webhook {
+        crate::support::webhook::register(&client, &ns, addr, None).await;
+        run.wait_admitted().await;
+    }
     let open_secs = run.open_phase().await;
     run.steady_phase().await;
     run.close_phases(open_secs).await;
@@ -1389,6 +1452,9 @@ pub async fn run(cfg: &ScaleConfig) -> ScaleReport {
         crate::support::process::tail(&cmd.log, 40)
     );
     watch.abort();
+    if webhook.is_some() {
+        crate::support::webhook::unregister(&client, &ns).await;
+    }
     crate::support::kube::forget_namespaces(&client, std::slice::from_ref(&ns));
     let report = std::mem::take(&mut run.report);
     drop(run);
@@ -1434,6 +1500,15 @@ pub fn settings_table(cfg: &ScaleConfig, build: &str, emulator_mode: &str) -> Ta
         ),
         ("K (close)", cfg.close_grants.to_string()),
         ("resync", format!("{} s", cfg.resync.as_secs())),
+        (
+            "admission webhooks",
+            if cfg.webhook {
+                "on (the operator's, as installed by the chart)"
+            } else {
+                "off"
+            }
+            .to_string(),
+        ),
     ] {
         t.rows.push(vec![k.to_string(), v]);
     }

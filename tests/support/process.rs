@@ -33,6 +33,9 @@ pub struct OperatorCmd {
     pub log: PathBuf,
     /// The operator binary; `None`: the one cargo built with this test.
     pub binary: Option<PathBuf>,
+    /// Where the admission webhook listens; `None`: a port of its own choosing (nothing calls
+    /// it). A fixed address for a webhook that is registered and must come back on a restart.
+    pub webhook_listen: Option<std::net::SocketAddr>,
 }
 
 /// One incarnation of the operator process.
@@ -104,7 +107,10 @@ impl OperatorProcess {
             .arg("--http-listen")
             .arg("127.0.0.1:0")
             .arg("--webhook-listen")
-            .arg("127.0.0.1:0")
+            .arg(
+                cmd.webhook_listen
+                    .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string()),
+            )
             .args(&cmd.extra_args)
             .env("KUBECONFIG", &cmd.kubeconfig)
             .env("AZURE_TENANT_ID", "crash-tenant")
@@ -267,6 +273,7 @@ impl ProcEnv {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             log: logs.path().join("operator.log"),
             binary: None,
+            webhook_listen: None,
         };
         ProcEnv {
             client,

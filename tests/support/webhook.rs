@@ -145,11 +145,7 @@ impl Webhook {
 
     /// Deletes both configurations now (the Drop guard does it too, best effort).
     pub async fn unregister(&self, client: &Client) {
-        let dp = kube::api::DeleteParams::default();
-        let m: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-        let v: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-        let _ = m.delete(&self.configuration_name, &dp).await;
-        let _ = v.delete(&self.configuration_name, &dp).await;
+        unregister(client, &self.configuration_name).await;
     }
 }
 
@@ -216,6 +212,15 @@ pub fn configurations(ns: &str, addr: SocketAddr, ca_bundle_pem: Option<&str>) -
         "webhooks": [hook("validate.portcullis.dev", "/validate")],
     });
     (mutating, validating)
+}
+
+/// Deletes both configurations for `ns` (best effort: they may be gone already).
+pub async fn unregister(client: &Client, ns: &str) {
+    let dp = kube::api::DeleteParams::default();
+    let m: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let v: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let _ = m.delete(ns, &dp).await;
+    let _ = v.delete(ns, &dp).await;
 }
 
 /// Creates (or replaces, server-side apply) both configurations for `ns`.
