@@ -118,19 +118,34 @@ fn spacing_ends(due: Instant, spacing: Duration, began: Instant, asked: LastAske
     }
 }
 
-/// Counts a sync as spacing out for as long as it lives.
-struct SpacingOut<'a>(&'a AtomicUsize);
+/// Counts a sync as spacing out for as long as it lives: in the count the budget rule reads
+/// (kept with or without telemetry), and in the `nsgs_spacing_out` gauge and its seconds.
+struct SpacingOut<'a> {
+    count: &'a AtomicUsize,
+    telemetry: Option<&'a Telemetry>,
+    began: Instant,
+}
 
 impl<'a> SpacingOut<'a> {
-    fn begin(count: &'a AtomicUsize) -> Self {
+    fn begin(count: &'a AtomicUsize, telemetry: Option<&'a Telemetry>) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
-        SpacingOut(count)
+        if let Some(telemetry) = telemetry {
+            telemetry.spacing_out_began();
+        }
+        SpacingOut {
+            count,
+            telemetry,
+            began: Instant::now(),
+        }
     }
 }
 
 impl Drop for SpacingOut<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(telemetry) = self.telemetry {
+            telemetry.spacing_out_ended(self.began.elapsed());
+        }
     }
 }
 
@@ -829,9 +844,7 @@ impl NsgSyncer {
             return false;
         }
         debug!(?spacing, "budget low: spacing out the NSG's writes");
-        let spacing_out = self.telemetry.as_ref().map(|t| t.spacing_out());
-        let waited = Instant::now();
-        let _counted = SpacingOut::begin(&self.spacing_now);
+        let spacing_out = SpacingOut::begin(&self.spacing_now, self.telemetry.as_deref());
         loop {
             let spacing_now = self.spacing_now.load(Ordering::Relaxed);
             let asked = LastAsked {
@@ -841,7 +854,7 @@ impl NsgSyncer {
                     left.usable >= i64::try_from(spacing_now).unwrap_or(i64::MAX)
                 }),
             };
-            let wake = spacing_ends(due, spacing, waited, asked);
+            let wake = spacing_ends(due, spacing, spacing_out.began, asked);
             if wake <= Instant::now() {
                 break;
             }
@@ -852,9 +865,6 @@ impl NsgSyncer {
                     break;
                 }
             }
-        }
-        if let Some(spacing_out) = spacing_out {
-            spacing_out.done(waited.elapsed());
         }
         true
     }

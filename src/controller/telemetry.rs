@@ -118,21 +118,6 @@ impl prometheus_client::collector::Collector for AzureRequests {
     }
 }
 
-/// An NSG sync spacing out its opens (see [`Telemetry::spacing_out`]).
-pub struct SpacingOut<'a>(&'a Telemetry);
-
-impl SpacingOut<'_> {
-    pub fn done(self, waited: std::time::Duration) {
-        self.0.nsg_spacing_seconds.inc_by(waited.as_secs_f64());
-    }
-}
-
-impl Drop for SpacingOut<'_> {
-    fn drop(&mut self) {
-        self.0.nsgs_spacing_out.dec();
-    }
-}
-
 pub struct Telemetry {
     registry: Registry,
     reconciles: Family<ReconcileLabels, Counter>,
@@ -446,11 +431,15 @@ impl Telemetry {
         self.nsgs_in_rounds.set(busy as i64);
     }
 
-    /// An NSG sync begins to space out its opens; counted until the returned guard is done or
-    /// dropped.
-    pub fn spacing_out(&self) -> SpacingOut<'_> {
+    /// An NSG sync begins to space out its opens.
+    pub fn spacing_out_began(&self) {
         self.nsgs_spacing_out.inc();
-        SpacingOut(self)
+    }
+
+    /// An NSG sync has spaced out its opens for `waited` (or was cancelled while it did).
+    pub fn spacing_out_ended(&self, waited: std::time::Duration) {
+        self.nsgs_spacing_out.dec();
+        self.nsg_spacing_seconds.inc_by(waited.as_secs_f64());
     }
 
     pub fn nsgs_spacing_out(&self) -> i64 {
