@@ -200,6 +200,12 @@ async fn the_inventory_lists_written_nsgs_and_drops_one_deleted_out_of_band() {
         .clear_nsg_fault(&nsg_id(broken))
         .await
         .expect("clear");
+    wait_for(
+        &format!("{broken}'s band usage, once it is swept"),
+        T,
+        || async { (band_series(&telemetry, broken) == 2).then_some(()) },
+    )
+    .await;
     env.admin
         .delete_nsg_directly(&nsg_id(broken))
         .await
@@ -208,6 +214,12 @@ async fn the_inventory_lists_written_nsgs_and_drops_one_deleted_out_of_band() {
         (inventoried(&env).await == ids(&[healthy])).then_some(())
     })
     .await;
+    assert_eq!(
+        band_series(&telemetry, broken),
+        0,
+        "a deleted NSG's band usage is no longer reported"
+    );
+    assert_eq!(band_series(&telemetry, healthy), 2);
     let foreign_healthy: Vec<Value> = env
         .user_rules_at_start
         .iter()
@@ -230,6 +242,15 @@ async fn the_inventory_lists_written_nsgs_and_drops_one_deleted_out_of_band() {
         support::invariants::content_of_rules(&foreign_healthy),
         "user rules of {healthy} untouched (but for etags: the sweep wrote the NSG as a whole)"
     );
+}
+
+/// How many `band_usage_ratio` series the operator reports for `nsg` (one per band).
+fn band_series(telemetry: &Telemetry, nsg: &str) -> usize {
+    let body = telemetry.encode().expect("metrics");
+    let nsg = format!("nsg=\"{}\"", nsg_id(nsg).to_ascii_lowercase());
+    body.lines()
+        .filter(|l| l.starts_with("portcullis_band_usage_ratio{") && l.contains(&nsg))
+        .count()
 }
 
 /// Successful-or-not reconciles of `controller` with `result`, from the operator's metrics.

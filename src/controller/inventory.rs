@@ -431,7 +431,10 @@ async fn record_result(
                 "sweep: the NSG no longer exists; dropping it from the inventory"
             );
             match inventory.forget(nsg).await {
-                Ok(()) => outcome.dropped += 1,
+                Ok(()) => {
+                    ctx.telemetry.forget_nsg(nsg);
+                    outcome.dropped += 1;
+                }
                 Err(e) => {
                     warn!(nsg, error = %e, "sweep: could not drop a deleted NSG from the inventory");
                     ctx.telemetry.sweep_failed();

@@ -391,6 +391,17 @@ impl Telemetry {
         }
     }
 
+    /// An NSG that no longer exists: its band series go, rather than stay at their last value.
+    pub fn forget_nsg(&self, nsg_id: &str) {
+        let nsg = nsg_id.to_ascii_lowercase();
+        for band in ["allow", "deny"] {
+            self.band_usage.remove(&BandLabels {
+                nsg: nsg.clone(),
+                band,
+            });
+        }
+    }
+
     pub fn set_webhook_certificate_expiry(&self, not_after: jiff::Timestamp) {
         self.webhook_certificate_expiry.set(not_after.as_second());
     }
