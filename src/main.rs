@@ -16,8 +16,9 @@ use portcullis::plan::{Bands, Installation, Naming};
 use portcullis::{defender, webhook};
 
 // jemalloc, not the C library's allocator: at 10,000 grants glibc's malloc kept a third of the
-// peak RSS as freed memory (146 to 158 MiB against 134 with jemalloc; BENCHMARKS.md). The image's
-// musl build gets the same allocator. Tunable at run time with `_RJEM_MALLOC_CONF`.
+// peak RSS as freed memory (the scale benchmark without webhooks: 146 to 158 MiB, against 134
+// with jemalloc; BENCHMARKS.md). The image's musl build gets the same allocator. Tunable at run
+// time with `_RJEM_MALLOC_CONF`.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
