@@ -137,7 +137,9 @@ impl Context {
             action: action.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.events.publish(&event, reference).await {
+        // Boxed: a reconcile task holds its largest await inline, and the recorder's future
+        // (about 3 KB) was most of it.
+        if let Err(e) = Box::pin(self.events.publish(&event, reference)).await {
             warn!(error = %e, reason, "could not publish an Event");
         }
     }

@@ -62,8 +62,9 @@ where
         patch["metadata"] = serde_json::json!({"resourceVersion": version});
     }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch_status(&obj.name_any(), &pp, &Patch::Apply(&patch))
-        .await
+    // Boxed: a reconcile task holds its largest await inline (with this and the Event
+    // recorder boxed, a grant's reconcile fell from 9.2 to 6.3 KB; 256 may be in flight).
+    Box::pin(api.patch_status(&obj.name_any(), &pp, &Patch::Apply(&patch))).await
 }
 
 /// Objects whose status carries `metav1.Condition`s.
