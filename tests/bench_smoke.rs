@@ -58,7 +58,8 @@ async fn the_scale_benchmark_runs_every_phase_in_a_small_case() {
         && report.opened == 5
         // Through the operator's mutating webhook, as `webhook: true` asks.
         && report.created_with_finalizer == 5
-        && report.closed == 12
+        && report.closed == 16
+        && report.mixed_burst_closed == 4
         && report.still_open == 0
         && report.never_open == 0
         && report.teardown_left == 0

@@ -29,6 +29,8 @@ use crate::support::process::{OperatorCmd, OperatorProcess, client_for};
 
 const RG: &str = "rg-bench";
 const POLICY: &str = "bench";
+/// How long before the expiry instant the last close case's burst begins.
+const BURST_LEAD: Duration = Duration::from_millis(500);
 
 /// The emulator's settings the floors are computed from.
 #[derive(Debug, Clone, Copy)]
@@ -151,9 +153,12 @@ pub struct ScaleReport {
     /// Grants of the burst that held the operator's finalizer as created (the mutating
     /// webhook adds it), of `grants`.
     pub created_with_finalizer: usize,
-    /// Close grants (both close phases and start-up) whose rules were seen standing and then
-    /// gone, of 3K.
+    /// Close grants (the three close cases and start-up) whose rules were seen standing and
+    /// then gone, of 4K.
     pub closed: usize,
+    /// Grants of the burst that the last close case opens around its expiries, seen Active and
+    /// then deleted with every rule gone, of K.
+    pub mixed_burst_closed: usize,
     /// Close grants whose rules still stood at the phase's deadline.
     pub still_open: usize,
     /// Close grants that never had a rule seen standing (not open by their notAfter).
@@ -708,11 +713,16 @@ impl Run<'_> {
         std::time::Instant::now() + self.cfg.phase_timeout
     }
 
-    async fn create_grants(&self, specs: Vec<(String, Value)>) -> HashMap<String, Created> {
+    /// Creates the grants, 16 requests at a time; the future borrows nothing from the run, so a
+    /// case can create grants while it samples the emulator.
+    fn create_grants(
+        &self,
+        specs: Vec<(String, Value)>,
+    ) -> impl Future<Output = HashMap<String, Created>> + Send + 'static {
         let api = self.grants();
         let ns = self.ns.clone();
         futures::stream::iter(specs)
-            .map(|(name, spec)| {
+            .map(move |(name, spec)| {
                 let (api, ns) = (api.clone(), ns.clone());
                 async move {
                     let obj: AccessGrant = serde_json::from_value(json!({
@@ -733,7 +743,6 @@ impl Run<'_> {
             })
             .buffer_unordered(16)
             .collect()
-            .await
     }
 
     /// Waits until a grant's server-side dry-run create is admitted: the API server then calls
@@ -1034,6 +1043,7 @@ impl Run<'_> {
         ends: Vec<Timestamp>,
         first: usize,
         restart: bool,
+        burst: Vec<(String, Value)>,
     ) -> (Vec<f64>, Option<Timestamp>) {
         let v = self.topo.vms;
         let specs: Vec<(String, Value)> = ends
@@ -1066,6 +1076,17 @@ impl Run<'_> {
         };
         let mut tracker = CloseTracker::new(uids);
         let last_end = ends.iter().max().copied().unwrap_or_else(Timestamp::now);
+        // The burst's creates begin shortly before the first expiry, so that its opens are being
+        // written when the closes are due.
+        let burst_names: Vec<String> = burst.iter().map(|(n, _)| n.clone()).collect();
+        let burst = (!burst.is_empty()).then(|| {
+            let lead = secs_between(Timestamp::now(), first_end) - BURST_LEAD.as_secs_f64();
+            let create = self.create_grants(burst);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs_f64(lead.max(0.0))).await;
+                create.await
+            })
+        });
         let mut up = None;
         if restart {
             // Each grant's rules are seen standing before the operator goes down.
@@ -1090,6 +1111,10 @@ impl Run<'_> {
                 break;
             }
             tokio::time::sleep(self.cfg.sample_every).await;
+        }
+        if let Some(created) = burst {
+            created.await.expect("the burst's creates");
+            self.report.mixed_burst_closed += self.open_then_delete(&burst_names).await;
         }
         let mut lags = Vec::new();
         for i in 0..names.len() {
@@ -1139,9 +1164,23 @@ impl Run<'_> {
         }
         let per_rule = self.topo.per_nsg(&per_vm);
         let f_instant = floor_secs(&per_nsg_once(&per_rule), &self.cfg.emulator);
-        for (case, spread) in [
-            ("same instant", Duration::ZERO),
-            ("spread", self.cfg.spread),
+        let v = self.topo.vms;
+        let burst = || -> Vec<(String, Value)> {
+            (0..k)
+                .map(|i| {
+                    // Inside the policy's 198.18.0.0/15, past the burst's addresses.
+                    let source = format!("198.18.{}.{}/32", 128 + i / 256, i % 256);
+                    (
+                        format!("mixb-{i:05}"),
+                        Self::grant_spec(i % v, source, None),
+                    )
+                })
+                .collect()
+        };
+        for (case, spread, during_burst) in [
+            ("same instant", Duration::ZERO, false),
+            ("spread", self.cfg.spread, false),
+            ("same instant, K more opening", Duration::ZERO, true),
         ] {
             let t0 = Timestamp::now();
             let (never, still, closed) = (
@@ -1161,18 +1200,20 @@ impl Run<'_> {
                     start + jiff::SignedDuration::from_secs_f64(off)
                 })
                 .collect();
-            let label = if spread.is_zero() {
-                "instant"
-            } else {
-                "spread"
+            let (label, first) = match (spread.is_zero(), during_burst) {
+                (true, false) => ("instant", 0),
+                (false, _) => ("spread", k),
+                // Sources past the start-up phase's (2K onwards).
+                (true, true) => ("mixed", 3 * k),
             };
-            let first = if spread.is_zero() { 0 } else { k };
-            let (lags, _) = self.close_phase(label, ends, first, false).await;
-            // Targets as the issue states them (on A itself); floors as a client sees it.
-            let (floor, target) = if spread.is_zero() {
-                (f_instant, 1.0 + a)
-            } else {
-                (self.cfg.emulator.seen_operation_secs(), 1.0)
+            let opening = if during_burst { burst() } else { Vec::new() };
+            let (lags, _) = self.close_phase(label, ends, first, false, opening).await;
+            // Targets as the issue states them (on A itself); floors as a client sees it. With
+            // opens being written, a close may find a write ahead of it in each NSG.
+            let (floor, target) = match (spread.is_zero(), during_burst) {
+                (true, false) => (f_instant, 1.0 + a),
+                (false, _) => (self.cfg.emulator.seen_operation_secs(), 1.0),
+                (true, true) => (f_instant + self.cfg.emulator.seen_operation_secs(), 1.0 + a),
             };
             let p99 = percentile(&lags, 0.99);
             t.rows.push(vec![
@@ -1204,11 +1245,16 @@ impl Run<'_> {
              (every {} ms) without any of its rules; an upper bound by the sampling interval. \
              Same instant: the floor is one write per NSG touched, all at once ({FLOOR_FORMULA}). \
              Spread: each expiry alone needs one long-running operation ({} s as seen through \
-             Retry-After; the target is the issue's, on A = {} s). Grants \
+             Retry-After; the target is the issue's, on A = {} s). K more opening: K grants \
+             expire at one instant while K new grants over the same VMs are created from {} ms \
+             before it; the issue sets no target for this case (the same-instant one is shown), \
+             and the floor adds one write in flight ahead of the close in each NSG. The new \
+             grants are deleted, and their rules seen gone, before the next phase. Grants \
              \"not open in time\" were not open by their notAfter and are left out.",
             self.cfg.sample_every.as_millis(),
             s(self.cfg.emulator.seen_operation_secs()),
-            s(a)
+            s(a),
+            BURST_LEAD.as_millis()
         ));
         self.push(t);
     }
@@ -1221,7 +1267,9 @@ impl Run<'_> {
         let closed = self.report.closed;
         let (never, still) = (self.report.never_open, self.report.still_open);
         let end = Timestamp::now() + self.lead(open_secs, k);
-        let (lags, up) = self.close_phase("lapsed", vec![end; k], 2 * k, true).await;
+        let (lags, up) = self
+            .close_phase("lapsed", vec![end; k], 2 * k, true, Vec::new())
+            .await;
         let mut per_vm = vec![0u64; self.topo.vms];
         for i in 0..k {
             per_vm[i % self.topo.vms] += 1;
@@ -1274,16 +1322,10 @@ impl Run<'_> {
         self.mark("start-up after downtime", t0);
     }
 
-    /// Deletes every grant of the namespace (ending the burst's lifecycles); waits until no rule
-    /// of the operator's stands.
-    async fn teardown_phase(&mut self) -> f64 {
-        let t0 = Timestamp::now();
+    /// Deletes the grants, 16 requests at a time (one already gone is no error).
+    async fn delete_grants(&self, names: &[String]) {
         let api = self.grants();
-        let names: Vec<String> = {
-            let board = self.board.lock().expect("board");
-            board.keys().cloned().collect()
-        };
-        futures::stream::iter(names)
+        futures::stream::iter(names.iter().cloned())
             .map(|n| {
                 let api = api.clone();
                 async move {
@@ -1293,6 +1335,46 @@ impl Run<'_> {
             .buffer_unordered(16)
             .collect::<Vec<_>>()
             .await;
+    }
+
+    /// Waits for the grants to be Active and Ready, deletes them, and waits until none of their
+    /// rules stands: how many were seen open and then closed.
+    async fn open_then_delete(&self, names: &[String]) -> usize {
+        self.wait_active(names, self.deadline()).await;
+        let uids: Vec<String> = {
+            let board = self.board.lock().expect("board");
+            names
+                .iter()
+                .map(|n| board.get(n).map(|s| s.uid.clone()).unwrap_or_default())
+                .collect()
+        };
+        let mut tracker = CloseTracker::new(uids);
+        let now = rules_now(&self.admin).await;
+        tracker.observe(now.at, &now.allow);
+        self.delete_grants(names).await;
+        let until = self.deadline();
+        loop {
+            let now = rules_now(&self.admin).await;
+            tracker.observe(now.at, &now.allow);
+            if tracker.all_gone() || std::time::Instant::now() > until {
+                break;
+            }
+            tokio::time::sleep(self.cfg.sample_every).await;
+        }
+        (0..names.len())
+            .filter(|&i| tracker.last_present[i].is_some() && tracker.gone_at[i].is_some())
+            .count()
+    }
+
+    /// Deletes every grant of the namespace (ending the burst's lifecycles); waits until no rule
+    /// of the operator's stands.
+    async fn teardown_phase(&mut self) -> f64 {
+        let t0 = Timestamp::now();
+        let names: Vec<String> = {
+            let board = self.board.lock().expect("board");
+            board.keys().cloned().collect()
+        };
+        self.delete_grants(&names).await;
         let until = self.deadline();
         let left = loop {
             let allow = rules_now(&self.admin).await.allow;
@@ -1314,7 +1396,7 @@ impl Run<'_> {
         } else {
             0
         };
-        let lifecycles = burst_closed + self.report.closed;
+        let lifecycles = burst_closed + self.report.closed + self.report.mixed_burst_closed;
         let (cpu, hwm) = self.cost();
         let mut t = Table::new(
             "Cost: the operator process",
