@@ -36,7 +36,8 @@ struct Args {
     /// Whether each VM's NIC has an NSG of its own (`--nic-nsgs false`: subnet NSGs only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     nic_nsgs: bool,
-    /// K: grants expiring at one instant, then K spread over --spread-secs (default min(N, 100)).
+    /// K: grants expiring at one instant, then K spread over --spread-secs, then K at one instant
+    /// while K more are created, then K lapsing while the operator is down (default min(N, 100)).
     #[arg(long)]
     close: Option<usize>,
     #[arg(long, default_value_t = 60)]
