@@ -1090,8 +1090,7 @@ impl Run<'_> {
         let mut up = None;
         if restart {
             // Each grant's rules are seen standing before the operator goes down.
-            let now = rules_now(&self.admin).await;
-            tracker.observe(now.at, &now.allow);
+            self.observe(&mut tracker).await;
             let (cpu, hwm) = self.cost();
             self.operator.kill();
             self.cost_before = (cpu, hwm);
@@ -1103,15 +1102,7 @@ impl Run<'_> {
         let until = std::time::Instant::now()
             + Duration::from_secs_f64(secs_between(Timestamp::now(), last_end).max(0.0))
             + self.cfg.phase_timeout;
-        loop {
-            let now = rules_now(&self.admin).await;
-            tracker.observe(now.at, &now.allow);
-            let at = now.at;
-            if (at > last_end && tracker.all_gone()) || std::time::Instant::now() > until {
-                break;
-            }
-            tokio::time::sleep(self.cfg.sample_every).await;
-        }
+        self.follow_until_gone(&mut tracker, last_end, until).await;
         if let Some(created) = burst {
             created.await.expect("the burst's creates");
             self.report.mixed_burst_closed += self.open_then_delete(&burst_names).await;
@@ -1322,6 +1313,30 @@ impl Run<'_> {
         self.mark("start-up after downtime", t0);
     }
 
+    /// Reads the emulator's rules once into `tracker`.
+    async fn observe(&self, tracker: &mut CloseTracker) {
+        let now = rules_now(&self.admin).await;
+        tracker.observe(now.at, &now.allow);
+    }
+
+    /// Reads the emulator every sampling interval until a read after `after` finds every
+    /// tracked grant that was seen open gone, or `until` passes.
+    async fn follow_until_gone(
+        &self,
+        tracker: &mut CloseTracker,
+        after: Timestamp,
+        until: std::time::Instant,
+    ) {
+        loop {
+            let now = rules_now(&self.admin).await;
+            tracker.observe(now.at, &now.allow);
+            if (now.at > after && tracker.all_gone()) || std::time::Instant::now() > until {
+                return;
+            }
+            tokio::time::sleep(self.cfg.sample_every).await;
+        }
+    }
+
     /// Deletes the grants, 16 requests at a time (one already gone is no error).
     async fn delete_grants(&self, names: &[String]) {
         let api = self.grants();
@@ -1349,18 +1364,10 @@ impl Run<'_> {
                 .collect()
         };
         let mut tracker = CloseTracker::new(uids);
-        let now = rules_now(&self.admin).await;
-        tracker.observe(now.at, &now.allow);
+        self.observe(&mut tracker).await;
         self.delete_grants(names).await;
-        let until = self.deadline();
-        loop {
-            let now = rules_now(&self.admin).await;
-            tracker.observe(now.at, &now.allow);
-            if tracker.all_gone() || std::time::Instant::now() > until {
-                break;
-            }
-            tokio::time::sleep(self.cfg.sample_every).await;
-        }
+        self.follow_until_gone(&mut tracker, Timestamp::now(), self.deadline())
+            .await;
         (0..names.len())
             .filter(|&i| tracker.last_present[i].is_some() && tracker.gone_at[i].is_some())
             .count()
