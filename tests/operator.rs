@@ -332,6 +332,87 @@ async fn deleting_a_grant_closes_it_and_deleting_the_policy_removes_everything()
     env.assert_user_rules_untouched().await;
 }
 
+/// A grant deleted with only the operator's finalizer goes without a last status write: no one
+/// could read it (its Event says how it closed). One that another finalizer still holds says in
+/// its status that it was closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_grant_reports_its_close_only_while_someone_can_read_it() {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::ResourceExt;
+    use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
+    use portcullis::api::GRANT_FINALIZER;
+
+    const HOLD: &str = "example.com/hold";
+    let env = ready_env("gone").await;
+    env.create_grant("bob", grant_spec("vm1", &[22], "203.0.113.8/32", "PT1H"))
+        .await;
+    env.create_grant("carol", grant_spec("vm1", &[53], "198.51.100.7/32", "PT1H"))
+        .await;
+    let bob = env.wait_grant_phase("bob", GrantPhase::Active, T).await;
+    env.wait_grant_phase("carol", GrantPhase::Active, T).await;
+    let held = json!({"metadata": {"finalizers": [GRANT_FINALIZER, HOLD]}});
+    env.grants()
+        .patch("carol", &PatchParams::default(), &Patch::Merge(held))
+        .await
+        .expect("add a second finalizer to carol");
+
+    let since = bob.resource_version().unwrap_or_default();
+    let watch = WatchParams::default().fields("metadata.name=bob");
+    let mut events = env
+        .grants()
+        .watch(&watch, &since)
+        .await
+        .expect("watch bob")
+        .boxed();
+    env.delete_grant("bob").await;
+    let phases_until_gone = tokio::time::timeout(T, async {
+        let mut phases = Vec::new();
+        while let Some(event) = events.try_next().await.expect("bob's watch") {
+            match event {
+                WatchEvent::Modified(g) => phases.push(g.status.and_then(|s| s.phase)),
+                WatchEvent::Deleted(_) => return phases,
+                _ => {}
+            }
+        }
+        panic!("bob's watch ended before bob was deleted: {phases:?}");
+    })
+    .await
+    .expect("bob deleted in time");
+    assert!(
+        phases_until_gone
+            .iter()
+            .all(|p| *p == Some(GrantPhase::Active)),
+        "bob was written after its deletion: {phases_until_gone:?}"
+    );
+    assert!(env.grant_names_in_nsg("nsg-vm1", &bob).await.is_empty());
+    assert!(env.grant_names_in_nsg("nsg-subnet", &bob).await.is_empty());
+    env.wait_event("bob", "Revoked", T).await;
+
+    env.delete_grant("carol").await;
+    let carol = wait_for(
+        "carol closed, held by the other finalizer alone",
+        T,
+        || async {
+            let g = env.grants().get_opt("carol").await.ok().flatten()?;
+            (g.finalizers() == [HOLD]).then_some(g)
+        },
+    )
+    .await;
+    let status = carol.status.clone().unwrap_or_default();
+    assert_eq!(status.phase, Some(GrantPhase::Revoked), "{status:?}");
+    assert!(status.rules.is_empty(), "{status:?}");
+    assert!(env.grant_names_in_nsg("nsg-vm1", &carol).await.is_empty());
+    env.grants()
+        .patch(
+            "carol",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("release carol");
+    env.wait_gone_grant("carol", T).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_that_lapsed_while_the_operator_was_down_is_closed_at_start_up() {
     let mut env = ready_env("lapsed").await;
