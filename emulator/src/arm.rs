@@ -222,6 +222,9 @@ fn dispatch(
         write(&mut g, &ctx, route, method, body)
     } else if *method == Method::GET {
         g.stats.reads += 1;
+        if route.is_topology() {
+            g.stats.topology_reads += 1;
+        }
         let sub = subscription_of(&route);
         let remaining = match charge(&mut g, &sub, BucketKind::Read, now) {
             Ok(remaining) => remaining,
@@ -282,6 +285,20 @@ enum Route<'a> {
 }
 
 impl<'a> Route<'a> {
+    /// A read of where VMs are (VMs, NICs, subnets), not of NSGs or operations.
+    fn is_topology(&self) -> bool {
+        matches!(
+            self,
+            Route::NicsInSub(_)
+                | Route::NicsInRg(..)
+                | Route::Nic(..)
+                | Route::Subnets(..)
+                | Route::Subnet(..)
+                | Route::VmsInRg(..)
+                | Route::Vm(..)
+        )
+    }
+
     fn parse(segs: &[&'a str]) -> Option<Route<'a>> {
         let lit = |i: usize, s: &str| segs.get(i).is_some_and(|x| x.eq_ignore_ascii_case(s));
         let seg = |i: usize| segs.get(i).copied().filter(|s| !s.is_empty());

@@ -97,6 +97,9 @@ pub struct Stats {
     pub reads: u64,
     /// Polls of async operation / operation result URLs.
     pub operation_polls: u64,
+    /// Reads of where VMs are (GETs and lists of VMs, NICs and subnets), of `reads`: the rest
+    /// are reads of NSGs and their rules, and operation polls.
+    pub topology_reads: u64,
     /// ARM requests refused for lack of a valid bearer token.
     pub auth_failures: u64,
     /// Requests answered by an injected fault (error, 429 or dropped connection).

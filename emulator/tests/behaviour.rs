@@ -1209,6 +1209,9 @@ async fn nics_subnets_and_nsgs_read() {
         ))
         .await;
     assert_eq!(d.body["properties"]["priority"], 65500);
+    // Counted apart: where VMs are (two NICs, a subnet, two NIC lists), then the NSG reads.
+    let stats = emu.admin().stats().await.unwrap();
+    assert_eq!((stats.topology_reads, stats.reads), (5, 8), "{stats:?}");
 }
 
 #[tokio::test]

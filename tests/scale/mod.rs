@@ -505,6 +505,8 @@ struct Counts {
     throttled: u64,
     conflicts: u64,
     reads: u64,
+    /// Of `reads`: VM, NIC and subnet reads (where the VMs are).
+    topology_reads: u64,
     polls: u64,
 }
 
@@ -516,6 +518,7 @@ impl Counts {
             throttled: s.throttled,
             conflicts: s.conflicts,
             reads: s.reads.saturating_sub(s.operation_polls),
+            topology_reads: s.topology_reads,
             polls: s.operation_polls,
         }
     }
@@ -526,6 +529,7 @@ impl Counts {
             throttled: self.throttled - before.throttled,
             conflicts: self.conflicts - before.conflicts,
             reads: self.reads - before.reads,
+            topology_reads: self.topology_reads - before.topology_reads,
             polls: self.polls - before.polls,
         }
     }
@@ -996,6 +1000,7 @@ impl Run<'_> {
                 "window",
                 "seconds",
                 "ARM reads",
+                "of which VM, NIC, subnet",
                 "operation polls",
                 "writes (accepted)",
                 "write attempts",
@@ -1012,6 +1017,7 @@ impl Run<'_> {
                 (w + 1).to_string(),
                 s(secs_between(start, Timestamp::now())),
                 c.reads.to_string(),
+                c.topology_reads.to_string(),
                 c.polls.to_string(),
                 c.writes.to_string(),
                 c.write_attempts.to_string(),
@@ -1026,7 +1032,9 @@ impl Run<'_> {
         }
         t.notes.push(format!(
             "Windows of one resync period (--resync-seconds {}) right after the burst is open; \
-             counts from the emulator's request counters (reads exclude operation polls).",
+             counts from the emulator's request counters (reads exclude operation polls). \
+             \"VM, NIC, subnet\": the lists (and single reads) that find the VMs' addresses and \
+             NSGs; the other reads are of NSGs.",
             self.cfg.resync.as_secs()
         ));
         self.push(t);
