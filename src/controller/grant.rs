@@ -973,13 +973,8 @@ async fn open_and_heal(
     let edited = report_frozen_spec(grant, &mut status, now);
     let mut current = grant.clone();
     if grant.status.as_ref() != Some(&status) {
-        if failures.is_empty() && goes_with_our_finalizer(grant) {
-            // Nobody would read it: the Event and the audit record say how it closed.
-            current.status = Some(status.clone());
-        } else {
-            current = apply_status(api, grant, &status).await?;
-            ctx.world.record_grant(&current);
-        }
+        current = apply_status(api, grant, &status).await?;
+        ctx.world.record_grant(&current);
     }
     if ready && !was_ready {
         let note = activated_note(grant, expires_at);
