@@ -738,14 +738,13 @@ impl AzureNetworkClient {
     }
 
     async fn list_vms_once(&self, rg: &ResourceGroupRef<'_>) -> Result<Vec<VmNics>, AzureError> {
-        let mut stream = self
+        let pages = self
             .compute
             .virtual_machines_client()
             .list(rg.resource_group, rg.subscription)
             .into_stream();
-        let mut out = Vec::new();
-        while let Some(page) = with_operation("list_vms", stream.next()).await {
-            for vm in page?.value {
+        collect_pages("list_vms", pages, |page, out| {
+            for vm in page.value {
                 let Some(vm_id) = vm.resource.id else {
                     continue;
                 };
@@ -759,25 +758,26 @@ impl AzureNetworkClient {
                     .collect();
                 out.push(VmNics { vm_id, nic_ids });
             }
-        }
-        Ok(out)
+            Ok(())
+        })
+        .await
     }
 
     async fn list_nics_once(&self, rg: &ResourceGroupRef<'_>) -> Result<Vec<NicView>, AzureError> {
-        let mut stream = self
+        let pages = self
             .sdk
             .network_interfaces_client()
             .list(rg.resource_group, rg.subscription)
             .into_stream();
-        let mut out = Vec::new();
-        while let Some(page) = with_operation("list_nics", stream.next()).await {
-            for nic in page?.value {
+        collect_pages("list_nics", pages, |page, out| {
+            for nic in page.value {
                 if let Some(id) = nic.resource.id.clone() {
                     out.push(nic_view(id, nic));
                 }
             }
-        }
-        Ok(out)
+            Ok(())
+        })
+        .await
     }
 
     async fn list_subnets_once(
@@ -785,14 +785,13 @@ impl AzureNetworkClient {
         rg: &ResourceGroupRef<'_>,
         vnet: &str,
     ) -> Result<Vec<SubnetView>, AzureError> {
-        let mut stream = self
+        let pages = self
             .sdk
             .subnets_client()
             .list(rg.resource_group, vnet, rg.subscription)
             .into_stream();
-        let mut out = Vec::new();
-        while let Some(page) = with_operation("list_subnets", stream.next()).await {
-            for subnet in page?.value {
+        collect_pages("list_subnets", pages, |page, out| {
+            for subnet in page.value {
                 let Some(id) = subnet.sub_resource.id else {
                     continue;
                 };
@@ -802,8 +801,9 @@ impl AzureNetworkClient {
                     .and_then(|n| n.resource.id);
                 out.push(SubnetView { id, nsg_id });
             }
-        }
-        Ok(out)
+            Ok(())
+        })
+        .await
     }
 
     /// Runs one read (`once`) with the read retries and deadline of every other read.
@@ -818,7 +818,7 @@ impl AzureNetworkClient {
     }
 
     async fn list_once(&self, nsg: &ResourceId) -> Result<Vec<NsgRule>, AzureError> {
-        let mut stream = self
+        let pages = self
             .sdk
             .security_rules_client()
             .list(
@@ -827,9 +827,8 @@ impl AzureNetworkClient {
                 nsg.subscription.clone(),
             )
             .into_stream();
-        let mut out = Vec::new();
-        while let Some(page) = with_operation("list_rules", stream.next()).await {
-            for model in page?.value {
+        collect_pages("list_rules", pages, |page, out| {
+            for model in page.value {
                 let is_default =
                     model.sub_resource.id.as_deref().is_some_and(|id| {
                         id.to_ascii_lowercase().contains("/defaultsecurityrules/")
@@ -838,9 +837,24 @@ impl AzureNetworkClient {
                     out.push(from_model(&model)?);
                 }
             }
-        }
-        Ok(out)
+            Ok(())
+        })
+        .await
     }
+}
+
+/// Every item of a paged list, read page by page (following `nextLink`) under `operation`'s
+/// name in the request counters; `add` takes what it keeps of each page.
+async fn collect_pages<P, T>(
+    operation: &'static str,
+    mut pages: impl futures::Stream<Item = azure_core::Result<P>> + Unpin,
+    mut add: impl FnMut(P, &mut Vec<T>) -> Result<(), AzureError>,
+) -> Result<Vec<T>, AzureError> {
+    let mut out = Vec::new();
+    while let Some(page) = with_operation(operation, pages.next()).await {
+        add(page?, &mut out)?;
+    }
+    Ok(out)
 }
 
 /// A resource group, for the list calls.
